@@ -1,0 +1,5 @@
+import sys
+
+from saga.cli import main
+
+sys.exit(main())

@@ -1,0 +1,214 @@
+"""The ``saga`` command. Settings come from ``SAGA_*`` environment variables, read here only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from saga.errors import SagaError
+from saga.settings import Settings
+
+ENV_HELP = "environment: " + ", ".join(
+    f"SAGA_{name.upper()}" for name in Settings.model_fields
+)
+
+
+def resolve(settings: Settings) -> Settings:
+    """Fill unset database and broker URLs with the embedded servers (started if needed)."""
+    if settings.database_url and settings.broker_url:
+        return settings
+    from saga.embedded import start_embedded
+
+    services = start_embedded(settings.state_dir)
+    return settings.model_copy(update={
+        "database_url": settings.database_url or services.database_url,
+        "broker_url": settings.broker_url or services.broker_url,
+    })
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """Environment for a child process that should use exactly these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"SAGA_{name.upper()}"] = str(value)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    return env
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.migrate import migrate
+
+    assert settings.database_url
+    applied = migrate(settings.database_url)
+    print(f"applied migrations {applied}" if applied else "schema is up to date")
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.app import assert_safe, create_app
+
+    app = create_app(settings)
+    assert_safe(app)
+    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", settings.queue,
+            f"--pool={args.pool}", "--without-gossip", "--without-mingle"]
+    if args.concurrency:
+        argv.append(f"--concurrency={args.concurrency}")
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    if args.max_tasks_per_child:
+        argv.append(f"--max-tasks-per-child={args.max_tasks_per_child}")
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
+    from outbox.relay import Relay
+    from saga.store import PostgresStore, open_pool
+    from saga.sweeper import Sweeper
+    from workers.app import create_app
+    from workers.publish import CeleryPublisher
+
+    assert settings.database_url
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    relay = Relay(
+        settings.database_url,
+        CeleryPublisher(create_app(settings)),
+        batch_size=settings.relay_batch_size,
+        poll_seconds=settings.relay_poll_seconds,
+        retention_seconds=settings.outbox_retention_seconds,
+    )
+    store = PostgresStore(open_pool(settings.database_url, size=1, name="saga-sweeper"),
+                          dispatch_timeout=settings.dispatch_timeout_seconds)
+    sweeper = None if args.no_sweeper else Sweeper(store, settings.queue)
+    logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
+    try:
+        relay.run(stop, also=sweeper.tick if sweeper else None)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.client import SagaClient
+
+    try:
+        payload = json.loads(args.input)
+    except json.JSONDecodeError as exc:
+        raise SagaError(f"--input is not JSON: {exc}") from None
+    with SagaClient(settings) as client:
+        run_id = client.start(args.saga, payload, run_id=args.run_id)
+        print(run_id)
+        if args.wait is not None:
+            run = client.wait(run_id, timeout=args.wait or None)
+            print(json.dumps({"state": run.state, "result": run.result, "error": run.error},
+                             indent=2))
+            return 0 if run.state == "completed" else 1
+    return 0
+
+
+def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.client import SagaClient
+
+    with SagaClient(settings) as client:
+        run = client.run(args.run_id)
+        steps = client.steps(args.run_id)
+    if args.json:
+        print(json.dumps({
+            "run": {k: v for k, v in vars(run).items()},
+            "steps": [vars(s) for s in steps],
+        }, default=str, indent=2))
+        return 0
+    print(f"run {run.run_id}  saga {run.saga_name} v{run.saga_version}  {run.state}")
+    print(f"{'#':>3}  {'step':<24} {'state':<10} {'attempts':>8} {'duration':>10}  error")
+    for s in steps:
+        duration = "" if s.duration_seconds is None else f"{s.duration_seconds * 1000:.1f} ms"
+        error = "" if not s.error else f"{s.error.get('type', '')}: {s.error.get('message', '')}"
+        print(f"{s.seq:>3}  {s.step_name:<24} {s.state:<10} {s.attempt:>8} {duration:>10}  "
+              f"{error[:80]}")
+    if run.error:
+        print(f"run error: {run.error.get('message', run.error)}")
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.demo import run_demo
+
+    return run_demo(settings)
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.bench import run_bench
+
+    return run_bench(settings, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saga", description="Durable sagas on Celery and Postgres.", epilog=ENV_HELP
+    )
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply the schema migrations", epilog=ENV_HELP)
+    w = sub.add_parser("worker", help="run a Celery worker for saga steps", epilog=ENV_HELP)
+    w.add_argument("--concurrency", type=int)
+    w.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    w.add_argument("--hostname")
+    w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--max-tasks-per-child", type=int)
+    r = sub.add_parser("relay", help="publish the outbox and re-dispatch due steps",
+                       epilog=ENV_HELP)
+    r.add_argument("--no-sweeper", action="store_true", help="publish only; no recovery sweeps")
+    s = sub.add_parser("start", help="start a run of MODULE:SAGA", epilog=ENV_HELP)
+    s.add_argument("saga", metavar="MODULE:SAGA")
+    s.add_argument("--input", default="null", help="the run's input as JSON")
+    s.add_argument("--run-id", help="an id of yours; starting it twice gives the same run")
+    s.add_argument("--wait", type=float, nargs="?", const=0.0,
+                   help="wait for the run to finish (optionally at most SECONDS)")
+    sh = sub.add_parser("show", help="show a run's steps", epilog=ENV_HELP)
+    sh.add_argument("run_id")
+    sh.add_argument("--json", action="store_true")
+    sub.add_parser("demo", help="run the demo saga on the embedded servers", epilog=ENV_HELP)
+    b = sub.add_parser("bench", help="benchmarks against raw Celery", epilog=ENV_HELP)
+    b.add_argument("suite", choices=["core"])
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--runs", type=int, default=2000)
+    b.add_argument("--repeat", type=int, default=3)
+    return parser
+
+
+COMMANDS = {
+    "migrate": cmd_migrate, "worker": cmd_worker, "relay": cmd_relay, "start": cmd_start,
+    "show": cmd_show, "demo": cmd_demo, "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Definitions are imported by path, as Celery does: the working folder is importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        settings = Settings()
+        settings = resolve(settings)
+        handler: Any = COMMANDS[args.command]
+        return int(handler(settings, args))
+    except SagaError as exc:
+        print(f"saga: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Applies the versioned SQL files in ``saga/migrations`` in order, each exactly once.
+
+Safe when several processes migrate at once: each file runs in its own transaction under a
+transaction-level advisory lock, and the version table is read again after the lock is taken.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import psycopg
+
+from saga.errors import MigrationError
+
+# An arbitrary constant: the advisory lock that serialises migrations of one database.
+_LOCK_KEY = 0x5A6A_0001
+
+_CREATE_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS saga_schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    """Every migration shipped with the package, in version order."""
+    found = []
+    for entry in resources.files("saga.migrations").iterdir():
+        match = _FILE_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise MigrationError(f"migration versions must run 1..n without gaps, found {versions}")
+    return found
+
+
+def applied_versions(conn: psycopg.Connection[object]) -> set[int]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('saga_schema_migrations') IS NOT NULL")
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return set()
+        cur.execute("SELECT version FROM saga_schema_migrations")
+        return {int(r[0]) for r in cur.fetchall()}
+
+
+def migrate(database_url: str) -> list[int]:
+    """Bring the schema up to date; returns the versions this call applied."""
+    applied: list[int] = []
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for migration in available_migrations():
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                    conn.execute(_CREATE_VERSION_TABLE)
+                    if migration.version in applied_versions(conn):
+                        continue
+                    conn.execute(migration.sql.encode())
+                    conn.execute(
+                        "INSERT INTO saga_schema_migrations (version, name) VALUES (%s, %s)",
+                        (migration.version, migration.name),
+                    )
+                    applied.append(migration.version)
+    except psycopg.Error as exc:
+        raise MigrationError(
+            f"migrating the database failed at version {len(applied) + 1}: {exc}"
+        ) from exc
+    return applied
+
+
+def check_schema(conn: psycopg.Connection[object]) -> None:
+    """Raise a clear error when the database is behind this package's migrations."""
+    missing = {m.version for m in available_migrations()} - applied_versions(conn)
+    if missing:
+        raise MigrationError(
+            f"the database schema lacks migrations {sorted(missing)}: run `saga migrate` first"
+        )

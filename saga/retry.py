@@ -1,0 +1,68 @@
+"""Retry policy: a pure object that turns (attempt, error) into a decision."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from saga.errors import DefinitionError, StepResultError
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    retry: bool
+    delay_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter and a maximum number of attempts.
+
+    ``max_attempts`` counts every attempt, the first included (1 means never retry). An attempt
+    lost with its worker (lease expired) counts too. Errors of a ``non_retryable`` type, and
+    results that cannot be journaled, fail the step at once.
+    """
+
+    max_attempts: int = 5
+    initial_backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 60.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # +/- this fraction of the delay, so retries of many runs spread out
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_attempts < 1:
+            problems.append(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_backoff_seconds < 0 or self.max_backoff_seconds < 0:
+            problems.append("backoff seconds must not be negative")
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            problems.append("max_backoff_seconds must be >= initial_backoff_seconds")
+        if self.multiplier < 1:
+            problems.append(f"multiplier must be >= 1, got {self.multiplier}")
+        if not 0 <= self.jitter <= 1:
+            problems.append(f"jitter must be within 0..1, got {self.jitter}")
+        if not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in self.non_retryable
+        ):
+            problems.append("non_retryable must hold exception types")
+        if problems:
+            raise DefinitionError("invalid RetryPolicy: " + "; ".join(problems))
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay before the attempt after ``attempt`` (1-based)."""
+        base = min(
+            self.max_backoff_seconds,
+            self.initial_backoff_seconds * self.multiplier ** max(0, attempt - 1),
+        )
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+    def decide(
+        self, attempt: int, error: BaseException, rng: random.Random | None = None
+    ) -> RetryDecision:
+        if isinstance(error, (StepResultError, *self.non_retryable)):
+            return RetryDecision(retry=False)
+        if attempt >= self.max_attempts:
+            return RetryDecision(retry=False)
+        return RetryDecision(retry=True, delay_seconds=self.backoff(attempt, rng))

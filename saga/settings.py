@@ -1,0 +1,60 @@
+"""The one configuration object. Read from ``SAGA_*`` environment variables at the edge only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Engine configuration. Every field can be set by ``SAGA_<FIELD>`` in the environment.
+
+    Build it with ``Settings()`` in a process entry point (CLI, worker, test) and pass it down;
+    library code never reads the environment itself.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SAGA_", frozen=True, extra="forbid")
+
+    database_url: str | None = Field(
+        default=None, description="Postgres URL; unset means the embedded server (demo only)."
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker URL (redis:// or amqp://); unset means embedded."
+    )
+    state_dir: Path = Field(
+        default=Path(".saga"), description="Folder for the embedded servers' data."
+    )
+    queue: str = Field(default="saga", description="Broker queue that step tasks go to.")
+    lease_seconds: PositiveFloat = Field(
+        default=30.0,
+        description="How long a claimed step is owned before another worker may take it over; "
+        "renewed every third of it while the step runs.",
+    )
+    dispatch_timeout_seconds: PositiveFloat = Field(
+        default=60.0,
+        description="A dispatched step not claimed within this time is dispatched again "
+        "(its message was lost, e.g. the broker restarted empty).",
+    )
+    max_result_bytes: PositiveInt = Field(
+        default=1_048_576, description="Largest JSON-encoded step result accepted."
+    )
+    fast_path_grace_seconds: PositiveFloat = Field(
+        default=5.0,
+        description="A row a worker publishes itself right after commit is left to the relay "
+        "only after this long.",
+    )
+    relay_batch_size: PositiveInt = Field(default=200, description="Outbox rows per publish batch.")
+    relay_poll_seconds: PositiveFloat = Field(
+        default=1.0, description="Relay/sweeper polling interval when no NOTIFY arrives."
+    )
+    outbox_retention_seconds: PositiveFloat = Field(
+        default=3600.0, description="Published outbox rows older than this are pruned."
+    )
+    visibility_timeout_seconds: PositiveFloat = Field(
+        default=3600.0,
+        description="Redis visibility timeout: must exceed the longest step, else Redis "
+        "redelivers running tasks (harmless, the journal fences them, but wasteful).",
+    )
+    pool_size: PositiveInt = Field(default=4, description="Postgres connections per process.")

@@ -1,0 +1,93 @@
+"""The Celery app: safe configuration and the one task that runs saga steps."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Reject
+
+from saga.errors import ConfigurationError, MalformedMessageError
+from saga.settings import Settings
+
+log = logging.getLogger("saga.worker")
+
+
+class SagaCelery(Celery):  # type: ignore[misc]
+    """A Celery app that carries the engine's settings and its per-process step executor."""
+
+    saga_settings: Settings
+    _executor: Any = None
+    _executor_pid: int | None = None
+
+    def executor(self) -> Any:
+        # One executor per process, made after fork: connections and threads do not survive it.
+        if self._executor is None or self._executor_pid != os.getpid():
+            from workers.executor import StepExecutor
+
+            self._executor = StepExecutor(self.saga_settings, self)
+            self._executor_pid = os.getpid()
+        return self._executor
+
+
+def broker_options(broker_url: str, settings: Settings) -> dict[str, Any]:
+    if broker_url.startswith(("redis", "rediss")):
+        # Must outlast the longest step, or Redis hands a running task to another worker.
+        return {"visibility_timeout": settings.visibility_timeout_seconds}
+    if broker_url.startswith(("amqp", "pyamqp")):
+        return {"confirm_publish": True}  # the relay marks a row published only once confirmed
+    return {}
+
+
+def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
+    """A Celery app for these settings. JSON only: pickle is refused even if configured later."""
+    url = broker_url or settings.broker_url
+    if not url:
+        raise ConfigurationError("no broker: set SAGA_BROKER_URL (redis:// or amqp://)")
+    app = SagaCelery("saga", broker=url, set_as_current=False)
+    app.saga_settings = settings
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        broker_transport_options=broker_options(url, settings),
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_enable_remote_control=False,
+        # The engine retries through Postgres, never through broker-side ETA messages.
+        task_track_started=False,
+    )
+    app.task(name="saga.step", bind=True, acks_late=True, reject_on_worker_lost=True)(run_step)
+    return app
+
+
+def assert_safe(app: Celery) -> None:
+    """Refuse to run with settings that break the engine's guarantees."""
+    problems = []
+    accepted = {str(c).lower() for c in app.conf.accept_content or ()}
+    if any("pickle" in c for c in accepted) or app.conf.task_serializer != "json":
+        problems.append("pickle or a non-JSON task serializer is configured")
+    if not app.conf.task_acks_late:
+        problems.append("task_acks_late is off (a worker crash would lose the message)")
+    if problems:
+        raise ConfigurationError("unsafe Celery configuration: " + "; ".join(problems))
+
+
+def run_step(self: Task, *args: Any, **kwargs: Any) -> None:
+    """Run one attempt of a saga step. The message only names the step; all else is in Postgres."""
+    try:
+        self.app.executor().execute(args, kwargs, self.request.id)
+    except MalformedMessageError as exc:
+        log.error("rejected malformed task message %s: %s", self.request.id, exc)
+        raise Reject(str(exc), requeue=False) from None

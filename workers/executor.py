@@ -1,0 +1,171 @@
+"""Runs one attempt of a step: claim, call, journal the outcome, publish what it caused.
+
+A message only names a step; the journal decides whether it runs. A duplicate or stale message
+finds the step completed or claimed and is acked without calling anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery import Celery
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from saga.coordinator import after_step, step_message
+from saga.definition import Saga, StepContext, load_saga
+from saga.errors import MalformedMessageError, StoreError, UnknownSagaError
+from saga.settings import Settings
+from saga.store import Claim, Fenced, PostgresStore, open_pool
+from workers.lease import LeaseKeeper
+from workers.publish import CeleryPublisher
+
+log = logging.getLogger("saga.worker")
+
+_MAX_ERROR_TEXT = 4000
+
+
+class StepMessage(BaseModel):
+    """The only keyword arguments a step task accepts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    run_id: str = Field(min_length=1, max_length=200)
+    step_key: str = Field(min_length=1, max_length=500)
+
+
+def error_record(exc: BaseException, attempt: int, retryable: bool) -> dict[str, Any]:
+    """A failure as journaled: type, message, attempt, and a bounded traceback."""
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc)[:_MAX_ERROR_TEXT],
+        "attempt": attempt,
+        "retryable": retryable,
+        "traceback": "".join(traceback.format_exception(exc))[-_MAX_ERROR_TEXT:],
+    }
+
+
+class StepExecutor:
+    """Per-process: owns this process's Postgres pool, publisher and lease keeper."""
+
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        assert settings.database_url, "the worker entry point checks this"
+        self.settings = settings
+        self.store = PostgresStore(
+            open_pool(settings.database_url, size=2, name="saga-worker"),
+            dispatch_timeout=settings.dispatch_timeout_seconds,
+        )
+        self.publisher = CeleryPublisher(app)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.leases = LeaseKeeper(self.store, settings.lease_seconds)
+        self._sagas: dict[str, Saga] = {}
+
+    def execute(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
+        if args:
+            raise MalformedMessageError(f"a step task takes keyword arguments only, got {args!r:.200}")
+        try:
+            msg = StepMessage.model_validate(kwargs)
+        except ValidationError as exc:
+            raise MalformedMessageError(f"bad step task arguments: {exc}") from None
+        claim = self.store.claim_step(
+            msg.run_id, msg.step_key, owner=self.owner, lease=self.settings.lease_seconds
+        )
+        if claim is None:
+            self._explain_refusal(msg, task_id)
+            return
+        self.leases.hold(claim)
+        try:
+            self._run(claim)
+        except Fenced:
+            log.warning(
+                "attempt %d of step %r of run %r was overtaken (lease lost or run ended); its "
+                "outcome was discarded", claim.attempt, claim.step_key, claim.run_id,
+            )
+        finally:
+            self.leases.hold(None)
+
+    def _run(self, claim: Claim) -> None:
+        try:
+            saga = self._saga(claim.saga_ref)
+            step = saga.step(claim.step_name)
+        except UnknownSagaError as exc:
+            # Perhaps this worker runs older code than the run's; another worker may do better.
+            retry = 5.0 if claim.attempt < claim.max_attempts else None
+            self._fail(claim, exc, retry)
+            return
+        ctx = StepContext(
+            run_id=claim.run_id,
+            saga=claim.saga_name,
+            step=claim.step_name,
+            attempt=claim.attempt,
+            idempotency_key=claim.idempotency_key,
+            run_input=claim.run_input,
+            load_results=lambda: self.store.completed_results(claim.run_id),
+        )
+        try:
+            value = step.validate_input(claim.input)
+        except ValidationError as exc:
+            self._fail(claim, exc, None)  # the same input fails the same way every time
+            return
+        try:
+            result = step.fn(ctx, value)
+            result_json = step.encode_result(
+                result, limit=self.settings.max_result_bytes, run_id=claim.run_id
+            )
+        except Exception as exc:
+            decision = step.retry.decide(claim.attempt, exc)
+            self._fail(claim, exc, decision.delay_seconds if decision.retry else None)
+            return
+        advance = after_step(saga, claim.run_id, claim.step_name, result_json)
+        messages = [
+            step_message(self.settings.queue, claim.run_id, s.step_key, claim.trace_context)
+            for s in advance.next_steps
+        ]
+        ids = self.store.complete_step(
+            claim,
+            result_json,
+            next_steps=advance.next_steps,
+            messages=messages,
+            run_result_json=advance.run_result_json,
+            fast_path_delay=self.settings.fast_path_grace_seconds,
+        )
+        self._publish_now(messages, ids)
+
+    def _publish_now(self, messages: list[Any], ids: list[int]) -> None:
+        """The fast path: publish right after commit. The relay remains the guarantee."""
+        if not messages:
+            return
+        try:
+            self.publisher.publish(messages)
+            self.store.mark_published(ids)
+        except (StoreError, OSError, Exception) as exc:  # kombu raises many types
+            log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
+
+    def _fail(self, claim: Claim, exc: BaseException, retry_in: float | None) -> None:
+        log.warning(
+            "step %r of run %r failed on attempt %d/%d (%s)%s",
+            claim.step_key, claim.run_id, claim.attempt, claim.max_attempts,
+            type(exc).__name__,
+            f"; retrying in {retry_in:.1f} s" if retry_in is not None else "; not retrying",
+        )
+        self.store.fail_attempt(
+            claim, error_record(exc, claim.attempt, retry_in is not None), retry_in=retry_in
+        )
+
+    def _saga(self, ref: str) -> Saga:
+        saga = self._sagas.get(ref)
+        if saga is None:
+            saga = self._sagas[ref] = load_saga(ref)
+        return saga
+
+    def _explain_refusal(self, msg: StepMessage, task_id: str | None) -> None:
+        state = self.store.step_state(msg.run_id, msg.step_key)
+        if state is None:
+            log.warning("task %s names step %r of run %r, which does not exist; dropped",
+                        task_id, msg.step_key, msg.run_id)
+        else:
+            log.info("task %s: step %r of run %r is %s (attempt %d, run %s); nothing to do",
+                     task_id, msg.step_key, msg.run_id, *state)
