@@ -1,0 +1,241 @@
+"""The durable core end to end: real Postgres, Redis, worker and relay processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from outbox.message import OutboxMessage
+from saga.client import SagaClient
+from saga.coordinator import step_message
+from saga.errors import RunConflictError, UnknownSagaError
+from saga.settings import Settings
+from tests import sagas
+from tests.processes import ProcessGroup, wait_until
+from workers.app import create_app
+from workers.publish import CeleryPublisher
+
+Conn = psycopg.Connection[Any]
+
+
+def calls(db: Conn, run_id: str) -> Counter[str]:
+    rows = db.execute("SELECT step FROM test_calls WHERE run_id = %s", (run_id,)).fetchall()
+    return Counter(r[0] for r in rows)
+
+
+def attempt_calls(db: Conn, run_id: str, step: str) -> list[tuple[int, str]]:
+    return [
+        (r[0], r[1])
+        for r in db.execute(
+            "SELECT attempt, idempotency_key FROM test_calls WHERE run_id = %s AND step = %s "
+            "ORDER BY id", (run_id, step)
+        ).fetchall()
+    ]
+
+
+@pytest.fixture
+def client(settings: Settings) -> Any:
+    with SagaClient(settings) as c:
+        yield c
+
+
+def test_ten_step_saga_completes_across_two_workers(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    procs.relay(settings)
+    procs.worker(settings, "w1")
+    procs.worker(settings, "w2")
+    run_ids = [client.start(sagas.ten, {"n": i}) for i in range(6)]
+    for i, run_id in enumerate(run_ids):
+        assert client.result(run_id, timeout=60) == {"n": i, "trail": list(range(1, 11))}
+        assert calls(db, run_id) == Counter({f"step{k}": 1 for k in range(1, 11)})
+    pids = {r[0] for r in db.execute("SELECT DISTINCT pid FROM test_calls").fetchall()}
+    assert len(pids) == 2, "both worker processes ran steps"
+    steps = client.steps(run_ids[0])
+    assert [s.state for s in steps] == ["completed"] * 10
+    assert all(s.attempt == 1 for s in steps)
+    assert len({s.idempotency_key for s in steps}) == 10
+
+
+def test_kill_9_during_step_7_resumes_at_step_7(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    procs.relay(settings)
+    doomed = procs.worker(settings, "doomed")
+    run_id = client.start(sagas.ten, {"block_at": 7})
+    wait_until(lambda: calls(db, run_id)["step7"] == 1, 60, "step 7 to start")
+    doomed.kill()
+    procs.worker(settings, "survivor")
+    assert client.result(run_id, timeout=60)["trail"] == list(range(1, 11))
+
+    counted = calls(db, run_id)
+    for k in (1, 2, 3, 4, 5, 6, 8, 9, 10):
+        assert counted[f"step{k}"] == 1, f"step{k} ran {counted[f'step{k}']} times"
+    step7 = attempt_calls(db, run_id, "step7")
+    assert len(step7) == 2
+    assert [a for a, _ in step7] == [1, 2]
+    assert step7[0][1] == step7[1][1] == f"{run_id}:step7"
+    error = next(s for s in client.steps(run_id) if s.step_name == "step7").error
+    assert error is None  # the journal keeps the last outcome; the lost attempt is counted
+    assert next(s for s in client.steps(run_id) if s.step_name == "step7").attempt == 2
+
+
+def test_prefork_child_killed_mid_step_resumes(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    procs.relay(settings)
+    procs.spawn("prefork", settings, "worker", "--pool", "prefork", "--concurrency", "1",
+                "--loglevel", "INFO")
+    run_id = client.start(sagas.two, {"block_at": 2})
+    pid = wait_until(lambda: db.execute(
+        "SELECT pid FROM test_calls WHERE run_id = %s AND step = 'step2'", (run_id,)
+    ).fetchone(), 60, "step 2 to start")[0]  # type: ignore[index]
+    os.kill(pid, signal.SIGKILL)  # the pool child only; the parent starts a new one
+    assert client.result(run_id, timeout=60)["trail"] == [1, 2]
+    assert calls(db, run_id) == Counter({"step1": 1, "step2": 2})
+
+
+def test_same_message_published_twice_runs_once(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    run_id = client.start(sagas.two, {})
+    # No relay yet: publish the first step's message twice ourselves, then start a worker.
+    message = step_message(settings.queue, run_id, "step1", {})
+    publisher = CeleryPublisher(create_app(settings))
+    publisher.publish([message, message])
+    procs.worker(settings, "w1")
+    procs.relay(settings)
+    assert client.result(run_id, timeout=60)["trail"] == [1, 2]
+    # And once more after completion: still nothing runs again.
+    publisher.publish([message])
+    procs.relay(settings, "relay2")  # a second relay must not publish anything twice either
+    client.start(sagas.two, {}, run_id="probe")
+    client.result("probe", timeout=60)
+    assert calls(db, run_id) == Counter({"step1": 1, "step2": 1})
+
+
+def test_relay_killed_between_commit_and_publish(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    procs.worker(settings, "w1")
+    relay = procs.relay(settings)
+    wait_until(lambda: "relay running" in relay.log(), 30, "the relay to start")
+    os.killpg(relay.pid, signal.SIGSTOP)  # it can no longer publish anything
+    run_id = client.start(sagas.ten, {})
+    unpublished = db.execute(
+        "SELECT count(*) FROM saga_outbox WHERE published_at IS NULL"
+    ).fetchone()
+    assert unpublished == (1,), "the start committed its message to the outbox"
+    relay.kill()  # dies after the commit, before its publish
+    procs.relay(settings, "relay-restarted")
+    assert client.result(run_id, timeout=60)["trail"] == list(range(1, 11))
+    assert sum(calls(db, run_id).values()) == 10
+
+
+def test_broker_flushed_mid_run_every_run_completes(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn,
+    redis_client: redis.Redis,
+) -> None:
+    procs.relay(settings)
+    procs.worker(settings, "w1")
+    procs.worker(settings, "w2")
+    run_ids = [client.start(sagas.ten, {"n": i, "sleep": 0.05}) for i in range(8)]
+    wait_until(lambda: db.execute("SELECT count(*) FROM test_calls").fetchone()[0] >= 20,  # type: ignore[index]
+               60, "the runs to get going")
+    redis_client.flushdb()  # every queued and unacked message is gone
+    for run_id in run_ids:
+        assert client.result(run_id, timeout=90)["trail"] == list(range(1, 11))
+    for run_id in run_ids:
+        counted = calls(db, run_id)
+        assert set(counted) == {f"step{k}" for k in range(1, 11)}
+        # A step can run twice only if it was mid-flight while its message vanished and the
+        # lease ran out; completed steps never run again.
+        assert all(n <= 2 for n in counted.values())
+
+
+def test_retries_then_completes_with_backoff_in_postgres(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    procs.relay(settings)
+    procs.worker(settings, "w1")
+    run_id = client.start(sagas.two, {"fail_at": [2], "fail_times": 2})
+    assert client.result(run_id, timeout=60)["trail"] == [1, 2]
+    assert [a for a, _ in attempt_calls(db, run_id, "step2")] == [1, 2, 3]
+    assert calls(db, run_id)["step1"] == 1
+    step2 = client.steps(run_id)[1]
+    assert step2.attempt == 3 and step2.state == "completed"
+
+
+def test_failures_fail_the_run_with_clear_errors(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    procs.relay(settings)
+    procs.worker(settings, "w1")
+    not_json = client.start(sagas.not_json, None)
+    too_big = client.start(sagas.too_big, 20_000)
+    fatal = client.start(sagas.fatal, None)
+    exhausts = client.start(sagas.exhausts, None)
+
+    run = client.wait(not_json, timeout=60)
+    assert run.state == "failed"
+    assert "not JSON-serialisable" in run.error["message"]
+    assert not_json in run.error["message"] and "returns_object" in run.error["message"]
+
+    run = client.wait(too_big, timeout=60)
+    assert run.state == "failed"
+    assert "10000 bytes" in run.error["message"] and too_big in run.error["message"]
+    assert "returns_text" in run.error["message"]
+
+    run = client.wait(fatal, timeout=60)
+    assert run.state == "failed" and run.error["type"] == "builtins.ValueError"
+    assert calls(db, fatal)["fails_for_good"] == 1, "non-retryable errors are not retried"
+
+    run = client.wait(exhausts, timeout=60)
+    assert run.state == "failed" and run.error["attempt"] == 3
+    assert calls(db, exhausts)["always_flaky"] == 3
+    # A result that cannot be journaled is not retried either.
+    assert calls(db, not_json)["returns_object"] == 1
+
+
+def test_malformed_messages_are_rejected_and_worker_keeps_running(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn,
+    redis_client: redis.Redis,
+) -> None:
+    procs.relay(settings)
+    worker = procs.worker(settings, "w1")
+    publisher = CeleryPublisher(create_app(settings))
+    publisher.publish([
+        OutboxMessage("saga.step", settings.queue, {"run": "x"}),
+        OutboxMessage("saga.step", settings.queue, {"run_id": "nope", "step_key": "s"}),
+    ])
+    # A pickle message: refused before any code of ours sees it.
+    app = create_app(settings)
+    app.conf.task_serializer = "pickle"
+    app.send_task("saga.step", kwargs={"run_id": "x", "step_key": "y"}, queue=settings.queue,
+                  serializer="pickle")
+    run_id = client.start(sagas.two, {})
+    assert client.result(run_id, timeout=60)["trail"] == [1, 2]
+    assert worker.alive()
+    log = worker.log()
+    assert "rejected malformed task message" in log
+    assert "does not exist; dropped" in log
+    assert "pickle" in log.lower()
+
+
+def test_start_is_idempotent_and_conflicts_are_errors(client: SagaClient) -> None:
+    first = client.start(sagas.two, {"a": 1}, run_id="order-42")
+    again = client.start(sagas.two, {"a": 1}, run_id="order-42")
+    assert first == again == "order-42"
+    assert len(client.steps("order-42")) == 1
+    with pytest.raises(RunConflictError, match="order-42"):
+        client.start(sagas.two, {"a": 2}, run_id="order-42")
+    with pytest.raises(UnknownSagaError, match="nope"):
+        client.start("tests.sagas:nope", {})
+    with pytest.raises(UnknownSagaError, match="module:attribute"):
+        client.start("tests.sagas", {})

@@ -1,0 +1,82 @@
+"""Saga definitions the integration tests run on real workers.
+
+Step functions count every call in the test database's ``test_calls`` table (their own
+connection, outside the engine), so tests can assert how often a function really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import psycopg
+
+from saga.definition import Saga, StepContext, step
+from saga.retry import RetryPolicy
+
+_conn: tuple[int, psycopg.Connection[Any]] | None = None
+
+
+def record(ctx: StepContext) -> None:
+    global _conn
+    if _conn is None or _conn[0] != os.getpid() or _conn[1].closed:
+        _conn = (os.getpid(), psycopg.connect(os.environ["SAGA_DATABASE_URL"], autocommit=True))
+    _conn[1].execute(
+        "INSERT INTO test_calls (run_id, step, attempt, idempotency_key, pid) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        (ctx.run_id, ctx.step, ctx.attempt, ctx.idempotency_key, os.getpid()),
+    )
+
+
+class Flaky(RuntimeError):
+    pass
+
+
+def _numbered(i: int) -> Any:
+    def fn(ctx: StepContext, value: dict[str, Any]) -> dict[str, Any]:
+        record(ctx)
+        if value.get("block_at") == i and ctx.attempt == 1:
+            time.sleep(300)  # the test kills this worker here
+        if i in value.get("fail_at", ()) and ctx.attempt <= value.get("fail_times", 1):
+            raise Flaky(f"step{i} fails on attempt {ctx.attempt} as asked")
+        if value.get("sleep"):
+            time.sleep(value["sleep"])
+        return {**value, "trail": [*value.get("trail", []), i]}
+
+    fn.__name__ = fn.__qualname__ = f"step{i}"
+    return fn
+
+
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_seconds=0.1, max_backoff_seconds=0.3)
+
+ten = Saga("ten", [_numbered(i) for i in range(1, 11)], retry=FAST_RETRY)
+two = Saga("two", [_numbered(1), _numbered(2)], retry=FAST_RETRY)
+
+
+def returns_object(ctx: StepContext, value: Any) -> Any:
+    record(ctx)
+    return {"handle": object()}
+
+
+def returns_text(ctx: StepContext, size: int) -> str:
+    record(ctx)
+    return "x" * size
+
+
+def fails_for_good(ctx: StepContext, value: Any) -> Any:
+    record(ctx)
+    raise ValueError("the input is wrong and will stay wrong")
+
+
+def always_flaky(ctx: StepContext, value: Any) -> Any:
+    record(ctx)
+    raise Flaky(f"attempt {ctx.attempt} failed")
+
+
+not_json = Saga("not_json", [returns_object])
+too_big = Saga("too_big", [returns_text])
+fatal = Saga("fatal", [step(fails_for_good, retry=RetryPolicy(
+    max_attempts=5, initial_backoff_seconds=0.1, non_retryable=(ValueError,)))])
+exhausts = Saga("exhausts", [step(always_flaky, retry=RetryPolicy(
+    max_attempts=3, initial_backoff_seconds=0.1, max_backoff_seconds=0.2))])
