@@ -73,7 +73,9 @@ class Relay:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._conninfo, autocommit=True)
+            self._conn = psycopg.connect(
+                self._conninfo, autocommit=True, application_name="saga-relay"
+            )
             self._conn.execute("LISTEN saga_outbox")
         return self._conn
 
@@ -91,9 +93,17 @@ class Relay:
                 if not rows:
                     return 0
                 batch = [
-                    StoredMessage(id=r[0], attempts=r[6], message=OutboxMessage(
-                        message_id=r[1], destination=r[2], task_name=r[3], payload=r[4],
-                        headers=r[5]))
+                    StoredMessage(
+                        id=r[0],
+                        attempts=r[6],
+                        message=OutboxMessage(
+                            message_id=r[1],
+                            destination=r[2],
+                            task_name=r[3],
+                            payload=r[4],
+                            headers=r[5],
+                        ),
+                    )
                     for r in rows
                 ]
                 self._publisher.publish([b.message for b in batch])

@@ -31,12 +31,18 @@ def add_messages(
     for m in messages:
         cur.execute(
             _INSERT,
-            (m.message_id, m.destination, m.task_name, Jsonb(m.payload), Jsonb(m.headers),
-             delay_seconds),
+            (
+                m.message_id,
+                m.destination,
+                m.task_name,
+                Jsonb(m.payload),
+                Jsonb(m.headers),
+                delay_seconds,
+            ),
         )
         row = cur.fetchone()
         assert row is not None
-        ids.append(int(row[0]))  # type: ignore[index, call-overload]
+        ids.append(int(row[0]))  # type: ignore[index]
     return ids
 
 

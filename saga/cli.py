@@ -15,9 +15,7 @@ from typing import Any
 from saga.errors import SagaError
 from saga.settings import Settings
 
-ENV_HELP = "environment: " + ", ".join(
-    f"SAGA_{name.upper()}" for name in Settings.model_fields
-)
+ENV_HELP = "environment: " + ", ".join(f"SAGA_{name.upper()}" for name in Settings.model_fields)
 
 
 def resolve(settings: Settings) -> Settings:
@@ -27,10 +25,12 @@ def resolve(settings: Settings) -> Settings:
     from saga.embedded import start_embedded
 
     services = start_embedded(settings.state_dir)
-    return settings.model_copy(update={
-        "database_url": settings.database_url or services.database_url,
-        "broker_url": settings.broker_url or services.broker_url,
-    })
+    return settings.model_copy(
+        update={
+            "database_url": settings.database_url or services.database_url,
+            "broker_url": settings.broker_url or services.broker_url,
+        }
+    )
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -57,8 +57,15 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     assert_safe(app)
-    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", settings.queue,
-            f"--pool={args.pool}", "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        f"--loglevel={args.loglevel}",
+        "-Q",
+        settings.queue,
+        f"--pool={args.pool}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if args.concurrency:
         argv.append(f"--concurrency={args.concurrency}")
     if args.hostname:
@@ -87,8 +94,10 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         poll_seconds=settings.relay_poll_seconds,
         retention_seconds=settings.outbox_retention_seconds,
     )
-    store = PostgresStore(open_pool(settings.database_url, size=1, name="saga-sweeper"),
-                          dispatch_timeout=settings.dispatch_timeout_seconds)
+    store = PostgresStore(
+        open_pool(settings.database_url, size=1, name="saga-sweeper"),
+        dispatch_timeout=settings.dispatch_timeout_seconds,
+    )
     sweeper = None if args.no_sweeper else Sweeper(store, settings.queue)
     logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
     try:
@@ -110,8 +119,9 @@ def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
         print(run_id)
         if args.wait is not None:
             run = client.wait(run_id, timeout=args.wait or None)
-            print(json.dumps({"state": run.state, "result": run.result, "error": run.error},
-                             indent=2))
+            print(
+                json.dumps({"state": run.state, "result": run.result, "error": run.error}, indent=2)
+            )
             return 0 if run.state == "completed" else 1
     return 0
 
@@ -123,18 +133,26 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         run = client.run(args.run_id)
         steps = client.steps(args.run_id)
     if args.json:
-        print(json.dumps({
-            "run": {k: v for k, v in vars(run).items()},
-            "steps": [vars(s) for s in steps],
-        }, default=str, indent=2))
+        print(
+            json.dumps(
+                {
+                    "run": {k: v for k, v in vars(run).items()},
+                    "steps": [vars(s) for s in steps],
+                },
+                default=str,
+                indent=2,
+            )
+        )
         return 0
     print(f"run {run.run_id}  saga {run.saga_name} v{run.saga_version}  {run.state}")
     print(f"{'#':>3}  {'step':<24} {'state':<10} {'attempts':>8} {'duration':>10}  error")
     for s in steps:
         duration = "" if s.duration_seconds is None else f"{s.duration_seconds * 1000:.1f} ms"
         error = "" if not s.error else f"{s.error.get('type', '')}: {s.error.get('message', '')}"
-        print(f"{s.seq:>3}  {s.step_name:<24} {s.state:<10} {s.attempt:>8} {duration:>10}  "
-              f"{error[:80]}")
+        print(
+            f"{s.seq:>3}  {s.step_name:<24} {s.state:<10} {s.attempt:>8} {duration:>10}  "
+            f"{error[:80]}"
+        )
     if run.error:
         print(f"run error: {run.error.get('message', run.error)}")
     return 0
@@ -165,15 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hostname")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--max-tasks-per-child", type=int)
-    r = sub.add_parser("relay", help="publish the outbox and re-dispatch due steps",
-                       epilog=ENV_HELP)
+    r = sub.add_parser(
+        "relay", help="publish the outbox and re-dispatch due steps", epilog=ENV_HELP
+    )
     r.add_argument("--no-sweeper", action="store_true", help="publish only; no recovery sweeps")
     s = sub.add_parser("start", help="start a run of MODULE:SAGA", epilog=ENV_HELP)
     s.add_argument("saga", metavar="MODULE:SAGA")
     s.add_argument("--input", default="null", help="the run's input as JSON")
     s.add_argument("--run-id", help="an id of yours; starting it twice gives the same run")
-    s.add_argument("--wait", type=float, nargs="?", const=0.0,
-                   help="wait for the run to finish (optionally at most SECONDS)")
+    s.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=0.0,
+        help="wait for the run to finish (optionally at most SECONDS)",
+    )
     sh = sub.add_parser("show", help="show a run's steps", epilog=ENV_HELP)
     sh.add_argument("run_id")
     sh.add_argument("--json", action="store_true")
@@ -188,15 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "migrate": cmd_migrate, "worker": cmd_worker, "relay": cmd_relay, "start": cmd_start,
-    "show": cmd_show, "demo": cmd_demo, "bench": cmd_bench,
+    "migrate": cmd_migrate,
+    "worker": cmd_worker,
+    "relay": cmd_relay,
+    "start": cmd_start,
+    "show": cmd_show,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     # Definitions are imported by path, as Celery does: the working folder is importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

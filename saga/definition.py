@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import re
 import sys
 import typing
@@ -98,9 +99,9 @@ class Step:
             ) from exc
         if len(data) > limit:
             raise StepResultError(
-                f"step {self.name!r} of run {run_id!r} returned {len(data)} bytes of JSON, over the "
-                f"limit of {limit} bytes (SAGA_MAX_RESULT_BYTES); store large data elsewhere and "
-                f"return a reference"
+                f"step {self.name!r} of run {run_id!r} returned {len(data)} bytes of JSON, over "
+                f"the limit of {limit} bytes (SAGA_MAX_RESULT_BYTES); store large data elsewhere "
+                f"and return a reference"
             )
         return data.decode()
 
@@ -129,7 +130,7 @@ def _make_step(
     saga_name: str,
     default_retry: RetryPolicy,
 ) -> Step:
-    step_name = name or getattr(fn, "__name__", "")
+    step_name = str(name or getattr(fn, "__name__", ""))
     where = f"saga {saga_name!r}, step {step_name!r}"
     if not callable(fn):
         raise DefinitionError(f"{where}: a step must be a function, got {type(fn).__name__}")
@@ -211,7 +212,7 @@ class Saga:
         self.version = version
         self.steps: tuple[Step, ...] = tuple(built)
         self._by_name = {s.name: s for s in built}
-        self._next = {a.name: b for a, b in zip(built, built[1:], strict=False)}
+        self._next = {a.name: b for a, b in itertools.pairwise(built)}
         # The module that built the saga; ref() looks the attribute up there.
         self.module: str = sys._getframe(1).f_globals.get("__name__", "__main__")
 

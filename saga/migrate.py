@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 
@@ -48,7 +49,7 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-def applied_versions(conn: psycopg.Connection[object]) -> set[int]:
+def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('saga_schema_migrations') IS NOT NULL")
         row = cur.fetchone()
@@ -82,7 +83,7 @@ def migrate(database_url: str) -> list[int]:
     return applied
 
 
-def check_schema(conn: psycopg.Connection[object]) -> None:
+def check_schema(conn: psycopg.Connection[Any]) -> None:
     """Raise a clear error when the database is behind this package's migrations."""
     missing = {m.version for m in available_migrations()} - applied_versions(conn)
     if missing:

@@ -25,7 +25,8 @@ RETURNING seq
 """
 
 # Claim for one attempt: the fencing token (attempt) goes up by one. Only a dispatched step, or a
-# pending one whose retry time has come, can be claimed; a running, completed or failed one cannot.
+# pending one whose retry time has come, can be claimed; a running, completed or failed one cannot,
+# except by the same delivery retrying a claim whose reply it lost (same owner token).
 CLAIM_STEP = """
 UPDATE saga_steps s
 SET state = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
@@ -34,7 +35,8 @@ SET state = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
 FROM saga_runs r
 WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND r.run_id = s.run_id
   AND r.state = CASE s.kind WHEN 'action' THEN 'running' ELSE 'compensating' END
-  AND (s.state = 'dispatched' OR (s.state = 'pending' AND s.due_at <= now()))
+  AND (s.state = 'dispatched' OR (s.state = 'pending' AND s.due_at <= now())
+       OR (s.state = 'running' AND s.lease_owner = %(owner)s))
 RETURNING s.attempt, s.step_name, s.kind, s.max_attempts, s.idempotency_key, s.input,
           r.input, r.saga_ref, r.saga_name, r.trace_context
 """

@@ -106,7 +106,7 @@ class StepRecord:
 
 
 class Fenced(Exception):
-    """This attempt no longer owns its step (lease lost) or the run moved on; nothing was written."""
+    """The attempt no longer owns its step (lease lost) or the run moved on; nothing written."""
 
 
 @contextlib.contextmanager
@@ -127,7 +127,11 @@ def open_pool(database_url: str, *, size: int, name: str = "saga") -> Connection
         database_url,
         min_size=1,
         max_size=max(1, size),
-        kwargs={"autocommit": True, "options": "-c synchronous_commit=off"},
+        kwargs={
+            "autocommit": True,
+            "options": "-c synchronous_commit=off",
+            "application_name": name,
+        },
         name=name,
         open=True,
     )
@@ -162,9 +166,14 @@ class PostgresStore:
                 conn.execute("SET LOCAL synchronous_commit TO on")
                 created = conn.execute(
                     q.INSERT_RUN,
-                    {"run_id": run_id, "saga_name": saga_name, "saga_ref": saga_ref,
-                     "saga_version": saga_version, "input": input_json,
-                     "trace_context": Jsonb(dict(trace_context))},
+                    {
+                        "run_id": run_id,
+                        "saga_name": saga_name,
+                        "saga_ref": saga_ref,
+                        "saga_version": saga_version,
+                        "input": input_json,
+                        "trace_context": Jsonb(dict(trace_context)),
+                    },
                 ).fetchone()
                 if created:
                     with conn.cursor() as cur:
@@ -200,9 +209,10 @@ class PostgresStore:
     def wait_for_run(self, run_id: str, timeout: float | None) -> RunRecord:
         """Block until the run reaches a final state (LISTEN/NOTIFY, no polling loop)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with _translated(f"waiting for run {run_id!r}"), psycopg.connect(
-            self._pool.conninfo, autocommit=True
-        ) as conn:
+        with (
+            _translated(f"waiting for run {run_id!r}"),
+            psycopg.connect(str(self._pool.conninfo), autocommit=True) as conn,
+        ):
             conn.execute("LISTEN saga_run_finished")
             while True:
                 run = self.get_run(run_id)
@@ -226,8 +236,10 @@ class PostgresStore:
     def claim_step(self, run_id: str, step_key: str, *, owner: str, lease: float) -> Claim | None:
         """Take one attempt of the step, or None if it is not claimable (already running,
         completed, failed, its run has ended, or it does not exist)."""
-        with _translated(f"claiming step {step_key!r} of run {run_id!r}"), \
-                self._pool.connection() as conn:
+        with (
+            _translated(f"claiming step {step_key!r} of run {run_id!r}"),
+            self._pool.connection() as conn,
+        ):
             row = conn.execute(
                 q.CLAIM_STEP,
                 {"run_id": run_id, "step_key": step_key, "owner": owner, "lease": lease},
@@ -235,8 +247,20 @@ class PostgresStore:
         if row is None:
             return None
         attempt, name, kind, max_attempts, key, input_, run_input, ref, saga_name, trace = row
-        return Claim(run_id, step_key, name, kind, attempt, max_attempts, key, input_, run_input,
-                     ref, saga_name, trace or {})
+        return Claim(
+            run_id,
+            step_key,
+            name,
+            kind,
+            attempt,
+            max_attempts,
+            key,
+            input_,
+            run_input,
+            ref,
+            saga_name,
+            trace or {},
+        )
 
     def step_state(self, run_id: str, step_key: str) -> tuple[str, int, str] | None:
         """(step state, attempt, run state), for explaining why a claim was refused."""
@@ -248,8 +272,12 @@ class PostgresStore:
         with _translated("renewing a lease"), self._pool.connection() as conn:
             row = conn.execute(
                 q.RENEW_LEASE,
-                {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt,
-                 "lease": lease},
+                {
+                    "run_id": claim.run_id,
+                    "step_key": claim.step_key,
+                    "attempt": claim.attempt,
+                    "lease": lease,
+                },
             ).fetchone()
         return row is not None
 
@@ -269,12 +297,17 @@ class PostgresStore:
         ``fast_path_delay`` seconds), or completes the run with ``run_result_json``. Returns the
         outbox row ids. Raises Fenced when the attempt lost its lease or the run moved on.
         """
+
         def body(conn: psycopg.Connection[Any]) -> list[int]:
             with conn.cursor() as cur:
                 ok = cur.execute(
                     q.COMPLETE_STEP,
-                    {"run_id": claim.run_id, "step_key": claim.step_key,
-                     "attempt": claim.attempt, "result": result_json},
+                    {
+                        "run_id": claim.run_id,
+                        "step_key": claim.step_key,
+                        "attempt": claim.attempt,
+                        "result": result_json,
+                    },
                 ).fetchone()
                 if not ok:
                     raise Fenced
@@ -292,13 +325,19 @@ class PostgresStore:
     ) -> None:
         """Record a failed attempt: retried after ``retry_in`` seconds, or (None) failed for
         good, which fails the run in the same transaction."""
+
         def body(conn: psycopg.Connection[Any]) -> None:
             with conn.cursor() as cur:
                 ok = cur.execute(
                     q.FAIL_ATTEMPT,
-                    {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt,
-                     "retry": retry_in is not None, "delay": retry_in or 0.0,
-                     "error": Jsonb(dict(error))},
+                    {
+                        "run_id": claim.run_id,
+                        "step_key": claim.step_key,
+                        "attempt": claim.attempt,
+                        "retry": retry_in is not None,
+                        "delay": retry_in or 0.0,
+                        "error": Jsonb(dict(error)),
+                    },
                 ).fetchone()
                 if not ok:
                     raise Fenced
@@ -310,8 +349,11 @@ class PostgresStore:
     def _outcome(
         self, claim: Claim, action: str, body: Callable[[psycopg.Connection[Any]], T]
     ) -> T:
-        with _translated(f"{action} step {claim.step_key!r} of run {claim.run_id!r}"), \
-                self._pool.connection() as conn, conn.transaction():
+        with (
+            _translated(f"{action} step {claim.step_key!r} of run {claim.run_id!r}"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
             conn.execute("SET LOCAL synchronous_commit TO on")
             run = conn.execute(q.LOCK_RUN, (claim.run_id,)).fetchone()
             expected = "running" if claim.kind == "action" else "compensating"
@@ -333,16 +375,24 @@ class PostgresStore:
             for run_id, step_key, attempt in conn.execute(
                 q.SELECT_EXPIRED_LEASES, (limit,)
             ).fetchall():
-                error = {"type": "LeaseExpired", "attempt": attempt, "retryable": True,
-                         "message": f"attempt {attempt} of step {step_key!r} lost its worker "
-                                    f"(lease expired)"}
+                error = {
+                    "type": "LeaseExpired",
+                    "attempt": attempt,
+                    "retryable": True,
+                    "message": f"attempt {attempt} of step {step_key!r} lost its worker "
+                    f"(lease expired)",
+                }
                 with conn.transaction(), conn.cursor() as cur:
                     conn.execute("SET LOCAL synchronous_commit TO on")
                     cur.execute(q.LOCK_RUN, (run_id,))
                     row = cur.execute(
                         q.EXPIRE_LEASE,
-                        {"run_id": run_id, "step_key": step_key, "attempt": attempt,
-                         "error": Jsonb(error)},
+                        {
+                            "run_id": run_id,
+                            "step_key": step_key,
+                            "attempt": attempt,
+                            "error": Jsonb(error),
+                        },
                     ).fetchone()
                     if row is None:
                         continue  # finished or renewed meanwhile
@@ -352,12 +402,17 @@ class PostgresStore:
         return expired
 
     def redispatch_due(
-        self, make_message: Callable[[str, str, Mapping[str, str]], OutboxMessage],
+        self,
+        make_message: Callable[[str, str, Mapping[str, str]], OutboxMessage],
         limit: int = 500,
     ) -> int:
         """Dispatch steps whose time has come (retries, lost messages); returns how many."""
-        with _translated("dispatching due steps"), self._pool.connection() as conn, \
-                conn.transaction(), conn.cursor() as cur:
+        with (
+            _translated("dispatching due steps"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
             conn.execute("SET LOCAL synchronous_commit TO on")
             rows = cur.execute(
                 q.REDISPATCH_DUE, {"limit": limit, "dispatch_timeout": self._dispatch_timeout}
@@ -375,20 +430,36 @@ class PostgresStore:
     def _insert_step(self, cur: psycopg.Cursor[Any], run_id: str, s: NewStep) -> None:
         cur.execute(
             q.INSERT_STEP,
-            {"run_id": run_id, "step_key": s.step_key, "step_name": s.step_name, "kind": s.kind,
-             "max_attempts": s.max_attempts, "idempotency_key": s.idempotency_key,
-             "input": s.input_json, "dispatch_timeout": self._dispatch_timeout},
+            {
+                "run_id": run_id,
+                "step_key": s.step_key,
+                "step_name": s.step_name,
+                "kind": s.kind,
+                "max_attempts": s.max_attempts,
+                "idempotency_key": s.idempotency_key,
+                "input": s.input_json,
+                "dispatch_timeout": self._dispatch_timeout,
+            },
         )
 
     @staticmethod
     def _finish_run(
-        cur: psycopg.Cursor[Any], run_id: str, state: str, *, result: str | None = None,
+        cur: psycopg.Cursor[Any],
+        run_id: str,
+        state: str,
+        *,
+        result: str | None = None,
         error: Mapping[str, Any] | None = None,
     ) -> None:
         cur.execute(
             q.FINISH_RUN,
-            {"run_id": run_id, "state": state, "result": result,
-             "error": None if error is None else Jsonb(dict(error)), "from_states": ["running"]},
+            {
+                "run_id": run_id,
+                "state": state,
+                "result": result,
+                "error": None if error is None else Jsonb(dict(error)),
+                "from_states": ["running"],
+            },
         )
         if state != "running":
             cur.execute(q.CANCEL_OPEN_STEPS, (run_id,))

@@ -22,8 +22,13 @@ class Process:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            argv,
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     @property
@@ -68,8 +73,18 @@ class ProcessGroup:
         return process
 
     def worker(self, settings: Settings, name: str, *extra: str) -> Process:
-        return self.spawn(name, settings, "worker", "--pool", "solo", "--hostname",
-                          f"{name}@%h", "--loglevel", "INFO", *extra)
+        return self.spawn(
+            name,
+            settings,
+            "worker",
+            "--pool",
+            "solo",
+            "--hostname",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+            *extra,
+        )
 
     def relay(self, settings: Settings, name: str = "relay", *extra: str) -> Process:
         return self.spawn(name, settings, "relay", *extra)

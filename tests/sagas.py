@@ -76,7 +76,23 @@ def always_flaky(ctx: StepContext, value: Any) -> Any:
 
 not_json = Saga("not_json", [returns_object])
 too_big = Saga("too_big", [returns_text])
-fatal = Saga("fatal", [step(fails_for_good, retry=RetryPolicy(
-    max_attempts=5, initial_backoff_seconds=0.1, non_retryable=(ValueError,)))])
-exhausts = Saga("exhausts", [step(always_flaky, retry=RetryPolicy(
-    max_attempts=3, initial_backoff_seconds=0.1, max_backoff_seconds=0.2))])
+fatal = Saga(
+    "fatal",
+    [
+        step(
+            fails_for_good,
+            retry=RetryPolicy(
+                max_attempts=5, initial_backoff_seconds=0.1, non_retryable=(ValueError,)
+            ),
+        )
+    ],
+)
+exhausts = Saga(
+    "exhausts",
+    [
+        step(
+            always_flaky,
+            retry=RetryPolicy(max_attempts=3, initial_backoff_seconds=0.1, max_backoff_seconds=0.2),
+        )
+    ],
+)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
-from collections.abc import Mapping, Sequence
-from typing import Any
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,6 +29,7 @@ from workers.publish import CeleryPublisher
 log = logging.getLogger("saga.worker")
 
 _MAX_ERROR_TEXT = 4000
+T = TypeVar("T")
 
 
 class StepMessage(BaseModel):
@@ -65,13 +68,20 @@ class StepExecutor:
 
     def execute(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
         if args:
-            raise MalformedMessageError(f"a step task takes keyword arguments only, got {args!r:.200}")
+            raise MalformedMessageError(
+                f"a step task takes keyword arguments only, got {args!r:.200}"
+            )
         try:
             msg = StepMessage.model_validate(kwargs)
         except ValidationError as exc:
             raise MalformedMessageError(f"bad step task arguments: {exc}") from None
-        claim = self.store.claim_step(
-            msg.run_id, msg.step_key, owner=self.owner, lease=self.settings.lease_seconds
+        # A token per delivery: a claim retried after a lost reply recognises its own lease.
+        owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
+        claim = self._durably(
+            "claiming",
+            lambda: self.store.claim_step(
+                msg.run_id, msg.step_key, owner=owner, lease=self.settings.lease_seconds
+            ),
         )
         if claim is None:
             self._explain_refusal(msg, task_id)
@@ -82,7 +92,10 @@ class StepExecutor:
         except Fenced:
             log.warning(
                 "attempt %d of step %r of run %r was overtaken (lease lost or run ended); its "
-                "outcome was discarded", claim.attempt, claim.step_key, claim.run_id,
+                "outcome was discarded",
+                claim.attempt,
+                claim.step_key,
+                claim.run_id,
             )
         finally:
             self.leases.hold(None)
@@ -124,15 +137,20 @@ class StepExecutor:
             step_message(self.settings.queue, claim.run_id, s.step_key, claim.trace_context)
             for s in advance.next_steps
         ]
-        ids = self.store.complete_step(
+        ids = self._durably(
+            "journaling the result",
+            lambda: self.store.complete_step(
+                claim,
+                result_json,
+                next_steps=advance.next_steps,
+                messages=messages,
+                run_result_json=advance.run_result_json,
+                fast_path_delay=self.settings.fast_path_grace_seconds,
+            ),
             claim,
-            result_json,
-            next_steps=advance.next_steps,
-            messages=messages,
-            run_result_json=advance.run_result_json,
-            fast_path_delay=self.settings.fast_path_grace_seconds,
         )
-        self._publish_now(messages, ids)
+        if ids is not None:
+            self._publish_now(messages, ids)
 
     def _publish_now(self, messages: list[Any], ids: list[int]) -> None:
         """The fast path: publish right after commit. The relay remains the guarantee."""
@@ -147,13 +165,46 @@ class StepExecutor:
     def _fail(self, claim: Claim, exc: BaseException, retry_in: float | None) -> None:
         log.warning(
             "step %r of run %r failed on attempt %d/%d (%s)%s",
-            claim.step_key, claim.run_id, claim.attempt, claim.max_attempts,
+            claim.step_key,
+            claim.run_id,
+            claim.attempt,
+            claim.max_attempts,
             type(exc).__name__,
             f"; retrying in {retry_in:.1f} s" if retry_in is not None else "; not retrying",
         )
-        self.store.fail_attempt(
-            claim, error_record(exc, claim.attempt, retry_in is not None), retry_in=retry_in
+        self._durably(
+            "journaling a failure",
+            lambda: self.store.fail_attempt(
+                claim, error_record(exc, claim.attempt, retry_in is not None), retry_in=retry_in
+            ),
+            claim,
         )
+
+    def _durably(self, what: str, action: Callable[[], T], claim: Claim | None = None) -> T | None:
+        """Run a store action, retrying through short Postgres outages (a cut connection, a
+        failover) for up to one lease: the step's work is done and must not be lost to a blip.
+
+        A retried outcome whose first try did commit meets the fence; that is success, and
+        returns None (the relay publishes its rows once the fast-path grace has passed).
+        """
+        delay, deadline, retried = 0.05, time.monotonic() + self.settings.lease_seconds, False
+        while True:
+            try:
+                return action()
+            except Fenced:
+                if retried and claim is not None and self._committed_by_us(claim):
+                    return None
+                raise
+            except StoreError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s failed, retrying in %.2f s: %s", what, delay, exc)
+                time.sleep(delay)
+                delay, retried = min(delay * 2, 1.0), True
+
+    def _committed_by_us(self, claim: Claim) -> bool:
+        state = self.store.step_state(claim.run_id, claim.step_key)
+        return state is not None and state[1] == claim.attempt and state[0] != "running"
 
     def _saga(self, ref: str) -> Saga:
         saga = self._sagas.get(ref)
@@ -164,8 +215,17 @@ class StepExecutor:
     def _explain_refusal(self, msg: StepMessage, task_id: str | None) -> None:
         state = self.store.step_state(msg.run_id, msg.step_key)
         if state is None:
-            log.warning("task %s names step %r of run %r, which does not exist; dropped",
-                        task_id, msg.step_key, msg.run_id)
+            log.warning(
+                "task %s names step %r of run %r, which does not exist; dropped",
+                task_id,
+                msg.step_key,
+                msg.run_id,
+            )
         else:
-            log.info("task %s: step %r of run %r is %s (attempt %d, run %s); nothing to do",
-                     task_id, msg.step_key, msg.run_id, *state)
+            log.info(
+                "task %s: step %r of run %r is %s (attempt %d, run %s); nothing to do",
+                task_id,
+                msg.step_key,
+                msg.run_id,
+                *state,
+            )

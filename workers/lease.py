@@ -45,7 +45,9 @@ class LeaseKeeper:
                     log.warning(
                         "step %r of run %r (attempt %d) lost its lease: another attempt may "
                         "run; this one's outcome will be discarded",
-                        claim.step_key, claim.run_id, claim.attempt,
+                        claim.step_key,
+                        claim.run_id,
+                        claim.attempt,
                     )
             except StoreError as exc:
                 log.warning("could not renew a lease: %s", exc)

@@ -34,7 +34,8 @@ def attempt_calls(db: Conn, run_id: str, step: str) -> list[tuple[int, str]]:
         (r[0], r[1])
         for r in db.execute(
             "SELECT attempt, idempotency_key FROM test_calls WHERE run_id = %s AND step = %s "
-            "ORDER BY id", (run_id, step)
+            "ORDER BY id",
+            (run_id, step),
         ).fetchall()
     ]
 
@@ -90,12 +91,25 @@ def test_prefork_child_killed_mid_step_resumes(
     settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
 ) -> None:
     procs.relay(settings)
-    procs.spawn("prefork", settings, "worker", "--pool", "prefork", "--concurrency", "1",
-                "--loglevel", "INFO")
+    procs.spawn(
+        "prefork",
+        settings,
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "--loglevel",
+        "INFO",
+    )
     run_id = client.start(sagas.two, {"block_at": 2})
-    pid = wait_until(lambda: db.execute(
-        "SELECT pid FROM test_calls WHERE run_id = %s AND step = 'step2'", (run_id,)
-    ).fetchone(), 60, "step 2 to start")[0]  # type: ignore[index]
+    pid = wait_until(
+        lambda: db.execute(
+            "SELECT pid FROM test_calls WHERE run_id = %s AND step = 'step2'", (run_id,)
+        ).fetchone(),
+        60,
+        "step 2 to start",
+    )[0]  # type: ignore[index]
     os.kill(pid, signal.SIGKILL)  # the pool child only; the parent starts a new one
     assert client.result(run_id, timeout=60)["trail"] == [1, 2]
     assert calls(db, run_id) == Counter({"step1": 1, "step2": 2})
@@ -139,15 +153,21 @@ def test_relay_killed_between_commit_and_publish(
 
 
 def test_broker_flushed_mid_run_every_run_completes(
-    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn,
+    settings: Settings,
+    procs: ProcessGroup,
+    client: SagaClient,
+    db: Conn,
     redis_client: redis.Redis,
 ) -> None:
     procs.relay(settings)
     procs.worker(settings, "w1")
     procs.worker(settings, "w2")
     run_ids = [client.start(sagas.ten, {"n": i, "sleep": 0.05}) for i in range(8)]
-    wait_until(lambda: db.execute("SELECT count(*) FROM test_calls").fetchone()[0] >= 20,  # type: ignore[index]
-               60, "the runs to get going")
+    wait_until(
+        lambda: db.execute("SELECT count(*) FROM test_calls").fetchone()[0] >= 20,  # type: ignore[index]
+        60,
+        "the runs to get going",
+    )
     redis_client.flushdb()  # every queued and unacked message is gone
     for run_id in run_ids:
         assert client.result(run_id, timeout=90)["trail"] == list(range(1, 11))
@@ -204,21 +224,30 @@ def test_failures_fail_the_run_with_clear_errors(
 
 
 def test_malformed_messages_are_rejected_and_worker_keeps_running(
-    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn,
+    settings: Settings,
+    procs: ProcessGroup,
+    client: SagaClient,
+    db: Conn,
     redis_client: redis.Redis,
 ) -> None:
     procs.relay(settings)
     worker = procs.worker(settings, "w1")
     publisher = CeleryPublisher(create_app(settings))
-    publisher.publish([
-        OutboxMessage("saga.step", settings.queue, {"run": "x"}),
-        OutboxMessage("saga.step", settings.queue, {"run_id": "nope", "step_key": "s"}),
-    ])
+    publisher.publish(
+        [
+            OutboxMessage("saga.step", settings.queue, {"run": "x"}),
+            OutboxMessage("saga.step", settings.queue, {"run_id": "nope", "step_key": "s"}),
+        ]
+    )
     # A pickle message: refused before any code of ours sees it.
     app = create_app(settings)
     app.conf.task_serializer = "pickle"
-    app.send_task("saga.step", kwargs={"run_id": "x", "step_key": "y"}, queue=settings.queue,
-                  serializer="pickle")
+    app.send_task(
+        "saga.step",
+        kwargs={"run_id": "x", "step_key": "y"},
+        queue=settings.queue,
+        serializer="pickle",
+    )
     run_id = client.start(sagas.two, {})
     assert client.result(run_id, timeout=60)["trail"] == [1, 2]
     assert worker.alive()
