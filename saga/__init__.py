@@ -1,7 +1,7 @@
 """Durable sagas for AI-agent workflows: journaled Celery steps through a Postgres outbox."""
 
 from saga.client import SagaClient
-from saga.definition import Saga, Step, StepContext, StepDecl, load_saga, step
+from saga.definition import Saga, StepContext, StepDecl, StepOptions, load_definition, step
 from saga.errors import (
     ConfigurationError,
     DefinitionError,
@@ -12,6 +12,7 @@ from saga.errors import (
     RunNotFoundError,
     SagaError,
     StepResultError,
+    StepTimeoutError,
     StoreError,
     UnknownSagaError,
     WaitTimeoutError,
@@ -19,12 +20,22 @@ from saga.errors import (
 from saga.retry import RetryPolicy
 from saga.settings import Settings
 from saga.store import RunRecord, StepRecord
+from saga.workflow import (
+    EventTimeout,
+    NonDeterminismError,
+    StepFailed,
+    Workflow,
+    WorkflowContext,
+    workflow,
+)
 
 __all__ = [
     "ConfigurationError",
     "DefinitionError",
+    "EventTimeout",
     "MalformedMessageError",
     "MigrationError",
+    "NonDeterminismError",
     "RetryPolicy",
     "RunConflictError",
     "RunFailedError",
@@ -34,14 +45,19 @@ __all__ = [
     "SagaClient",
     "SagaError",
     "Settings",
-    "Step",
     "StepContext",
     "StepDecl",
+    "StepFailed",
+    "StepOptions",
     "StepRecord",
     "StepResultError",
+    "StepTimeoutError",
     "StoreError",
     "UnknownSagaError",
     "WaitTimeoutError",
-    "load_saga",
+    "Workflow",
+    "WorkflowContext",
+    "load_definition",
     "step",
+    "workflow",
 ]

@@ -96,9 +96,10 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     )
     store = PostgresStore(
         open_pool(settings.database_url, size=1, name="saga-sweeper"),
+        queue=settings.queue,
         dispatch_timeout=settings.dispatch_timeout_seconds,
     )
-    sweeper = None if args.no_sweeper else Sweeper(store, settings.queue)
+    sweeper = None if args.no_sweeper else Sweeper(store)
     logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
     try:
         relay.run(stop, also=sweeper.tick if sweeper else None)
@@ -115,7 +116,7 @@ def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise SagaError(f"--input is not JSON: {exc}") from None
     with SagaClient(settings) as client:
-        run_id = client.start(args.saga, payload, run_id=args.run_id)
+        run_id = client.start(args.saga, payload, run_id=args.run_id, timeout=args.timeout)
         print(run_id)
         if args.wait is not None:
             run = client.wait(run_id, timeout=args.wait or None)
@@ -155,6 +156,28 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         )
     if run.error:
         print(f"run error: {run.error.get('message', run.error)}")
+    return 0
+
+
+def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.client import SagaClient
+
+    with SagaClient(settings) as client:
+        if args.command == "cancel":
+            client.cancel(args.run_id, args.reason)
+            print(f"run {args.run_id} is stopping; its completed steps are compensated")
+        elif args.command == "retry":
+            client.retry(args.run_id)
+            print(f"run {args.run_id} resumes")
+        elif args.command == "fork":
+            print(client.fork(args.run_id, args.step_key, new_run_id=args.new_run_id))
+        elif args.command == "send-event":
+            try:
+                payload = json.loads(args.payload)
+            except json.JSONDecodeError as exc:
+                raise SagaError(f"--payload is not JSON: {exc}") from None
+            waited = client.send_event(args.run_id, args.name, payload)
+            print("delivered" if waited else "kept until the run waits for it")
     return 0
 
 
@@ -201,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="show a run's steps", epilog=ENV_HELP)
     sh.add_argument("run_id")
     sh.add_argument("--json", action="store_true")
+    c = sub.add_parser("cancel", help="cancel a run (its completed steps are compensated)")
+    c.add_argument("run_id")
+    c.add_argument("--reason", default="cancelled by an operator")
+    rt = sub.add_parser("retry", help="resume a failed run, or retry a failed compensation")
+    rt.add_argument("run_id")
+    f = sub.add_parser("fork", help="a new run from a run's journal before STEP_KEY")
+    f.add_argument("run_id")
+    f.add_argument("step_key")
+    f.add_argument("--new-run-id")
+    e = sub.add_parser("send-event", help="deliver an outside event to a run")
+    e.add_argument("run_id")
+    e.add_argument("name")
+    e.add_argument("--payload", default="null", help="the event's payload as JSON")
     sub.add_parser("demo", help="run the demo saga on the embedded servers", epilog=ENV_HELP)
     b = sub.add_parser("bench", help="benchmarks against raw Celery", epilog=ENV_HELP)
     b.add_argument("suite", choices=["core"])

@@ -1,15 +1,18 @@
-"""The Python API for starting runs, waiting for them and reading them back."""
+"""The Python API: start runs, wait for them, read them back, and operate on them."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Any
 
-from saga.coordinator import encode_input, new_step, step_message
-from saga.definition import Saga, load_saga
+from saga import coordinator
+from saga.definition import Saga, load_definition
 from saga.errors import ConfigurationError, RunFailedError
 from saga.settings import Settings
-from saga.store import PostgresStore, RunRecord, StepRecord, open_pool
+from saga.store import PostgresStore, RunRecord, RunTransaction, StepRecord, open_pool
+from saga.workflow import Workflow
+
+Definition = Saga | Workflow[Any, Any]
 
 
 class SagaClient:
@@ -29,6 +32,7 @@ class SagaClient:
         self.settings = settings
         self.store = PostgresStore(
             open_pool(settings.database_url, size=2, name="saga-client"),
+            queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
         )
 
@@ -41,24 +45,34 @@ class SagaClient:
     def close(self) -> None:
         self.store.close()
 
-    def start(self, saga: Saga | str, input: Any = None, *, run_id: str | None = None) -> str:
+    def start(
+        self,
+        saga: Definition | str,
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
         """Start a run and return its id. Idempotent: the same ``run_id`` with the same saga
-        and input returns the existing run instead of starting another."""
-        definition = load_saga(saga) if isinstance(saga, str) else saga
+        and input returns the existing run instead of starting another. After ``timeout``
+        seconds a run still running is stopped and its completed steps compensated."""
+        definition: Definition = load_definition(saga) if isinstance(saga, str) else saga
         ref = saga if isinstance(saga, str) else definition.ref()
         run_id = run_id or uuid.uuid4().hex
-        input_json = encode_input(definition, input)
-        trace_context: dict[str, str] = {}
-        first = new_step(run_id, definition.first, input_json)
+        input_json = definition.validate_input(input)
+
+        def start(tx: RunTransaction) -> None:
+            coordinator.advance(tx, lambda _ref: definition)
+
         self.store.create_run(
             run_id=run_id,
             saga_name=definition.name,
             saga_ref=ref,
             saga_version=definition.version,
             input_json=input_json,
-            trace_context=trace_context,
-            first_steps=[first],
-            messages=[step_message(self.settings.queue, run_id, first.step_key, trace_context)],
+            trace_context={},
+            timeout=timeout,
+            start=start,
         )
         return run_id
 
@@ -81,3 +95,29 @@ class SagaClient:
 
     def steps(self, run_id: str) -> list[StepRecord]:
         return self.store.get_steps(run_id)
+
+    # -- operator actions ---------------------------------------------------------------------
+
+    def send_event(self, run_id: str, name: str, payload: Any = None) -> bool:
+        """Deliver an outside event (an approval, a webhook) to a run. True if a step was
+        waiting for it; otherwise it is kept until the run waits for it."""
+        return self.store.send_event(run_id, name, payload)
+
+    def cancel(self, run_id: str, reason: str = "cancelled by an operator") -> None:
+        """Stop a running run: nothing new starts, completed steps are compensated in reverse
+        order, and the run ends ``cancelled``."""
+        error = {"type": coordinator.CANCELLED, "message": reason}
+        self.store.stop_run(run_id, lambda tx: coordinator.stop(tx, error))
+
+    def retry(self, run_id: str) -> None:
+        """Resume a failed run at its failed steps (after a code fix, it replays); or retry the
+        failed compensation of a ``compensation_failed`` run."""
+        self.store.retry_run(run_id)
+
+    def fork(self, run_id: str, step_key: str, *, new_run_id: str | None = None) -> str:
+        """Start a new run from ``run_id``'s journal before ``step_key``: that step and what
+        follows run again, under the definition the workers have now."""
+        definition = load_definition(self.run(run_id).saga_ref)
+        return self.store.fork_run(
+            run_id, step_key, saga_version=definition.version, new_run_id=new_run_id
+        )

@@ -1,19 +1,22 @@
-"""Saga definitions: named steps, each a plain function ``fn(ctx, value) -> result``.
+"""Saga definitions as step graphs, and what every kind of definition shares.
 
-A definition lives in a user module and is found by its import path ``module:attribute``; the run
-records that path so any worker can load the definition. Definitions are validated when built, so
-a broken one fails when its module is imported, naming the saga and the step.
+A step is a plain module-level function ``fn(ctx, value) -> result``. A definition lives in a user
+module and is found by its import path ``module:attribute``; each journal row records the import
+path of the function it runs, so a worker needs no definition to run a step. Definitions are
+validated when built, so a broken one fails when its module is imported, naming saga and step.
 """
 
 from __future__ import annotations
 
+import functools
+import graphlib
+import hashlib
 import importlib
 import inspect
-import itertools
 import re
 import sys
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +25,7 @@ from pydantic import TypeAdapter
 from saga.errors import DefinitionError, StepResultError, UnknownSagaError
 from saga.retry import RetryPolicy
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
 _ANY_ADAPTER: TypeAdapter[Any] = TypeAdapter(Any)
 
 
@@ -42,6 +45,7 @@ class StepContext:
         "run_input",
         "saga",
         "step",
+        "step_key",
     )
 
     def __init__(
@@ -50,6 +54,7 @@ class StepContext:
         run_id: str,
         saga: str,
         step: str,
+        step_key: str,
         attempt: int,
         idempotency_key: str,
         run_input: Any,
@@ -58,6 +63,7 @@ class StepContext:
         self.run_id = run_id
         self.saga = saga
         self.step = step
+        self.step_key = step_key
         self.attempt = attempt
         self.idempotency_key = idempotency_key
         self.run_input = run_input
@@ -66,7 +72,7 @@ class StepContext:
 
     @property
     def results(self) -> Mapping[str, Any]:
-        """Results of the run's completed steps by step name (read from the journal when used)."""
+        """Results of the run's completed steps by step key (read from the journal when used)."""
         if self._results is None:
             self._results = self._load_results()
         return self._results
@@ -75,69 +81,81 @@ class StepContext:
 StepFunction = Callable[[StepContext, Any], Any]
 
 
+# -- functions by reference -----------------------------------------------------------------
+
+
+def fn_ref(fn: Callable[..., Any], where: str) -> str:
+    """The import path of a module-level function; workers import it by this path."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not callable(fn) or not module or not qualname:
+        raise DefinitionError(f"{where}: expected a function, got {type(fn).__name__}")
+    if "<" in qualname:
+        raise DefinitionError(
+            f"{where}: {qualname!r} is a lambda or a nested function; steps and compensations "
+            f"must be module-level functions so any worker can import them"
+        )
+    return f"{module}:{qualname}"
+
+
+@functools.lru_cache(maxsize=4096)
+def load_ref(ref: str) -> Any:
+    """Import ``module:qualname``."""
+    module_name, sep, qualname = ref.partition(":")
+    if not sep or not module_name or not qualname:
+        raise UnknownSagaError(f"{ref!r} is not a reference: write it as 'module:attribute'")
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownSagaError(f"cannot import module {module_name!r} for {ref!r}: {exc}") from exc
+    for part in qualname.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise UnknownSagaError(
+                f"module {module_name!r} has no attribute {qualname!r} (looking up {ref!r})"
+            ) from None
+    return value
+
+
 @dataclass(frozen=True)
-class Step:
-    """One step of a saga: its function, name and retry policy."""
+class FunctionInfo:
+    """A step or compensation function with the pydantic adapters of its annotations."""
 
     fn: StepFunction
-    name: str
-    retry: RetryPolicy
+    ref: str
     input_adapter: TypeAdapter[Any] = field(repr=False)
     output_adapter: TypeAdapter[Any] = field(repr=False)
 
     def validate_input(self, value: Any) -> Any:
         return self.input_adapter.validate_python(value)
 
-    def encode_result(self, value: Any, *, limit: int, run_id: str) -> str:
+    def encode_result(self, value: Any, *, limit: int, run_id: str, step: str) -> str:
         """The result as JSON text, or StepResultError naming the run, step and limit."""
         try:
             data = self.output_adapter.dump_json(value)
         except Exception as exc:  # pydantic raises several types for "not serialisable"
             raise StepResultError(
-                f"step {self.name!r} of run {run_id!r} returned a {type(value).__name__} that is "
+                f"step {step!r} of run {run_id!r} returned a {type(value).__name__} that is "
                 f"not JSON-serialisable ({exc}); return JSON data or a pydantic model"
             ) from exc
         if len(data) > limit:
             raise StepResultError(
-                f"step {self.name!r} of run {run_id!r} returned {len(data)} bytes of JSON, over "
+                f"step {step!r} of run {run_id!r} returned {len(data)} bytes of JSON, over "
                 f"the limit of {limit} bytes (SAGA_MAX_RESULT_BYTES); store large data elsewhere "
                 f"and return a reference"
             )
         return data.decode()
 
 
-@dataclass(frozen=True)
-class StepDecl:
-    """A step function with options; what ``step()`` returns for a ``Saga``'s list."""
-
-    fn: StepFunction
-    name: str | None = None
-    retry: RetryPolicy | None = None
+def function_info(fn: Callable[..., Any], where: str) -> FunctionInfo:
+    """Check ``fn`` is a module-level ``fn(ctx, value)`` and read its annotations."""
+    ref = fn_ref(fn, where)
+    return _function_info(fn, ref, where)
 
 
-def step(
-    fn: StepFunction, *, name: str | None = None, retry: RetryPolicy | None = None
-) -> StepDecl:
-    """Give ``fn`` a name or retry policy other than the saga's defaults."""
-    return StepDecl(fn, name, retry)
-
-
-def _make_step(
-    fn: StepFunction,
-    *,
-    name: str | None,
-    retry: RetryPolicy | None,
-    saga_name: str,
-    default_retry: RetryPolicy,
-) -> Step:
-    step_name = str(name or getattr(fn, "__name__", ""))
-    where = f"saga {saga_name!r}, step {step_name!r}"
-    if not callable(fn):
-        raise DefinitionError(f"{where}: a step must be a function, got {type(fn).__name__}")
-    if not _NAME.match(step_name):
-        raise DefinitionError(f"{where}: step names must match {_NAME.pattern}")
-    if retry is not None and not isinstance(retry, RetryPolicy):
-        raise DefinitionError(f"{where}: retry must be a RetryPolicy, got {type(retry).__name__}")
+@functools.lru_cache(maxsize=4096)
+def _function_info(fn: Callable[..., Any], ref: str, where: str) -> FunctionInfo:
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError) as exc:
@@ -150,121 +168,331 @@ def _make_step(
     ]
     if len(positional) < 2 or required_rest:
         raise DefinitionError(
-            f"{where}: a step function takes exactly two positional parameters, "
-            f"(ctx: StepContext, value), got {inspect.signature(fn)}"
+            f"{where}: {ref} must take exactly two positional parameters, (ctx, value), "
+            f"got {inspect.signature(fn)}"
         )
     try:
         hints = typing.get_type_hints(fn)
     except Exception as exc:
-        raise DefinitionError(f"{where}: cannot resolve type hints: {exc}") from exc
-    in_hint = hints.get(positional[1].name)
-    out_hint = hints.get("return")
-    return Step(
+        raise DefinitionError(f"{where}: cannot resolve the type hints of {ref}: {exc}") from exc
+    in_hint, out_hint = hints.get(positional[1].name), hints.get("return")
+    return FunctionInfo(
         fn=fn,
-        name=step_name,
-        retry=retry or default_retry,
+        ref=ref,
         input_adapter=_ANY_ADAPTER if in_hint is None else TypeAdapter(in_hint),
         output_adapter=_ANY_ADAPTER if out_hint is None else TypeAdapter(out_hint),
     )
 
 
+def function_by_ref(ref: str) -> FunctionInfo:
+    """What a worker calls: the function a journal row names."""
+    return _function_info(load_ref(ref), ref, f"function {ref!r}")
+
+
+# -- step options -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step runs; journaled with the step, so workers need no definition."""
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout_seconds: float | None = None
+    pivot: bool = False
+
+    def validate(self, where: str) -> None:
+        if not isinstance(self.retry, RetryPolicy):
+            raise DefinitionError(
+                f"{where}: retry must be a RetryPolicy, got {type(self.retry).__name__}"
+            )
+        if self.timeout_seconds is not None and not self.timeout_seconds > 0:
+            raise DefinitionError(f"{where}: timeout must be positive, got {self.timeout_seconds}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "retry": self.retry.to_json(),
+            "timeout_seconds": self.timeout_seconds,
+            "pivot": self.pivot,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StepOptions:
+        retry = data.get("retry")
+        return cls(
+            retry=RetryPolicy.from_json(retry) if retry else RetryPolicy(),
+            timeout_seconds=data.get("timeout_seconds"),
+            pivot=bool(data.get("pivot", False)),
+        )
+
+
+# -- step graphs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepDecl:
+    """A step of a graph as declared: what ``step()`` returns for a ``Saga``'s list."""
+
+    fn: StepFunction
+    name: str | None = None
+    after: tuple[str, ...] | None = None
+    map_over: str | None = None
+    compensate: StepFunction | None = None
+    retry: RetryPolicy | None = None
+    timeout: float | None = None
+    pivot: bool = False
+
+
+Deps = str | Callable[..., Any] | Iterable[str | Callable[..., Any]]
+
+
+def _names(deps: Deps | None) -> tuple[str, ...]:
+    if deps is None:
+        return ()
+    if isinstance(deps, str) or callable(deps):
+        deps = [deps]
+    return tuple(d if isinstance(d, str) else getattr(d, "__name__", repr(d)) for d in deps)
+
+
+def step(
+    fn: StepFunction,
+    *,
+    name: str | None = None,
+    after: str | StepFunction | Iterable[str | StepFunction] | None = None,
+    map_over: str | StepFunction | None = None,
+    compensate: StepFunction | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+    pivot: bool = False,
+) -> StepDecl:
+    """Declare a step with options. In a ``Saga``'s list, a step without ``after`` follows the
+    one before it."""
+    return StepDecl(
+        fn,
+        name,
+        None if after is None else _names(after),
+        None if map_over is None else _names(map_over)[0],
+        compensate,
+        retry,
+        timeout,
+        pivot,
+    )
+
+
+@dataclass(frozen=True)
+class GraphStep:
+    """A validated node of a step graph."""
+
+    name: str
+    function: FunctionInfo
+    after: tuple[str, ...]
+    map_over: str | None
+    compensation: FunctionInfo | None
+    options: StepOptions
+
+
 class Saga:
-    """A saga of steps run in order, each step's result the next one's input.
+    """A saga as a graph of steps: dependencies, parallel branches, fan-out and fan-in.
 
-    >>> pipeline = Saga("summarise", [fetch, summarise, store])   # doctest: +SKIP
+    Built from a list, steps run in order, each step's result the next one's input::
 
-    The first step gets the run's input; the last step's result is the run's result.
+        pipeline = Saga("summarise", [fetch, summarise, store])
+
+    or with the ``step`` decorator, naming dependencies::
+
+        trip = Saga("book_trip")
+
+        @trip.step()
+        def quote(ctx, request): ...
+
+        @trip.step(after=quote, compensate=cancel_flight)
+        def flight(ctx, quote): ...
+
+    A step with no dependencies gets the run's input; one dependency, that step's result; several,
+    a dict of their results by name. ``map_over=X`` runs one branch per item of X's result (a
+    list); a step after a mapped step gets the list of branch results, in order. The run's result
+    is the result of its last step (or a dict of results when the graph ends in several steps).
     """
 
     def __init__(
         self,
         name: str,
-        steps: Sequence[StepFunction | StepDecl],
+        steps: Sequence[StepFunction | StepDecl] = (),
         *,
         version: str = "1",
         retry: RetryPolicy | None = None,
     ) -> None:
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise DefinitionError(f"saga name {name!r} must match {_NAME.pattern}")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise DefinitionError(f"saga name {name!r} must match {NAME.pattern}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise DefinitionError(f"saga {name!r}: retry must be a RetryPolicy")
-        default_retry = retry or RetryPolicy()
-        built: list[Step] = []
-        for item in steps:
-            decl = item if isinstance(item, StepDecl) else StepDecl(item)
-            built.append(
-                _make_step(
-                    decl.fn,
-                    name=decl.name,
-                    retry=decl.retry,
-                    saga_name=name,
-                    default_retry=default_retry,
-                )
-            )
-        if not built:
-            raise DefinitionError(f"saga {name!r} has no steps")
-        seen: set[str] = set()
-        for s in built:
-            if s.name in seen:
-                raise DefinitionError(f"saga {name!r}: duplicate step name {s.name!r}")
-            seen.add(s.name)
         self.name = name
-        self.version = version
-        self.steps: tuple[Step, ...] = tuple(built)
-        self._by_name = {s.name: s for s in built}
-        self._next = {a.name: b for a, b in itertools.pairwise(built)}
+        self.version = str(version)
+        self.default_retry = retry or RetryPolicy()
+        self._steps: dict[str, GraphStep] = {}
         # The module that built the saga; ref() looks the attribute up there.
         self.module: str = sys._getframe(1).f_globals.get("__name__", "__main__")
+        previous: str | None = None
+        decls = [s if isinstance(s, StepDecl) else StepDecl(s) for s in steps]
+        for decl in decls:
+            after = (
+                decl.after
+                if decl.after is not None
+                else (() if previous is None or decl.map_over else (previous,))
+            )
+            previous = self._add(decl, after, check_deps=False)
+        self._validate_graph()
+
+    # -- building -----------------------------------------------------------------------------
+
+    def step(
+        self,
+        *,
+        name: str | None = None,
+        after: str | StepFunction | Iterable[str | StepFunction] | None = None,
+        map_over: str | StepFunction | None = None,
+        compensate: StepFunction | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        pivot: bool = False,
+    ) -> Callable[[StepFunction], StepFunction]:
+        """Decorator adding a step; dependencies must be added first. Returns ``fn`` unchanged."""
+
+        def add(fn: StepFunction) -> StepFunction:
+            decl = step(
+                fn,
+                name=name,
+                after=after,
+                map_over=map_over,
+                compensate=compensate,
+                retry=retry,
+                timeout=timeout,
+                pivot=pivot,
+            )
+            self._add(decl, decl.after or (), check_deps=True)
+            return fn
+
+        return add
+
+    def _add(self, decl: StepDecl, after: tuple[str, ...], *, check_deps: bool) -> str:
+        step_name = str(decl.name or getattr(decl.fn, "__name__", ""))
+        where = f"saga {self.name!r}, step {step_name!r}"
+        if not NAME.match(step_name) or "#" in step_name or "[" in step_name:
+            raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
+        if step_name in self._steps:
+            raise DefinitionError(f"{where}: duplicate step name")
+        if decl.map_over is not None:
+            after = tuple(dict.fromkeys((*after, decl.map_over)))
+        if check_deps:
+            unknown = [d for d in after if d not in self._steps]
+            if unknown:
+                raise DefinitionError(
+                    f"{where}: depends on unknown step(s) {unknown}; add dependencies first"
+                )
+        options = StepOptions(
+            retry=decl.retry or self.default_retry, timeout_seconds=decl.timeout, pivot=decl.pivot
+        )
+        options.validate(where)
+        self._steps[step_name] = GraphStep(
+            name=step_name,
+            function=function_info(decl.fn, where),
+            after=after,
+            map_over=decl.map_over,
+            compensation=None
+            if decl.compensate is None
+            else function_info(decl.compensate, f"{where}, compensation"),
+            options=options,
+        )
+        return step_name
+
+    def _validate_graph(self) -> None:
+        if not self._steps:
+            raise DefinitionError(f"saga {self.name!r} has no steps")
+        for s in self._steps.values():
+            unknown = [d for d in s.after if d not in self._steps]
+            if unknown:
+                raise DefinitionError(
+                    f"saga {self.name!r}, step {s.name!r}: depends on unknown step(s) {unknown}"
+                )
+        try:
+            graphlib.TopologicalSorter({s.name: s.after for s in self._steps.values()}).prepare()
+        except graphlib.CycleError as exc:
+            raise DefinitionError(
+                f"saga {self.name!r} has a dependency cycle: {' -> '.join(exc.args[1])}"
+            ) from None
+
+    # -- reading ------------------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        return f"Saga({self.name!r}, steps={[s.name for s in self.steps]})"
+        return f"Saga({self.name!r}, steps={list(self._steps)})"
 
-    def step(self, name: str) -> Step:
+    @property
+    def steps(self) -> tuple[GraphStep, ...]:
+        return tuple(self._steps.values())
+
+    def get_step(self, name: str) -> GraphStep:
         try:
-            return self._by_name[name]
+            return self._steps[name]
         except KeyError:
             raise UnknownSagaError(
-                f"saga {self.name!r} has no step {name!r}; its steps are {list(self._by_name)}. "
-                f"Was the definition changed while runs were in flight?"
+                f"saga {self.name!r} has no step {name!r}; its steps are {list(self._steps)}"
             ) from None
 
     @property
-    def first(self) -> Step:
-        return self.steps[0]
+    def roots(self) -> tuple[GraphStep, ...]:
+        return tuple(s for s in self._steps.values() if not s.after)
 
-    def next_after(self, name: str) -> Step | None:
-        """The step that follows ``name``, or None when ``name`` is the last."""
-        self.step(name)
-        return self._next.get(name)
+    @property
+    def sinks(self) -> tuple[GraphStep, ...]:
+        used = {d for s in self._steps.values() for d in s.after}
+        return tuple(s for s in self._steps.values() if s.name not in used)
+
+    def successors(self, name: str) -> tuple[GraphStep, ...]:
+        return tuple(s for s in self._steps.values() if name in s.after)
+
+    def validate_input(self, value: Any) -> str:
+        """The run's input as JSON, validated against the root steps' parameter types."""
+        for root in self.roots:
+            value = root.function.validate_input(value)
+        return (self.roots[0].function.input_adapter.dump_json(value)).decode()
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies the graph's shape: a run refuses to advance under another shape."""
+        shape = sorted((s.name, s.after, s.map_over, s.function.ref) for s in self._steps.values())
+        return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 
     def ref(self) -> str:
-        """The import path workers use to load this definition."""
-        module = sys.modules.get(self.module)
-        for attr, value in vars(module or object()).items():
-            if value is self:
-                return f"{self.module}:{attr}"
-        raise DefinitionError(
-            f"saga {self.name!r} is not a module-level attribute of {self.module!r}; define it at "
-            f"module level so workers can import it"
-        )
+        return definition_ref(self, self.name, self.module)
 
 
-def load_saga(ref: str) -> Saga:
-    """Import ``module:attribute`` and return the saga it names."""
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
+def definition_ref(obj: object, name: str, module_name: str) -> str:
+    """The import path workers use to load a definition built at module level."""
+    module = sys.modules.get(module_name)
+    for attr, value in vars(module or object()).items():
+        if value is obj:
+            return f"{module_name}:{attr}"
+    raise DefinitionError(
+        f"saga {name!r} is not a module-level attribute of {module_name!r}; define it at module "
+        f"level so workers can import it"
+    )
+
+
+def load_definition(ref: str) -> Any:
+    """Import ``module:attribute`` and return the saga or workflow it names."""
+    from saga.workflow import Workflow
+
+    if ":" not in ref:
         raise UnknownSagaError(f"{ref!r} is not a saga reference: write it as 'module:attribute'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
+    value = load_ref(ref)
+    if not isinstance(value, Saga | Workflow):
+        module_name = ref.partition(":")[0]
+        module = sys.modules.get(module_name)
+        found = [k for k, v in vars(module or object()).items() if isinstance(v, Saga | Workflow)]
         raise UnknownSagaError(
-            f"cannot import module {module_name!r} for saga {ref!r}: {exc}"
-        ) from exc
-    value = getattr(module, attr, None)
-    if not isinstance(value, Saga):
-        raise UnknownSagaError(
-            f"{ref!r} does not name a saga (found {type(value).__name__}); "
-            f"sagas in {module_name!r}: "
-            f"{[k for k, v in vars(module).items() if isinstance(v, Saga)]}"
+            f"{ref!r} does not name a saga (found {type(value).__name__}); sagas in "
+            f"{module_name!r}: {found}"
         )
     return value
+
+
+load_saga = load_definition

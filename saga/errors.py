@@ -56,3 +56,7 @@ class StoreError(SagaError):
 
 class MigrationError(SagaError):
     """The schema could not be brought up to date."""
+
+
+class StepTimeoutError(SagaError):
+    """A step ran longer than its timeout; the attempt fails and is retried per its policy."""

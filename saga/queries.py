@@ -1,9 +1,10 @@
 """Every SQL statement the saga store runs, by name. Call sites never build SQL."""
 
 INSERT_RUN = """
-INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context)
+INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
+                       deadline_at)
 VALUES (%(run_id)s, %(saga_name)s, %(saga_ref)s, %(saga_version)s, %(input)s::jsonb,
-        %(trace_context)s)
+        %(trace_context)s, now() + %(timeout)s * interval '1 second')
 ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id
 """
@@ -12,21 +13,47 @@ SELECT_RUN_IDENTITY = """
 SELECT saga_name, input FROM saga_runs WHERE run_id = %s
 """
 
+# Taken first in every transaction that changes a run: serialises its outcomes and operators.
+LOCK_RUN = """
+SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context
+FROM saga_runs WHERE run_id = %s FOR UPDATE
+"""
+
 # A new step, numbered after the run's last. Callers hold the run's row lock, so seq is safe.
 INSERT_STEP = """
-INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, state, max_attempts,
-                        idempotency_key, input, due_at)
+INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state, fn_ref,
+                        compensation_ref, options, max_attempts, idempotency_key, input, due_at)
 VALUES (%(run_id)s, %(step_key)s, %(step_name)s, %(kind)s,
         (SELECT coalesce(max(seq), 0) + 1 FROM saga_steps WHERE run_id = %(run_id)s),
-        'dispatched', %(max_attempts)s, %(idempotency_key)s, %(input)s::jsonb,
-        now() + %(dispatch_timeout)s * interval '1 second')
+        %(position)s, %(state)s, %(fn_ref)s, %(compensation_ref)s, %(options)s, %(max_attempts)s,
+        %(idempotency_key)s, %(input)s::jsonb,
+        CASE WHEN %(delay)s::float8 IS NULL AND %(state)s = 'waiting' THEN 'infinity'
+             ELSE now() + coalesce(%(delay)s::float8, %(dispatch_timeout)s) * interval '1 second'
+        END)
 ON CONFLICT (run_id, step_key) DO NOTHING
 RETURNING seq
 """
 
+# An event that arrived before its wait, journaled as a completed event step.
+INSERT_RECEIVED_EVENT = """
+INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state, max_attempts,
+                        idempotency_key, result, completed_seq, finished_at)
+VALUES (%(run_id)s, %(step_key)s, %(step_name)s, 'event',
+        (SELECT coalesce(max(seq), 0) + 1 FROM saga_steps WHERE run_id = %(run_id)s),
+        %(position)s, 'completed', 1, %(idempotency_key)s, %(result)s,
+        nextval('saga_completion_seq'), now())
+"""
+
+SELECT_JOURNAL = """
+SELECT step_key, step_name, kind, state, position, result, error, completed_seq,
+       compensation_ref, options
+FROM saga_steps WHERE run_id = %s ORDER BY seq
+"""
+
 # Claim for one attempt: the fencing token (attempt) goes up by one. Only a dispatched step, or a
-# pending one whose retry time has come, can be claimed; a running, completed or failed one cannot,
-# except by the same delivery retrying a claim whose reply it lost (same owner token).
+# pending one whose time has come, can be claimed; a running, completed or failed one cannot,
+# except by the same delivery retrying a claim whose reply it lost (same owner token). Actions
+# run while the run runs, compensations while it compensates.
 CLAIM_STEP = """
 UPDATE saga_steps s
 SET state = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
@@ -34,11 +61,11 @@ SET state = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
     started_at = coalesce(s.started_at, now()), attempt_started_at = now()
 FROM saga_runs r
 WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND r.run_id = s.run_id
-  AND r.state = CASE s.kind WHEN 'action' THEN 'running' ELSE 'compensating' END
+  AND r.state = CASE s.kind WHEN 'compensation' THEN 'compensating' ELSE 'running' END
   AND (s.state = 'dispatched' OR (s.state = 'pending' AND s.due_at <= now())
        OR (s.state = 'running' AND s.lease_owner = %(owner)s))
 RETURNING s.attempt, s.step_name, s.kind, s.max_attempts, s.idempotency_key, s.input,
-          r.input, r.saga_ref, r.saga_name, r.trace_context
+          s.fn_ref, s.options, r.input, r.saga_name, r.trace_context
 """
 
 SELECT_STEP_STATE = """
@@ -51,11 +78,6 @@ UPDATE saga_steps SET lease_expires_at = now() + %(lease)s * interval '1 second'
 WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
   AND attempt = %(attempt)s
 RETURNING 1
-"""
-
-# Taken first in every outcome transaction: serialises the outcomes of one run's steps.
-LOCK_RUN = """
-SELECT state FROM saga_runs WHERE run_id = %s FOR UPDATE
 """
 
 COMPLETE_STEP = """
@@ -81,19 +103,45 @@ RETURNING 1
 
 FINISH_RUN = """
 UPDATE saga_runs
-SET state = %(state)s, result = %(result)s::jsonb, error = %(error)s, finished_at = now(),
-    updated_at = now()
-WHERE run_id = %(run_id)s AND state = ANY(%(from_states)s)
+SET state = %(state)s, result = %(result)s::jsonb, error = coalesce(%(error)s, error),
+    finished_at = now(), updated_at = now()
+WHERE run_id = %(run_id)s AND state IN ('running', 'compensating')
 RETURNING 1
 """
 
-TOUCH_RUN = """
-UPDATE saga_runs SET updated_at = now() WHERE run_id = %s
+BEGIN_COMPENSATION = """
+UPDATE saga_runs SET state = 'compensating', error = %(error)s, updated_at = now()
+WHERE run_id = %(run_id)s AND state = 'running'
+RETURNING 1
 """
 
+# Steps that have not started stop when the run stops running; running ones finish or time out.
 CANCEL_OPEN_STEPS = """
 UPDATE saga_steps SET state = 'cancelled', finished_at = now()
-WHERE run_id = %s AND state IN ('pending', 'dispatched')
+WHERE run_id = %s AND kind <> 'compensation' AND state IN ('pending', 'dispatched', 'waiting')
+"""
+
+# An outside event for a run: completes the oldest step waiting for it, if any.
+DELIVER_EVENT = """
+UPDATE saga_steps
+SET state = 'completed', result = %(payload)s, completed_seq = nextval('saga_completion_seq'),
+    finished_at = now(), due_at = now()
+WHERE (run_id, step_key) = (
+    SELECT run_id, step_key FROM saga_steps
+    WHERE run_id = %(run_id)s AND kind = 'event' AND step_name = %(name)s AND state = 'waiting'
+    ORDER BY seq LIMIT 1)
+RETURNING step_key
+"""
+
+STORE_EVENT = """
+INSERT INTO saga_events (run_id, name, payload) VALUES (%s, %s, %s)
+"""
+
+CONSUME_EVENT = """
+UPDATE saga_events SET consumed_by = %(step_key)s
+WHERE id = (SELECT id FROM saga_events WHERE run_id = %(run_id)s AND name = %(name)s
+            AND consumed_by IS NULL ORDER BY id LIMIT 1)
+RETURNING payload
 """
 
 # Steps whose lease ran out: their worker died or hung. Read without locks; each is then handled
@@ -115,13 +163,14 @@ WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
 RETURNING state
 """
 
-# Steps to (re)dispatch: retries whose time has come, and dispatched steps whose message was not
-# claimed in time (lost with the broker). Each gets a new outbox row in the same transaction.
+# Steps to (re)dispatch: retries and timers whose time has come, event waits that timed out, and
+# dispatched steps whose message was not claimed in time (lost with the broker). Each gets a new
+# outbox row in the same transaction.
 REDISPATCH_DUE = """
 WITH due AS (
     SELECT s.run_id, s.step_key FROM saga_steps s JOIN saga_runs r USING (run_id)
-    WHERE s.state IN ('pending', 'dispatched') AND s.due_at <= now()
-      AND r.state IN ('running', 'compensating')
+    WHERE s.state IN ('pending', 'dispatched', 'waiting') AND s.due_at <= now()
+      AND r.state = CASE s.kind WHEN 'compensation' THEN 'compensating' ELSE 'running' END
     ORDER BY s.due_at
     LIMIT %(limit)s
     FOR UPDATE OF s SKIP LOCKED
@@ -135,7 +184,51 @@ RETURNING s.run_id, s.step_key, r.trace_context
 
 NEXT_DUE = """
 SELECT extract(epoch FROM min(due_at) - now()) FROM saga_steps
-WHERE state IN ('pending', 'dispatched')
+WHERE state IN ('pending', 'dispatched', 'waiting')
+"""
+
+SELECT_OVERDUE_RUNS = """
+SELECT run_id FROM saga_runs WHERE state = 'running' AND deadline_at < now() LIMIT %s
+"""
+
+# Operator retry: failed steps get a fresh set of attempts and are dispatched again.
+RETRY_FAILED_STEPS = """
+UPDATE saga_steps
+SET state = 'dispatched', max_attempts = attempt + max_attempts, error = NULL, finished_at = NULL,
+    due_at = now() + %(dispatch_timeout)s * interval '1 second'
+WHERE run_id = %(run_id)s AND state = 'failed' AND kind = ANY(%(kinds)s)
+RETURNING step_key
+"""
+
+REOPEN_RUN = """
+UPDATE saga_runs SET state = %(state)s, error = %(error)s, finished_at = NULL, updated_at = now()
+WHERE run_id = %(run_id)s AND state = ANY(%(from_states)s)
+RETURNING 1
+"""
+
+# Fork: a new run with the old run's journal before a step copied as completed.
+FORK_RUN = """
+INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context)
+SELECT %(new_run_id)s, saga_name, saga_ref, %(saga_version)s, input, %(trace_context)s
+FROM saga_runs WHERE run_id = %(run_id)s
+RETURNING 1
+"""
+
+FORK_STEPS = """
+INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state, attempt,
+                        max_attempts, fn_ref, compensation_ref, options, idempotency_key, input,
+                        result, completed_seq, created_at, started_at, attempt_started_at,
+                        finished_at)
+SELECT %(new_run_id)s, step_key, step_name, kind, seq, position, state, attempt, max_attempts,
+       fn_ref, compensation_ref, options, %(new_run_id)s || ':' || step_key, input, result,
+       completed_seq, created_at, started_at, attempt_started_at, finished_at
+FROM saga_steps
+WHERE run_id = %(run_id)s AND state = 'completed' AND kind <> 'compensation'
+  AND seq < %(before_seq)s
+"""
+
+SELECT_STEP_SEQ = """
+SELECT seq FROM saga_steps WHERE run_id = %s AND step_key = %s
 """
 
 SELECT_RUN = """
@@ -151,7 +244,7 @@ FROM saga_steps WHERE run_id = %s ORDER BY seq
 """
 
 SELECT_RESULTS = """
-SELECT step_name, result FROM saga_steps
+SELECT step_key, result FROM saga_steps
 WHERE run_id = %s AND state = 'completed' AND kind = 'action'
 ORDER BY seq
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from saga.errors import DefinitionError, StepResultError
 
@@ -28,7 +29,9 @@ class RetryPolicy:
     max_backoff_seconds: float = 60.0
     multiplier: float = 2.0
     jitter: float = 0.2  # +/- this fraction of the delay, so retries of many runs spread out
-    non_retryable: tuple[type[BaseException], ...] = ()
+    # Exception types, or their qualified names ("module.Name"): names let a worker decide
+    # without importing the module that defines the type.
+    non_retryable: tuple[type[BaseException] | str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -43,9 +46,10 @@ class RetryPolicy:
         if not 0 <= self.jitter <= 1:
             problems.append(f"jitter must be within 0..1, got {self.jitter}")
         if not all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in self.non_retryable
+            isinstance(t, str) or (isinstance(t, type) and issubclass(t, BaseException))
+            for t in self.non_retryable
         ):
-            problems.append("non_retryable must hold exception types")
+            problems.append("non_retryable must hold exception types or their qualified names")
         if problems:
             raise DefinitionError("invalid RetryPolicy: " + "; ".join(problems))
 
@@ -61,8 +65,32 @@ class RetryPolicy:
     def decide(
         self, attempt: int, error: BaseException, rng: random.Random | None = None
     ) -> RetryDecision:
-        if isinstance(error, (StepResultError, *self.non_retryable)):
+        if isinstance(error, StepResultError) or self._is_non_retryable(error):
             return RetryDecision(retry=False)
         if attempt >= self.max_attempts:
             return RetryDecision(retry=False)
         return RetryDecision(retry=True, delay_seconds=self.backoff(attempt, rng))
+
+    def _is_non_retryable(self, error: BaseException) -> bool:
+        names = {_qualified(t) if isinstance(t, type) else t for t in self.non_retryable}
+        return any(_qualified(cls) in names for cls in type(error).__mro__)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_attempts": self.max_attempts,
+            "initial_backoff_seconds": self.initial_backoff_seconds,
+            "max_backoff_seconds": self.max_backoff_seconds,
+            "multiplier": self.multiplier,
+            "jitter": self.jitter,
+            "non_retryable": sorted(
+                _qualified(t) if isinstance(t, type) else t for t in self.non_retryable
+            ),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RetryPolicy:
+        return cls(**{**data, "non_retryable": tuple(data.get("non_retryable", ()))})
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,7 +1,8 @@
-"""The Postgres seam: runs and the step journal. psycopg errors become ``StoreError`` here.
+"""The Postgres seam: runs, the step journal and events. psycopg errors become StoreError here.
 
-Every outcome of a step (its result or error, the run's state change, and the outbox rows it
-causes) commits in one transaction that takes the run's row lock first.
+Every change to a run happens in one transaction that takes the run's row lock first: a step's
+outcome (its result or error), what the coordinator decides from it (next steps, the run's state
+change) and the outbox rows it causes commit together, or not at all.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,25 +24,17 @@ from psycopg_pool import ConnectionPool
 from outbox.message import OutboxMessage
 from outbox.writer import add_messages, mark_published
 from saga import queries as q
-from saga.errors import RunConflictError, RunNotFoundError, StoreError, WaitTimeoutError
-
-FINAL_RUN_STATES = frozenset(
-    {"completed", "compensated", "failed", "compensation_failed", "cancelled"}
+from saga.coordinator import (
+    FINAL_RUN_STATES,
+    JournalRow,
+    NewStep,
+    RunView,
+    advance_message,
+    step_message,
 )
+from saga.errors import RunConflictError, RunNotFoundError, SagaError, StoreError, WaitTimeoutError
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class NewStep:
-    """A step to schedule: its journal row, created together with its dispatch message."""
-
-    step_key: str
-    step_name: str
-    max_attempts: int
-    idempotency_key: str
-    input_json: str
-    kind: str = "action"
 
 
 @dataclass(frozen=True)
@@ -55,8 +49,9 @@ class Claim:
     max_attempts: int
     idempotency_key: str
     input: Any
+    fn_ref: str | None
+    options: Mapping[str, Any]
     run_input: Any
-    saga_ref: str
     saga_name: str
     trace_context: dict[str, str]
 
@@ -109,6 +104,10 @@ class Fenced(Exception):
     """The attempt no longer owns its step (lease lost) or the run moved on; nothing written."""
 
 
+class OperatorError(SagaError):
+    """An operator action does not fit the run's state."""
+
+
 @contextlib.contextmanager
 def _translated(action: str) -> Iterator[None]:
     try:
@@ -137,13 +136,130 @@ def open_pool(database_url: str, *, size: int, name: str = "saga") -> Connection
     )
 
 
+class RunTransaction:
+    """``coordinator.RunTx`` over an open transaction holding the run's lock."""
+
+    def __init__(
+        self, cur: psycopg.Cursor[Any], run: RunView, queue: str, dispatch_timeout: float
+    ) -> None:
+        self._cur = cur
+        self.run = run
+        self._queue = queue
+        self._dispatch_timeout = dispatch_timeout
+        self.messages: list[OutboxMessage] = []
+        self._journal: list[JournalRow] | None = None
+
+    def journal(self) -> list[JournalRow]:
+        if self._journal is None:
+            self._journal = [
+                JournalRow(*r)
+                for r in self._cur.execute(q.SELECT_JOURNAL, (self.run.run_id,)).fetchall()
+            ]
+        return self._journal
+
+    def schedule(self, steps: Sequence[NewStep]) -> None:
+        self._journal = None
+        for s in steps:
+            inserted = self._cur.execute(
+                q.INSERT_STEP,
+                {
+                    "run_id": self.run.run_id,
+                    "step_key": s.step_key,
+                    "step_name": s.step_name,
+                    "kind": s.kind,
+                    "position": s.position,
+                    "state": s.state,
+                    "fn_ref": s.fn_ref,
+                    "compensation_ref": s.compensation_ref,
+                    "options": Jsonb(dict(s.options)),
+                    "max_attempts": s.max_attempts,
+                    "idempotency_key": s.idempotency_key,
+                    "input": s.input_json,
+                    "delay": s.delay_seconds,
+                    "dispatch_timeout": self._dispatch_timeout,
+                },
+            ).fetchone()
+            if inserted and s.state == "dispatched":
+                self.messages.append(
+                    step_message(self._queue, self.run.run_id, s.step_key, self.run.trace_context)
+                )
+
+    def consume_event(self, name: str) -> tuple[bool, Any]:
+        row = self._cur.execute(
+            q.CONSUME_EVENT, {"run_id": self.run.run_id, "name": name, "step_key": name}
+        ).fetchone()
+        return (False, None) if row is None else (True, row[0])
+
+    def record_event(self, step: NewStep, payload: Any) -> None:
+        self._journal = None
+        self._cur.execute(
+            q.INSERT_RECEIVED_EVENT,
+            {
+                "run_id": self.run.run_id,
+                "step_key": step.step_key,
+                "step_name": step.step_name,
+                "position": step.position,
+                "idempotency_key": step.idempotency_key,
+                "result": Jsonb(payload),
+            },
+        )
+
+    def finish(
+        self, state: str, *, result_json: str | None = None, error: Mapping[str, Any] | None = None
+    ) -> None:
+        self._cur.execute(
+            q.FINISH_RUN,
+            {
+                "run_id": self.run.run_id,
+                "state": state,
+                "result": result_json,
+                "error": None if error is None else Jsonb(dict(error)),
+            },
+        )
+        self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
+        self._journal = None
+
+    def begin_compensation(self, error: Mapping[str, Any]) -> None:
+        self._cur.execute(
+            q.BEGIN_COMPENSATION, {"run_id": self.run.run_id, "error": Jsonb(dict(error))}
+        )
+        self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
+        self.run = RunView(**{**vars(self.run), "state": "compensating", "error": dict(error)})
+        self._journal = None
+
+    def advance_later(self) -> None:
+        """Have a worker advance the run (it has the definitions; this process may not)."""
+        self.messages.append(advance_message(self._queue, self.run.run_id, self.run.trace_context))
+
+
+Advance = Callable[[RunTransaction], None]
+
+
 class PostgresStore:
-    def __init__(self, pool: ConnectionPool, *, dispatch_timeout: float) -> None:
+    def __init__(self, pool: ConnectionPool, *, queue: str, dispatch_timeout: float) -> None:
         self._pool = pool
+        self._queue = queue
         self._dispatch_timeout = dispatch_timeout
 
     def close(self) -> None:
         self._pool.close()
+
+    @contextlib.contextmanager
+    def _locked_run(self, run_id: str, action: str) -> Iterator[RunTransaction]:
+        """A transaction holding the run's lock; commits its outbox messages with it."""
+        with (
+            _translated(action),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            cur.execute("SET LOCAL synchronous_commit TO on")
+            row = cur.execute(q.LOCK_RUN, (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFoundError(f"no run has id {run_id!r}")
+            tx = RunTransaction(cur, RunView(*row), self._queue, self._dispatch_timeout)
+            yield tx
+            add_messages(cur, tx.messages)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -156,15 +272,16 @@ class PostgresStore:
         saga_version: str,
         input_json: str,
         trace_context: Mapping[str, str],
-        first_steps: Sequence[NewStep],
-        messages: Sequence[OutboxMessage],
+        timeout: float | None,
+        start: Advance,
     ) -> bool:
-        """Create a run with its first steps and their messages; False if the id exists already
-        for the same saga and input (the call is idempotent), RunConflictError if not."""
+        """Create a run and let ``start`` schedule its first steps, in one transaction. False
+        if the id exists already for the same saga and input (idempotent), RunConflictError if
+        it exists otherwise."""
         with _translated(f"creating run {run_id!r}"), self._pool.connection() as conn:
-            with conn.transaction():
-                conn.execute("SET LOCAL synchronous_commit TO on")
-                created = conn.execute(
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SET LOCAL synchronous_commit TO on")
+                created = cur.execute(
                     q.INSERT_RUN,
                     {
                         "run_id": run_id,
@@ -173,13 +290,23 @@ class PostgresStore:
                         "saga_version": saga_version,
                         "input": input_json,
                         "trace_context": Jsonb(dict(trace_context)),
+                        "timeout": timeout,
                     },
                 ).fetchone()
                 if created:
-                    with conn.cursor() as cur:
-                        for s in first_steps:
-                            self._insert_step(cur, run_id, s)
-                        add_messages(cur, messages)
+                    run = RunView(
+                        run_id,
+                        "running",
+                        saga_name,
+                        saga_ref,
+                        saga_version,
+                        json.loads(input_json),
+                        None,
+                        trace_context,
+                    )
+                    tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout)
+                    start(tx)
+                    add_messages(cur, tx.messages)
                     return True
             row = conn.execute(q.SELECT_RUN_IDENTITY, (run_id,)).fetchone()
         assert row is not None
@@ -242,11 +369,16 @@ class PostgresStore:
         ):
             row = conn.execute(
                 q.CLAIM_STEP,
-                {"run_id": run_id, "step_key": step_key, "owner": owner, "lease": lease},
+                {
+                    "run_id": run_id,
+                    "step_key": step_key,
+                    "owner": owner,
+                    "lease": lease,
+                },
             ).fetchone()
         if row is None:
             return None
-        attempt, name, kind, max_attempts, key, input_, run_input, ref, saga_name, trace = row
+        attempt, name, kind, max_attempts, key, input_, fn, options, run_input, saga, trace = row
         return Claim(
             run_id,
             step_key,
@@ -256,9 +388,10 @@ class PostgresStore:
             max_attempts,
             key,
             input_,
+            fn,
+            options or {},
             run_input,
-            ref,
-            saga_name,
+            saga,
             trace or {},
         )
 
@@ -282,184 +415,233 @@ class PostgresStore:
         return row is not None
 
     def complete_step(
-        self,
-        claim: Claim,
-        result_json: str,
-        *,
-        next_steps: Sequence[NewStep],
-        messages: Sequence[OutboxMessage],
-        run_result_json: str | None,
-        fast_path_delay: float,
-    ) -> list[int]:
-        """Journal the step's result with what it causes, in one transaction.
+        self, claim: Claim, result_json: str, advance: Advance, *, fast_path_delay: float
+    ) -> tuple[list[OutboxMessage], list[int]]:
+        """Journal the step's result and what the coordinator decides from it, in one
+        transaction. Outbox rows are left to the caller's fast path for ``fast_path_delay``
+        seconds. Raises Fenced when the attempt lost its lease or the run moved on."""
 
-        Schedules ``next_steps`` with their ``messages`` (left to the caller's fast path for
-        ``fast_path_delay`` seconds), or completes the run with ``run_result_json``. Returns the
-        outbox row ids. Raises Fenced when the attempt lost its lease or the run moved on.
-        """
+        def outcome(tx: RunTransaction, cur: psycopg.Cursor[Any]) -> None:
+            if not cur.execute(
+                q.COMPLETE_STEP,
+                {
+                    "run_id": claim.run_id,
+                    "step_key": claim.step_key,
+                    "attempt": claim.attempt,
+                    "result": result_json,
+                },
+            ).fetchone():
+                raise Fenced
+            advance(tx)
 
-        def body(conn: psycopg.Connection[Any]) -> list[int]:
-            with conn.cursor() as cur:
-                ok = cur.execute(
-                    q.COMPLETE_STEP,
-                    {
-                        "run_id": claim.run_id,
-                        "step_key": claim.step_key,
-                        "attempt": claim.attempt,
-                        "result": result_json,
-                    },
-                ).fetchone()
-                if not ok:
-                    raise Fenced
-                for s in next_steps:
-                    self._insert_step(cur, claim.run_id, s)
-                ids = add_messages(cur, messages, delay_seconds=fast_path_delay)
-                if run_result_json is not None:
-                    self._finish_run(cur, claim.run_id, "completed", result=run_result_json)
-            return ids
-
-        return self._outcome(claim, "journaling the result of", body)
+        return self._outcome(claim, "journaling the result of", outcome, fast_path_delay)
 
     def fail_attempt(
-        self, claim: Claim, error: Mapping[str, Any], *, retry_in: float | None
-    ) -> None:
+        self, claim: Claim, error: Mapping[str, Any], *, retry_in: float | None, advance: Advance
+    ) -> tuple[list[OutboxMessage], list[int]]:
         """Record a failed attempt: retried after ``retry_in`` seconds, or (None) failed for
-        good, which fails the run in the same transaction."""
+        good, which the coordinator acts on in the same transaction."""
 
-        def body(conn: psycopg.Connection[Any]) -> None:
-            with conn.cursor() as cur:
-                ok = cur.execute(
-                    q.FAIL_ATTEMPT,
-                    {
-                        "run_id": claim.run_id,
-                        "step_key": claim.step_key,
-                        "attempt": claim.attempt,
-                        "retry": retry_in is not None,
-                        "delay": retry_in or 0.0,
-                        "error": Jsonb(dict(error)),
-                    },
-                ).fetchone()
-                if not ok:
-                    raise Fenced
-                if retry_in is None:
-                    self._finish_run(cur, claim.run_id, "failed", error=error)
+        def outcome(tx: RunTransaction, cur: psycopg.Cursor[Any]) -> None:
+            retry = retry_in
+            if tx.run.state != "running" and claim.kind != "compensation":
+                retry = None  # the run is being undone: no new attempts of its steps
+            if not cur.execute(
+                q.FAIL_ATTEMPT,
+                {
+                    "run_id": claim.run_id,
+                    "step_key": claim.step_key,
+                    "attempt": claim.attempt,
+                    "retry": retry is not None,
+                    "delay": retry or 0.0,
+                    "error": Jsonb({**error, "retryable": retry is not None}),
+                },
+            ).fetchone():
+                raise Fenced
+            if retry is None:
+                advance(tx)
 
-        self._outcome(claim, "journaling a failure of", body)
+        return self._outcome(claim, "journaling a failure of", outcome, 0.0)
 
     def _outcome(
-        self, claim: Claim, action: str, body: Callable[[psycopg.Connection[Any]], T]
-    ) -> T:
+        self,
+        claim: Claim,
+        action: str,
+        body: Callable[[RunTransaction, psycopg.Cursor[Any]], None],
+        fast_path_delay: float,
+    ) -> tuple[list[OutboxMessage], list[int]]:
+        where = f"{action} step {claim.step_key!r} of run {claim.run_id!r}"
         with (
-            _translated(f"{action} step {claim.step_key!r} of run {claim.run_id!r}"),
+            _translated(where),
             self._pool.connection() as conn,
             conn.transaction(),
+            conn.cursor() as cur,
         ):
-            conn.execute("SET LOCAL synchronous_commit TO on")
-            run = conn.execute(q.LOCK_RUN, (claim.run_id,)).fetchone()
-            expected = "running" if claim.kind == "action" else "compensating"
-            if run is None or run[0] != expected:
+            cur.execute("SET LOCAL synchronous_commit TO on")
+            row = cur.execute(q.LOCK_RUN, (claim.run_id,)).fetchone()
+            if row is None:
                 raise Fenced
-            return body(conn)
+            tx = RunTransaction(cur, RunView(*row), self._queue, self._dispatch_timeout)
+            allowed = (
+                ("compensating",) if claim.kind == "compensation" else ("running", "compensating")
+            )
+            if tx.run.state not in allowed:
+                raise Fenced
+            body(tx, cur)
+            ids = add_messages(cur, tx.messages, delay_seconds=fast_path_delay)
+        return tx.messages, ids
+
+    def advance_run(self, run_id: str, advance: Advance) -> None:
+        """Advance a run outside any step outcome (an advance task)."""
+        with self._locked_run(run_id, f"advancing run {run_id!r}") as tx:
+            advance(tx)
 
     def mark_published(self, ids: Sequence[int]) -> None:
         with _translated("marking outbox rows published"), self._pool.connection() as conn:
             mark_published(conn, ids)
 
+    # -- events and operators -----------------------------------------------------------------
+
+    def send_event(self, run_id: str, name: str, payload: Any) -> bool:
+        """Deliver an event: it completes the step waiting for it (True), or is kept until the
+        run waits for it (False)."""
+        with self._locked_run(run_id, f"sending event {name!r} to run {run_id!r}") as tx:
+            if tx.run.state != "running":
+                raise OperatorError(f"run {run_id!r} is {tx.run.state}; it takes no events")
+            cur = tx._cur
+            if cur.execute(
+                q.DELIVER_EVENT, {"run_id": run_id, "name": name, "payload": Jsonb(payload)}
+            ).fetchone():
+                tx.advance_later()
+                return True
+            cur.execute(q.STORE_EVENT, (run_id, name, Jsonb(payload)))
+            return False
+
+    def stop_run(self, run_id: str, stop: Advance) -> None:
+        with self._locked_run(run_id, f"stopping run {run_id!r}") as tx:
+            if tx.run.state != "running":
+                raise OperatorError(
+                    f"run {run_id!r} is {tx.run.state}; only a running run can be cancelled"
+                )
+            stop(tx)
+
+    def retry_run(self, run_id: str) -> None:
+        """Operator retry: a failed run resumes at its failed steps (or replays, after a code
+        fix); a run whose compensation failed retries that compensation."""
+        with self._locked_run(run_id, f"retrying run {run_id!r}") as tx:
+            cur = tx._cur
+            if tx.run.state == "failed":
+                kinds, state = ["action", "timer", "event"], "running"
+            elif tx.run.state == "compensation_failed":
+                kinds, state = ["compensation"], "compensating"
+            else:
+                raise OperatorError(
+                    f"run {run_id!r} is {tx.run.state}; only failed or "
+                    f"compensation_failed runs can be retried"
+                )
+            error = tx.run.error if state == "compensating" else None
+            cur.execute(
+                q.REOPEN_RUN,
+                {
+                    "run_id": run_id,
+                    "state": state,
+                    "error": None if error is None else Jsonb(error),
+                    "from_states": [tx.run.state],
+                },
+            )
+            for (key,) in cur.execute(
+                q.RETRY_FAILED_STEPS,
+                {
+                    "run_id": run_id,
+                    "kinds": kinds,
+                    "dispatch_timeout": self._dispatch_timeout,
+                },
+            ).fetchall():
+                tx.messages.append(step_message(self._queue, run_id, key, tx.run.trace_context))
+            tx.advance_later()
+
+    def fork_run(
+        self, run_id: str, step_key: str, *, saga_version: str, new_run_id: str | None = None
+    ) -> str:
+        """A new run with this run's completed steps before ``step_key`` copied; that step and
+        everything after it run again."""
+        new_id = new_run_id or uuid.uuid4().hex
+        with self._locked_run(run_id, f"forking run {run_id!r}") as tx:
+            cur = tx._cur
+            seq = cur.execute(q.SELECT_STEP_SEQ, (run_id, step_key)).fetchone()
+            if seq is None:
+                raise OperatorError(
+                    f"run {run_id!r} has no step {step_key!r} to fork from "
+                    f"(`saga show {run_id}` lists its step keys)"
+                )
+            cur.execute(
+                q.FORK_RUN,
+                {
+                    "new_run_id": new_id,
+                    "run_id": run_id,
+                    "saga_version": saga_version,
+                    "trace_context": Jsonb(dict(tx.run.trace_context)),
+                },
+            )
+            cur.execute(
+                q.FORK_STEPS, {"new_run_id": new_id, "run_id": run_id, "before_seq": seq[0]}
+            )
+            tx.messages.append(advance_message(self._queue, new_id, tx.run.trace_context))
+        return new_id
+
     # -- recovery -----------------------------------------------------------------------------
 
     def expire_leases(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        """Attempts whose worker died: back to pending (retried now) or failed when out of
-        attempts, which fails the run. Returns (run_id, step_key, new state) for each."""
+        """Attempts whose worker died: back to pending (retried now), or failed when out of
+        attempts, and then a worker advances the run. Returns (run_id, step_key, new state)."""
         expired: list[tuple[str, str, str]] = []
-        with _translated("expiring leases"), self._pool.connection() as conn:
-            for run_id, step_key, attempt in conn.execute(
-                q.SELECT_EXPIRED_LEASES, (limit,)
-            ).fetchall():
-                error = {
-                    "type": "LeaseExpired",
-                    "attempt": attempt,
-                    "retryable": True,
-                    "message": f"attempt {attempt} of step {step_key!r} lost its worker "
-                    f"(lease expired)",
-                }
-                with conn.transaction(), conn.cursor() as cur:
-                    conn.execute("SET LOCAL synchronous_commit TO on")
-                    cur.execute(q.LOCK_RUN, (run_id,))
-                    row = cur.execute(
-                        q.EXPIRE_LEASE,
-                        {
-                            "run_id": run_id,
-                            "step_key": step_key,
-                            "attempt": attempt,
-                            "error": Jsonb(error),
-                        },
-                    ).fetchone()
-                    if row is None:
-                        continue  # finished or renewed meanwhile
-                    if row[0] == "failed":
-                        self._finish_run(cur, run_id, "failed", error=error)
-                    expired.append((run_id, step_key, row[0]))
+        with _translated("reading expired leases"), self._pool.connection() as conn:
+            rows = conn.execute(q.SELECT_EXPIRED_LEASES, (limit,)).fetchall()
+        for run_id, step_key, attempt in rows:
+            error = {
+                "type": "LeaseExpired",
+                "attempt": attempt,
+                "message": f"attempt {attempt} of step {step_key!r} lost its worker "
+                f"(lease expired)",
+            }
+            with self._locked_run(run_id, "expiring a lease") as tx:
+                row = tx._cur.execute(
+                    q.EXPIRE_LEASE,
+                    {
+                        "run_id": run_id,
+                        "step_key": step_key,
+                        "attempt": attempt,
+                        "error": Jsonb(error),
+                    },
+                ).fetchone()
+                if row is None:
+                    continue  # finished or renewed meanwhile
+                if row[0] == "failed":
+                    tx.advance_later()
+                expired.append((run_id, step_key, row[0]))
         return expired
 
-    def redispatch_due(
-        self,
-        make_message: Callable[[str, str, Mapping[str, str]], OutboxMessage],
-        limit: int = 500,
-    ) -> int:
-        """Dispatch steps whose time has come (retries, lost messages); returns how many."""
+    def overdue_runs(self, limit: int = 100) -> list[str]:
+        with _translated("reading overdue runs"), self._pool.connection() as conn:
+            return [r[0] for r in conn.execute(q.SELECT_OVERDUE_RUNS, (limit,)).fetchall()]
+
+    def redispatch_due(self, limit: int = 500) -> int:
+        """Dispatch steps whose time has come (retries, timers, timed-out waits, lost
+        messages); returns how many."""
         with (
             _translated("dispatching due steps"),
             self._pool.connection() as conn,
             conn.transaction(),
             conn.cursor() as cur,
         ):
-            conn.execute("SET LOCAL synchronous_commit TO on")
+            cur.execute("SET LOCAL synchronous_commit TO on")
             rows = cur.execute(
                 q.REDISPATCH_DUE, {"limit": limit, "dispatch_timeout": self._dispatch_timeout}
             ).fetchall()
-            add_messages(cur, [make_message(r, k, t or {}) for r, k, t in rows])
+            add_messages(cur, [step_message(self._queue, r, k, t or {}) for r, k, t in rows])
             return len(rows)
 
     def seconds_until_next_due(self) -> float | None:
         with _translated("reading the next due step"), self._pool.connection() as conn:
             row = conn.execute(q.NEXT_DUE).fetchone()
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
-
-    # -- helpers ------------------------------------------------------------------------------
-
-    def _insert_step(self, cur: psycopg.Cursor[Any], run_id: str, s: NewStep) -> None:
-        cur.execute(
-            q.INSERT_STEP,
-            {
-                "run_id": run_id,
-                "step_key": s.step_key,
-                "step_name": s.step_name,
-                "kind": s.kind,
-                "max_attempts": s.max_attempts,
-                "idempotency_key": s.idempotency_key,
-                "input": s.input_json,
-                "dispatch_timeout": self._dispatch_timeout,
-            },
-        )
-
-    @staticmethod
-    def _finish_run(
-        cur: psycopg.Cursor[Any],
-        run_id: str,
-        state: str,
-        *,
-        result: str | None = None,
-        error: Mapping[str, Any] | None = None,
-    ) -> None:
-        cur.execute(
-            q.FINISH_RUN,
-            {
-                "run_id": run_id,
-                "state": state,
-                "result": result,
-                "error": None if error is None else Jsonb(dict(error)),
-                "from_states": ["running"],
-            },
-        )
-        if state != "running":
-            cur.execute(q.CANCEL_OPEN_STEPS, (run_id,))

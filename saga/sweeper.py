@@ -1,30 +1,39 @@
-"""Recovery: re-dispatches steps whose lease expired, whose retry time came, or whose message
-was lost. Runs in the relay process; several may run (SKIP LOCKED)."""
+"""Recovery: re-dispatches steps whose lease expired, whose retry or timer time came, whose event
+wait timed out, or whose message was lost; stops runs past their deadline. Runs in the relay
+process and needs no saga definitions; several may run (SKIP LOCKED, run locks)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
-from saga.coordinator import step_message
+from saga import coordinator
+from saga.errors import SagaError
 from saga.store import PostgresStore
 
 log = logging.getLogger("saga.sweeper")
 
 
 class Sweeper:
-    def __init__(self, store: PostgresStore, queue: str, *, max_wait: float = 5.0) -> None:
+    def __init__(self, store: PostgresStore, *, max_wait: float = 5.0) -> None:
         self._store = store
-        self._queue = queue
         self._max_wait = max_wait
 
     def tick(self) -> float | None:
         """One pass; returns the seconds until the next step falls due (capped)."""
         for run_id, step_key, state in self._store.expire_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)
-        dispatched = self._store.redispatch_due(
-            lambda run_id, step_key, trace: step_message(self._queue, run_id, step_key, trace)
-        )
+        for run_id in self._store.overdue_runs():
+            error = {"type": "RunTimeout", "message": f"run {run_id!r} passed its deadline"}
+            try:
+                self._store.stop_run(run_id, functools.partial(coordinator.stop, error=error))
+                log.warning("run %r passed its deadline; stopped", run_id)
+            except SagaError as exc:  # finished meanwhile
+                log.info("run %r not stopped: %s", run_id, exc)
+        dispatched = self._store.redispatch_due()
         if dispatched:
-            log.info("dispatched %d due steps (retries or lost messages)", dispatched)
+            log.info(
+                "dispatched %d due steps (retries, timers, timeouts, lost messages)", dispatched
+            )
         nxt = self._store.seconds_until_next_due()
         return self._max_wait if nxt is None else min(nxt, self._max_wait)

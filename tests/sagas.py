@@ -44,7 +44,9 @@ def _numbered(i: int) -> Any:
             time.sleep(value["sleep"])
         return {**value, "trail": [*value.get("trail", []), i]}
 
+    # Steps are imported by reference ("tests.sagas:step3"), so each is a module attribute.
     fn.__name__ = fn.__qualname__ = f"step{i}"
+    globals()[fn.__name__] = fn
     return fn
 
 

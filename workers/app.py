@@ -69,6 +69,9 @@ def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
         task_track_started=False,
     )
     app.task(name="saga.step", bind=True, acks_late=True, reject_on_worker_lost=True)(run_step)
+    app.task(name="saga.advance", bind=True, acks_late=True, reject_on_worker_lost=True)(
+        advance_run
+    )
     return app
 
 
@@ -88,6 +91,15 @@ def run_step(self: Task, *args: Any, **kwargs: Any) -> None:
     """Run one attempt of a saga step. The message only names the step; all else is in Postgres."""
     try:
         self.app.executor().execute(args, kwargs, self.request.id)
+    except MalformedMessageError as exc:
+        log.error("rejected malformed task message %s: %s", self.request.id, exc)
+        raise Reject(str(exc), requeue=False) from None
+
+
+def advance_run(self: Task, *args: Any, **kwargs: Any) -> None:
+    """Advance a run after an outside change (an event arrived, an operator acted)."""
+    try:
+        self.app.executor().advance(args, kwargs, self.request.id)
     except MalformedMessageError as exc:
         log.error("rejected malformed task message %s: %s", self.request.id, exc)
         raise Reject(str(exc), requeue=False) from None

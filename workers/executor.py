@@ -6,21 +6,26 @@ finds the step completed or claimed and is acked without calling anything.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from saga.coordinator import after_step, step_message
-from saga.definition import Saga, StepContext, load_saga
-from saga.errors import MalformedMessageError, StoreError, UnknownSagaError
+from outbox.message import OutboxMessage
+from saga import coordinator
+from saga.definition import StepContext, StepOptions, function_by_ref, load_definition
+from saga.errors import MalformedMessageError, StepTimeoutError, StoreError, UnknownSagaError
 from saga.settings import Settings
 from saga.store import Claim, Fenced, PostgresStore, open_pool
 from workers.lease import LeaseKeeper
@@ -40,6 +45,13 @@ class StepMessage(BaseModel):
     step_key: str = Field(min_length=1, max_length=500)
 
 
+class AdvanceMessage(BaseModel):
+    """The only keyword arguments an advance task accepts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    run_id: str = Field(min_length=1, max_length=200)
+
+
 def error_record(exc: BaseException, attempt: int, retryable: bool) -> dict[str, Any]:
     """A failure as journaled: type, message, attempt, and a bounded traceback."""
     return {
@@ -51,6 +63,34 @@ def error_record(exc: BaseException, attempt: int, retryable: bool) -> dict[str,
     }
 
 
+def _parse(model: type[T], args: Sequence[Any], kwargs: Mapping[str, Any]) -> T:
+    if args:
+        raise MalformedMessageError(f"task takes keyword arguments only, got {args!r:.200}")
+    try:
+        return model.model_validate(kwargs)  # type: ignore[attr-defined, no-any-return]
+    except ValidationError as exc:
+        raise MalformedMessageError(f"bad task arguments: {exc}") from None
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, what: str) -> Iterator[None]:
+    """Interrupt the step after ``seconds`` (SIGALRM: main thread of solo and prefork pools)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise StepTimeoutError(f"{what} ran longer than its timeout of {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class StepExecutor:
     """Per-process: owns this process's Postgres pool, publisher and lease keeper."""
 
@@ -59,22 +99,18 @@ class StepExecutor:
         self.settings = settings
         self.store = PostgresStore(
             open_pool(settings.database_url, size=2, name="saga-worker"),
+            queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
         )
         self.publisher = CeleryPublisher(app)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = LeaseKeeper(self.store, settings.lease_seconds)
-        self._sagas: dict[str, Saga] = {}
+        self._advance = functools.partial(coordinator.advance, load=load_definition)
+
+    # -- tasks --------------------------------------------------------------------------------
 
     def execute(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
-        if args:
-            raise MalformedMessageError(
-                f"a step task takes keyword arguments only, got {args!r:.200}"
-            )
-        try:
-            msg = StepMessage.model_validate(kwargs)
-        except ValidationError as exc:
-            raise MalformedMessageError(f"bad step task arguments: {exc}") from None
+        msg = _parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
         owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
         claim = self._durably(
@@ -100,69 +136,78 @@ class StepExecutor:
         finally:
             self.leases.hold(None)
 
+    def advance(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
+        msg = _parse(AdvanceMessage, args, kwargs)
+        self._durably("advancing", lambda: self.store.advance_run(msg.run_id, self._advance))
+
+    # -- one attempt --------------------------------------------------------------------------
+
     def _run(self, claim: Claim) -> None:
+        if claim.kind == "timer":
+            self._complete(claim, "null")
+            return
+        if claim.kind == "event":  # dispatched only when its wait timed out
+            self._fail(
+                claim,
+                coordinator.EVENT_TIMEOUT,
+                f"no event {claim.step_name!r} arrived in time",
+                None,
+            )
+            return
+        options = StepOptions.from_json(claim.options)
         try:
-            saga = self._saga(claim.saga_ref)
-            step = saga.step(claim.step_name)
+            assert claim.fn_ref is not None
+            function = function_by_ref(claim.fn_ref)
         except UnknownSagaError as exc:
-            # Perhaps this worker runs older code than the run's; another worker may do better.
+            # Perhaps this worker runs older code than the run; another worker may do better.
             retry = 5.0 if claim.attempt < claim.max_attempts else None
-            self._fail(claim, exc, retry)
+            self._fail_with(claim, exc, retry)
             return
         ctx = StepContext(
             run_id=claim.run_id,
             saga=claim.saga_name,
             step=claim.step_name,
+            step_key=claim.step_key,
             attempt=claim.attempt,
             idempotency_key=claim.idempotency_key,
             run_input=claim.run_input,
             load_results=lambda: self.store.completed_results(claim.run_id),
         )
         try:
-            value = step.validate_input(claim.input)
+            value = function.validate_input(claim.input)
         except ValidationError as exc:
-            self._fail(claim, exc, None)  # the same input fails the same way every time
+            self._fail_with(claim, exc, None)  # the same input fails the same way every time
             return
         try:
-            result = step.fn(ctx, value)
-            result_json = step.encode_result(
-                result, limit=self.settings.max_result_bytes, run_id=claim.run_id
+            with _time_limit(options.timeout_seconds, f"step {claim.step_key!r}"):
+                result = function.fn(ctx, value)
+            result_json = function.encode_result(
+                result,
+                limit=self.settings.max_result_bytes,
+                run_id=claim.run_id,
+                step=claim.step_key,
             )
         except Exception as exc:
-            decision = step.retry.decide(claim.attempt, exc)
-            self._fail(claim, exc, decision.delay_seconds if decision.retry else None)
+            decision = options.retry.decide(claim.attempt, exc)
+            self._fail_with(claim, exc, decision.delay_seconds if decision.retry else None)
             return
-        advance = after_step(saga, claim.run_id, claim.step_name, result_json)
-        messages = [
-            step_message(self.settings.queue, claim.run_id, s.step_key, claim.trace_context)
-            for s in advance.next_steps
-        ]
-        ids = self._durably(
+        self._complete(claim, result_json)
+
+    def _complete(self, claim: Claim, result_json: str) -> None:
+        done = self._durably(
             "journaling the result",
             lambda: self.store.complete_step(
                 claim,
                 result_json,
-                next_steps=advance.next_steps,
-                messages=messages,
-                run_result_json=advance.run_result_json,
+                self._advance,
                 fast_path_delay=self.settings.fast_path_grace_seconds,
             ),
             claim,
         )
-        if ids is not None:
-            self._publish_now(messages, ids)
+        if done is not None:
+            self._publish_now(*done)
 
-    def _publish_now(self, messages: list[Any], ids: list[int]) -> None:
-        """The fast path: publish right after commit. The relay remains the guarantee."""
-        if not messages:
-            return
-        try:
-            self.publisher.publish(messages)
-            self.store.mark_published(ids)
-        except (StoreError, OSError, Exception) as exc:  # kombu raises many types
-            log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
-
-    def _fail(self, claim: Claim, exc: BaseException, retry_in: float | None) -> None:
+    def _fail_with(self, claim: Claim, exc: BaseException, retry_in: float | None) -> None:
         log.warning(
             "step %r of run %r failed on attempt %d/%d (%s)%s",
             claim.step_key,
@@ -172,13 +217,36 @@ class StepExecutor:
             type(exc).__name__,
             f"; retrying in {retry_in:.1f} s" if retry_in is not None else "; not retrying",
         )
-        self._durably(
+        self._record_failure(
+            claim, error_record(exc, claim.attempt, retry_in is not None), retry_in
+        )
+
+    def _fail(self, claim: Claim, type_: str, message: str, retry_in: float | None) -> None:
+        self._record_failure(
+            claim, {"type": type_, "message": message, "attempt": claim.attempt}, retry_in
+        )
+
+    def _record_failure(self, claim: Claim, error: dict[str, Any], retry_in: float | None) -> None:
+        done = self._durably(
             "journaling a failure",
-            lambda: self.store.fail_attempt(
-                claim, error_record(exc, claim.attempt, retry_in is not None), retry_in=retry_in
-            ),
+            lambda: self.store.fail_attempt(claim, error, retry_in=retry_in, advance=self._advance),
             claim,
         )
+        if done is not None:
+            messages, _ = done
+            self._publish_now(messages, [])
+
+    def _publish_now(self, messages: list[OutboxMessage], ids: list[int]) -> None:
+        """The fast path: publish right after commit. The relay remains the guarantee."""
+        if not messages or not ids:
+            return
+        try:
+            self.publisher.publish(messages)
+            self.store.mark_published(ids)
+        except Exception as exc:  # kombu raises many types; the relay will publish
+            log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
+
+    # -- helpers ------------------------------------------------------------------------------
 
     def _durably(self, what: str, action: Callable[[], T], claim: Claim | None = None) -> T | None:
         """Run a store action, retrying through short Postgres outages (a cut connection, a
@@ -205,12 +273,6 @@ class StepExecutor:
     def _committed_by_us(self, claim: Claim) -> bool:
         state = self.store.step_state(claim.run_id, claim.step_key)
         return state is not None and state[1] == claim.attempt and state[0] != "running"
-
-    def _saga(self, ref: str) -> Saga:
-        saga = self._sagas.get(ref)
-        if saga is None:
-            saga = self._sagas[ref] = load_saga(ref)
-        return saga
 
     def _explain_refusal(self, msg: StepMessage, task_id: str | None) -> None:
         state = self.store.step_state(msg.run_id, msg.step_key)

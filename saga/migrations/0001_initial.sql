@@ -1,14 +1,16 @@
--- The durable core: runs, the step journal, and the transactional outbox.
+-- The durable core: runs, the step journal, outside events, and the transactional outbox.
 --
 -- State machines (every change is a guarded UPDATE ... WHERE state IN (...)):
---   saga_runs.state:  running -> completed | failed | cancelled
---                     running -> compensating -> compensated | compensation_failed
+--   saga_runs.state:  running -> completed | failed
+--                     running -> compensating -> compensated | cancelled | compensation_failed
 --                     failed | compensation_failed -> running | compensating   (operator retry)
 --   saga_steps.state: pending -> dispatched -> running -> completed | failed
---                     running -> pending                  (failed attempt, retry at due_at)
---                     pending | dispatched -> cancelled   (run ended first)
+--                     running -> pending                  (failed attempt, retried at due_at)
+--                     waiting -> completed                (an event step: the event arrived)
+--                     waiting -> dispatched               (an event step: its timeout came)
+--                     pending | dispatched | waiting -> cancelled   (the run moved on)
 --   A 'running' step whose lease expired is an attempt lost with its worker: the sweeper moves it
---   to pending (or failed once attempts are used up).
+--   to pending (or failed once its attempts are used up).
 
 CREATE TABLE saga_runs (
     run_id          text PRIMARY KEY,
@@ -31,17 +33,24 @@ CREATE INDEX saga_runs_active ON saga_runs (created_at) WHERE state IN ('running
 
 CREATE SEQUENCE saga_completion_seq;
 
--- The journal. One row per step (or compensation) of a run; step_key is unique within the run:
--- the step's name in a graph, the name plus call position in a workflow written as code, name[i]
--- for a fan-out branch, "compensate:<step_key>" for a compensation.
+-- The journal. One row per step, compensation, timer or event wait of a run. step_key is unique
+-- within the run: the step's name in a graph, "name[i]" for a fan-out branch, "name#position" in a
+-- workflow written as code, "compensate:<step_key>" for a compensation. Everything a worker needs
+-- to run the step is in the row (function, options, input): workers need no definition to run it.
 CREATE TABLE saga_steps (
     run_id              text NOT NULL REFERENCES saga_runs (run_id) ON DELETE CASCADE,
     step_key            text NOT NULL,
     step_name           text NOT NULL,
-    kind                text NOT NULL DEFAULT 'action' CHECK (kind IN ('action', 'compensation')),
+    kind                text NOT NULL DEFAULT 'action'
+                        CHECK (kind IN ('action', 'compensation', 'timer', 'event')),
     seq                 integer NOT NULL,       -- order in which the run scheduled its steps
+    position            integer,                -- call position in a workflow written as code
     state               text NOT NULL DEFAULT 'dispatched' CHECK (state IN (
-                            'pending', 'dispatched', 'running', 'completed', 'failed', 'cancelled')),
+                            'pending', 'dispatched', 'running', 'waiting', 'completed', 'failed',
+                            'cancelled')),
+    fn_ref              text,                   -- "module:qualname" of the function to call
+    compensation_ref    text,                   -- "module:qualname" of its compensation, if any
+    options             jsonb NOT NULL DEFAULT '{}',  -- retry policy, timeout, pivot
     attempt             integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),  -- fencing token, +1 per claim
     max_attempts        integer NOT NULL CHECK (max_attempts >= 1),
     idempotency_key     text NOT NULL UNIQUE,   -- stable across attempts; handed to outside systems
@@ -59,8 +68,21 @@ CREATE TABLE saga_steps (
     PRIMARY KEY (run_id, step_key),
     UNIQUE (run_id, seq)
 );
-CREATE INDEX saga_steps_due ON saga_steps (due_at) WHERE state IN ('pending', 'dispatched');
+CREATE INDEX saga_steps_due ON saga_steps (due_at)
+    WHERE state IN ('pending', 'dispatched', 'waiting');
 CREATE INDEX saga_steps_lease ON saga_steps (lease_expires_at) WHERE state = 'running';
+
+-- Outside events (a human approval, a webhook) sent to a run. An event that arrives before the
+-- run waits for it is kept here until a wait consumes it.
+CREATE TABLE saga_events (
+    id          bigserial PRIMARY KEY,
+    run_id      text NOT NULL REFERENCES saga_runs (run_id) ON DELETE CASCADE,
+    name        text NOT NULL,
+    payload     jsonb,
+    consumed_by text,                           -- the event step that received it
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX saga_events_unconsumed ON saga_events (run_id, name, id) WHERE consumed_by IS NULL;
 
 -- The transactional outbox: every message that matters is a row here first, committed with the
 -- state change that caused it. The relay publishes rows whose available_at has come.

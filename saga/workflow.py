@@ -1,0 +1,334 @@
+"""Workflows written as code: the agent loop as ordinary Python.
+
+The coordinator advances a run by replaying the workflow function against the journal. Each
+``ctx.step(...)`` (and ``start``, ``sleep``, ``wait_event``) takes the next call position; a
+journaled position returns its saved result at once, the first one not in the journal is
+scheduled and the replay stops there. A replay that asks, at some position, for another step than
+the journal holds there stops the run with a NonDeterminismError naming both.
+
+Workflow code is the deterministic skeleton: no I/O, clocks or randomness outside steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from saga.definition import NAME, FunctionInfo, StepOptions, definition_ref, function_info
+from saga.errors import DefinitionError, SagaError
+from saga.retry import RetryPolicy
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class StepFailed(SagaError):
+    """A step of the workflow failed for good. Catch it to take another path; left uncaught,
+    the run fails and the completed steps are compensated."""
+
+
+class EventTimeout(StepFailed):
+    """``ctx.wait_event`` timed out before the event arrived."""
+
+
+class NonDeterminismError(SagaError):
+    """The workflow asked for another step than the journal recorded at that position."""
+
+
+class Suspend(BaseException):
+    """Raised inside a replay when the run must wait for steps in flight. A BaseException so that
+    ``except Exception`` in workflow code cannot swallow it."""
+
+
+class _Diverged(BaseException):
+    """Carries a NonDeterminismError out of workflow code, past ``except Exception``."""
+
+    def __init__(self, error: NonDeterminismError) -> None:
+        self.error = error
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """What a replay knows of one position: from the journal, or just scheduled."""
+
+    position: int
+    step_key: str
+    name: str
+    kind: str
+    state: str
+    result: Any
+    error: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Call:
+    """A step the replay wants scheduled."""
+
+    position: int
+    step_key: str
+    name: str
+    kind: str  # action | timer | event
+    function: FunctionInfo | None
+    input: Any
+    compensation: FunctionInfo | None
+    options: StepOptions
+    delay_seconds: float | None = None  # timer: sleep; event: timeout
+
+
+class Handle(Generic[T]):
+    """A started step; ``ctx.gather`` waits for it."""
+
+    __slots__ = ("position",)
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+
+class WorkflowContext:
+    """What workflow code calls. Every method is journaled by call position."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        input: Any,
+        journal: Mapping[int, JournalEntry],
+        consume_event: Callable[[str], tuple[bool, Any]],
+    ) -> None:
+        self.run_id = run_id
+        self.workflow = workflow
+        self.input = input
+        self._journal = journal
+        self._consume_event = consume_event
+        self._position = 0
+        self.scheduled: list[Call] = []
+        self.received: list[tuple[int, str, Any]] = []  # events consumed during this replay
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def step(
+        self,
+        fn: Callable[[Any, Any], R],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        compensate: Callable[[Any, Any], Any] | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        pivot: bool = False,
+    ) -> R:
+        """Run ``fn(step_ctx, arg)`` as a journaled step and return its result."""
+        handle: Handle[R] = self.start(
+            fn, arg, name=name, compensate=compensate, retry=retry, timeout=timeout, pivot=pivot
+        )
+        result: R = self.gather(handle)[0]
+        return result
+
+    def start(
+        self,
+        fn: Callable[[Any, Any], R],
+        arg: Any = None,
+        *,
+        name: str | None = None,
+        compensate: Callable[[Any, Any], Any] | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        pivot: bool = False,
+    ) -> Handle[R]:
+        """Start a step without waiting for it; several started steps run in parallel."""
+        step_name = str(name or getattr(fn, "__name__", ""))
+        where = f"workflow {self.workflow!r}, step {step_name!r}"
+        if not NAME.match(step_name):
+            raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
+        options = StepOptions(retry=retry or RetryPolicy(), timeout_seconds=timeout, pivot=pivot)
+        options.validate(where)
+        function = function_info(fn, where)
+        compensation = (
+            None if compensate is None else function_info(compensate, f"{where}, compensation")
+        )
+        position = self._next(step_name, "action")
+        if position not in self._journal:
+            self.scheduled.append(
+                Call(
+                    position,
+                    step_key(step_name, position),
+                    step_name,
+                    "action",
+                    function,
+                    arg,
+                    compensation,
+                    options,
+                )
+            )
+        return Handle(position)
+
+    def map(self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Any) -> list[R]:
+        """Run ``fn`` over each item in parallel (fan-out) and return the results in order."""
+        return self.gather(*[self.start(fn, item, **options) for item in items])
+
+    def gather(self, *handles: Handle[Any]) -> list[Any]:
+        """Wait for started steps; their results in order. Raises StepFailed for the first
+        failed one."""
+        results = []
+        for h in handles:
+            entry = self._journal.get(h.position)
+            if entry is None or entry.state not in ("completed", "failed"):
+                raise Suspend
+            if entry.state == "failed":
+                error = entry.error or {}
+                kind = EventTimeout if error.get("type") == "EventTimeout" else StepFailed
+                raise kind(
+                    f"step {entry.name!r} of workflow {self.workflow!r} failed for good: "
+                    f"{error.get('message', error)}"
+                )
+            results.append(entry.result)
+        return results
+
+    # -- waits --------------------------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> None:
+        """A durable sleep: no worker slot is held; the run resumes when it is over."""
+        position = self._next("sleep", "timer")
+        if position not in self._journal:
+            self.scheduled.append(
+                Call(
+                    position,
+                    step_key("sleep", position),
+                    "sleep",
+                    "timer",
+                    None,
+                    None,
+                    None,
+                    StepOptions(),
+                    float(seconds),
+                )
+            )
+        self.gather(Handle(position))
+
+    def wait_event(self, name: str, *, timeout: float | None = None) -> Any:
+        """Wait durably for an outside event sent with ``SagaClient.send_event``; its payload.
+        Raises EventTimeout after ``timeout`` seconds."""
+        if not NAME.match(name):
+            raise DefinitionError(f"workflow {self.workflow!r}: bad event name {name!r}")
+        position = self._next(name, "event")
+        if position not in self._journal:
+            arrived, payload = self._consume_event(name)
+            if arrived:  # sent before the run got here: journal it and go on
+                self.received.append((position, name, payload))
+                self._journal = {
+                    **self._journal,
+                    position: JournalEntry(
+                        position,
+                        step_key(name, position),
+                        name,
+                        "event",
+                        "completed",
+                        payload,
+                        None,
+                    ),
+                }
+                return payload
+            self.scheduled.append(
+                Call(
+                    position,
+                    step_key(name, position),
+                    name,
+                    "event",
+                    None,
+                    None,
+                    None,
+                    StepOptions(),
+                    timeout,
+                )
+            )
+        return self.gather(Handle(position))[0]
+
+    def _next(self, name: str, kind: str) -> int:
+        self._position += 1
+        entry = self._journal.get(self._position)
+        if entry is not None and (entry.name, entry.kind) != (name, kind):
+            raise _Diverged(
+                NonDeterminismError(
+                    f"workflow {self.workflow!r} of run {self.run_id!r} diverged from its journal at "
+                    f"call {self._position}: the journal has {entry.kind} {entry.name!r}, the code "
+                    f"now asks for {kind} {name!r}. Deploy the code the run started with and retry "
+                    f"it, or fork the run from an earlier step"
+                )
+            )
+        return self._position
+
+
+def step_key(name: str, position: int) -> str:
+    return f"{name}#{position}"
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    """What one replay found: steps to schedule, or the workflow's return value or error."""
+
+    scheduled: list[Call]
+    received: list[tuple[int, str, Any]]
+    finished: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Workflow(Generic[P, R]):
+    """A workflow written as code. Build it with ``@workflow(...)``."""
+
+    def __init__(
+        self, fn: Callable[[WorkflowContext, Any], Any], *, name: str, version: str, module: str
+    ) -> None:
+        if not NAME.match(name):
+            raise DefinitionError(f"workflow name {name!r} must match {NAME.pattern}")
+        info = function_info(fn, f"workflow {name!r}")
+        self.fn = fn
+        self.name = name
+        self.version = str(version)
+        self.module = module
+        self.input_info = info
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"Workflow({self.name!r})"
+
+    def ref(self) -> str:
+        return definition_ref(self, self.name, self.module)
+
+    def validate_input(self, value: Any) -> str:
+        info = self.input_info
+        return info.input_adapter.dump_json(info.validate_input(value)).decode()
+
+    def replay(self, ctx: WorkflowContext) -> ReplayOutcome:
+        try:
+            result = self.fn(ctx, self.input_info.validate_input(ctx.input))
+        except Suspend:
+            return ReplayOutcome(ctx.scheduled, ctx.received)
+        except _Diverged as diverged:
+            return ReplayOutcome([], [], finished=True, error=diverged.error)
+        except Exception as exc:
+            return ReplayOutcome([], ctx.received, finished=True, error=exc)
+        return ReplayOutcome([], ctx.received, finished=True, result=result)
+
+
+def workflow(
+    name: str | None = None, *, version: str = "1"
+) -> Callable[[Callable[[WorkflowContext, Any], R]], Workflow[Any, R]]:
+    """Declare a workflow written as code::
+
+    @workflow("research_agent")
+    def agent(ctx: WorkflowContext, question: str) -> str:
+        plan = ctx.step(make_plan, question)
+        ...
+    """
+    module = sys._getframe(1).f_globals.get("__name__", "__main__")
+
+    def build(fn: Callable[[WorkflowContext, Any], R]) -> Workflow[Any, R]:
+        return Workflow(fn, name=name or fn.__name__, version=version, module=module)
+
+    return build
