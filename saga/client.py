@@ -68,7 +68,7 @@ class SagaClient:
             run_id=run_id,
             saga_name=definition.name,
             saga_ref=ref,
-            saga_version=definition.version,
+            saga_version=definition.version_tag,
             input_json=input_json,
             trace_context={},
             timeout=timeout,
@@ -119,5 +119,5 @@ class SagaClient:
         follows run again, under the definition the workers have now."""
         definition = load_definition(self.run(run_id).saga_ref)
         return self.store.fork_run(
-            run_id, step_key, saga_version=definition.version, new_run_id=new_run_id
+            run_id, step_key, saga_version=definition.version_tag, new_run_id=new_run_id
         )

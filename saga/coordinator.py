@@ -148,11 +148,11 @@ def advance(tx: RunTx, load: Loader) -> None:
         return
     try:
         definition = load(run.saga_ref)
-        if definition.version != run.saga_version:
+        if definition.version_tag != run.saga_version:
             raise DefinitionChangedError(
                 f"run {run.run_id!r} started with version {run.saga_version!r} of "
-                f"{run.saga_name!r}; the workers have version {definition.version!r}. Deploy "
-                f"the old version to finish it, or fork it onto the new one"
+                f"{run.saga_name!r}; the workers have version {definition.version_tag!r}. "
+                f"Deploy the old version to finish it, or fork it onto the new one"
             )
     except SagaError as exc:
         tx.finish("failed", error=error_of(exc))
@@ -253,8 +253,8 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
                 "failed",
                 error={
                     "type": "TypeError",
-                    "message": f"step {s.name!r} maps over the result of {s.map_over!r}, which is a "
-                    f"{type(items).__name__}, not a list",
+                    "message": f"step {s.name!r} maps over the result of {s.map_over!r}, "
+                    f"which is a {type(items).__name__}, not a list",
                 },
             )
             return
@@ -344,7 +344,8 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
                 error=error_of(
                     exc,
                     message=(
-                        f"workflow {wf.name!r} returned a value that is not JSON-serialisable: {exc}"
+                        f"workflow {wf.name!r} returned a value that is not "
+                        f"JSON-serialisable: {exc}"
                     ),
                 ),
             )

@@ -316,7 +316,7 @@ class Saga:
     def __init__(
         self,
         name: str,
-        steps: Sequence[StepFunction | StepDecl] = (),
+        steps: Sequence[StepFunction | StepDecl] | None = None,
         *,
         version: str = "1",
         retry: RetryPolicy | None = None,
@@ -332,7 +332,7 @@ class Saga:
         # The module that built the saga; ref() looks the attribute up there.
         self.module: str = sys._getframe(1).f_globals.get("__name__", "__main__")
         previous: str | None = None
-        decls = [s if isinstance(s, StepDecl) else StepDecl(s) for s in steps]
+        decls = [s if isinstance(s, StepDecl) else StepDecl(s) for s in steps or ()]
         for decl in decls:
             after = (
                 decl.after
@@ -340,7 +340,8 @@ class Saga:
                 else (() if previous is None or decl.map_over else (previous,))
             )
             previous = self._add(decl, after, check_deps=False)
-        self._validate_graph()
+        if steps is not None:  # else steps come one by one from the decorator, each checked
+            self._validate_graph()
 
     # -- building -----------------------------------------------------------------------------
 
@@ -451,6 +452,7 @@ class Saga:
 
     def validate_input(self, value: Any) -> str:
         """The run's input as JSON, validated against the root steps' parameter types."""
+        self._validate_graph()
         for root in self.roots:
             value = root.function.validate_input(value)
         return (self.roots[0].function.input_adapter.dump_json(value)).decode()
@@ -460,6 +462,11 @@ class Saga:
         """Identifies the graph's shape: a run refuses to advance under another shape."""
         shape = sorted((s.name, s.after, s.map_over, s.function.ref) for s in self._steps.values())
         return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
+
+    @property
+    def version_tag(self) -> str:
+        """Recorded with each run: the declared version and the graph's shape."""
+        return f"{self.version}+{self.fingerprint}"
 
     def ref(self) -> str:
         return definition_ref(self, self.name, self.module)

@@ -254,10 +254,10 @@ class WorkflowContext:
         if entry is not None and (entry.name, entry.kind) != (name, kind):
             raise _Diverged(
                 NonDeterminismError(
-                    f"workflow {self.workflow!r} of run {self.run_id!r} diverged from its journal at "
-                    f"call {self._position}: the journal has {entry.kind} {entry.name!r}, the code "
-                    f"now asks for {kind} {name!r}. Deploy the code the run started with and retry "
-                    f"it, or fork the run from an earlier step"
+                    f"workflow {self.workflow!r} of run {self.run_id!r} diverged from its "
+                    f"journal at call {self._position}: the journal has {entry.kind} "
+                    f"{entry.name!r}, the code now asks for {kind} {name!r}. Deploy the code "
+                    f"the run started with and retry it, or fork the run from an earlier step"
                 )
             )
         return self._position
@@ -296,6 +296,11 @@ class Workflow(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r})"
+
+    @property
+    def version_tag(self) -> str:
+        """Recorded with each run. Replay itself checks the code against the journal."""
+        return self.version
 
     def ref(self) -> str:
         return definition_ref(self, self.name, self.module)

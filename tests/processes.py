@@ -65,14 +65,18 @@ class ProcessGroup:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[Process] = []
 
-    def spawn(self, name: str, settings: Settings, *args: str) -> Process:
-        env = child_env(settings)
+    def spawn(
+        self, name: str, settings: Settings, *args: str, env: dict[str, str] | None = None
+    ) -> Process:
+        env = {**child_env(settings), **(env or {})}
         argv = [sys.executable, "-m", "saga", "--log-level", "INFO", *args]
         process = Process(name, argv, env, self.log_dir / f"{name}.log")
         self.processes.append(process)
         return process
 
-    def worker(self, settings: Settings, name: str, *extra: str) -> Process:
+    def worker(
+        self, settings: Settings, name: str, *extra: str, env: dict[str, str] | None = None
+    ) -> Process:
         return self.spawn(
             name,
             settings,
@@ -84,6 +88,7 @@ class ProcessGroup:
             "--loglevel",
             "INFO",
             *extra,
+            env=env,
         )
 
     def relay(self, settings: Settings, name: str = "relay", *extra: str) -> Process:

@@ -25,7 +25,7 @@ def record(ctx: StepContext) -> None:
     _conn[1].execute(
         "INSERT INTO test_calls (run_id, step, attempt, idempotency_key, pid) "
         "VALUES (%s, %s, %s, %s, %s)",
-        (ctx.run_id, ctx.step, ctx.attempt, ctx.idempotency_key, os.getpid()),
+        (ctx.run_id, ctx.step_key, ctx.attempt, ctx.idempotency_key, os.getpid()),
     )
 
 
