@@ -88,12 +88,14 @@ class JournalRow:
     completed_seq: int | None
     compensation_ref: str | None
     options: Mapping[str, Any] = field(default_factory=dict)
+    result_json: str | None = None  # the result as journaled, when at hand
 
 
 class RunTx(Protocol):
     """The run, locked, inside an open transaction."""
 
     run: RunView
+    completed: JournalRow | None  # the step whose completion is being journaled, if any
 
     def journal(self) -> list[JournalRow]: ...
     def schedule(self, steps: Sequence[NewStep]) -> None: ...
@@ -232,6 +234,8 @@ class _GraphState:
 
 
 def _advance_graph(tx: RunTx, saga: Saga) -> None:
+    if _advance_chain(tx, saga):
+        return
     rows = tx.journal()
     failed = [r for r in rows if r.kind == "action" and r.state == "failed"]
     if failed:
@@ -270,6 +274,20 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
             state.result(sinks[0]) if len(sinks) == 1 else {s.name: state.result(s) for s in sinks}
         )
         tx.finish("completed", result_json=json.dumps(result))
+
+
+def _advance_chain(tx: RunTx, saga: Saga) -> bool:
+    """The common case without reading the journal: a step completed whose successors depend
+    on it alone. Their input is its result, and nothing else can be ready because of it."""
+    done = tx.completed
+    if done is None or done.kind != "action" or done.step_key != done.step_name:
+        return False
+    following = saga.successors(done.step_name)
+    if not following or any(s.after != (done.step_name,) or s.map_over for s in following):
+        return False
+    result_json = done.result_json or json.dumps(done.result)
+    tx.schedule([_graph_step(tx.run.run_id, s, s.name, result_json) for s in following])
+    return True
 
 
 # -- workflows --------------------------------------------------------------------------------

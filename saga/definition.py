@@ -25,7 +25,7 @@ from pydantic import TypeAdapter
 from saga.errors import DefinitionError, StepResultError, UnknownSagaError
 from saga.retry import RetryPolicy
 
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}$")
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
 _ANY_ADAPTER: TypeAdapter[Any] = TypeAdapter(Any)
 
 
@@ -90,6 +90,11 @@ def fn_ref(fn: Callable[..., Any], where: str) -> str:
     qualname = getattr(fn, "__qualname__", None)
     if not callable(fn) or not module or not qualname:
         raise DefinitionError(f"{where}: expected a function, got {type(fn).__name__}")
+    if inspect.ismethod(fn):
+        raise DefinitionError(
+            f"{where}: {qualname!r} is a bound method; steps and compensations must be "
+            f"module-level functions so any worker can import them"
+        )
     if "<" in qualname:
         raise DefinitionError(
             f"{where}: {qualname!r} is a lambda or a nested function; steps and compensations "

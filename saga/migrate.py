@@ -62,9 +62,11 @@ def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
 def migrate(database_url: str) -> list[int]:
     """Bring the schema up to date; returns the versions this call applied."""
     applied: list[int] = []
+    current = 0
     try:
         with psycopg.connect(database_url, autocommit=True) as conn:
             for migration in available_migrations():
+                current = migration.version
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
                     conn.execute(_CREATE_VERSION_TABLE)
@@ -77,9 +79,7 @@ def migrate(database_url: str) -> list[int]:
                     )
                     applied.append(migration.version)
     except psycopg.Error as exc:
-        raise MigrationError(
-            f"migrating the database failed at version {len(applied) + 1}: {exc}"
-        ) from exc
+        raise MigrationError(f"migrating the database failed at version {current}: {exc}") from exc
     return applied
 
 

@@ -31,7 +31,6 @@ VALUES (%(run_id)s, %(step_key)s, %(step_name)s, %(kind)s,
              ELSE now() + coalesce(%(delay)s::float8, %(dispatch_timeout)s) * interval '1 second'
         END)
 ON CONFLICT (run_id, step_key) DO NOTHING
-RETURNING seq
 """
 
 # An event that arrived before its wait, journaled as a completed event step.
@@ -86,19 +85,23 @@ SET state = 'completed', result = %(result)s::jsonb, error = NULL, finished_at =
     completed_seq = nextval('saga_completion_seq'), lease_owner = NULL, lease_expires_at = NULL
 WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
   AND attempt = %(attempt)s
-RETURNING 1
+RETURNING state
 """
 
-# A failed attempt: back to pending until due_at (retry), or failed for good.
+# A failed attempt: back to pending until due_at (retry), or failed for good. Actions of a run
+# that is no longer running (it is being undone) get no new attempt.
 FAIL_ATTEMPT = """
-UPDATE saga_steps
-SET state = CASE WHEN %(retry)s THEN 'pending' ELSE 'failed' END,
+UPDATE saga_steps s
+SET state = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
+                 THEN 'pending' ELSE 'failed' END,
     error = %(error)s, due_at = now() + %(delay)s * interval '1 second',
-    finished_at = CASE WHEN %(retry)s THEN NULL ELSE now() END,
+    finished_at = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
+                       THEN NULL ELSE now() END,
     lease_owner = NULL, lease_expires_at = NULL
-WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
-  AND attempt = %(attempt)s
-RETURNING 1
+FROM saga_runs r
+WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.state = 'running'
+  AND s.attempt = %(attempt)s AND r.run_id = s.run_id
+RETURNING s.state
 """
 
 FINISH_RUN = """

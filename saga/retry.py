@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,26 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         problems = []
+        numbers = {
+            "initial_backoff_seconds": self.initial_backoff_seconds,
+            "max_backoff_seconds": self.max_backoff_seconds,
+            "multiplier": self.multiplier,
+            "jitter": self.jitter,
+        }
+        for name, value in numbers.items():
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise DefinitionError(
+                    f"invalid RetryPolicy: {name} must be a finite number, got {value!r}"
+                )
+        if not isinstance(self.max_attempts, int) or isinstance(self.max_attempts, bool):
+            raise DefinitionError(
+                f"invalid RetryPolicy: max_attempts must be an int, got {self.max_attempts!r}"
+            )
+        if not isinstance(self.non_retryable, tuple | list):
+            raise DefinitionError(
+                f"invalid RetryPolicy: non_retryable must be a tuple of exception types or "
+                f"names, got {self.non_retryable!r}; write non_retryable=({self.non_retryable!r},)"
+            )
         if self.max_attempts < 1:
             problems.append(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.initial_backoff_seconds < 0 or self.max_backoff_seconds < 0:
@@ -55,10 +76,11 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Delay before the attempt after ``attempt`` (1-based)."""
-        base = min(
-            self.max_backoff_seconds,
-            self.initial_backoff_seconds * self.multiplier ** max(0, attempt - 1),
-        )
+        try:
+            grown = self.initial_backoff_seconds * self.multiplier ** max(0, attempt - 1)
+        except OverflowError:  # a huge attempt number: the cap applies long before
+            grown = self.max_backoff_seconds
+        base = min(self.max_backoff_seconds, grown)
         spread = base * self.jitter
         return max(0.0, base + (rng or random).uniform(-spread, spread))
 

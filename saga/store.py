@@ -148,6 +148,9 @@ class RunTransaction:
         self._dispatch_timeout = dispatch_timeout
         self.messages: list[OutboxMessage] = []
         self._journal: list[JournalRow] | None = None
+        # The step whose completion is being journaled, if any: lets the coordinator move a
+        # chain on without reading the journal.
+        self.completed: JournalRow | None = None
 
     def journal(self) -> list[JournalRow]:
         if self._journal is None:
@@ -160,7 +163,7 @@ class RunTransaction:
     def schedule(self, steps: Sequence[NewStep]) -> None:
         self._journal = None
         for s in steps:
-            inserted = self._cur.execute(
+            self._cur.execute(
                 q.INSERT_STEP,
                 {
                     "run_id": self.run.run_id,
@@ -178,8 +181,10 @@ class RunTransaction:
                     "delay": s.delay_seconds,
                     "dispatch_timeout": self._dispatch_timeout,
                 },
-            ).fetchone()
-            if inserted and s.state == "dispatched":
+            )
+            # Not read back (no round trip in pipeline mode): were the row there already, its
+            # message is a duplicate, which the claim fences.
+            if s.state == "dispatched":
                 self.messages.append(
                     step_message(self._queue, self.run.run_id, s.step_key, self.run.trace_context)
                 )
@@ -416,89 +421,110 @@ class PostgresStore:
 
     def complete_step(
         self, claim: Claim, result_json: str, advance: Advance, *, fast_path_delay: float
-    ) -> tuple[list[OutboxMessage], list[int]]:
+    ) -> list[OutboxMessage]:
         """Journal the step's result and what the coordinator decides from it, in one
-        transaction. Outbox rows are left to the caller's fast path for ``fast_path_delay``
-        seconds. Raises Fenced when the attempt lost its lease or the run moved on."""
+        transaction; returns the messages it caused. Their outbox rows are left to the caller's
+        fast path for ``fast_path_delay`` seconds. Raises Fenced when the attempt lost its
+        lease or the run moved on."""
 
-        def outcome(tx: RunTransaction, cur: psycopg.Cursor[Any]) -> None:
-            if not cur.execute(
-                q.COMPLETE_STEP,
-                {
-                    "run_id": claim.run_id,
-                    "step_key": claim.step_key,
-                    "attempt": claim.attempt,
-                    "result": result_json,
-                },
-            ).fetchone():
-                raise Fenced
+        def outcome(tx: RunTransaction, state: str) -> None:
+            tx.completed = JournalRow(
+                claim.step_key,
+                claim.step_name,
+                claim.kind,
+                "completed",
+                None,
+                json.loads(result_json),
+                None,
+                None,
+                None,
+                claim.options,
+                result_json,
+            )
             advance(tx)
 
-        return self._outcome(claim, "journaling the result of", outcome, fast_path_delay)
+        return self._outcome(
+            claim,
+            "journaling the result of",
+            q.COMPLETE_STEP,
+            {"result": result_json},
+            outcome,
+            fast_path_delay,
+        )
 
     def fail_attempt(
-        self, claim: Claim, error: Mapping[str, Any], *, retry_in: float | None, advance: Advance
-    ) -> tuple[list[OutboxMessage], list[int]]:
+        self,
+        claim: Claim,
+        error: Mapping[str, Any],
+        *,
+        retry_in: float | None,
+        advance: Advance,
+        fast_path_delay: float = 0.0,
+    ) -> list[OutboxMessage]:
         """Record a failed attempt: retried after ``retry_in`` seconds, or (None) failed for
         good, which the coordinator acts on in the same transaction."""
 
-        def outcome(tx: RunTransaction, cur: psycopg.Cursor[Any]) -> None:
-            retry = retry_in
-            if tx.run.state != "running" and claim.kind != "compensation":
-                retry = None  # the run is being undone: no new attempts of its steps
-            if not cur.execute(
-                q.FAIL_ATTEMPT,
-                {
-                    "run_id": claim.run_id,
-                    "step_key": claim.step_key,
-                    "attempt": claim.attempt,
-                    "retry": retry is not None,
-                    "delay": retry or 0.0,
-                    "error": Jsonb({**error, "retryable": retry is not None}),
-                },
-            ).fetchone():
-                raise Fenced
-            if retry is None:
+        def outcome(tx: RunTransaction, state: str) -> None:
+            if state == "failed":
                 advance(tx)
 
-        return self._outcome(claim, "journaling a failure of", outcome, 0.0)
+        return self._outcome(
+            claim,
+            "journaling a failure of",
+            q.FAIL_ATTEMPT,
+            {
+                "retry": retry_in is not None,
+                "delay": retry_in or 0.0,
+                "error": Jsonb({**error, "retryable": retry_in is not None}),
+            },
+            outcome,
+            fast_path_delay,
+        )
 
     def _outcome(
         self,
         claim: Claim,
         action: str,
-        body: Callable[[RunTransaction, psycopg.Cursor[Any]], None],
+        fence_query: str,
+        fence_params: dict[str, Any],
+        body: Callable[[RunTransaction, str], None],
         fast_path_delay: float,
-    ) -> tuple[list[OutboxMessage], list[int]]:
+    ) -> list[OutboxMessage]:
+        """The outcome transaction, pipelined: the run lock and the fenced step update go in
+        one round trip, what the coordinator writes and the commit in another."""
         where = f"{action} step {claim.step_key!r} of run {claim.run_id!r}"
+        key = {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt}
         with (
             _translated(where),
             self._pool.connection() as conn,
+            conn.pipeline(),
             conn.transaction(),
-            conn.cursor() as cur,
         ):
-            cur.execute("SET LOCAL synchronous_commit TO on")
-            row = cur.execute(q.LOCK_RUN, (claim.run_id,)).fetchone()
-            if row is None:
+            run_cur, step_cur = conn.cursor(), conn.cursor()
+            run_cur.execute("SET LOCAL synchronous_commit TO on")
+            run_cur.execute(q.LOCK_RUN, (claim.run_id,))
+            step_cur.execute(fence_query, {**key, **fence_params})
+            row, fenced = run_cur.fetchone(), step_cur.fetchone()
+            if row is None or fenced is None:
                 raise Fenced
-            tx = RunTransaction(cur, RunView(*row), self._queue, self._dispatch_timeout)
+            tx = RunTransaction(run_cur, RunView(*row), self._queue, self._dispatch_timeout)
             allowed = (
                 ("compensating",) if claim.kind == "compensation" else ("running", "compensating")
             )
             if tx.run.state not in allowed:
                 raise Fenced
-            body(tx, cur)
-            ids = add_messages(cur, tx.messages, delay_seconds=fast_path_delay)
-        return tx.messages, ids
+            body(tx, fenced[0])
+            add_messages(run_cur, tx.messages, delay_seconds=fast_path_delay)
+        return tx.messages
 
     def advance_run(self, run_id: str, advance: Advance) -> None:
         """Advance a run outside any step outcome (an advance task)."""
         with self._locked_run(run_id, f"advancing run {run_id!r}") as tx:
             advance(tx)
 
-    def mark_published(self, ids: Sequence[int]) -> None:
+    def mark_published(self, messages: Sequence[OutboxMessage]) -> None:
         with _translated("marking outbox rows published"), self._pool.connection() as conn:
-            mark_published(conn, ids)
+            mark_published(conn, [m.message_id for m in messages])
 
     # -- events and operators -----------------------------------------------------------------
 

@@ -145,7 +145,9 @@ class WorkflowContext:
         where = f"workflow {self.workflow!r}, step {step_name!r}"
         if not NAME.match(step_name):
             raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
-        options = StepOptions(retry=retry or RetryPolicy(), timeout_seconds=timeout, pivot=pivot)
+        options = StepOptions(
+            retry=RetryPolicy() if retry is None else retry, timeout_seconds=timeout, pivot=pivot
+        )
         options.validate(where)
         function = function_info(fn, where)
         compensation = (

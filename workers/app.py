@@ -79,8 +79,11 @@ def assert_safe(app: Celery) -> None:
     """Refuse to run with settings that break the engine's guarantees."""
     problems = []
     accepted = {str(c).lower() for c in app.conf.accept_content or ()}
-    if any("pickle" in c for c in accepted) or app.conf.task_serializer != "json":
-        problems.append("pickle or a non-JSON task serializer is configured")
+    if not accepted <= {"json", "application/json"} or app.conf.task_serializer != "json":
+        problems.append(
+            f"only JSON may be accepted and sent (accept_content={sorted(accepted)}, "
+            f"task_serializer={app.conf.task_serializer!r}); pickle runs code from messages"
+        )
     if not app.conf.task_acks_late:
         problems.append("task_acks_late is off (a worker crash would lose the message)")
     if problems:

@@ -205,7 +205,7 @@ class StepExecutor:
             claim,
         )
         if done is not None:
-            self._publish_now(*done)
+            self._publish_now(done)
 
     def _fail_with(self, claim: Claim, exc: BaseException, retry_in: float | None) -> None:
         log.warning(
@@ -233,16 +233,15 @@ class StepExecutor:
             claim,
         )
         if done is not None:
-            messages, _ = done
-            self._publish_now(messages, [])
+            self._publish_now(done)
 
-    def _publish_now(self, messages: list[OutboxMessage], ids: list[int]) -> None:
+    def _publish_now(self, messages: list[OutboxMessage]) -> None:
         """The fast path: publish right after commit. The relay remains the guarantee."""
-        if not messages or not ids:
+        if not messages:
             return
         try:
             self.publisher.publish(messages)
-            self.store.mark_published(ids)
+            self.store.mark_published(messages)
         except Exception as exc:  # kombu raises many types; the relay will publish
             log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
 
