@@ -332,7 +332,7 @@ class Saga:
             raise DefinitionError(f"saga {name!r}: retry must be a RetryPolicy")
         self.name = name
         self.version = str(version)
-        self.default_retry = retry or RetryPolicy()
+        self.default_retry = RetryPolicy() if retry is None else retry
         self._steps: dict[str, GraphStep] = {}
         # The module that built the saga; ref() looks the attribute up there.
         self.module: str = sys._getframe(1).f_globals.get("__name__", "__main__")
@@ -395,7 +395,7 @@ class Saga:
                     f"{where}: depends on unknown step(s) {unknown}; add dependencies first"
                 )
         options = StepOptions(
-            retry=decl.retry or self.default_retry, timeout_seconds=decl.timeout, pivot=decl.pivot
+            retry=self.default_retry if decl.retry is None else decl.retry, timeout_seconds=decl.timeout, pivot=decl.pivot
         )
         options.validate(where)
         self._steps[step_name] = GraphStep(
