@@ -430,6 +430,8 @@ def _advance_compensation(tx: RunTx) -> None:
     if todo:
         target = todo[0]
         key = f"compensate:{target.step_key}"
+        undo = target.options.get("compensate_retry")
+        retry = RetryPolicy.from_json(undo) if undo else COMPENSATION_RETRY
         tx.schedule(
             [
                 NewStep(
@@ -438,8 +440,8 @@ def _advance_compensation(tx: RunTx) -> None:
                     kind="compensation",
                     fn_ref=target.compensation_ref,
                     input_json=json.dumps(target.result),
-                    options=StepOptions(retry=COMPENSATION_RETRY).to_json(),
-                    max_attempts=COMPENSATION_RETRY.max_attempts,
+                    options=StepOptions(retry=retry).to_json(),
+                    max_attempts=retry.max_attempts,
                     idempotency_key=idempotency_key(tx.run.run_id, key),
                 )
             ]

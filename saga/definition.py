@@ -204,11 +204,17 @@ class StepOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_seconds: float | None = None
     pivot: bool = False
+    compensate_retry: RetryPolicy | None = None  # for its compensation; None: the default
 
     def validate(self, where: str) -> None:
         if not isinstance(self.retry, RetryPolicy):
             raise DefinitionError(
                 f"{where}: retry must be a RetryPolicy, got {type(self.retry).__name__}"
+            )
+        if self.compensate_retry is not None and not isinstance(self.compensate_retry, RetryPolicy):
+            raise DefinitionError(
+                f"{where}: compensate_retry must be a RetryPolicy, got "
+                f"{type(self.compensate_retry).__name__}"
             )
         if self.timeout_seconds is not None and not self.timeout_seconds > 0:
             raise DefinitionError(f"{where}: timeout must be positive, got {self.timeout_seconds}")
@@ -218,15 +224,19 @@ class StepOptions:
             "retry": self.retry.to_json(),
             "timeout_seconds": self.timeout_seconds,
             "pivot": self.pivot,
+            "compensate_retry": None
+            if self.compensate_retry is None
+            else self.compensate_retry.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StepOptions:
-        retry = data.get("retry")
+        retry, undo = data.get("retry"), data.get("compensate_retry")
         return cls(
             retry=RetryPolicy.from_json(retry) if retry else RetryPolicy(),
             timeout_seconds=data.get("timeout_seconds"),
             pivot=bool(data.get("pivot", False)),
+            compensate_retry=RetryPolicy.from_json(undo) if undo else None,
         )
 
 
@@ -245,6 +255,7 @@ class StepDecl:
     retry: RetryPolicy | None = None
     timeout: float | None = None
     pivot: bool = False
+    compensate_retry: RetryPolicy | None = None
 
 
 Deps = str | Callable[..., Any] | Iterable[str | Callable[..., Any]]
@@ -268,6 +279,7 @@ def step(
     retry: RetryPolicy | None = None,
     timeout: float | None = None,
     pivot: bool = False,
+    compensate_retry: RetryPolicy | None = None,
 ) -> StepDecl:
     """Declare a step with options. In a ``Saga``'s list, a step without ``after`` follows the
     one before it."""
@@ -280,6 +292,7 @@ def step(
         retry,
         timeout,
         pivot,
+        compensate_retry,
     )
 
 
@@ -360,6 +373,7 @@ class Saga:
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         pivot: bool = False,
+        compensate_retry: RetryPolicy | None = None,
     ) -> Callable[[StepFunction], StepFunction]:
         """Decorator adding a step; dependencies must be added first. Returns ``fn`` unchanged."""
 
@@ -373,6 +387,7 @@ class Saga:
                 retry=retry,
                 timeout=timeout,
                 pivot=pivot,
+                compensate_retry=compensate_retry,
             )
             self._add(decl, decl.after or (), check_deps=True)
             return fn
@@ -395,7 +410,10 @@ class Saga:
                     f"{where}: depends on unknown step(s) {unknown}; add dependencies first"
                 )
         options = StepOptions(
-            retry=self.default_retry if decl.retry is None else decl.retry, timeout_seconds=decl.timeout, pivot=decl.pivot
+            retry=self.default_retry if decl.retry is None else decl.retry,
+            timeout_seconds=decl.timeout,
+            pivot=decl.pivot,
+            compensate_retry=decl.compensate_retry,
         )
         options.validate(where)
         self._steps[step_name] = GraphStep(

@@ -121,10 +121,18 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         pivot: bool = False,
+        compensate_retry: RetryPolicy | None = None,
     ) -> R:
         """Run ``fn(step_ctx, arg)`` as a journaled step and return its result."""
         handle: Handle[R] = self.start(
-            fn, arg, name=name, compensate=compensate, retry=retry, timeout=timeout, pivot=pivot
+            fn,
+            arg,
+            name=name,
+            compensate=compensate,
+            retry=retry,
+            timeout=timeout,
+            pivot=pivot,
+            compensate_retry=compensate_retry,
         )
         result: R = self.gather(handle)[0]
         return result
@@ -139,6 +147,7 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         pivot: bool = False,
+        compensate_retry: RetryPolicy | None = None,
     ) -> Handle[R]:
         """Start a step without waiting for it; several started steps run in parallel."""
         step_name = str(name or getattr(fn, "__name__", ""))
@@ -146,7 +155,10 @@ class WorkflowContext:
         if not NAME.match(step_name):
             raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
         options = StepOptions(
-            retry=RetryPolicy() if retry is None else retry, timeout_seconds=timeout, pivot=pivot
+            retry=RetryPolicy() if retry is None else retry,
+            timeout_seconds=timeout,
+            pivot=pivot,
+            compensate_retry=compensate_retry,
         )
         options.validate(where)
         function = function_info(fn, where)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from saga import RetryPolicy, Saga, StepContext, WorkflowContext, workflow
+from saga import RetryPolicy, Saga, StepContext, WorkflowContext, step, workflow
 from tests.sagas import Flaky, record
 
 QUICK = RetryPolicy(max_attempts=4, initial_backoff_seconds=0.05, max_backoff_seconds=0.2)
@@ -209,3 +209,40 @@ def diverging(ctx: WorkflowContext, spec: dict[str, Any]) -> list[str]:
     b = ctx.step(second, None)
     c = ctx.step(echo, "third")
     return [a, b, c]
+
+
+# -- a compensation that fails until an operator fixes things -------------------------------
+
+
+def quote_any(ctx: StepContext, req: dict[str, Any]) -> dict[str, Any]:
+    record(ctx)
+    return {"city": req["city"]}
+
+
+def undo_until_fixed(ctx: StepContext, booking: dict[str, Any]) -> dict[str, Any]:
+    spec = ctx.run_input
+    if booking["kind"] == spec.get("broken_undo") and not os.path.exists(spec["fixed_marker"]):
+        raise RuntimeError(f"the {booking['kind']} API refuses cancellations right now")
+    record(ctx)
+    return {"cancelled": booking["ref"]}
+
+
+BRIEF = RetryPolicy(max_attempts=2, initial_backoff_seconds=0.05, max_backoff_seconds=0.1)
+fragile_trip = Saga("fragile_trip", retry=QUICK)
+fragile_trip.step()(quote_any)
+fragile_trip.step(after=quote_any, compensate=undo_until_fixed, compensate_retry=BRIEF)(flight)
+fragile_trip.step(after=flight, compensate=undo_until_fixed, compensate_retry=BRIEF)(car)
+fragile_trip.step(after=car, retry=RetryPolicy(max_attempts=1))(payment)
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+def slow_first_attempt(ctx: StepContext, value: Any) -> str:
+    record(ctx)
+    if ctx.attempt == 1:
+        time.sleep(60)  # the step's timeout interrupts this
+    return "done"
+
+
+timeouts = Saga("timeouts", [step(slow_first_attempt, timeout=0.5, retry=QUICK)])

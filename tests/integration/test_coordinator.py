@@ -259,3 +259,52 @@ def test_divergent_replay_stops_with_an_error_then_retry_after_the_fix(
     forked = client.fork(run_id, "echo#3")
     assert client.result(forked, timeout=60) == ["first", "second", "third"]
     assert calls(db, forked) == Counter({"echo#3": 1})
+
+
+def test_failed_compensation_waits_for_the_operator_then_retries(
+    running: ProcessGroup, client: SagaClient, db: Conn, tmp_path: Any
+) -> None:
+    marker = tmp_path / "fixed"
+    run_id = client.start(
+        cs.fragile_trip,
+        {"city": "Bern", "fail_payment": True, "broken_undo": "car", "fixed_marker": str(marker)},
+    )
+    run = client.wait(run_id, timeout=60)
+    assert run.state == "compensation_failed"
+    undo_car = next(s for s in client.steps(run_id) if s.step_key == "compensate:car")
+    assert undo_car.state == "failed" and "refuses cancellations" in undo_car.error["message"]
+    assert "compensate:flight" not in calls(db, run_id), "nothing is undone past the failure"
+
+    marker.touch()  # the operator fixes the car API
+    client.retry(run_id)
+    run = client.wait(run_id, timeout=60)
+    assert run.state == "compensated"
+    assert [k for k in call_order(db, run_id) if k.startswith("compensate:")] == [
+        "compensate:car",
+        "compensate:flight",
+    ]
+
+
+def test_step_timeout_interrupts_the_attempt_and_retries(
+    running: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    run_id = client.start(cs.timeouts, None)
+    assert client.result(run_id, timeout=60) == "done"
+    assert calls(db, run_id) == Counter({"slow_first_attempt": 2})
+
+
+def test_run_timeout_stops_and_compensates(
+    running: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    run_id = client.start(cs.approval, {"item": "tent"}, timeout=5.0)
+    wait_until(
+        lambda: db.execute(
+            "SELECT 1 FROM saga_steps WHERE run_id = %s AND kind = 'event' AND state = 'waiting'",
+            (run_id,),
+        ).fetchone(),
+        5,
+        "the approval wait, before the run's deadline",
+    )
+    run = client.wait(run_id, timeout=60)
+    assert run.state == "compensated" and run.error["type"] == "RunTimeout"
+    assert calls(db, run_id) == Counter({"reserve#1": 1, "compensate:reserve#1": 1})
