@@ -53,10 +53,14 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from workers import telemetry
     from workers.app import assert_safe, create_app
 
     app = create_app(settings)
     assert_safe(app)
+    telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
+    if args.pool == "threads":
+        telemetry.configure_sdk("saga-worker")
     argv = [
         "worker",
         f"--loglevel={args.loglevel}",
@@ -80,10 +84,16 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.relay import Relay
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
+    from workers import telemetry
     from workers.app import create_app
     from workers.publish import CeleryPublisher
 
     assert settings.database_url
+    _, metrics_on = telemetry.configure_sdk("saga-relay")
+    if metrics_on:
+        from saga.metrics import DatabaseGauges
+
+        DatabaseGauges(settings.database_url)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -104,6 +114,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         relay.run(stop, also=sweeper.tick if sweeper else None)
     finally:
         store.close()
+        telemetry.shutdown_sdk()
     return 0
 
 

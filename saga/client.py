@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from saga import tracing
 from saga.coordinator import encode_input, new_step, step_message
 from saga.definition import Saga, load_saga
 from saga.errors import ConfigurationError, RunFailedError
@@ -48,7 +49,7 @@ class SagaClient:
         ref = saga if isinstance(saga, str) else definition.ref()
         run_id = run_id or uuid.uuid4().hex
         input_json = encode_input(definition, input)
-        trace_context: dict[str, str] = {}
+        trace_context = tracing.new_run_carrier()  # the run's root span context
         first = new_step(run_id, definition.first, input_json)
         self.store.create_run(
             run_id=run_id,

@@ -133,6 +133,10 @@ WHERE s.run_id = due.run_id AND s.step_key = due.step_key AND r.run_id = s.run_i
 RETURNING s.run_id, s.step_key, r.trace_context
 """
 
+SELECT_TRACE_CONTEXT = """
+SELECT saga_name, trace_context FROM saga_runs WHERE run_id = %s
+"""
+
 NEXT_DUE = """
 SELECT extract(epoch FROM min(due_at) - now()) FROM saga_steps
 WHERE state IN ('pending', 'dispatched')

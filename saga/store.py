@@ -425,6 +425,12 @@ class PostgresStore:
             row = conn.execute(q.NEXT_DUE).fetchone()
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
+    def trace_context(self, run_id: str) -> tuple[str, dict[str, str]] | None:
+        """(saga name, trace context) of a run, for tracing a change made without a claim."""
+        with _translated(f"reading run {run_id!r}"), self._pool.connection() as conn:
+            row = conn.execute(q.SELECT_TRACE_CONTEXT, (run_id,)).fetchone()
+        return None if row is None else (row[0], row[1] or {})
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _insert_step(self, cur: psycopg.Cursor[Any], run_id: str, s: NewStep) -> None:

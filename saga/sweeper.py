@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from saga import tracing
 from saga.coordinator import step_message
 from saga.store import PostgresStore
 
@@ -21,6 +22,8 @@ class Sweeper:
         """One pass; returns the seconds until the next step falls due (capped)."""
         for run_id, step_key, state in self._store.expire_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)
+            if state == "failed":  # out of attempts: expire_leases failed the run
+                self._trace_failed_run(run_id, step_key)
         dispatched = self._store.redispatch_due(
             lambda run_id, step_key, trace: step_message(self._queue, run_id, step_key, trace)
         )
@@ -28,3 +31,17 @@ class Sweeper:
             log.info("dispatched %d due steps (retries or lost messages)", dispatched)
         nxt = self._store.seconds_until_next_due()
         return self._max_wait if nxt is None else min(nxt, self._max_wait)
+
+    def _trace_failed_run(self, run_id: str, step_key: str) -> None:
+        found = self._store.trace_context(run_id)
+        if found is not None:
+            tracing.run_finished(
+                found[1],
+                saga_name=found[0],
+                run_id=run_id,
+                state="failed",
+                error={
+                    "type": "LeaseExpired",
+                    "message": f"step {step_key!r} lost its worker on its last attempt",
+                },
+            )

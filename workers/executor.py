@@ -6,6 +6,7 @@ finds the step completed or claimed and is acked without calling anything.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from saga import tracing
 from saga.coordinator import after_step, step_message
 from saga.definition import Saga, StepContext, load_saga
 from saga.errors import MalformedMessageError, StoreError, UnknownSagaError
@@ -48,6 +50,7 @@ def error_record(exc: BaseException, attempt: int, retryable: bool) -> dict[str,
         "attempt": attempt,
         "retryable": retryable,
         "traceback": "".join(traceback.format_exception(exc))[-_MAX_ERROR_TEXT:],
+        "failed_at": dt.datetime.now(dt.UTC).isoformat(),
     }
 
 
@@ -65,8 +68,16 @@ class StepExecutor:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = LeaseKeeper(self.store, settings.lease_seconds)
         self._sagas: dict[str, Saga] = {}
+        self._system = tracing.messaging_system(app.conf.broker_url)
 
-    def execute(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
+    def execute(
+        self,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        task_id: str | None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
+        received_ns = time.time_ns()
         if args:
             raise MalformedMessageError(
                 f"a step task takes keyword arguments only, got {args!r:.200}"
@@ -86,10 +97,24 @@ class StepExecutor:
         if claim is None:
             self._explain_refusal(msg, task_id)
             return
+        with tracing.attempt(
+            claim,
+            headers,
+            queue=self.settings.queue,
+            system=self._system,
+            message_id=task_id,
+            received_ns=received_ns,
+        ):
+            self._execute_claimed(claim)
+
+    def _execute_claimed(self, claim: Claim) -> None:
+        if claim.attempt > 1 and tracing.recording():
+            self._trace_backoff(claim)
         self.leases.hold(claim)
         try:
             self._run(claim)
         except Fenced:
+            tracing.attempt_fenced()
             log.warning(
                 "attempt %d of step %r of run %r was overtaken (lease lost or run ended); its "
                 "outcome was discarded",
@@ -124,13 +149,22 @@ class StepExecutor:
             self._fail(claim, exc, None)  # the same input fails the same way every time
             return
         try:
-            result = step.fn(ctx, value)
-            result_json = step.encode_result(
-                result, limit=self.settings.max_result_bytes, run_id=claim.run_id
-            )
+            with tracing.step_span(
+                saga_name=claim.saga_name,
+                run_id=claim.run_id,
+                step=claim.step_name,
+                attempt=claim.attempt,
+                idempotency_key=claim.idempotency_key,
+                compensation=claim.kind == "compensation",
+            ):
+                result = step.fn(ctx, value)
+                result_json = step.encode_result(
+                    result, limit=self.settings.max_result_bytes, run_id=claim.run_id
+                )
         except Exception as exc:
             decision = step.retry.decide(claim.attempt, exc)
-            self._fail(claim, exc, decision.delay_seconds if decision.retry else None)
+            retry_in = decision.delay_seconds if decision.retry else None
+            self._fail(claim, exc, retry_in, recorded=True)
             return
         advance = after_step(saga, claim.run_id, claim.step_name, result_json)
         messages = [
@@ -149,6 +183,14 @@ class StepExecutor:
             ),
             claim,
         )
+        tracing.attempt_completed()
+        if advance.run_result_json is not None:
+            tracing.run_finished(
+                claim.trace_context,
+                saga_name=claim.saga_name,
+                run_id=claim.run_id,
+                state="completed",
+            )
         if ids is not None:
             self._publish_now(messages, ids)
 
@@ -162,7 +204,10 @@ class StepExecutor:
         except (StoreError, OSError, Exception) as exc:  # kombu raises many types
             log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
 
-    def _fail(self, claim: Claim, exc: BaseException, retry_in: float | None) -> None:
+    def _fail(
+        self, claim: Claim, exc: BaseException, retry_in: float | None, *, recorded: bool = False
+    ) -> None:
+        tracing.attempt_failed(exc, will_retry=retry_in is not None, record=not recorded)
         log.warning(
             "step %r of run %r failed on attempt %d/%d (%s)%s",
             claim.step_key,
@@ -172,12 +217,42 @@ class StepExecutor:
             type(exc).__name__,
             f"; retrying in {retry_in:.1f} s" if retry_in is not None else "; not retrying",
         )
+        error = error_record(exc, claim.attempt, retry_in is not None)
         self._durably(
             "journaling a failure",
-            lambda: self.store.fail_attempt(
-                claim, error_record(exc, claim.attempt, retry_in is not None), retry_in=retry_in
-            ),
+            lambda: self.store.fail_attempt(claim, error, retry_in=retry_in),
             claim,
+        )
+        if retry_in is None and claim.kind == "action":  # fail_attempt failed the run
+            tracing.run_finished(
+                claim.trace_context,
+                saga_name=claim.saga_name,
+                run_id=claim.run_id,
+                state="failed",
+                error=error,
+            )
+
+    def _trace_backoff(self, claim: Claim) -> None:
+        """A span for the wait before this retry: from the journaled failure of the previous
+        attempt to now. Reads the step's row once, only for retries and only when tracing."""
+        try:
+            steps = self.store.get_steps(claim.run_id)
+        except StoreError:
+            return
+        previous = next((s for s in steps if s.step_key == claim.step_key), None)
+        error = (previous.error if previous else None) or {}
+        failed_at = tracing.parse_time(error.get("failed_at"))
+        if failed_at is None:
+            return  # e.g. the previous attempt was lost with its worker: no failure time
+        tracing.record_wait(
+            claim.trace_context,
+            kind="retry_backoff",
+            saga_name=claim.saga_name,
+            run_id=claim.run_id,
+            step=claim.step_name,
+            attempt=claim.attempt,
+            start=failed_at,
+            attributes={tracing.ERROR_TYPE: str(error.get("type", ""))},
         )
 
     def _durably(self, what: str, action: Callable[[], T], claim: Claim | None = None) -> T | None:
