@@ -63,6 +63,27 @@ def by(spans: list[ReceivedSpan], prefix: str) -> list[ReceivedSpan]:
     return [s for s in spans if s.name.startswith(prefix)]
 
 
+def trace_complete(receiver: OTLPReceiver, run_id: str) -> bool:
+    """The run's root has arrived, and the parent of every span of the run too (a parent ends,
+    so is exported, after its children)."""
+    root = root_of(receiver, run_id)
+    if root is None:
+        return False
+    ids = {s.span_id for s in receiver.spans() if s.trace_id == root.trace_id}
+    return all(not s.parent_span_id or s.parent_span_id in ids for s in run_spans(receiver, run_id))
+
+
+def wait_for_trace(receiver: OTLPReceiver, run_id: str, steps: int) -> None:
+    wait_until(
+        lambda: (
+            trace_complete(receiver, run_id)
+            and len(by(run_spans(receiver, run_id), "step ")) >= steps
+        ),
+        30,
+        f"the whole trace of run {run_id} ({steps} step spans)",
+    )
+
+
 def assert_one_trace(client: SagaClient, receiver: OTLPReceiver, run_id: str) -> ReceivedSpan:
     """Every span of the run is in the run's trace and descends from its root span, whose ids
     are the ones stored with the run."""
@@ -106,9 +127,8 @@ def test_one_trace_per_run_across_workers_with_retries_and_metrics(
     for run_id in [retried, *plain]:
         assert client.result(run_id, timeout=60)["trail"] == list(range(1, 11))
     assert client.wait(failed, timeout=60).state == "failed"
-    for run_id in [retried, *plain, failed]:
-        wait_until(lambda r=run_id: root_of(receiver, r), 30, f"the root span of {run_id}")
-    wait_until(lambda: len(by(run_spans(receiver, retried), "step ")) >= 12, 30, "every step span")
+    for run_id, steps in [(retried, 12), (plain[0], 10), (plain[1], 10), (failed, 3)]:
+        wait_for_trace(receiver, run_id, steps)
 
     crossed = 0
     for run_id in [retried, *plain]:
@@ -232,8 +252,7 @@ def test_run_resumed_after_kill_9_stays_one_trace(
     doomed.kill()
     procs.worker(settings, "survivor")
     assert client.result(run_id, timeout=60)["trail"] == list(range(1, 11))
-    wait_until(lambda: root_of(receiver, run_id), 30, "the root span")
-    wait_until(lambda: len(by(run_spans(receiver, run_id), "step ")) == 10, 30, "all steps")
+    wait_for_trace(receiver, run_id, 10)
 
     assert_one_trace(client, receiver, run_id)
     spans = run_spans(receiver, run_id)
@@ -273,11 +292,7 @@ def test_prefork_children_recycled_after_each_task_lose_no_spans(
     run_id = client.start(sagas.two, {"fail_at": [2], "fail_times": 1})
     assert client.result(run_id, timeout=90)["trail"] == [1, 2]
 
-    def complete() -> bool:
-        spans = run_spans(receiver, run_id)
-        return len(by(spans, "step ")) == 3 and root_of(receiver, run_id) is not None
-
-    wait_until(complete, 30, "the spans of every recycled child")
+    wait_for_trace(receiver, run_id, 3)
     assert_one_trace(client, receiver, run_id)
     spans = run_spans(receiver, run_id)
     assert len(by(spans, "process ")) == 3
