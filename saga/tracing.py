@@ -7,6 +7,8 @@ One trace per run, however many processes and hours it crosses::
     │   └── process <queue>            CONSUMER: one delivery that claimed a step attempt
     │       └── step <step>            INTERNAL: the step function (``compensate <step>`` for
     │                                  a compensation); its exceptions are recorded here
+    ├── step <step>                    an attempt lost with its worker, recorded by the sweeper
+    │                                  (``saga.step.lost``): the worker's own spans died with it
     ├── wait retry_backoff             INTERNAL: failed attempt .. next attempt (also sleep/event)
     └── ...
 
@@ -71,6 +73,7 @@ SAGA_STEP_ATTEMPT = "saga.step.attempt"
 SAGA_STEP_MAX_ATTEMPTS = "saga.step.max_attempts"
 SAGA_STEP_IDEMPOTENCY_KEY = "saga.step.idempotency_key"
 SAGA_STEP_REPLAYED = "saga.step.replayed"
+SAGA_STEP_LOST = "saga.step.lost"
 SAGA_STEP_OUTCOME = "saga.step.outcome"
 SAGA_COMPENSATION = "saga.compensation"
 SAGA_WAIT_KIND = "saga.wait.kind"
@@ -305,6 +308,13 @@ def attempt(
         (COMPENSATIONS if compensation else STEP_ATTEMPTS).add(1, labels)
 
 
+def enabled() -> bool:
+    """Whether an SDK is installed as the global tracer provider (spans are really made)."""
+    return not isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    )
+
+
 def recording() -> bool:
     """Whether the current span records: worth extra work (never a query) to enrich it."""
     return trace.get_current_span().is_recording()
@@ -373,6 +383,42 @@ def replayed_step(
         carrier=carrier,
     ):
         pass
+
+
+def lost_attempt(
+    carrier: Mapping[str, Any] | None,
+    *,
+    saga_name: str,
+    run_id: str,
+    step: str,
+    attempt: int,
+    idempotency_key: str,
+    started: dt.datetime,
+    compensation: bool = False,
+) -> None:
+    """An attempt whose worker died (its lease expired): its own spans died unexported with the
+    process, so the sweeper that notices records one in its place, from the attempt's journaled
+    start to now, flagged ``saga.step.lost`` and failed."""
+    span = _tracer.start_span(
+        f"{'compensate' if compensation else 'step'} {step}",
+        context=_parent(carrier),
+        attributes={
+            SAGA_NAME: saga_name,
+            SAGA_RUN_ID: run_id,
+            SAGA_STEP: step,
+            SAGA_STEP_ATTEMPT: attempt,
+            SAGA_STEP_IDEMPOTENCY_KEY: idempotency_key,
+            SAGA_STEP_REPLAYED: False,
+            SAGA_COMPENSATION: compensation,
+            SAGA_STEP_LOST: True,
+            ERROR_TYPE: "LeaseExpired",
+        },
+        start_time=_ns(started),
+    )
+    message = f"attempt {attempt} of step {step!r} lost its worker (lease expired)"
+    span.add_event("exception", {"exception.type": "LeaseExpired", "exception.message": message})
+    span.set_status(Status(StatusCode.ERROR, message))
+    span.end()
 
 
 def attempt_completed() -> None:

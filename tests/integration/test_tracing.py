@@ -250,18 +250,22 @@ def test_run_resumed_after_kill_9_stays_one_trace(
         "step 7 to start",
     )
     doomed.kill()
-    procs.worker(settings, "survivor")
+    survivor = procs.worker(settings, "survivor")
     assert client.result(run_id, timeout=60)["trail"] == list(range(1, 11))
-    wait_for_trace(receiver, run_id, 10)
+    wait_for_trace(receiver, run_id, 11)
 
     assert_one_trace(client, receiver, run_id)
     spans = run_spans(receiver, run_id)
     steps = by(spans, "step ")
-    pids = {s.resource["process.pid"] for s in steps}
-    assert doomed.pid in pids and len(pids) == 2, "the trace spans the killed worker and the next"
-    (step7,) = step_spans(spans, "step7")  # attempt 1 died with its worker, unexported
+    pids = {s.resource["process.pid"] for s in steps if not s.attributes.get("saga.step.lost")}
+    assert pids == {doomed.pid, survivor.pid}, "the trace spans the killed worker and the next"
+    # Attempt 1 died with its worker, its spans unexported: the sweeper recorded it as lost.
+    lost, step7 = step_spans(spans, "step7")
+    assert lost.attributes["saga.step.attempt"] == 1 and lost.attributes["saga.step.lost"]
+    assert lost.status == "ERROR" and lost.resource["service.name"] == "saga-relay"
     assert step7.attributes["saga.step.attempt"] == 2
-    assert step7.resource["process.pid"] != doomed.pid
+    assert step7.resource["process.pid"] == survivor.pid
+    assert "saga.step.lost" not in step7.attributes
 
 
 def test_prefork_children_recycled_after_each_task_lose_no_spans(
