@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime as dt
+import functools
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,8 +44,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TraceFlags
 
 if TYPE_CHECKING:
     from outbox.message import OutboxMessage
@@ -83,7 +83,6 @@ _SECONDS_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
 
-_W3C = TraceContextTextMapPropagator()
 _tracer = trace.get_tracer(INSTRUMENTATION)
 _meter = metrics.get_meter(INSTRUMENTATION)
 
@@ -148,14 +147,35 @@ def new_run_carrier(start_ns: int | None = None) -> dict[str, str]:
     return carrier
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_traceparent(value: str) -> trace.SpanContext | None:
+    """A W3C ``traceparent`` (version 00 layout) as a remote span context, or None if invalid.
+    Cached: every span of a run parses the same few strings."""
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+        return None
+    version, trace_hex, span_hex, flags_hex = parts[:4]
+    if len(trace_hex) != 32 or len(span_hex) != 16 or len(flags_hex) != 2:
+        return None
+    if version == "00" and len(parts) != 4:
+        return None
+    try:
+        ctx = trace.SpanContext(
+            int(trace_hex, 16),
+            int(span_hex, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(int(flags_hex, 16) & TraceFlags.SAMPLED),
+        )
+    except ValueError:
+        return None
+    return ctx if ctx.is_valid else None
+
+
 def _span_context(carrier: Mapping[str, Any] | None, key: str) -> trace.SpanContext | None:
     if not carrier:
         return None
     value = carrier.get(key)
-    if not isinstance(value, str):
-        return None
-    ctx = trace.get_current_span(_W3C.extract({TRACEPARENT: value})).get_span_context()
-    return ctx if ctx.is_valid else None
+    return _parse_traceparent(value) if isinstance(value, str) else None
 
 
 def root_span_context(carrier: Mapping[str, Any] | None) -> trace.SpanContext | None:
@@ -194,6 +214,10 @@ def send_span(message: OutboxMessage, system: str) -> Iterator[dict[str, str]]:
     """A PRODUCER span around publishing one outbox message; yields the headers to send: the
     row's, with this span as the ``traceparent`` (when it records) and the publish time."""
     headers = dict(message.headers)
+    headers[SENT_AT] = f"{time.time():.6f}"
+    if not enabled():
+        yield headers
+        return
     payload = message.payload
     with _tracer.start_as_current_span(
         f"send {message.destination}",
@@ -212,9 +236,12 @@ def send_span(message: OutboxMessage, system: str) -> Iterator[dict[str, str]]:
         ctx = span.get_span_context()
         if span.is_recording() and ctx.is_valid:
             headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01"
-        headers[SENT_AT] = f"{time.time():.6f}"
         yield headers
-    MESSAGES_PUBLISHED.add(1, {MESSAGING_DESTINATION: message.destination})
+
+
+def published(count: int, destination: str) -> None:
+    """Count messages sent to the broker (once per batch: cheap on the relay's hot path)."""
+    MESSAGES_PUBLISHED.add(count, {MESSAGING_DESTINATION: destination})
 
 
 # -- step attempts --------------------------------------------------------------------------------
@@ -244,49 +271,17 @@ def attempt(
     """The CONSUMER span of one delivery that claimed a step attempt (from the message's
     delivery on), and the attempt's metrics. The parent is the publishing span carried in the
     message headers when it belongs to the run's trace, else the run's root."""
-    root = root_span_context(claim.trace_context)
-    sent = _span_context(headers, TRACEPARENT)
-    links: Sequence[Link] = ()
-    parent_ctx = root
-    if sent is not None and (root is None or sent.trace_id == root.trace_id):
-        parent_ctx = sent
-    elif sent is not None:
-        links = (Link(sent),)
     compensation = claim.kind == "compensation"
-    attrs: dict[str, Any] = {
-        MESSAGING_SYSTEM: system,
-        MESSAGING_DESTINATION: queue,
-        MESSAGING_OPERATION_TYPE: "process",
-        MESSAGING_OPERATION_NAME: "process",
-        SAGA_NAME: claim.saga_name,
-        SAGA_RUN_ID: claim.run_id,
-        SAGA_STEP: claim.step_name,
-        SAGA_STEP_KEY: claim.step_key,
-        SAGA_STEP_ATTEMPT: claim.attempt,
-        SAGA_STEP_MAX_ATTEMPTS: claim.max_attempts,
-        SAGA_STEP_IDEMPOTENCY_KEY: claim.idempotency_key,
-        SAGA_COMPENSATION: compensation,
-    }
-    if message_id:
-        attrs[MESSAGING_MESSAGE_ID] = message_id
-    parent = (
-        None
-        if parent_ctx is None
-        else trace.set_span_in_context(trace.NonRecordingSpan(parent_ctx))
-    )
     metric_attrs = {SAGA_NAME: claim.saga_name, SAGA_STEP: claim.step_name}
     sent_at = (headers or {}).get(SENT_AT)
     if sent_at is not None:
         with contextlib.suppress(TypeError, ValueError):
             wait = max(0.0, received_ns / 1e9 - float(sent_at))
             QUEUE_WAIT.record(wait, {**metric_attrs, MESSAGING_DESTINATION: queue})
-    span = _tracer.start_span(
-        f"process {queue}",
-        context=parent,
-        kind=SpanKind.CONSUMER,
-        attributes=attrs,
-        links=links,
-        start_time=received_ns,
+    span = (
+        _process_span(claim, headers, queue, system, message_id, received_ns)
+        if enabled()
+        else trace.INVALID_SPAN
     )
     state = AttemptTrace(span, claim, received_ns, metric_attrs=metric_attrs)
     token = _ATTEMPT.set(state)
@@ -306,6 +301,50 @@ def attempt(
         labels = {**state.metric_attrs, SAGA_STEP_OUTCOME: state.outcome}
         STEP_DURATION.record((time.time_ns() - received_ns) / 1e9, labels)
         (COMPENSATIONS if compensation else STEP_ATTEMPTS).add(1, labels)
+
+
+def _process_span(
+    claim: Claim,
+    headers: Mapping[str, Any] | None,
+    queue: str,
+    system: str,
+    message_id: str | None,
+    received_ns: int,
+) -> Span:
+    root = root_span_context(claim.trace_context)
+    sent = _span_context(headers, TRACEPARENT)
+    links: Sequence[Link] = ()
+    parent_ctx = root
+    if sent is not None and (root is None or sent.trace_id == root.trace_id):
+        parent_ctx = sent
+    elif sent is not None:
+        links = (Link(sent),)  # published under another trace: linked, not parented
+    # The step span below carries the rest (idempotency key, compensation, replayed).
+    attrs: dict[str, Any] = {
+        MESSAGING_SYSTEM: system,
+        MESSAGING_DESTINATION: queue,
+        MESSAGING_OPERATION_TYPE: "process",
+        MESSAGING_OPERATION_NAME: "process",
+        SAGA_NAME: claim.saga_name,
+        SAGA_RUN_ID: claim.run_id,
+        SAGA_STEP: claim.step_name,
+        SAGA_STEP_ATTEMPT: claim.attempt,
+    }
+    if message_id:
+        attrs[MESSAGING_MESSAGE_ID] = message_id
+    parent = (
+        None
+        if parent_ctx is None
+        else trace.set_span_in_context(trace.NonRecordingSpan(parent_ctx))
+    )
+    return _tracer.start_span(
+        f"process {queue}",
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        attributes=attrs,
+        links=links,
+        start_time=received_ns,
+    )
 
 
 def enabled() -> bool:
@@ -335,6 +374,9 @@ def step_span(
     """The span of a step (or, with ``compensation``, a compensation) function call. It is a
     child of the current span (the delivery's), or of the run's root in ``carrier`` when there
     is none. An exception leaving the block is recorded with error status and re-raised."""
+    if not enabled():
+        yield trace.INVALID_SPAN
+        return
     parent = None if trace.get_current_span().get_span_context().is_valid else _parent(carrier)
     with _tracer.start_as_current_span(
         f"{'compensate' if compensation else 'step'} {step}",

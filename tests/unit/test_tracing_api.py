@@ -25,6 +25,7 @@ def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     provider = sdk_trace.TracerProvider(id_generator=SagaIdGenerator(), shutdown_on_exit=False)
     provider.add_span_processor(sdk_export.SimpleSpanProcessor(exporter))
     monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
+    monkeypatch.setattr(tracing, "enabled", lambda: True)
     yield exporter
     provider.shutdown()
 
