@@ -7,6 +7,7 @@ import logging
 
 from saga import tracing
 from saga.coordinator import step_message
+from saga.errors import StoreError
 from saga.store import PostgresStore
 
 log = logging.getLogger("saga.sweeper")
@@ -22,10 +23,13 @@ class Sweeper:
         """One pass; returns the seconds until the next step falls due (capped)."""
         for run_id, step_key, state in self._store.expire_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)
-            if tracing.enabled():
-                self._trace_lost_attempt(run_id, step_key)
-            if state == "failed":  # out of attempts: expire_leases failed the run
-                self._trace_failed_run(run_id, step_key)
+            try:
+                if tracing.enabled():
+                    self._trace_lost_attempt(run_id, step_key)
+                if state == "failed":  # out of attempts: expire_leases failed the run
+                    self._trace_failed_run(run_id, step_key)
+            except StoreError as exc:
+                log.warning("could not trace the lost attempt of run %r: %s", run_id, exc)
         dispatched = self._store.redispatch_due(
             lambda run_id, step_key, trace: step_message(self._queue, run_id, step_key, trace)
         )

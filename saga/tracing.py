@@ -37,6 +37,7 @@ import datetime as dt
 import functools
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,7 +71,6 @@ SAGA_RUN_STATE = "saga.run.state"
 SAGA_STEP = "saga.step"
 SAGA_STEP_KEY = "saga.step.key"
 SAGA_STEP_ATTEMPT = "saga.step.attempt"
-SAGA_STEP_MAX_ATTEMPTS = "saga.step.max_attempts"
 SAGA_STEP_IDEMPOTENCY_KEY = "saga.step.idempotency_key"
 SAGA_STEP_REPLAYED = "saga.step.replayed"
 SAGA_STEP_LOST = "saga.step.lost"
@@ -239,9 +239,10 @@ def send_span(message: OutboxMessage, system: str) -> Iterator[dict[str, str]]:
         yield headers
 
 
-def published(count: int, destination: str) -> None:
-    """Count messages sent to the broker (once per batch: cheap on the relay's hot path)."""
-    MESSAGES_PUBLISHED.add(count, {MESSAGING_DESTINATION: destination})
+def published(messages: Sequence[OutboxMessage]) -> None:
+    """Count messages sent to the broker, once per batch and queue (cheap on the relay's path)."""
+    for destination, count in Counter(m.destination for m in messages).items():
+        MESSAGES_PUBLISHED.add(count, {MESSAGING_DESTINATION: destination})
 
 
 # -- step attempts --------------------------------------------------------------------------------
@@ -558,7 +559,7 @@ def run_finished(
     Call this exactly once per run, after the transaction that moved it to a final state."""
     RUNS_FINISHED.add(1, {SAGA_NAME: saga_name, SAGA_RUN_STATE: state})
     root = root_span_context(carrier)
-    if root is None:
+    if root is None or not enabled():
         return
     start_ns: int | None = None
     with contextlib.suppress(TypeError, ValueError):

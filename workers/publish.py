@@ -36,4 +36,4 @@ class CeleryPublisher:
                         add_to_parent=False,
                         ignore_result=True,
                     )
-        tracing.published(len(messages), messages[0].destination)
+        tracing.published(messages)
