@@ -215,14 +215,22 @@ def test_one_trace_per_run_across_workers_with_retries_and_metrics(
         "saga.runs.active",
         "saga.outbox.published",
     }
-    wait_until(lambda: wanted <= metric_names(), 30, f"metrics {wanted - metric_names()}")
+
+    def labels(metric: str, attribute: str) -> set[Any]:
+        return {p.attributes[attribute] for p in receiver.points() if p.metric == metric}
+
+    # Cumulative metrics, exported every half second: wait for the last outcomes to arrive.
+    wait_until(
+        lambda: (
+            wanted <= metric_names()
+            and {"completed", "retry", "failed"}
+            <= labels("saga.step.attempts", "saga.step.outcome")
+            and labels("saga.runs.finished", "saga.run.state") == {"completed", "failed"}
+        ),
+        30,
+        "metrics of every outcome",
+    )
     points = receiver.points()
-    outcomes = {
-        p.attributes["saga.step.outcome"] for p in points if p.metric == "saga.step.attempts"
-    }
-    assert {"completed", "retry", "failed"} <= outcomes
-    finished = {p.attributes["saga.run.state"] for p in points if p.metric == "saga.runs.finished"}
-    assert finished == {"completed", "failed"}
     durations = [p for p in points if p.metric == "saga.step.duration"]
     assert all(p.kind == "histogram" and (p.count or 0) >= 1 for p in durations)
     lag = [p for p in points if p.metric == "saga.outbox.lag"]
