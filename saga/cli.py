@@ -53,10 +53,14 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from workers import telemetry
     from workers.app import assert_safe, create_app
 
     app = create_app(settings)
     assert_safe(app)
+    telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
+    if args.pool == "threads":
+        telemetry.configure_sdk("saga-worker")
     argv = [
         "worker",
         f"--loglevel={args.loglevel}",
@@ -80,10 +84,16 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.relay import Relay
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
+    from workers import telemetry
     from workers.app import create_app
     from workers.publish import CeleryPublisher
 
     assert settings.database_url
+    _, metrics_on = telemetry.configure_sdk("saga-relay")
+    if metrics_on:
+        from saga.metrics import DatabaseGauges
+
+        DatabaseGauges(settings.database_url)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -105,6 +115,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         relay.run(stop, also=sweeper.tick if sweeper else None)
     finally:
         store.close()
+        telemetry.shutdown_sdk()
     return 0
 
 
@@ -214,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("saga", metavar="MODULE:SAGA")
     s.add_argument("--input", default="null", help="the run's input as JSON")
     s.add_argument("--run-id", help="an id of yours; starting it twice gives the same run")
+    s.add_argument("--timeout", type=float, help="stop (and compensate) the run after SECONDS")
     s.add_argument(
         "--wait",
         type=float,
@@ -255,6 +267,10 @@ COMMANDS = {
     "show": cmd_show,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "cancel": cmd_operate,
+    "retry": cmd_operate,
+    "fork": cmd_operate,
+    "send-event": cmd_operate,
 }
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
-from saga import coordinator
+from saga import coordinator, tracing
 from saga.definition import Saga, load_definition
 from saga.errors import ConfigurationError, RunFailedError
 from saga.settings import Settings
@@ -13,6 +14,17 @@ from saga.store import PostgresStore, RunRecord, RunTransaction, StepRecord, ope
 from saga.workflow import Workflow
 
 Definition = Saga | Workflow[Any, Any]
+# Run ids are part of idempotency keys ("<run_id>:<step_key>"): no ":" so keys cannot collide.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ConfigurationError(
+            f"run id {run_id!r} is not allowed: use 1-200 letters, digits, '_', '.' or '-', "
+            f"starting with a letter or digit"
+        )
+    return run_id
 
 
 class SagaClient:
@@ -58,8 +70,9 @@ class SagaClient:
         seconds a run still running is stopped and its completed steps compensated."""
         definition: Definition = load_definition(saga) if isinstance(saga, str) else saga
         ref = saga if isinstance(saga, str) else definition.ref()
-        run_id = run_id or uuid.uuid4().hex
+        run_id = check_run_id(run_id or uuid.uuid4().hex)
         input_json = definition.validate_input(input)
+        trace_context = tracing.new_run_carrier()  # the run's root span context
 
         def start(tx: RunTransaction) -> None:
             coordinator.advance(tx, lambda _ref: definition)
@@ -70,7 +83,7 @@ class SagaClient:
             saga_ref=ref,
             saga_version=definition.version_tag,
             input_json=input_json,
-            trace_context={},
+            trace_context=trace_context,
             timeout=timeout,
             start=start,
         )
@@ -118,6 +131,8 @@ class SagaClient:
         """Start a new run from ``run_id``'s journal before ``step_key``: that step and what
         follows run again, under the definition the workers have now."""
         definition = load_definition(self.run(run_id).saga_ref)
+        if new_run_id is not None:
+            check_run_id(new_run_id)
         return self.store.fork_run(
             run_id, step_key, saga_version=definition.version_tag, new_run_id=new_run_id
         )

@@ -156,11 +156,14 @@ ORDER BY lease_expires_at
 LIMIT %s
 """
 
+# Out of attempts, or an action of a run being undone (it gets no new attempt): failed.
 EXPIRE_LEASE = """
 UPDATE saga_steps
-SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END,
+SET state = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
+                 THEN 'failed' ELSE 'pending' END,
     error = %(error)s, due_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-    finished_at = CASE WHEN attempt >= max_attempts THEN now() END
+    finished_at = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
+                       THEN now() END
 WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
   AND attempt = %(attempt)s AND lease_expires_at < now()
 RETURNING state
@@ -185,6 +188,10 @@ WHERE s.run_id = due.run_id AND s.step_key = due.step_key AND r.run_id = s.run_i
 RETURNING s.run_id, s.step_key, r.trace_context
 """
 
+SELECT_TRACE_CONTEXT = """
+SELECT saga_name, trace_context FROM saga_runs WHERE run_id = %s
+"""
+
 NEXT_DUE = """
 SELECT extract(epoch FROM min(due_at) - now()) FROM saga_steps
 WHERE state IN ('pending', 'dispatched', 'waiting')
@@ -194,13 +201,19 @@ SELECT_OVERDUE_RUNS = """
 SELECT run_id FROM saga_runs WHERE state = 'running' AND deadline_at < now() LIMIT %s
 """
 
-# Operator retry: failed steps get a fresh set of attempts and are dispatched again.
+# Operator retry: failed steps get a fresh set of attempts and are dispatched again; steps the
+# failure cancelled before they started are reopened as they were scheduled.
 RETRY_FAILED_STEPS = """
 UPDATE saga_steps
-SET state = 'dispatched', max_attempts = attempt + max_attempts, error = NULL, finished_at = NULL,
-    due_at = now() + %(dispatch_timeout)s * interval '1 second'
-WHERE run_id = %(run_id)s AND state = 'failed' AND kind = ANY(%(kinds)s)
-RETURNING step_key
+SET state = CASE WHEN state = 'failed' OR kind = 'action' THEN 'dispatched'
+                 WHEN kind = 'timer' THEN 'pending' ELSE 'waiting' END,
+    max_attempts = CASE WHEN state = 'failed' THEN attempt + max_attempts ELSE max_attempts END,
+    error = NULL, finished_at = NULL,
+    due_at = CASE WHEN state = 'failed' OR kind = 'action'
+                  THEN now() + %(dispatch_timeout)s * interval '1 second' ELSE due_at END
+WHERE run_id = %(run_id)s AND kind = ANY(%(kinds)s)
+  AND (state = 'failed' OR (state = 'cancelled' AND kind <> 'compensation'))
+RETURNING step_key, state
 """
 
 REOPEN_RUN = """

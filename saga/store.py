@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool
 from outbox.message import OutboxMessage
 from outbox.writer import add_messages, mark_published
 from saga import queries as q
+from saga import tracing
 from saga.coordinator import (
     FINAL_RUN_STATES,
     JournalRow,
@@ -151,6 +152,7 @@ class RunTransaction:
         # The step whose completion is being journaled, if any: lets the coordinator move a
         # chain on without reading the journal.
         self.completed: JournalRow | None = None
+        self.finished: tuple[str, Mapping[str, Any] | None] | None = None  # final state set
 
     def journal(self) -> list[JournalRow]:
         if self._journal is None:
@@ -189,9 +191,9 @@ class RunTransaction:
                     step_message(self._queue, self.run.run_id, s.step_key, self.run.trace_context)
                 )
 
-    def consume_event(self, name: str) -> tuple[bool, Any]:
+    def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]:
         row = self._cur.execute(
-            q.CONSUME_EVENT, {"run_id": self.run.run_id, "name": name, "step_key": name}
+            q.CONSUME_EVENT, {"run_id": self.run.run_id, "name": name, "step_key": step_key}
         ).fetchone()
         return (False, None) if row is None else (True, row[0])
 
@@ -223,6 +225,19 @@ class RunTransaction:
         )
         self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
         self._journal = None
+        self.finished = (state, error if error is not None else self.run.error)
+
+    def traced(self) -> None:
+        """Emit the run's root span once the final state is committed."""
+        if self.finished is not None:
+            state, error = self.finished
+            tracing.run_finished(
+                self.run.trace_context,
+                saga_name=self.run.saga_name,
+                run_id=self.run.run_id,
+                state=state,
+                error=error,
+            )
 
     def begin_compensation(self, error: Mapping[str, Any]) -> None:
         self._cur.execute(
@@ -265,6 +280,7 @@ class PostgresStore:
             tx = RunTransaction(cur, RunView(*row), self._queue, self._dispatch_timeout)
             yield tx
             add_messages(cur, tx.messages)
+        tx.traced()
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -312,7 +328,10 @@ class PostgresStore:
                     tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout)
                     start(tx)
                     add_messages(cur, tx.messages)
-                    return True
+                    created_tx = tx
+            if created:
+                created_tx.traced()
+                return True
             row = conn.execute(q.SELECT_RUN_IDENTITY, (run_id,)).fetchone()
         assert row is not None
         if row[0] != saga_name or row[1] != json.loads(input_json):
@@ -515,6 +534,7 @@ class PostgresStore:
                 raise Fenced
             body(tx, fenced[0])
             add_messages(run_cur, tx.messages, delay_seconds=fast_path_delay)
+        tx.traced()
         return tx.messages
 
     def advance_run(self, run_id: str, advance: Advance) -> None:
@@ -575,7 +595,7 @@ class PostgresStore:
                     "from_states": [tx.run.state],
                 },
             )
-            for (key,) in cur.execute(
+            for key, state in cur.execute(
                 q.RETRY_FAILED_STEPS,
                 {
                     "run_id": run_id,
@@ -583,7 +603,8 @@ class PostgresStore:
                     "dispatch_timeout": self._dispatch_timeout,
                 },
             ).fetchall():
-                tx.messages.append(step_message(self._queue, run_id, key, tx.run.trace_context))
+                if state == "dispatched":
+                    tx.messages.append(step_message(self._queue, run_id, key, tx.run.trace_context))
             tx.advance_later()
 
     def fork_run(
@@ -638,6 +659,7 @@ class PostgresStore:
                         "step_key": step_key,
                         "attempt": attempt,
                         "error": Jsonb(error),
+                        "undoing": tx.run.state != "running",
                     },
                 ).fetchone()
                 if row is None:
@@ -666,6 +688,12 @@ class PostgresStore:
             ).fetchall()
             add_messages(cur, [step_message(self._queue, r, k, t or {}) for r, k, t in rows])
             return len(rows)
+
+    def trace_context(self, run_id: str) -> tuple[str, dict[str, str]] | None:
+        """(saga name, trace context) of a run, for tracing a change made without a claim."""
+        with _translated(f"reading run {run_id!r}"), self._pool.connection() as conn:
+            row = conn.execute(q.SELECT_TRACE_CONTEXT, (run_id,)).fetchone()
+        return None if row is None else (row[0], row[1] or {})
 
     def seconds_until_next_due(self) -> float | None:
         with _translated("reading the next due step"), self._pool.connection() as conn:

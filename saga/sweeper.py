@@ -7,8 +7,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from saga import coordinator
-from saga.errors import SagaError
+from saga import coordinator, tracing
+from saga.errors import SagaError, StoreError
 from saga.store import PostgresStore
 
 log = logging.getLogger("saga.sweeper")
@@ -23,6 +23,11 @@ class Sweeper:
         """One pass; returns the seconds until the next step falls due (capped)."""
         for run_id, step_key, state in self._store.expire_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)
+            try:
+                if tracing.enabled():
+                    self._trace_lost_attempt(run_id, step_key)
+            except StoreError as exc:
+                log.warning("could not trace the lost attempt of run %r: %s", run_id, exc)
         for run_id in self._store.overdue_runs():
             error = {"type": "RunTimeout", "message": f"run {run_id!r} passed its deadline"}
             try:
@@ -37,3 +42,21 @@ class Sweeper:
             )
         nxt = self._store.seconds_until_next_due()
         return self._max_wait if nxt is None else min(nxt, self._max_wait)
+
+    def _trace_lost_attempt(self, run_id: str, step_key: str) -> None:
+        found = self._store.trace_context(run_id)
+        step = next((s for s in self._store.get_steps(run_id) if s.step_key == step_key), None)
+        if found is None or step is None or step.attempt_started_at is None:
+            return
+        if step.state not in ("pending", "failed"):
+            return  # already claimed again: the lost attempt's start time is overwritten
+        tracing.lost_attempt(
+            found[1],
+            saga_name=found[0],
+            run_id=run_id,
+            step=step.step_name,
+            attempt=step.attempt,
+            idempotency_key=step.idempotency_key,
+            started=step.attempt_started_at,
+            compensation=step.kind == "compensation",
+        )

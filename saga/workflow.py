@@ -98,7 +98,7 @@ class WorkflowContext:
         workflow: str,
         input: Any,
         journal: Mapping[int, JournalEntry],
-        consume_event: Callable[[str], tuple[bool, Any]],
+        consume_event: Callable[[str, str], tuple[bool, Any]],
     ) -> None:
         self.run_id = run_id
         self.workflow = workflow
@@ -231,7 +231,7 @@ class WorkflowContext:
             raise DefinitionError(f"workflow {self.workflow!r}: bad event name {name!r}")
         position = self._next(name, "event")
         if position not in self._journal:
-            arrived, payload = self._consume_event(name)
+            arrived, payload = self._consume_event(name, step_key(name, position))
             if arrived:  # sent before the run got here: journal it and go on
                 self.received.append((position, name, payload))
                 self._journal = {

@@ -93,7 +93,7 @@ def assert_safe(app: Celery) -> None:
 def run_step(self: Task, *args: Any, **kwargs: Any) -> None:
     """Run one attempt of a saga step. The message only names the step; all else is in Postgres."""
     try:
-        self.app.executor().execute(args, kwargs, self.request.id)
+        self.app.executor().execute(args, kwargs, self.request.id, self.request.headers)
     except MalformedMessageError as exc:
         log.error("rejected malformed task message %s: %s", self.request.id, exc)
         raise Reject(str(exc), requeue=False) from None

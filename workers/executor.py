@@ -7,6 +7,7 @@ finds the step completed or claimed and is acked without calling anything.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import logging
 import os
@@ -23,7 +24,7 @@ from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from outbox.message import OutboxMessage
-from saga import coordinator
+from saga import coordinator, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref, load_definition
 from saga.errors import MalformedMessageError, StepTimeoutError, StoreError, UnknownSagaError
 from saga.settings import Settings
@@ -60,6 +61,7 @@ def error_record(exc: BaseException, attempt: int, retryable: bool) -> dict[str,
         "attempt": attempt,
         "retryable": retryable,
         "traceback": "".join(traceback.format_exception(exc))[-_MAX_ERROR_TEXT:],
+        "failed_at": dt.datetime.now(dt.UTC).isoformat(),
     }
 
 
@@ -106,10 +108,18 @@ class StepExecutor:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = LeaseKeeper(self.store, settings.lease_seconds)
         self._advance = functools.partial(coordinator.advance, load=load_definition)
+        self._system = tracing.messaging_system(app.conf.broker_url)
 
     # -- tasks --------------------------------------------------------------------------------
 
-    def execute(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
+    def execute(
+        self,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        task_id: str | None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> None:
+        received_ns = time.time_ns()
         msg = _parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
         owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
@@ -122,10 +132,24 @@ class StepExecutor:
         if claim is None:
             self._explain_refusal(msg, task_id)
             return
+        with tracing.attempt(
+            claim,
+            headers,
+            queue=self.settings.queue,
+            system=self._system,
+            message_id=task_id,
+            received_ns=received_ns,
+        ):
+            self._execute_claimed(claim)
+
+    def _execute_claimed(self, claim: Claim) -> None:
+        if claim.attempt > 1 and tracing.recording():
+            self._trace_backoff(claim)
         self.leases.hold(claim)
         try:
             self._run(claim)
         except Fenced:
+            tracing.attempt_fenced()
             log.warning(
                 "attempt %d of step %r of run %r was overtaken (lease lost or run ended); its "
                 "outcome was discarded",
@@ -179,17 +203,28 @@ class StepExecutor:
             self._fail_with(claim, exc, None)  # the same input fails the same way every time
             return
         try:
-            with _time_limit(options.timeout_seconds, f"step {claim.step_key!r}"):
+            with (
+                tracing.step_span(
+                    saga_name=claim.saga_name,
+                    run_id=claim.run_id,
+                    step=claim.step_name,
+                    attempt=claim.attempt,
+                    idempotency_key=claim.idempotency_key,
+                    compensation=claim.kind == "compensation",
+                ),
+                _time_limit(options.timeout_seconds, f"step {claim.step_key!r}"),
+            ):
                 result = function.fn(ctx, value)
-            result_json = function.encode_result(
-                result,
-                limit=self.settings.max_result_bytes,
-                run_id=claim.run_id,
-                step=claim.step_key,
-            )
+                result_json = function.encode_result(
+                    result,
+                    limit=self.settings.max_result_bytes,
+                    run_id=claim.run_id,
+                    step=claim.step_key,
+                )
         except Exception as exc:
             decision = options.retry.decide(claim.attempt, exc)
-            self._fail_with(claim, exc, decision.delay_seconds if decision.retry else None)
+            retry_in = decision.delay_seconds if decision.retry else None
+            self._fail_with(claim, exc, retry_in, recorded=True)
             return
         self._complete(claim, result_json)
 
@@ -204,10 +239,14 @@ class StepExecutor:
             ),
             claim,
         )
+        tracing.attempt_completed()
         if done is not None:
             self._publish_now(done)
 
-    def _fail_with(self, claim: Claim, exc: BaseException, retry_in: float | None) -> None:
+    def _fail_with(
+        self, claim: Claim, exc: BaseException, retry_in: float | None, *, recorded: bool = False
+    ) -> None:
+        tracing.attempt_failed(exc, will_retry=retry_in is not None, record=not recorded)
         log.warning(
             "step %r of run %r failed on attempt %d/%d (%s)%s",
             claim.step_key,
@@ -229,7 +268,13 @@ class StepExecutor:
     def _record_failure(self, claim: Claim, error: dict[str, Any], retry_in: float | None) -> None:
         done = self._durably(
             "journaling a failure",
-            lambda: self.store.fail_attempt(claim, error, retry_in=retry_in, advance=self._advance),
+            lambda: self.store.fail_attempt(
+                claim,
+                error,
+                retry_in=retry_in,
+                advance=self._advance,
+                fast_path_delay=self.settings.fast_path_grace_seconds,
+            ),
             claim,
         )
         if done is not None:
@@ -244,6 +289,29 @@ class StepExecutor:
             self.store.mark_published(messages)
         except Exception as exc:  # kombu raises many types; the relay will publish
             log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
+
+    def _trace_backoff(self, claim: Claim) -> None:
+        """A span for the wait before this retry: from the journaled failure of the previous
+        attempt to now. Reads the step's row once, only for retries and only when tracing."""
+        try:
+            steps = self.store.get_steps(claim.run_id)
+        except StoreError:
+            return
+        previous = next((s for s in steps if s.step_key == claim.step_key), None)
+        error = (previous.error if previous else None) or {}
+        failed_at = tracing.parse_time(error.get("failed_at"))
+        if failed_at is None:
+            return  # e.g. the previous attempt was lost with its worker: no failure time
+        tracing.record_wait(
+            claim.trace_context,
+            kind="retry_backoff",
+            saga_name=claim.saga_name,
+            run_id=claim.run_id,
+            step=claim.step_name,
+            attempt=claim.attempt,
+            start=failed_at,
+            attributes={tracing.ERROR_TYPE: str(error.get("type", ""))},
+        )
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from celery import Celery
 
 from outbox.message import OutboxMessage
+from saga import tracing
 
 
 class CeleryPublisher:
@@ -17,19 +18,22 @@ class CeleryPublisher:
 
     def __init__(self, app: Celery) -> None:
         self._app = app
+        self._system = tracing.messaging_system(app.conf.broker_url)
 
     def publish(self, messages: Sequence[OutboxMessage]) -> None:
         if not messages:
             return
         with self._app.producer_or_acquire() as producer:
             for m in messages:
-                self._app.send_task(
-                    m.task_name,
-                    kwargs=m.payload,
-                    task_id=str(m.message_id),
-                    queue=m.destination,
-                    headers=m.headers or None,
-                    producer=producer,
-                    add_to_parent=False,
-                    ignore_result=True,
-                )
+                with tracing.send_span(m, self._system) as headers:
+                    self._app.send_task(
+                        m.task_name,
+                        kwargs=m.payload,
+                        task_id=str(m.message_id),
+                        queue=m.destination,
+                        headers=headers,
+                        producer=producer,
+                        add_to_parent=False,
+                        ignore_result=True,
+                    )
+        tracing.published(messages)

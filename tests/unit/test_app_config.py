@@ -248,7 +248,7 @@ def raised(exc: BaseException) -> BaseException:
 def test_error_record_fields() -> None:
     exc = raised(ValueError("the input is wrong"))
     record = error_record(exc, attempt=3, retryable=False)
-    assert set(record) == {"type", "message", "attempt", "retryable", "traceback"}
+    assert set(record) == {"type", "message", "attempt", "retryable", "traceback", "failed_at"}
     assert record["type"] == "builtins.ValueError"
     assert record["message"] == "the input is wrong"
     assert record["attempt"] == 3

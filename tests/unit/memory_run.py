@@ -1,0 +1,618 @@
+"""An in-memory twin of the Postgres store, for coordinator tests without services.
+
+``MemoryRunTx`` mirrors ``saga.store.RunTransaction`` (the real ``coordinator.RunTx``) over
+Python dicts, statement for statement:
+
+- ``schedule`` inserts journal rows numbered after the run's last (``seq``), in the state the
+  ``NewStep`` asks for (dispatched | pending | waiting), ``ON CONFLICT (run_id, step_key) DO
+  NOTHING``; a dispatched step's task message is queued even when its row existed already (the
+  claim fences the duplicate), and ``idempotency_key`` is unique across all runs, as in the
+  schema (a clash raises, as the INSERT would).
+- ``finish`` sets the run's state (only from running/compensating; the error is kept when none
+  is given) and cancels its open non-compensation steps (pending, dispatched, waiting). It does
+  not change ``tx.run``, just as the store does not.
+- ``begin_compensation`` moves running -> compensating with the error, cancels open steps and
+  updates ``tx.run``.
+- ``consume_event`` takes the oldest unconsumed event of that name; ``record_event`` journals an
+  event received during a replay as a completed event step with a new ``completed_seq``.
+- ``journal`` reads the rows in ``seq`` order (cached until the transaction writes steps), with
+  values round-tripped through JSON as jsonb would.
+
+``Sim`` plays the workers, the sweeper and the client on one run, mirroring ``PostgresStore``:
+``start`` (create_run + advance, as ``SagaClient.start``), ``claim`` (CLAIM_STEP),
+``complete`` / ``fail`` (complete_step / fail_attempt: the fenced row update, then
+``coordinator.advance`` in the same transaction, with ``tx.completed`` set for completions),
+``fire_timer`` and ``time_out_event`` (what the sweeper and executor do when a timer or an event
+wait falls due), ``send_event`` (send_event, then the advance task it queues), ``cancel``
+(stop_run + ``coordinator.stop``), ``retry`` (retry_run, then its advance task), ``expire_lease``
+(expire_leases for one step) and ``advance`` (an advance task). Every call is one transaction:
+when it raises, the in-memory state is rolled back (the completion sequence, like a Postgres
+sequence, is not). Nothing here calls a step function: tests decide each step's outcome.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from outbox.message import OutboxMessage
+from saga import coordinator
+from saga.coordinator import JournalRow, NewStep, RunView, advance_message, step_message
+from saga.definition import Saga
+from saga.store import Fenced, OperatorError
+from saga.workflow import Workflow
+
+Definition = Saga | Workflow[Any, Any]
+OPEN_STATES = ("pending", "dispatched", "waiting")
+
+
+def _jsonb(value: Any) -> Any:
+    """What a jsonb column gives back for ``value``."""
+    return None if value is None else json.loads(json.dumps(value))
+
+
+class IntegrityError(Exception):
+    """A constraint Postgres would enforce (here: idempotency_key UNIQUE, step primary key)."""
+
+
+class Refused(Exception):
+    """A claim the store would refuse (CLAIM_STEP returns no row): the worker drops it."""
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    saga_name: str
+    saga_ref: str
+    saga_version: str
+    input: Any
+    state: str = "running"
+    result: Any = None
+    error: Any = None
+    trace_context: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in coordinator.FINAL_RUN_STATES
+
+
+@dataclass
+class StepRow:
+    run_id: str
+    step_key: str
+    step_name: str
+    kind: str
+    seq: int
+    position: int | None
+    state: str
+    fn_ref: str | None
+    compensation_ref: str | None
+    options: dict[str, Any]
+    max_attempts: int
+    idempotency_key: str
+    input: Any
+    due_in: float  # seconds after scheduling when it falls due (math.inf: never)
+    attempt: int = 0
+    result: Any = None
+    error: Any = None
+    completed_seq: int | None = None
+    lease_owner: str | None = None
+
+    def journal_row(self) -> JournalRow:
+        """As SELECT_JOURNAL reads it (result_json is not selected)."""
+        return JournalRow(
+            self.step_key,
+            self.step_name,
+            self.kind,
+            self.state,
+            self.position,
+            _jsonb(self.result),
+            _jsonb(self.error),
+            self.completed_seq,
+            self.compensation_ref,
+            _jsonb(self.options),
+        )
+
+
+@dataclass
+class EventRow:
+    run_id: str
+    name: str
+    payload: Any
+    consumed_by: str | None = None
+
+
+@dataclass
+class MemoryDB:
+    """The tables: saga_runs, saga_steps, saga_events, saga_outbox and saga_completion_seq."""
+
+    runs: dict[str, RunRow] = field(default_factory=dict)
+    steps: dict[tuple[str, str], StepRow] = field(default_factory=dict)
+    events: list[EventRow] = field(default_factory=list)
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    completion_seq: int = 0
+
+    def next_completion(self) -> int:
+        self.completion_seq += 1
+        return self.completion_seq
+
+    def rows(self, run_id: str) -> list[StepRow]:
+        return sorted((r for r in self.steps.values() if r.run_id == run_id), key=lambda r: r.seq)
+
+    def cancel_open_steps(self, run_id: str) -> None:
+        """CANCEL_OPEN_STEPS."""
+        for r in self.rows(run_id):
+            if r.kind != "compensation" and r.state in OPEN_STATES:
+                r.state = "cancelled"
+
+    def insert_step(self, row: StepRow) -> None:
+        if (row.run_id, row.step_key) in self.steps:
+            raise IntegrityError(f"duplicate step {row.step_key!r} of run {row.run_id!r}")
+        if any(r.idempotency_key == row.idempotency_key for r in self.steps.values()):
+            raise IntegrityError(f"duplicate idempotency_key {row.idempotency_key!r}")
+        self.steps[(row.run_id, row.step_key)] = row
+
+    def next_seq(self, run_id: str) -> int:
+        return max((r.seq for r in self.steps.values() if r.run_id == run_id), default=0) + 1
+
+
+class MemoryRunTx:
+    """``coordinator.RunTx`` over a ``MemoryDB``; mirrors ``saga.store.RunTransaction``."""
+
+    def __init__(
+        self, db: MemoryDB, run: RunView, queue: str = "saga", dispatch_timeout: float = 30.0
+    ) -> None:
+        self._db = db
+        self.run = run
+        self._queue = queue
+        self._dispatch_timeout = dispatch_timeout
+        self.messages: list[OutboxMessage] = []
+        self._journal: list[JournalRow] | None = None
+        self.completed: JournalRow | None = None
+        self.journal_reads = 0  # how often the journal was read (the fast path reads none)
+
+    def journal(self) -> list[JournalRow]:
+        if self._journal is None:
+            self.journal_reads += 1
+            self._journal = [r.journal_row() for r in self._db.rows(self.run.run_id)]
+        return self._journal
+
+    def schedule(self, steps: Sequence[NewStep]) -> None:
+        self._journal = None
+        for s in steps:
+            if (self.run.run_id, s.step_key) not in self._db.steps:  # ON CONFLICT DO NOTHING
+                if s.delay_seconds is None and s.state == "waiting":
+                    due = math.inf
+                else:
+                    due = s.delay_seconds if s.delay_seconds is not None else self._dispatch_timeout
+                self._db.insert_step(
+                    StepRow(
+                        run_id=self.run.run_id,
+                        step_key=s.step_key,
+                        step_name=s.step_name,
+                        kind=s.kind,
+                        seq=self._db.next_seq(self.run.run_id),
+                        position=s.position,
+                        state=s.state,
+                        fn_ref=s.fn_ref,
+                        compensation_ref=s.compensation_ref,
+                        options=_jsonb(dict(s.options)),
+                        max_attempts=s.max_attempts,
+                        idempotency_key=s.idempotency_key,
+                        input=json.loads(s.input_json),
+                        due_in=due,
+                    )
+                )
+            if s.state == "dispatched":
+                self.messages.append(
+                    step_message(self._queue, self.run.run_id, s.step_key, self.run.trace_context)
+                )
+
+    def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]:
+        for e in self._db.events:
+            if e.run_id == self.run.run_id and e.name == name and e.consumed_by is None:
+                e.consumed_by = step_key
+                return True, _jsonb(e.payload)
+        return False, None
+
+    def record_event(self, step: NewStep, payload: Any) -> None:
+        self._journal = None
+        self._db.insert_step(
+            StepRow(
+                run_id=self.run.run_id,
+                step_key=step.step_key,
+                step_name=step.step_name,
+                kind="event",
+                seq=self._db.next_seq(self.run.run_id),
+                position=step.position,
+                state="completed",
+                fn_ref=None,
+                compensation_ref=None,
+                options={},
+                max_attempts=1,
+                idempotency_key=step.idempotency_key,
+                input=None,
+                due_in=0.0,
+                result=_jsonb(payload),
+                completed_seq=self._db.next_completion(),
+            )
+        )
+
+    def finish(
+        self, state: str, *, result_json: str | None = None, error: Mapping[str, Any] | None = None
+    ) -> None:
+        run = self._db.runs[self.run.run_id]
+        if run.state in ("running", "compensating"):  # FINISH_RUN
+            run.state = state
+            run.result = None if result_json is None else json.loads(result_json)
+            if error is not None:
+                run.error = _jsonb(dict(error))
+        self._db.cancel_open_steps(self.run.run_id)
+        self._journal = None
+
+    def begin_compensation(self, error: Mapping[str, Any]) -> None:
+        run = self._db.runs[self.run.run_id]
+        if run.state == "running":  # BEGIN_COMPENSATION
+            run.state = "compensating"
+            run.error = _jsonb(dict(error))
+        self._db.cancel_open_steps(self.run.run_id)
+        self.run = RunView(**{**vars(self.run), "state": "compensating", "error": dict(error)})
+        self._journal = None
+
+    def advance_later(self) -> None:
+        self.messages.append(advance_message(self._queue, self.run.run_id, self.run.trace_context))
+
+
+class Sim:
+    """One run of ``definition``, with the test playing every worker. See the module docstring.
+
+    ``fast_path=False`` leaves ``tx.completed`` unset on completions, so the coordinator always
+    reads the journal (to compare with the chain fast path).
+    """
+
+    def __init__(
+        self,
+        definition: Definition,
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        saga_version: str | None = None,
+        fast_path: bool = True,
+        db: MemoryDB | None = None,
+    ) -> None:
+        self.definition = definition  # what the "workers" load; replace it to model a deploy
+        self.input = input
+        self.run_id = run_id or uuid.uuid4().hex
+        self.saga_version = definition.version_tag if saga_version is None else saga_version
+        self.fast_path = fast_path
+        self.db = MemoryDB() if db is None else db
+        self.transactions: list[MemoryRunTx] = []  # every transaction that ran advance or stop
+
+    # -- reading ------------------------------------------------------------------------------
+
+    @property
+    def run(self) -> RunRow:
+        return self.db.runs[self.run_id]
+
+    def rows(self) -> list[StepRow]:
+        return self.db.rows(self.run_id)
+
+    def row(self, step_key: str) -> StepRow:
+        try:
+            return self.db.steps[(self.run_id, step_key)]
+        except KeyError:
+            raise KeyError(
+                f"run has no step {step_key!r}; it has {[r.step_key for r in self.rows()]}"
+            ) from None
+
+    def step_keys(self, *states: str, kind: str | None = None) -> list[str]:
+        """Step keys in seq order, optionally only in these states / of this kind."""
+        return [
+            r.step_key
+            for r in self.rows()
+            if (not states or r.state in states) and (kind is None or r.kind == kind)
+        ]
+
+    def open_steps(self) -> list[str]:
+        """Keys of the dispatched steps (those a worker would now get a message for)."""
+        return self.step_keys("dispatched")
+
+    def states(self) -> dict[str, str]:
+        return {r.step_key: r.state for r in self.rows()}
+
+    def step_messages(self) -> list[str]:
+        return [
+            m.payload["step_key"]
+            for m in self.db.outbox
+            if m.task_name == coordinator.STEP_TASK and m.payload["run_id"] == self.run_id
+        ]
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def _load(self, ref: str) -> Definition:
+        return self.definition
+
+    def view(self) -> RunView:
+        r = self.run
+        return RunView(
+            r.run_id,
+            r.state,
+            r.saga_name,
+            r.saga_ref,
+            r.saga_version,
+            copy.deepcopy(r.input),
+            copy.deepcopy(r.error),
+            dict(r.trace_context),
+        )
+
+    @contextmanager
+    def _locked(self) -> Iterator[MemoryRunTx]:
+        """A transaction holding the run's lock: rolled back if the body raises."""
+        saved = (copy.deepcopy(self.db.runs), copy.deepcopy(self.db.steps))
+        saved_events = copy.deepcopy(self.db.events)
+        tx = MemoryRunTx(self.db, self.view())
+        try:
+            yield tx
+        except BaseException:
+            self.db.runs, self.db.steps = saved
+            self.db.events = saved_events
+            raise
+        self.db.outbox.extend(tx.messages)
+        self.transactions.append(tx)
+
+    def _advance(self, tx: MemoryRunTx) -> None:
+        coordinator.advance(tx, self._load)
+
+    # -- the client ---------------------------------------------------------------------------
+
+    def start(self) -> Sim:
+        """SagaClient.start: validate the input, create the run, advance it, one transaction."""
+        if self.run_id in self.db.runs:
+            return self
+        input_json = self.definition.validate_input(self.input)
+        self.db.runs[self.run_id] = RunRow(
+            self.run_id,
+            self.definition.name,
+            f"memory:{self.definition.name}",
+            self.saga_version,
+            json.loads(input_json),
+        )
+        try:
+            with self._locked() as tx:
+                self._advance(tx)
+        except BaseException:
+            del self.db.runs[self.run_id]
+            raise
+        return self
+
+    def advance(self) -> None:
+        """An advance task (store.advance_run)."""
+        with self._locked() as tx:
+            self._advance(tx)
+
+    def send_event(self, name: str, payload: Any = None, *, run_advance: bool = True) -> bool:
+        """store.send_event; when it completed a waiting step, the advance task it queued runs
+        too (unless ``run_advance`` is False)."""
+        with self._locked() as tx:
+            if tx.run.state != "running":
+                raise OperatorError(f"run {self.run_id!r} is {tx.run.state}; it takes no events")
+            waiting = [
+                r
+                for r in self.rows()
+                if r.kind == "event" and r.step_name == name and r.state == "waiting"
+            ]
+            if waiting:  # DELIVER_EVENT: the oldest wait
+                r = waiting[0]
+                r.state, r.result = "completed", _jsonb(payload)
+                r.completed_seq = self.db.next_completion()
+                tx.advance_later()
+            else:  # STORE_EVENT
+                self.db.events.append(EventRow(self.run_id, name, _jsonb(payload)))
+        if waiting and run_advance:
+            self.advance()
+        return bool(waiting)
+
+    def stop(self, error: Mapping[str, Any]) -> None:
+        """store.stop_run with coordinator.stop (cancel, or the sweeper's deadline)."""
+        with self._locked() as tx:
+            if tx.run.state != "running":
+                raise OperatorError(
+                    f"run {self.run_id!r} is {tx.run.state}; only a running run can be cancelled"
+                )
+            coordinator.stop(tx, error)
+
+    def cancel(self, reason: str = "cancelled by an operator") -> None:
+        """SagaClient.cancel."""
+        self.stop({"type": coordinator.CANCELLED, "message": reason})
+
+    def retry(self, *, run_advance: bool = True) -> None:
+        """store.retry_run (REOPEN_RUN, RETRY_FAILED_STEPS), then the advance task it queues."""
+        kinds: tuple[str, ...]
+        with self._locked() as tx:
+            if tx.run.state == "failed":
+                kinds, state = ("action", "timer", "event"), "running"
+            elif tx.run.state == "compensation_failed":
+                kinds, state = ("compensation",), "compensating"
+            else:
+                raise OperatorError(f"run {self.run_id!r} is {tx.run.state}; cannot retry it")
+            run = self.run
+            run.error = run.error if state == "compensating" else None
+            run.state = state
+            for r in self.rows():
+                if r.kind not in kinds:
+                    continue
+                if r.state == "failed":
+                    r.state, r.max_attempts, r.error = (
+                        "dispatched",
+                        r.attempt + r.max_attempts,
+                        None,
+                    )
+                elif r.state == "cancelled" and r.kind != "compensation":
+                    # as RETRY_FAILED_STEPS: reopened as they were scheduled
+                    r.state = {"action": "dispatched", "timer": "pending"}.get(r.kind, "waiting")
+                    r.error = None
+                else:
+                    continue
+                if r.state == "dispatched":
+                    tx.messages.append(step_message("saga", self.run_id, r.step_key, {}))
+            tx.advance_later()
+        if run_advance:
+            self.advance()
+
+    # -- the workers --------------------------------------------------------------------------
+
+    def claim(self, step_key: str) -> StepRow:
+        """CLAIM_STEP: a dispatched step (of the kind the run's state allows) starts running."""
+        r = self.row(step_key)
+        wanted = "compensating" if r.kind == "compensation" else "running"
+        if self.run.state != wanted or r.state != "dispatched":
+            raise Refused(
+                f"step {step_key!r} is {r.state} and the run is {self.run.state}; not claimable"
+            )
+        r.state, r.attempt = "running", r.attempt + 1
+        r.lease_owner = f"worker:{uuid.uuid4().hex[:8]}"
+        return r
+
+    def _claimed(self, step_key: str) -> StepRow:
+        r = self.row(step_key)
+        return r if r.state == "running" else self.claim(step_key)
+
+    def _outcome(
+        self,
+        step_key: str,
+        update: Callable[[MemoryRunTx, StepRow], None],
+        body: Callable[[MemoryRunTx, StepRow], None],
+    ) -> None:
+        """store._outcome: lock the run, the fenced row update, the run-state check (raising
+        Fenced rolls the update back), then the body (the coordinator) in the same transaction."""
+        claimed = self._claimed(step_key)
+        with self._locked() as tx:
+            row = self.row(step_key)
+            if row.state != "running" or row.attempt != claimed.attempt:
+                raise Fenced
+            update(tx, row)
+            allowed = (
+                ("compensating",) if row.kind == "compensation" else ("running", "compensating")
+            )
+            if tx.run.state not in allowed:
+                raise Fenced
+            body(tx, row)
+
+    def complete(
+        self, step_key: str, result: Any = None, *, result_json: str | None = None
+    ) -> None:
+        """A worker journals the step's result (claiming it first if it is dispatched);
+        store.complete_step: completed with a new completed_seq, then advance with
+        ``tx.completed`` set."""
+        text = json.dumps(result) if result_json is None else result_json
+
+        def update(tx: MemoryRunTx, row: StepRow) -> None:
+            row.state, row.result, row.error = "completed", json.loads(text), None
+            row.completed_seq = self.db.next_completion()
+            row.lease_owner = None
+
+        def outcome(tx: MemoryRunTx, row: StepRow) -> None:
+            if self.fast_path:
+                tx.completed = JournalRow(
+                    row.step_key,
+                    row.step_name,
+                    row.kind,
+                    "completed",
+                    None,
+                    json.loads(text),
+                    None,
+                    None,
+                    None,
+                    _jsonb(row.options),
+                    text,
+                )
+            self._advance(tx)
+
+        self._outcome(step_key, update, outcome)
+
+    def fail(
+        self,
+        step_key: str,
+        error_type: str = "Error",
+        message: str = "failed",
+        *,
+        retry_in: float | None = None,
+    ) -> None:
+        """A worker journals a failed attempt (claiming the step first if it is dispatched);
+        store.fail_attempt: back to pending when retried (actions only while the run runs),
+        else failed for good and the run advances."""
+
+        def update(tx: MemoryRunTx, row: StepRow) -> None:
+            retried = retry_in is not None and (
+                row.kind == "compensation" or tx.run.state == "running"
+            )
+            row.state = "pending" if retried else "failed"
+            row.error = {
+                "type": error_type,
+                "message": message,
+                "attempt": row.attempt,
+                "retryable": retry_in is not None,
+            }
+            row.due_in = retry_in or 0.0
+            row.lease_owner = None
+
+        def outcome(tx: MemoryRunTx, row: StepRow) -> None:
+            if row.state == "failed":
+                self._advance(tx)
+
+        self._outcome(step_key, update, outcome)
+
+    # -- the sweeper --------------------------------------------------------------------------
+
+    def redispatch(self, step_key: str) -> None:
+        """REDISPATCH_DUE for one open step, as if its time had come."""
+        r = self.row(step_key)
+        wanted = "compensating" if r.kind == "compensation" else "running"
+        if r.state not in OPEN_STATES or self.run.state != wanted:
+            raise Refused(f"step {step_key!r} is {r.state}, run {self.run.state}; not due")
+        r.state = "dispatched"
+        self.db.outbox.append(step_message("saga", self.run_id, step_key, {}))
+
+    def expire_lease(self, step_key: str, *, run_advance: bool = True) -> None:
+        """store.expire_leases for one running step whose worker died (EXPIRE_LEASE): back to
+        pending, or failed once its attempts are used up, and then (failed only) the advance
+        task it queues runs too (unless ``run_advance`` is False)."""
+        with self._locked() as tx:
+            r = self.row(step_key)
+            if r.state != "running":
+                raise Refused(f"step {step_key!r} is {r.state}; no lease to expire")
+            undoing = tx.run.state != "running" and r.kind != "compensation"
+            r.state = "failed" if r.attempt >= r.max_attempts or undoing else "pending"
+            r.error = {
+                "type": "LeaseExpired",
+                "attempt": r.attempt,
+                "message": f"attempt {r.attempt} of step {step_key!r} lost its worker "
+                f"(lease expired)",
+            }
+            r.due_in, r.lease_owner = 0.0, None
+            if r.state == "failed":
+                tx.advance_later()
+        if r.state == "failed" and run_advance:
+            self.advance()
+
+    def fire_timer(self, step_key: str) -> None:
+        """A sleep is over: the sweeper dispatches the timer step, a worker completes it."""
+        assert self.row(step_key).kind == "timer", f"{step_key!r} is not a timer"
+        self.redispatch(step_key)
+        self.complete(step_key, result_json="null")
+
+    def time_out_event(self, step_key: str) -> None:
+        """An event wait timed out: dispatched by the sweeper, failed by a worker."""
+        assert self.row(step_key).kind == "event", f"{step_key!r} is not an event wait"
+        self.redispatch(step_key)
+        self.fail(
+            step_key,
+            coordinator.EVENT_TIMEOUT,
+            f"no event {self.row(step_key).step_name!r} arrived in time",
+        )

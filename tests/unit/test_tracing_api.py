@@ -1,0 +1,137 @@
+"""saga.tracing in process: the root span's ids, compensation/replay/wait spans, the no-op path."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from saga import tracing
+from workers import telemetry
+
+sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
+in_memory = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")
+sdk_export = pytest.importorskip("opentelemetry.sdk.trace.export")
+
+
+@pytest.fixture
+def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Spans of saga.tracing go to memory, through an SDK set up as workers.telemetry does."""
+    from workers._otel_sdk import SagaIdGenerator
+
+    exporter = in_memory.InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider(id_generator=SagaIdGenerator(), shutdown_on_exit=False)
+    provider.add_span_processor(sdk_export.SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
+    monkeypatch.setattr(tracing, "enabled", lambda: True)
+    yield exporter
+    provider.shutdown()
+
+
+def test_root_span_has_the_ids_stored_at_start_and_everything_descends_from_it(
+    exported: Any,
+) -> None:
+    # The caller's own span, e.g. the web request that starts the run: the root links to it.
+    with tracing._tracer.start_as_current_span("POST /orders") as request:
+        carrier = tracing.new_run_carrier(start_ns=1_700_000_000_000_000_000)
+    root_ctx = tracing.root_span_context(carrier)
+    assert root_ctx is not None and root_ctx.trace_id != request.get_span_context().trace_id
+
+    tracing.replayed_step(
+        carrier, saga_name="trip", run_id="r1", step="book", attempt=1, idempotency_key="r1:book"
+    )
+    with (
+        pytest.raises(RuntimeError),
+        tracing.step_span(
+            saga_name="trip",
+            run_id="r1",
+            step="refund",
+            attempt=2,
+            idempotency_key="r1:compensate:refund",
+            compensation=True,
+            carrier=carrier,
+        ),
+    ):
+        raise RuntimeError("the refund API is down")
+    tracing.record_wait(
+        carrier,
+        kind="sleep",
+        saga_name="trip",
+        run_id="r1",
+        start=1_700_000_000_500_000_000,
+        end=1_700_000_001_500_000_000,
+    )
+    tracing.run_finished(
+        carrier,
+        saga_name="trip",
+        run_id="r1",
+        state="compensation_failed",
+        error={"type": "RuntimeError", "message": "the refund API is down", "traceback": "..."},
+    )
+
+    spans = {s.name: s for s in exported.get_finished_spans()}
+    root = spans["saga trip"]
+    assert (root.context.trace_id, root.context.span_id) == (root_ctx.trace_id, root_ctx.span_id)
+    assert root.parent is None
+    assert root.start_time == 1_700_000_000_000_000_000
+    assert root.status.status_code.name == "ERROR"
+    assert root.events[0].name == "exception"
+    assert root.attributes["saga.run.state"] == "compensation_failed"
+    assert [link.context.span_id for link in root.links] == [request.get_span_context().span_id]
+
+    replayed, compensation, wait = (
+        spans["step book"],
+        spans["compensate refund"],
+        spans["wait sleep"],
+    )
+    for span in (replayed, compensation, wait):
+        assert span.context.trace_id == root_ctx.trace_id
+        assert span.parent is not None and span.parent.span_id == root_ctx.span_id
+    assert replayed.attributes["saga.step.replayed"] is True
+    assert compensation.attributes["saga.compensation"] is True
+    assert compensation.attributes["saga.step.replayed"] is False
+    assert compensation.status.status_code.name == "ERROR"
+    assert [e.name for e in compensation.events] == ["exception"]
+    assert (wait.start_time, wait.end_time) == (
+        1_700_000_000_500_000_000,
+        1_700_000_001_500_000_000,
+    )
+    assert wait.attributes["saga.wait.kind"] == "sleep"
+    # Only the root took the forced ids.
+    assert len({s.context.span_id for s in spans.values()}) == len(spans)
+
+
+def test_without_an_sdk_the_api_is_a_cheap_no_op() -> None:
+    carrier = tracing.new_run_carrier()
+    assert set(carrier) == {tracing.TRACEPARENT, tracing.RUN_START}
+    started = time.perf_counter()
+    n = 2000
+    for _ in range(n):
+        with tracing.step_span(
+            saga_name="s", run_id="r", step="a", attempt=1, idempotency_key="r:a", carrier=carrier
+        ):
+            pass
+        tracing.attempt_completed()
+    per_step = (time.perf_counter() - started) / n
+    assert per_step < 200e-6, f"{per_step * 1e6:.1f} us per step span with no SDK"
+    tracing.run_finished(carrier, saga_name="s", run_id="r", state="completed")
+
+
+def test_configuration_follows_the_standard_variables() -> None:
+    assert not telemetry.requested({})
+    assert telemetry.requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
+    assert telemetry._exporters("TRACES", {"OTEL_TRACES_EXPORTER": "otlp,console"}) == [
+        "otlp",
+        "console",
+    ]
+    assert not telemetry.requested(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_SDK_DISABLED": "true"}
+    )
+    assert not telemetry.requested(
+        {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}
+    )
+    assert tracing.messaging_system("redis://localhost:6379/0") == "redis"
+    assert tracing.messaging_system("amqp://guest@rabbit//") == "rabbitmq"
+    assert tracing.messaging_system("sqs://") == "aws_sqs"
