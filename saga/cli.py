@@ -199,9 +199,14 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.suite == "coordinator":
+        from saga.bench_coordinator import bench_coordinator
+
+        print(json.dumps(bench_coordinator(settings), indent=None if args.json else 2))
+        return 0
     from saga.bench import run_bench
 
-    return run_bench(settings, args)
+    return int(run_bench(settings, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--payload", default="null", help="the event's payload as JSON")
     sub.add_parser("demo", help="run the demo saga on the embedded servers", epilog=ENV_HELP)
     b = sub.add_parser("bench", help="benchmarks against raw Celery", epilog=ENV_HELP)
-    b.add_argument("suite", choices=["core"])
+    b.add_argument("suite", choices=["core", "coordinator"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--runs", type=int, default=2000)

@@ -43,10 +43,14 @@ VALUES (%(run_id)s, %(step_key)s, %(step_name)s, 'event',
         nextval('saga_completion_seq'), now())
 """
 
+# The journal, less the completed rows a process has already read (completed rows never change,
+# and a run's completions are numbered in commit order under its lock).
 SELECT_JOURNAL = """
 SELECT step_key, step_name, kind, state, position, result, error, completed_seq,
        compensation_ref, options
-FROM saga_steps WHERE run_id = %s ORDER BY seq
+FROM saga_steps
+WHERE run_id = %(run_id)s AND (state <> 'completed' OR completed_seq > %(seen)s)
+ORDER BY seq
 """
 
 # Claim for one attempt: the fencing token (attempt) goes up by one. Only a dispatched step, or a

@@ -7,6 +7,7 @@ change) and the outbox rows it causes commit together, or not at all.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -137,13 +138,42 @@ def open_pool(database_url: str, *, size: int, name: str = "saga") -> Connection
     )
 
 
+class JournalCache:
+    """Completed journal rows by run, per process: a workflow's replay then reads only what is
+    new since this process last advanced the run, so replay cost does not grow with the run's
+    length. Updated only after the reading transaction commits."""
+
+    def __init__(self, max_runs: int = 256) -> None:
+        self._runs: collections.OrderedDict[str, tuple[int, dict[str, JournalRow]]] = (
+            collections.OrderedDict()
+        )
+        self._max_runs = max_runs
+
+    def get(self, run_id: str) -> tuple[int, dict[str, JournalRow]]:
+        seen, rows = self._runs.get(run_id, (0, {}))
+        return seen, dict(rows)
+
+    def put(self, run_id: str, seen: int, rows: dict[str, JournalRow]) -> None:
+        self._runs[run_id] = (seen, rows)
+        self._runs.move_to_end(run_id)
+        while len(self._runs) > self._max_runs:
+            self._runs.popitem(last=False)
+
+
 class RunTransaction:
     """``coordinator.RunTx`` over an open transaction holding the run's lock."""
 
     def __init__(
-        self, cur: psycopg.Cursor[Any], run: RunView, queue: str, dispatch_timeout: float
+        self,
+        cur: psycopg.Cursor[Any],
+        run: RunView,
+        queue: str,
+        dispatch_timeout: float,
+        cache: JournalCache | None = None,
     ) -> None:
         self._cur = cur
+        self._cache = cache or JournalCache(0)
+        self._cache_update: tuple[int, dict[str, JournalRow]] | None = None
         self.run = run
         self._queue = queue
         self._dispatch_timeout = dispatch_timeout
@@ -156,10 +186,22 @@ class RunTransaction:
 
     def journal(self) -> list[JournalRow]:
         if self._journal is None:
-            self._journal = [
+            seen, completed = self._cache.get(self.run.run_id)
+            fresh = [
                 JournalRow(*r)
-                for r in self._cur.execute(q.SELECT_JOURNAL, (self.run.run_id,)).fetchall()
+                for r in self._cur.execute(
+                    q.SELECT_JOURNAL, {"run_id": self.run.run_id, "seen": seen}
+                ).fetchall()
             ]
+            for r in fresh:  # kept once (and only if) this transaction commits
+                if r.state == "completed" and r.completed_seq:
+                    completed[r.step_key] = r
+            self._cache_update = (
+                max([seen, *(r.completed_seq or 0 for r in completed.values())]),
+                completed,
+            )
+            rows = {**completed, **{r.step_key: r for r in fresh}}
+            self._journal = list(rows.values())
         return self._journal
 
     def schedule(self, steps: Sequence[NewStep]) -> None:
@@ -227,8 +269,10 @@ class RunTransaction:
         self._journal = None
         self.finished = (state, error if error is not None else self.run.error)
 
-    def traced(self) -> None:
-        """Emit the run's root span once the final state is committed."""
+    def committed(self) -> None:
+        """After commit: keep what was read in the journal cache, trace a final state."""
+        if self._cache_update is not None:
+            self._cache.put(self.run.run_id, *self._cache_update)
         if self.finished is not None:
             state, error = self.finished
             tracing.run_finished(
@@ -260,6 +304,7 @@ class PostgresStore:
         self._pool = pool
         self._queue = queue
         self._dispatch_timeout = dispatch_timeout
+        self._journals = JournalCache()
 
     def close(self) -> None:
         self._pool.close()
@@ -277,10 +322,12 @@ class PostgresStore:
             row = cur.execute(q.LOCK_RUN, (run_id,)).fetchone()
             if row is None:
                 raise RunNotFoundError(f"no run has id {run_id!r}")
-            tx = RunTransaction(cur, RunView(*row), self._queue, self._dispatch_timeout)
+            tx = RunTransaction(
+                cur, RunView(*row), self._queue, self._dispatch_timeout, self._journals
+            )
             yield tx
             add_messages(cur, tx.messages)
-        tx.traced()
+        tx.committed()
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -330,7 +377,7 @@ class PostgresStore:
                     add_messages(cur, tx.messages)
                     created_tx = tx
             if created:
-                created_tx.traced()
+                created_tx.committed()
                 return True
             row = conn.execute(q.SELECT_RUN_IDENTITY, (run_id,)).fetchone()
         assert row is not None
@@ -526,7 +573,9 @@ class PostgresStore:
             row, fenced = run_cur.fetchone(), step_cur.fetchone()
             if row is None or fenced is None:
                 raise Fenced
-            tx = RunTransaction(run_cur, RunView(*row), self._queue, self._dispatch_timeout)
+            tx = RunTransaction(
+                run_cur, RunView(*row), self._queue, self._dispatch_timeout, self._journals
+            )
             allowed = (
                 ("compensating",) if claim.kind == "compensation" else ("running", "compensating")
             )
@@ -534,7 +583,7 @@ class PostgresStore:
                 raise Fenced
             body(tx, fenced[0])
             add_messages(run_cur, tx.messages, delay_seconds=fast_path_delay)
-        tx.traced()
+        tx.committed()
         return tx.messages
 
     def advance_run(self, run_id: str, advance: Advance) -> None:

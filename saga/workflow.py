@@ -151,6 +151,9 @@ class WorkflowContext:
     ) -> Handle[R]:
         """Start a step without waiting for it; several started steps run in parallel."""
         step_name = str(name or getattr(fn, "__name__", ""))
+        position = self._next(step_name, "action")
+        if position in self._journal:
+            return Handle(position)  # journaled: replay costs a lookup, nothing more
         where = f"workflow {self.workflow!r}, step {step_name!r}"
         if not NAME.match(step_name):
             raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
@@ -165,20 +168,10 @@ class WorkflowContext:
         compensation = (
             None if compensate is None else function_info(compensate, f"{where}, compensation")
         )
-        position = self._next(step_name, "action")
-        if position not in self._journal:
-            self.scheduled.append(
-                Call(
-                    position,
-                    step_key(step_name, position),
-                    step_name,
-                    "action",
-                    function,
-                    arg,
-                    compensation,
-                    options,
-                )
-            )
+        key = step_key(step_name, position)
+        self.scheduled.append(
+            Call(position, key, step_name, "action", function, arg, compensation, options)
+        )
         return Handle(position)
 
     def map(self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Any) -> list[R]:

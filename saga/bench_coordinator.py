@@ -1,0 +1,183 @@
+"""``saga bench coordinator``: step graphs against workflows written as code, and raw Celery.
+
+In one invocation, with two solo workers per side (the same harness as ``saga bench core``):
+- 100 concurrent runs of a 10-step graph saga, of the same 10 steps written as code, and 100
+  concurrent raw Celery chains of 10 tasks: steps/s, and p50/p99 of each run's ms per step;
+- one run at a time of a code-first loop at 10, 100 and 1,000 steps: ms per step, which shows
+  whether replaying the journal grows the per-step cost with the run's length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from celery import chain
+
+from saga.bench import (
+    STARTER_THREADS,
+    Bench,
+    Children,
+    RunWatcher,
+    _launch,
+    purge,
+    raw_app,
+    redis_url,
+)
+from saga.bench_sagas import noop
+from saga.client import SagaClient
+from saga.definition import Saga, step
+from saga.migrate import migrate
+from saga.settings import Settings
+from saga.workflow import WorkflowContext, workflow
+
+CONCURRENT = 100
+STEPS = 10
+LOOP_LENGTHS = (10, 100, 1000)
+TIMEOUT = 600.0
+
+graph10 = Saga("bench.graph10", [step(noop, name=f"s{i}") for i in range(1, STEPS + 1)])
+
+
+@workflow("bench.code_loop")
+def code_loop(ctx: WorkflowContext, n: int) -> int:
+    value = 0
+    for _ in range(n):
+        value = ctx.step(noop, value, name="s")
+    return n
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"p50": round(statistics.median(ordered), 3), "p99": round(p99, 3)}
+
+
+def _per_run_ms_per_step(database_url: str, run_ids: list[str], steps: int) -> list[float]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT extract(epoch FROM finished_at - created_at) FROM saga_runs "
+            "WHERE run_id = ANY(%s) AND state = 'completed'",
+            (run_ids,),
+        ).fetchall()
+    return [float(r[0]) * 1000 / steps for r in rows]
+
+
+def _concurrent_runs(bench: Bench, ref: str, value: Any) -> dict[str, Any]:
+    ids = [uuid.uuid4().hex for _ in range(CONCURRENT)]
+    began = time.perf_counter()
+    for i, run_id in enumerate(ids):
+        bench.start(bench.clients[i % len(bench.clients)], ref, value, run_id)
+    ended = bench.watcher.wait(ids, TIMEOUT)
+    bench.expect_completed(ids)
+    per_step = _per_run_ms_per_step(bench.settings.database_url or "", ids, STEPS)
+    return {
+        "steps_per_s": round(CONCURRENT * STEPS / (ended - began), 1),
+        "ms_per_step": _percentiles(per_step),
+    }
+
+
+def _concurrent_raw(bench: Bench) -> dict[str, Any]:
+    key = bench.key("chains")
+    sigs = [
+        chain(
+            *[bench.raw.signature("bench.noop", immutable=True) for _ in range(STEPS - 1)],
+            bench.raw.signature("bench.count", args=(key, CONCURRENT), immutable=True),
+        )
+        for _ in range(CONCURRENT)
+    ]
+    began = time.perf_counter()
+    for sig in sigs:
+        sig.apply_async()
+    ended, _ = bench.blpop(key + ":done", TIMEOUT)
+    return {"steps_per_s": round(CONCURRENT * STEPS / (ended - began), 1)}
+
+
+def _sequential_ms_per_step(bench: Bench, ref: str, steps: int, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        run_id = uuid.uuid4().hex
+        began = time.perf_counter()
+        bench.start(bench.clients[0], ref, steps if "code_loop" in ref else 0, run_id)
+        ended = bench.watcher.wait([run_id], TIMEOUT)
+        bench.expect_completed([run_id])
+        times.append((ended - began) * 1000 / steps)
+    return round(statistics.median(times), 3)
+
+
+def bench_coordinator(settings: Settings) -> dict[str, Any]:
+    assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
+    began = time.monotonic()
+    signals = redis.Redis.from_url(redis_url(settings.broker_url))
+    signals.ping()
+    migrate(settings.database_url)
+    durable = settings.model_copy(update={"queue": f"{settings.queue}-bench"})
+    raw_queue = f"{settings.queue}-bench-raw"
+    raw = raw_app(settings, raw_queue)
+    purge(raw, raw_queue)
+    purge(raw, durable.queue)
+    graph_ref, code_ref = f"{__name__}:graph10", f"{__name__}:code_loop"
+    with (
+        tempfile.TemporaryDirectory(prefix="saga-bench-") as log_dir,
+        Children(Path(log_dir)) as children,
+        contextlib.ExitStack() as stack,
+    ):
+        stack.callback(signals.close)
+        _launch(children, durable, raw_queue)
+        watcher = RunWatcher(settings.database_url, children.check)
+        stack.callback(watcher.close)
+        clients = [SagaClient(durable) for _ in range(STARTER_THREADS)]
+        for client in clients:
+            stack.callback(client.close)
+        bench = Bench(
+            durable,
+            raw,
+            signals,
+            children,
+            watcher,
+            clients,
+            prefix=f"saga-bench:{uuid.uuid4().hex[:12]}",
+        )
+        try:
+            bench.wait_raw_ready()
+            bench.wait_saga_ready()
+            _sequential_ms_per_step(bench, graph_ref, STEPS, 3)  # warm-up
+            _sequential_ms_per_step(bench, code_ref, STEPS, 3)
+            graph_seq = _sequential_ms_per_step(bench, graph_ref, STEPS, 10)
+            loop = {
+                n: _sequential_ms_per_step(bench, code_ref, n, 10 if n < 1000 else 2)
+                for n in LOOP_LENGTHS
+            }
+            concurrent = {
+                "raw_celery": _concurrent_raw(bench),
+                "graph": _concurrent_runs(bench, graph_ref, 0),
+                "code": _concurrent_runs(bench, code_ref, STEPS),
+            }
+        finally:
+            children.stop()
+            bench.cleanup()
+    code_vs_graph = loop[STEPS] / graph_seq
+    growth = loop[LOOP_LENGTHS[-1]] / loop[LOOP_LENGTHS[0]]
+    return {
+        "suite": "coordinator",
+        "broker": settings.broker_url.split(":", 1)[0],
+        "concurrent_runs": CONCURRENT,
+        "steps": STEPS,
+        "concurrent": concurrent,
+        "graph_ms_per_step": graph_seq,
+        "code_ms_per_step": {str(n): ms for n, ms in loop.items()},
+        "codefirst_vs_graph": round(code_vs_graph, 3),
+        "cost_growth": round(growth, 3),
+        "targets": {
+            "codefirst_vs_graph": {"max": 1.1, "pass": code_vs_graph <= 1.1},
+            "cost_growth": {"max": 2.0, "pass": growth <= 2.0},
+        },
+        "elapsed_s": round(time.monotonic() - began, 1),
+    }
