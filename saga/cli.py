@@ -204,6 +204,12 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
         print(json.dumps(bench_coordinator(settings), indent=None if args.json else 2))
         return 0
+    if args.tracing:
+        from saga.bench_tracing import bench_tracing
+
+        report = bench_tracing(settings, args.runs, args.repeat)
+        print(json.dumps(report, indent=None if args.json else 2))
+        return 0
     from saga.bench import run_bench
 
     return int(run_bench(settings, args))
@@ -257,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run the demo saga on the embedded servers", epilog=ENV_HELP)
     b = sub.add_parser("bench", help="benchmarks against raw Celery", epilog=ENV_HELP)
     b.add_argument("suite", choices=["core", "coordinator"])
+    b.add_argument(
+        "--tracing",
+        action="store_true",
+        help="core: throughput with tracing exporting to a local receiver vs off",
+    )
     b.add_argument("--json", action="store_true")
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--runs", type=int, default=2000)
