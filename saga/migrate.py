@@ -6,6 +6,7 @@ transaction-level advisory lock, and the version table is read again after the l
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +23,7 @@ _CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS saga_schema_migrations (
     version    integer PRIMARY KEY,
     name       text NOT NULL,
+    checksum   text NOT NULL,      -- sha256 of the file: an applied migration must not change
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
@@ -33,6 +35,10 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
 def available_migrations() -> list[Migration]:
@@ -49,14 +55,28 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
+def applied_checksums(conn: psycopg.Connection[Any]) -> dict[int, str]:
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('saga_schema_migrations') IS NOT NULL")
         row = cur.fetchone()
         if not row or not row[0]:
-            return set()
-        cur.execute("SELECT version FROM saga_schema_migrations")
-        return {int(r[0]) for r in cur.fetchall()}
+            return {}
+        cur.execute("SELECT version, checksum FROM saga_schema_migrations")
+        return {int(r[0]): str(r[1]) for r in cur.fetchall()}
+
+
+def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
+    return set(applied_checksums(conn))
+
+
+def _check_unchanged(migration: Migration, applied: dict[int, str]) -> None:
+    recorded = applied.get(migration.version)
+    if recorded is not None and recorded != migration.checksum:
+        raise MigrationError(
+            f"migration {migration.version:04d}_{migration.name} changed after it was applied to "
+            f"this database; applied migrations are immutable: put the change in a new "
+            f"migration (or, for a throwaway database, recreate it)"
+        )
 
 
 def migrate(database_url: str) -> list[int]:
@@ -70,12 +90,15 @@ def migrate(database_url: str) -> list[int]:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
                     conn.execute(_CREATE_VERSION_TABLE)
-                    if migration.version in applied_versions(conn):
+                    done = applied_checksums(conn)
+                    _check_unchanged(migration, done)
+                    if migration.version in done:
                         continue
                     conn.execute(migration.sql.encode())
                     conn.execute(
-                        "INSERT INTO saga_schema_migrations (version, name) VALUES (%s, %s)",
-                        (migration.version, migration.name),
+                        "INSERT INTO saga_schema_migrations (version, name, checksum) "
+                        "VALUES (%s, %s, %s)",
+                        (migration.version, migration.name, migration.checksum),
                     )
                     applied.append(migration.version)
     except psycopg.Error as exc:
@@ -85,7 +108,10 @@ def migrate(database_url: str) -> list[int]:
 
 def check_schema(conn: psycopg.Connection[Any]) -> None:
     """Raise a clear error when the database is behind this package's migrations."""
-    missing = {m.version for m in available_migrations()} - applied_versions(conn)
+    done = applied_checksums(conn)
+    for migration in available_migrations():
+        _check_unchanged(migration, done)
+    missing = {m.version for m in available_migrations()} - set(done)
     if missing:
         raise MigrationError(
             f"the database schema lacks migrations {sorted(missing)}: run `saga migrate` first"

@@ -347,3 +347,13 @@ def test_step_checks_reject_bad_values(schema: Conn, column: str, value: object)
     insert_run(schema, run_id)
     with pytest.raises(psycopg.errors.CheckViolation):
         insert_step(schema, run_id, **{column: value})
+
+
+def test_an_applied_migration_that_changed_is_refused(empty_database_url: str) -> None:
+    migrate(empty_database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("UPDATE saga_schema_migrations SET checksum = 'edited' WHERE version = 1")
+        with pytest.raises(MigrationError, match="changed after it was applied"):
+            check_schema(conn)
+    with pytest.raises(MigrationError, match="0001_initial changed after it was applied"):
+        migrate(empty_database_url)
