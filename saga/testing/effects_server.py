@@ -3,8 +3,9 @@
 It keeps its own record, independent of the engine, of every request and its
 ``Idempotency-Key``:
 
-* ``duplicate_key_requests``: requests whose key was seen before. The service answers them with
-  the first answer (as payment APIs do) and applies nothing again.
+* ``duplicate_key_requests``: requests whose key's effect was already applied. The service
+  answers them with the first answer (as payment APIs do) and applies nothing again. (A retry
+  after a 500 that applied nothing is not one: ``keys_seen_more_than_once`` lists those too.)
 * ``duplicate_effects``: effects applied more than once, judged by what they are (the same
   booking, cancellation or email body), not by key. This is the number that must stay 0: a
   client that retries without a key, or with a new key, is caught here.
@@ -106,7 +107,7 @@ class EffectsServer(App):
             "by_op": dict(self.by_op),
             "keyed_requests": sum(self.key_requests.values()),
             "unkeyed_requests": self.totals["requests"] - sum(self.key_requests.values()),
-            "duplicate_key_requests": sum(n - 1 for n in repeated.values()),
+            "duplicate_key_requests": self.totals["duplicate_key_requests"],
             "key_replays": self.totals["replayed"],
             "effects_applied": sum(self.applied.values()),
             "duplicate_effects": sum(n - 1 for n in self.applied.values() if n > 1),
@@ -138,7 +139,8 @@ class EffectsServer(App):
             self.by_op[op] += 1
             if key is not None:
                 self.key_requests[key] += 1
-                if key in self.answers:
+                if key in self.answers:  # applied before: this one must not apply again
+                    self.totals["duplicate_key_requests"] += 1
                     first, answer = self.answers[key]
                     if first != canonical:
                         reused = f"idempotency key {key!r} reused for another request"
