@@ -187,7 +187,17 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings)
 
 
+BENCH_DEFAULTS = {"core": {"steps": 20, "runs": 2000}, "agent": {"steps": 10, "runs": 50}}
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    for name, value in BENCH_DEFAULTS[args.suite].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.suite == "agent":
+        from saga.bench_agent import run_bench as run_agent_bench
+
+        return run_agent_bench(settings, args)
     from saga.bench import run_bench
 
     return run_bench(settings, args)
@@ -239,11 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--payload", default="null", help="the event's payload as JSON")
     sub.add_parser("demo", help="run the demo saga on the embedded servers", epilog=ENV_HELP)
     b = sub.add_parser("bench", help="benchmarks against raw Celery", epilog=ENV_HELP)
-    b.add_argument("suite", choices=["core"])
+    b.add_argument("suite", choices=["core", "agent"])
     b.add_argument("--json", action="store_true")
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--runs", type=int, default=2000)
+    b.add_argument("--steps", type=int, help="core: 20; agent: 10 (turns per run)")
+    b.add_argument("--runs", type=int, help="core: 2000; agent: 50")
     b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--failure-rate", type=float, default=0.15, help="agent: per step")
+    b.add_argument("--attempts", type=int, default=8, help="agent: per step, both Celery and saga")
+    b.add_argument("--kill-every", type=float, default=3.0, help="agent: seconds between kills")
+    b.add_argument("--seed", type=int, default=1, help="agent: fault and kill schedule")
     return parser
 
 
