@@ -127,18 +127,27 @@ def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+COMPLETION = "saga.completion"  # how saga.agent.llm marks a journaled completion
+
+
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     from saga.client import SagaClient
 
     with SagaClient(settings) as client:
         run = client.run(args.run_id)
         steps = client.steps(args.run_id)
+    usage = None
+    if any(isinstance(s.result, dict) and s.result.get("object") == COMPLETION for s in steps):
+        from saga.agent.llm import run_usage  # only for runs with model completions
+
+        usage = run_usage(steps)
     if args.json:
         print(
             json.dumps(
                 {
                     "run": {k: v for k, v in vars(run).items()},
                     "steps": [vars(s) for s in steps],
+                    "usage": None if usage is None else usage.model_dump(),
                 },
                 default=str,
                 indent=2,
@@ -153,6 +162,12 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"{s.seq:>3}  {s.step_name:<24} {s.state:<10} {s.attempt:>8} {duration:>10}  "
             f"{error[:80]}"
+        )
+    if usage is not None:
+        t = usage.total
+        print(
+            f"model usage: {usage.calls} completions, {t.total_tokens} tokens "
+            f"({t.prompt_tokens} prompt, {t.completion_tokens} completion)"
         )
     if run.error:
         print(f"run error: {run.error.get('message', run.error)}")
