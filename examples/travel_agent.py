@@ -158,7 +158,8 @@ def send_email(ctx: StepContext, args: dict[str, Any]) -> dict[str, Any]:
 
 def cancel_booking(ctx: StepContext, booking: dict[str, Any]) -> dict[str, Any]:
     """Compensates a booking; its own key makes a retried cancellation a single one."""
-    return service("cancel", {"booking_id": booking["booking_id"]}, ctx.idempotency_key)
+    body = {"booking_id": booking["booking_id"], "trip": _trip(ctx)}
+    return service("cancel", body, ctx.idempotency_key)
 
 
 def send_correction(ctx: StepContext, sent: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import psycopg
 import redis
 from celery import Celery, Task, chain
 
@@ -61,8 +62,8 @@ from saga.migrate import migrate
 from saga.settings import Settings
 from saga.testing import ServerProcess
 
-MODEL_CLIENT_TIMEOUT = 0.5  # seconds; the model server's 'timeout' fault stalls past it
-MODEL_STALL = 1.0
+MODEL_CLIENT_TIMEOUT = 1.0  # seconds; the model server's 'timeout' fault stalls past it
+MODEL_STALL = 1.5
 RETRY_AFTER = 0.1
 BACKOFF = 0.05  # first retry delay, both Celery and the saga
 WORKERS = 2
@@ -176,6 +177,7 @@ class Children:
     log_dir: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: list[IO[bytes]] = field(default_factory=list)
+    closing: list[Callable[[], None]] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")
@@ -191,10 +193,10 @@ class Children:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(proc.pid, sig)
         for proc in self.procs.values():
             try:
                 proc.wait(15)
@@ -202,34 +204,45 @@ class Children:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
         self.procs.clear()
-        for log in self.logs:
-            log.close()
+        for close in [*self.closing, *(log.close for log in self.logs)]:
+            close()
         self.logs.clear()
+        self.closing.clear()
 
 
 @contextlib.contextmanager
-def children(log_dir: Path) -> Iterator[Children]:
+def children(log_dir: Path, sig: signal.Signals = signal.SIGTERM) -> Iterator[Children]:
     group = Children(log_dir)
     try:
         yield group
     finally:
-        group.stop()
+        group.stop(sig)
 
 
 class Killer(threading.Thread):
-    """Kills a random worker every ``every`` seconds (SIGKILL) and starts a new one."""
+    """Every ``every`` seconds, kills (SIGKILL) a worker that is running a step, chosen at
+    random, and starts a new one. Only a worker holding a step's lease is chosen: one still
+    starting up would die having done nothing."""
 
     def __init__(self, group: Children, names: list[str], restart: Callable[[str], None],
-                 every: float, rng: random.Random) -> None:
+                 busy: Callable[[], set[int]], every: float, rng: random.Random) -> None:
         super().__init__(name="killer", daemon=True)
-        self.group, self.names, self.restart = group, names, restart
+        self.group, self.names, self.restart, self.busy = group, names, restart, busy
         self.every, self.rng = every, rng
         self.stopped = threading.Event()
         self.kills = 0
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
-            victim = self.rng.choice(self.names)
+            while not self.stopped.is_set():
+                pids = self.busy()
+                working = [n for n in self.names if self.group.procs[n].pid in pids]
+                if working:
+                    break
+                self.stopped.wait(0.05)
+            else:
+                return
+            victim = self.rng.choice(working)
             self.group.kill(victim)
             self.kills += 1
             self.restart(victim)
@@ -261,32 +274,43 @@ class Bench:
             backoff_seconds=BACKOFF,
         )
 
+    def prefix(self, system: str) -> str:
+        return f"{self.tag}-{system}-"
+
     def measure(self, system: str, go: Callable[[], tuple[int, dict[str, Any]]]) -> dict[str, Any]:
         self.model.reset()
         self.service.reset()
+        self.service.control(count_trips=[self.prefix(system)])
         started = time.monotonic()
         completed, extra = go()
         elapsed = time.monotonic() - started
-        m = self.model.stats()
-        e = self.service.stats(detail="0")
-        answered = sum(1 for s in m["by_step"].values() if s["ok"] > 0)
+        # Only this system's trips count: a straggler of another system cannot add to them.
+        m = self.model.stats(prefix=self.prefix(system))
+        e = self.service.stats(prefix=self.prefix(system))
         return {
             "completion": completed / self.runs,
-            "model_calls": m["requests"] - m["replays"],
-            "model_calls_needed": answered + m["failed_attempts"],
-            "steps_rerun": sum(1 for s in m["by_step"].values() if s["ok"] > 1),
+            "model_calls": m["calls"],
+            "model_calls_needed": m["steps_answered"] + m["failed_attempts"],
+            "steps_rerun": m["steps_answered_twice"],
             "duplicate_effects": e["duplicate_effects"],
             "runs_completed": completed,
             "model_failed_attempts": m["failed_attempts"],
-            "model_faults": m["faults"],
+            "model_faults": self.model.stats(detail="0")["faults"],
             "provider_replays": m["replays"],
             "tool_calls": e["requests"],
-            "tool_failed_attempts": sum(e["faults"].values()),
+            "tool_failed_attempts": e["failed_attempts"],
             "effect_key_replays": e["duplicate_key_requests"],
-            "tokens": m["usage"].get("total_tokens", 0),
+            "effects_applied": e["effects_applied"],
             "elapsed_seconds": round(elapsed, 1),
             **extra,
         }
+
+    def progress(self) -> tuple[int, int]:
+        """Requests the two servers have seen: the Celery side's only sign of life."""
+        return (
+            self.model.stats(detail="0")["requests"],
+            self.service.stats(detail="0")["requests"],
+        )
 
     # plain ------------------------------------------------------------------------------------
 
@@ -313,7 +337,8 @@ class Bench:
         app = celery_app(self.settings.broker_url, queue, self.attempts)
         signals = redis.Redis.from_url(redis_url(self.settings.broker_url))
         env = {**child_env(self.settings), **self.env}
-        with children(self.log_dir) as group:
+        # Killed when done: a warm shutdown would go on running the chains it holds.
+        with children(self.log_dir, signal.SIGKILL) as group:
             for n in range(WORKERS):
                 group.start(
                     f"celery-{n}",
@@ -323,22 +348,22 @@ class Bench:
                 )
             turn, report = app.tasks["bench.agent_turn"], app.tasks["bench.report"]
             for i in range(self.runs):
-                task = self.task("celery", i)
+                task = self.task("celery_autoretry", i)
                 state = {"run": i, "task": task.model_dump(), "messages": first_messages(task),
                          "answer": None}
                 chain(turn.s(state), *[turn.s() for _ in range(task.steps - 1)],
                       report.s()).apply_async(queue=queue)
             outcomes: dict[int, bool] = {}
-            last = time.monotonic()
+            progress, last = self.progress(), time.monotonic()
             while len(outcomes) < self.runs and time.monotonic() - last < STALL_LIMIT:
                 item = signals.brpop([done_key(queue)], timeout=1)
                 if item is not None:
                     outcome = json.loads(item[1])
                     outcomes[outcome["run"]] = outcomes.get(outcome["run"], False) or outcome["ok"]
-                    last = time.monotonic()
-        with contextlib.suppress(Exception):
-            app.control.purge()
-        signals.delete(done_key(queue))
+                # Chains advance breadth-first, so runs finish late: progress is any request.
+                if item is not None or self.progress() != progress:
+                    progress, last = self.progress(), time.monotonic()
+        signals.delete(done_key(queue), queue)  # what is left of the chains
         signals.close()
         return sum(outcomes.values()), {"runs_reported": len(outcomes)}
 
@@ -368,7 +393,21 @@ class Bench:
             names = [f"{system}-worker-{n}" for n in range(WORKERS)]
             for name in names:
                 worker(name)
-            killer = Killer(group, names, worker, self.kill_every, random.Random(self.seed))
+            journal = psycopg.connect(str(settings.database_url), autocommit=True)
+            group.closing.append(journal.close)
+
+            def busy() -> set[int]:
+                """Pids of the workers running a step of this system (lease owner
+                'host:pid:token')."""
+                rows = journal.execute(
+                    "SELECT lease_owner FROM saga_steps WHERE state = 'running' "
+                    "AND run_id LIKE %s AND lease_owner IS NOT NULL",
+                    (prefix + "%",),
+                ).fetchall()
+                return {int(r[0].split(":")[-2]) for r in rows}
+
+            prefix = self.prefix(system)
+            killer = Killer(group, names, worker, busy, self.kill_every, random.Random(self.seed))
             run_ids = [
                 client.start(travel_agent, self.task(system, i).model_dump(),
                              run_id=self.task(system, i).trip)
@@ -376,17 +415,27 @@ class Bench:
             ]
             if kills:
                 killer.start()
-            completed = 0
+            completed, pending = 0, list(run_ids)
+            progress, last = self.progress(), time.monotonic()
             try:
-                for run_id in run_ids:
-                    run = client.wait(run_id, timeout=max(STALL_LIMIT, 3 * self.runs))
-                    completed += run.state == "completed"
-            except WaitTimeoutError:
-                pass
+                while pending and time.monotonic() - last < STALL_LIMIT:
+                    with contextlib.suppress(WaitTimeoutError):
+                        run = client.wait(pending[0], timeout=1)
+                        completed += run.state == "completed"
+                        pending.pop(0)
+                    if self.progress() != progress:
+                        progress, last = self.progress(), time.monotonic()
             finally:
                 killer.stopped.set()
                 if kills:
                     killer.join()
+            # Runs still going would be swept into the next system's queue: stop them here.
+            unfinished = [r for r in run_ids if not client.run(r).finished]
+            for run_id in unfinished:
+                client.cancel(run_id, "the benchmark gave up on it")
+            for run_id in unfinished:
+                with contextlib.suppress(WaitTimeoutError):
+                    client.wait(run_id, timeout=30)
             attempts = [s.attempt for r in run_ids for s in client.steps(r) if s.kind == "action"]
         return completed, {
             "worker_kills": killer.kills,
@@ -409,6 +458,15 @@ def bench_agent(
 ) -> dict[str, Any]:
     assert settings.database_url and settings.broker_url
     migrate(settings.database_url)
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM saga_runs WHERE state IN ('running', 'compensating')"
+        ).fetchone()
+    if row and row[0]:
+        raise ConfigurationError(
+            f"the database has {row[0]} active runs; the bench's relay would re-dispatch their "
+            f"due steps to the bench's workers. Use a database without active runs"
+        )
     log_dir = settings.state_dir.resolve() / "bench-agent"
     log_dir.mkdir(parents=True, exist_ok=True)
     rate = split_rate(failure_rate)

@@ -80,11 +80,15 @@ class EffectsServer(App):
         self.answers: dict[str, tuple[str, JSON]] = {}  # key -> (canonical request, answer)
         self.bookings: dict[str, JSON] = {}
         self.emails: list[JSON] = []
+        self.trips: dict[str, str] = {}  # canonical effect -> its trip
+        self.prefixes: set[str] = set()  # trip prefixes whose requests are counted apart
+        self.trip_counts: Counter[tuple[str, str]] = Counter()
         self.forced: dict[str, list[str]] = {}
         self.held: set[str] = set()
         self.released: set[str] = set()
 
     def control(self, changes: JSON) -> JSON:
+        self.prefixes.update(changes.pop("count_trips", None) or [])
         forced = changes.pop("force", None) or {}
         release = changes.pop("release", None) or []
         config = {**self.config, **{k: v for k, v in changes.items() if k in self.config}}
@@ -101,6 +105,9 @@ class EffectsServer(App):
 
     def stats(self, query: Mapping[str, list[str]]) -> JSON:
         detail = query.get("detail", ["1"])[0] != "0"
+        prefix = query.get("prefix", [""])[0]
+        if prefix:
+            return self._stats_of(prefix)
         repeated = {k: n for k, n in self.key_requests.items() if n > 1}
         out: JSON = {
             "requests": self.totals["requests"],
@@ -125,6 +132,24 @@ class EffectsServer(App):
             out["bookings_detail"] = dict(self.bookings)
         return out
 
+    def _stats_of(self, prefix: str) -> JSON:
+        """Counts over the effects of trips whose name starts with ``prefix`` only."""
+        applied = [n for c, n in self.applied.items() if self.trips[c].startswith(prefix)]
+        return {
+            "prefix": prefix,
+            "effects_applied": sum(applied),
+            "duplicate_effects": sum(n - 1 for n in applied if n > 1),
+            "requests": self.trip_counts[prefix, "requests"],
+            "failed_attempts": self.trip_counts[prefix, "faults"],
+            "duplicate_key_requests": self.trip_counts[prefix, "duplicate_key_requests"],
+        }
+
+    def _count_trip(self, body: Mapping[str, Any], what: str) -> None:
+        trip = str(body.get("trip", ""))
+        for n in (len(p) for p in self.prefixes):
+            if trip[:n] in self.prefixes:
+                self.trip_counts[trip[:n], what] += 1
+
     def route(self, request: Request) -> Reply:
         op = request.path.strip("/")
         if request.method != "POST" or op not in (*EFFECTS, *READS):
@@ -137,10 +162,12 @@ class EffectsServer(App):
         with self.lock:
             self.totals["requests"] += 1
             self.by_op[op] += 1
+            self._count_trip(body, "requests")
             if key is not None:
                 self.key_requests[key] += 1
                 if key in self.answers:  # applied before: this one must not apply again
                     self.totals["duplicate_key_requests"] += 1
+                    self._count_trip(body, "duplicate_key_requests")
                     first, answer = self.answers[key]
                     if first != canonical:
                         reused = f"idempotency key {key!r} reused for another request"
@@ -152,6 +179,8 @@ class EffectsServer(App):
             if fault is None and self.rng.random() < float(self.config["fault_rate"]):
                 kinds = self.config["faults"] or list(FAULTS)
                 fault = kinds[self.rng.randrange(len(kinds))]
+            if fault in ("error", "lost"):
+                self._count_trip(body, "faults")
             if fault == "error":
                 self.fault_counts[fault] += 1
                 return 500, {"error": "injected fault: internal error, nothing applied"}, {}
@@ -181,6 +210,7 @@ class EffectsServer(App):
         if op == "lookup":
             return self._lookup(body)
         self.applied[canonical] += 1
+        self.trips[canonical] = str(body.get("trip", ""))
         n = sum(self.applied.values())
         if op == "book":
             booking_id = f"BK-{n:06d}"

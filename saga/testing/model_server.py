@@ -57,10 +57,14 @@ def _text(message: Mapping[str, Any]) -> str:
 
 
 def conversation_id(messages: Sequence[Mapping[str, Any]]) -> str:
-    """Names the conversation by its opening (system and first user message)."""
+    """Names the conversation by its opening (system and first user message), prefixed with
+    its trip when it names one, so counts can be filtered by trip."""
     opening = [m for m in messages if m.get("role") in ("system", "user")][:2]
     blob = json.dumps([_text(m) for m in opening])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    trip = next((v.strip() for m in opening for k, v in FIELD.findall(_text(m)) if k == "Trip"),
+                None)
+    return f"{trip}:{digest}" if trip else digest
 
 
 def logical_step(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -253,6 +257,9 @@ class ModelServer(App):
 
     def stats(self, query: Mapping[str, list[str]]) -> JSON:
         detail = query.get("detail", ["1"])[0] != "0"
+        prefix = query.get("prefix", [""])[0]
+        if prefix:
+            return self._stats_of(prefix)
         out: JSON = {
             "requests": self.totals["requests"],
             "completions": self.totals["ok"],
@@ -268,6 +275,20 @@ class ModelServer(App):
             out["by_key"] = dict(self.by_key)
             out["by_step"] = dict(self.by_step)
         return out
+
+    def _stats_of(self, prefix: str) -> JSON:
+        """Counts over the conversations whose trip starts with ``prefix`` only."""
+        steps = [c for step, c in self.by_step.items() if step.startswith(prefix)]
+        return {
+            "prefix": prefix,
+            "calls": sum(c["ok"] + c["faults"] + c["abandoned"] for c in steps),
+            "steps_answered": sum(1 for c in steps if c["ok"] > 0),
+            "steps_answered_twice": sum(1 for c in steps if c["ok"] > 1),
+            "completions": sum(c["ok"] for c in steps),
+            "failed_attempts": sum(c["faults"] for c in steps),
+            "replays": sum(c["replayed"] for c in steps),
+            "abandoned": sum(c["abandoned"] for c in steps),
+        }
 
     def _count(self, what: str, key: str | None, step: str, fault: str | None = None) -> None:
         self.totals[what] += 1
