@@ -220,9 +220,10 @@ def children(log_dir: Path, sig: signal.Signals = signal.SIGTERM) -> Iterator[Ch
 
 
 class Killer(threading.Thread):
-    """Every ``every`` seconds, kills (SIGKILL) a worker that is running a step, chosen at
-    random, and starts a new one. Only a worker holding a step's lease is chosen: one still
-    starting up would die having done nothing."""
+    """Every ``every`` seconds, kills (SIGKILL) a random worker among those running a step at
+    that instant, and starts a new one; a tick finding none kills nothing. A worker started
+    less than ``every`` seconds ago is spared: its first step is slow (it imports the step's
+    module), and killing it there again and again would only measure start-up."""
 
     def __init__(self, group: Children, names: list[str], restart: Callable[[str], None],
                  busy: Callable[[], set[int]], every: float, rng: random.Random) -> None:
@@ -231,21 +232,22 @@ class Killer(threading.Thread):
         self.every, self.rng = every, rng
         self.stopped = threading.Event()
         self.kills = 0
+        self.started = dict.fromkeys(names, time.monotonic())
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
-            while not self.stopped.is_set():
-                pids = self.busy()
-                working = [n for n in self.names if self.group.procs[n].pid in pids]
-                if working:
-                    break
-                self.stopped.wait(0.05)
-            else:
-                return
+            pids, now = self.busy(), time.monotonic()
+            working = [
+                n for n in self.names
+                if self.group.procs[n].pid in pids and now - self.started[n] >= self.every
+            ]
+            if not working:
+                continue
             victim = self.rng.choice(working)
             self.group.kill(victim)
             self.kills += 1
             self.restart(victim)
+            self.started[victim] = time.monotonic()
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -297,8 +299,8 @@ class Bench:
             "model_failed_attempts": m["failed_attempts"],
             "model_faults": self.model.stats(detail="0")["faults"],
             "provider_replays": m["replays"],
-            "tool_calls": e["requests"],
-            "tool_failed_attempts": e["failed_attempts"],
+            "effect_requests": e["requests"],
+            "effect_failed_attempts": e["failed_attempts"],
             "effect_key_replays": e["duplicate_key_requests"],
             "effects_applied": e["effects_applied"],
             "elapsed_seconds": round(elapsed, 1),
