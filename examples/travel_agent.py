@@ -106,12 +106,14 @@ class Email(_Args):
 
 def _lookup_flights(args: dict[str, Any], trip: str, key: str | None) -> dict[str, Any]:
     q = FlightQuery.model_validate(args)
-    return service("lookup", {"kind": "flights", "destination": q.destination, "day": q.day}, key)
+    body = {"kind": "flights", "destination": q.destination, "day": q.day, "trip": trip}
+    return service("lookup", body, key)
 
 
 def _lookup_hotels(args: dict[str, Any], trip: str, key: str | None) -> dict[str, Any]:
     q = HotelQuery.model_validate(args)
-    return service("lookup", {"kind": "hotels", "city": q.city, "night": q.night}, key)
+    body = {"kind": "hotels", "city": q.city, "night": q.night, "trip": trip}
+    return service("lookup", body, key)
 
 
 def _book_flight(args: dict[str, Any], trip: str, key: str | None) -> dict[str, Any]:
