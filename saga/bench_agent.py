@@ -15,8 +15,10 @@ The systems:
   and the same number of attempts as the saga, on two raw Celery workers (late acks). A retry
   re-runs the whole turn: the completion and the tool, without idempotency keys.
 * ``saga``: the ``examples.travel_agent`` workflow on this engine, two workers and a relay.
-* ``saga_with_kills``: the same, while a random worker is killed (SIGKILL) every
-  ``--kill-every`` seconds and restarted.
+* ``saga_with_kills``: the same, while every ``--kill-every`` seconds a random worker that is
+  running a step is killed (SIGKILL) and restarted.
+* ``celery_autoretry_with_kills`` (optional, ``--systems``): the Celery chain under the same
+  kills; its lost turns come back after Redis's visibility timeout, from an idle poll.
 
 The counts come from the servers, not the engine: the model server counts every request by its
 logical step (the conversation and its turn), the travel service every effect by what it is.
@@ -68,7 +70,12 @@ RETRY_AFTER = 0.1
 BACKOFF = 0.05  # first retry delay, both Celery and the saga
 WORKERS = 2
 STALL_LIMIT = 60.0  # a system making no progress this long is given up on
-SYSTEMS = ("plain", "celery_autoretry", "saga", "saga_with_kills")
+# Celery's late-acked turns lost with a killed worker come back only after the visibility
+# timeout, and only when kombu restores them from an idle poll: that side gets more patience.
+CELERY_VISIBILITY_TIMEOUT = 10.0
+CELERY_KILLS_STALL_LIMIT = 180.0
+SYSTEMS = ("plain", "celery_autoretry", "saga", "saga_with_kills")  # the headline
+OPTIONAL_SYSTEMS = ("celery_autoretry_with_kills",)
 
 
 def split_rate(failure_rate: float) -> float:
@@ -105,18 +112,31 @@ _reporters: dict[str, redis.Redis] = {}
 
 
 def _report(app: Celery, run: int, *, ok: bool, error: str | None = None) -> None:
-    url = redis_url(str(app.conf.broker_url))
-    client = _reporters.get(url) or _reporters.setdefault(url, redis.Redis.from_url(url))
     queue = str(app.conf.task_default_queue)
-    client.lpush(done_key(queue), json.dumps({"run": run, "ok": ok, "error": error}))
+    _reporter(app).lpush(done_key(queue), json.dumps({"run": run, "ok": ok, "error": error}))
+
+
+def busy_key(queue: str) -> str:
+    return f"{queue}:busy"
+
+
+def _reporter(app: Celery) -> redis.Redis:
+    url = redis_url(str(app.conf.broker_url))
+    return _reporters.get(url) or _reporters.setdefault(url, redis.Redis.from_url(url))
 
 
 def _agent_turn(self: Task, state: dict[str, Any]) -> dict[str, Any]:
     """One turn, decide and act, as one Celery task: a retry re-runs both."""
     if state["answer"] is not None:
         return state
-    task = TravelTask.model_validate(state["task"])
-    messages, answer = take_turn(task, state["messages"])
+    # Marks this worker busy, so the bench kills it mid-turn as it kills saga workers mid-step.
+    busy = busy_key(str(self.app.conf.task_default_queue))
+    _reporter(self.app).sadd(busy, os.getpid())
+    try:
+        task = TravelTask.model_validate(state["task"])
+        messages, answer = take_turn(task, state["messages"])
+    finally:
+        _reporter(self.app).srem(busy, os.getpid())
     return {**state, "messages": messages, "answer": answer}
 
 
@@ -137,6 +157,8 @@ def celery_app(broker_url: str, queue: str, attempts: int) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_enable_remote_control=False,
+        # A killed worker's unacknowledged tasks come back after this long (Redis).
+        broker_transport_options={"visibility_timeout": CELERY_VISIBILITY_TIMEOUT},
     )
 
     app.task(
@@ -333,31 +355,46 @@ class Bench:
 
     # celery -----------------------------------------------------------------------------------
 
-    def celery(self) -> tuple[int, dict[str, Any]]:
+    def celery(self, system: str, kills: bool) -> tuple[int, dict[str, Any]]:
         assert self.settings.broker_url
-        queue = f"bench-agent-celery-{self.tag}"
+        queue = f"bench-agent-{system}-{self.tag}"
         app = celery_app(self.settings.broker_url, queue, self.attempts)
         signals = redis.Redis.from_url(redis_url(self.settings.broker_url))
         env = {**child_env(self.settings), **self.env}
         # Killed when done: a warm shutdown would go on running the chains it holds.
+        spawned = {"n": 0}
+
+        def worker(name: str) -> None:
+            spawned["n"] += 1
+            group.start(
+                name,
+                [sys.executable, "-m", "saga.bench_agent", "celery-worker", "--queue", queue,
+                 "--hostname", f"{name}-{spawned['n']}-{self.tag}@%h",
+                 "--attempts", str(self.attempts)],
+                env,
+            )
+
         with children(self.log_dir, signal.SIGKILL) as group:
-            for n in range(WORKERS):
-                group.start(
-                    f"celery-{n}",
-                    [sys.executable, "-m", "saga.bench_agent", "celery-worker", "--queue", queue,
-                     "--hostname", f"celery-{n}-{self.tag}@%h", "--attempts", str(self.attempts)],
-                    env,
-                )
+            names = [f"{system}-{n}" for n in range(WORKERS)]
+            for name in names:
+                worker(name)
+            def busy() -> set[int]:
+                return {int(pid) for pid in signals.smembers(busy_key(queue))}
+
+            killer = Killer(group, names, worker, busy, self.kill_every, random.Random(self.seed))
             turn, report = app.tasks["bench.agent_turn"], app.tasks["bench.report"]
             for i in range(self.runs):
-                task = self.task("celery_autoretry", i)
+                task = self.task(system, i)
                 state = {"run": i, "task": task.model_dump(), "messages": first_messages(task),
                          "answer": None}
                 chain(turn.s(state), *[turn.s() for _ in range(task.steps - 1)],
                       report.s()).apply_async(queue=queue)
+            if kills:
+                killer.start()
             outcomes: dict[int, bool] = {}
             progress, last = self.progress(), time.monotonic()
-            while len(outcomes) < self.runs and time.monotonic() - last < STALL_LIMIT:
+            patience = CELERY_KILLS_STALL_LIMIT if kills else STALL_LIMIT
+            while len(outcomes) < self.runs and time.monotonic() - last < patience:
                 item = signals.brpop([done_key(queue)], timeout=1)
                 if item is not None:
                     outcome = json.loads(item[1])
@@ -365,9 +402,13 @@ class Bench:
                 # Chains advance breadth-first, so runs finish late: progress is any request.
                 if item is not None or self.progress() != progress:
                     progress, last = self.progress(), time.monotonic()
-        signals.delete(done_key(queue), queue)  # what is left of the chains
+            killer.stopped.set()
+            if kills:
+                killer.join()
+        signals.delete(done_key(queue), busy_key(queue), queue)  # what is left of the chains
         signals.close()
-        return sum(outcomes.values()), {"runs_reported": len(outcomes)}
+        extra = {"runs_reported": len(outcomes), "worker_kills": killer.kills}
+        return sum(outcomes.values()), extra
 
     # saga -------------------------------------------------------------------------------------
 
@@ -497,7 +538,10 @@ def bench_agent(
                   service, env, log_dir)
     plans: dict[str, Callable[[], tuple[int, dict[str, Any]]]] = {
         "plain": bench.plain,
-        "celery_autoretry": bench.celery,
+        "celery_autoretry": lambda: bench.celery("celery_autoretry", kills=False),
+        "celery_autoretry_with_kills": lambda: bench.celery(
+            "celery_autoretry_with_kills", kills=True
+        ),
         "saga": lambda: bench.saga("saga", kills=False),
         "saga_with_kills": lambda: bench.saga("saga_with_kills", kills=True),
     }
@@ -568,6 +612,12 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigurationError("--runs and --steps must be at least 1")
     if not 0 <= args.failure_rate < 1:
         raise ConfigurationError("--failure-rate must be within 0..1 (1 excluded)")
+    systems = [x for x in (args.systems or ",".join(SYSTEMS)).split(",") if x]
+    unknown = sorted(set(systems) - {*SYSTEMS, *OPTIONAL_SYSTEMS})
+    if unknown:
+        raise ConfigurationError(
+            f"unknown systems {unknown}; known: {[*SYSTEMS, *OPTIONAL_SYSTEMS]}"
+        )
     try:
         report = bench_agent(
             settings,
@@ -577,6 +627,7 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             attempts=args.attempts,
             kill_every=args.kill_every,
             seed=args.seed,
+            systems=systems,
             log=sys.stderr,
         )
     except KeyboardInterrupt:

@@ -273,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--attempts", type=int, default=8, help="agent: per step, both Celery and saga")
     b.add_argument("--kill-every", type=float, default=3.0, help="agent: seconds between kills")
     b.add_argument("--seed", type=int, default=1, help="agent: fault and kill schedule")
+    b.add_argument(
+        "--systems",
+        help="agent: comma-separated (default plain,celery_autoretry,saga,saga_with_kills; "
+        "celery_autoretry_with_kills is optional)",
+    )
     return parser
 
 
