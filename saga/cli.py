@@ -138,18 +138,27 @@ def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+COMPLETION = "saga.completion"  # how saga.agent.llm marks a journaled completion
+
+
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     from saga.client import SagaClient
 
     with SagaClient(settings) as client:
         run = client.run(args.run_id)
         steps = client.steps(args.run_id)
+    usage = None
+    if any(isinstance(s.result, dict) and s.result.get("object") == COMPLETION for s in steps):
+        from saga.agent.llm import run_usage  # only for runs with model completions
+
+        usage = run_usage(steps)
     if args.json:
         print(
             json.dumps(
                 {
                     "run": {k: v for k, v in vars(run).items()},
                     "steps": [vars(s) for s in steps],
+                    "usage": None if usage is None else usage.model_dump(),
                 },
                 default=str,
                 indent=2,
@@ -164,6 +173,12 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"{s.seq:>3}  {s.step_name:<24} {s.state:<10} {s.attempt:>8} {duration:>10}  "
             f"{error[:80]}"
+        )
+    if usage is not None:
+        t = usage.total
+        print(
+            f"model usage: {usage.calls} completions, {t.total_tokens} tokens "
+            f"({t.prompt_tokens} prompt, {t.completion_tokens} completion)"
         )
     if run.error:
         print(f"run error: {run.error.get('message', run.error)}")
@@ -198,12 +213,22 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings)
 
 
+BENCH_DEFAULTS = {"core": {"steps": 20, "runs": 2000}, "agent": {"steps": 10, "runs": 50}}
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.suite == "coordinator":
         from saga.bench_coordinator import bench_coordinator
 
         print(json.dumps(bench_coordinator(settings), indent=None if args.json else 2))
         return 0
+    for name, value in BENCH_DEFAULTS[args.suite].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.suite == "agent":
+        from saga.bench_agent import run_bench as run_agent_bench
+
+        return run_agent_bench(settings, args)
     if args.tracing:
         from saga.bench_tracing import bench_tracing
 
@@ -262,16 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--payload", default="null", help="the event's payload as JSON")
     sub.add_parser("demo", help="run the demo saga on the embedded servers", epilog=ENV_HELP)
     b = sub.add_parser("bench", help="benchmarks against raw Celery", epilog=ENV_HELP)
-    b.add_argument("suite", choices=["core", "coordinator"])
+    b.add_argument("suite", choices=["core", "coordinator", "agent"])
     b.add_argument(
         "--tracing",
         action="store_true",
         help="core: throughput with tracing exporting to a local receiver vs off",
     )
     b.add_argument("--json", action="store_true")
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--runs", type=int, default=2000)
+    b.add_argument("--steps", type=int, help="core: 20; agent: 10 (turns per run)")
+    b.add_argument("--runs", type=int, help="core: 2000; agent: 50")
     b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--failure-rate", type=float, default=0.15, help="agent: per step")
+    b.add_argument("--attempts", type=int, default=8, help="agent: per step, both Celery and saga")
+    b.add_argument("--kill-every", type=float, default=3.0, help="agent: seconds between kills")
+    b.add_argument("--seed", type=int, default=1, help="agent: fault and kill schedule")
+    b.add_argument(
+        "--systems",
+        help="agent: comma-separated (default plain,celery_autoretry,saga,saga_with_kills; "
+        "celery_autoretry_with_kills is optional)",
+    )
     return parser
 
 

@@ -22,7 +22,9 @@ class RetryPolicy:
 
     ``max_attempts`` counts every attempt, the first included (1 means never retry). An attempt
     lost with its worker (lease expired) counts too. Errors of a ``non_retryable`` type, and
-    results that cannot be journaled, fail the step at once.
+    results that cannot be journaled, fail the step at once. An error with a numeric
+    ``retry_after_seconds`` attribute (a rate limit's Retry-After) delays the retry at least
+    that long.
     """
 
     max_attempts: int = 5
@@ -91,7 +93,12 @@ class RetryPolicy:
             return RetryDecision(retry=False)
         if attempt >= self.max_attempts:
             return RetryDecision(retry=False)
-        return RetryDecision(retry=True, delay_seconds=self.backoff(attempt, rng))
+        delay = self.backoff(attempt, rng)
+        # An error may say when to come back (a 429's Retry-After): never retry sooner.
+        asked = getattr(error, "retry_after_seconds", None)
+        if isinstance(asked, int | float) and math.isfinite(asked) and asked > delay:
+            delay = float(asked)
+        return RetryDecision(retry=True, delay_seconds=delay)
 
     def _is_non_retryable(self, error: BaseException) -> bool:
         names = {_qualified(t) if isinstance(t, type) else t for t in self.non_retryable}

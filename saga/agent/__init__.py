@@ -1,0 +1,41 @@
+"""Agents on the engine: model completions as journaled steps (``saga.agent.llm``)."""
+
+from saga.agent.llm import (
+    MODEL_RETRY,
+    ChatRequest,
+    Completion,
+    MalformedCompletion,
+    ModelError,
+    ModelRateLimited,
+    ModelRequestRejected,
+    ModelSettings,
+    ModelUnavailable,
+    RunUsage,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    chat,
+    complete,
+    run_usage,
+    tool_message,
+)
+
+__all__ = [
+    "MODEL_RETRY",
+    "ChatRequest",
+    "Completion",
+    "MalformedCompletion",
+    "ModelError",
+    "ModelRateLimited",
+    "ModelRequestRejected",
+    "ModelSettings",
+    "ModelUnavailable",
+    "RunUsage",
+    "ToolCall",
+    "ToolSpec",
+    "Usage",
+    "chat",
+    "complete",
+    "run_usage",
+    "tool_message",
+]
