@@ -8,6 +8,7 @@ only through ``RunTx``, which the store implements.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -311,12 +312,18 @@ def _call_step(run_id: str, call: Call) -> NewStep:
     )
 
 
+def _private(value: Any) -> Any:
+    return copy.deepcopy(value) if isinstance(value, dict | list) else value
+
+
 def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
     run = tx.run
     rows = tx.journal()
     journal = {
+        # A copy: workflow code may mutate what a step returned, and journal rows are cached
+        # across replays (store.JournalCache), so it must never see the cached objects.
         r.position: JournalEntry(
-            r.position, r.step_key, r.step_name, r.kind, r.state, r.result, r.error
+            r.position, r.step_key, r.step_name, r.kind, r.state, _private(r.result), r.error
         )
         for r in rows
         if r.position is not None

@@ -976,3 +976,18 @@ def test_a_lease_expiring_while_compensating_does_not_stall_the_compensation() -
     assert (sim.run.state, sim.step_keys(kind="compensation")) == ("compensating", [])
     sim.expire_lease("hotel")  # its worker died
     assert sim.run.state != "compensating" or sim.open_steps(), "nothing left to move the run"
+
+
+def test_workflow_code_mutating_a_result_does_not_change_the_journal() -> None:
+    from saga.coordinator import JournalRow
+    from saga.store import JournalCache
+
+    cache = JournalCache()
+    row = JournalRow("s#1", "s", "action", "completed", 1, {"items": [1]}, None, 1, None, {})
+    cache.put("r", 1, {"s#1": row})
+    _, rows = cache.get("r")
+    from saga.coordinator import _private
+
+    copied = _private(rows["s#1"].result)
+    copied["items"].append(2)
+    assert cache.get("r")[1]["s#1"].result == {"items": [1]}
