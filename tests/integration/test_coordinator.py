@@ -296,13 +296,13 @@ def test_step_timeout_interrupts_the_attempt_and_retries(
 def test_run_timeout_stops_and_compensates(
     running: ProcessGroup, client: SagaClient, db: Conn
 ) -> None:
-    run_id = client.start(cs.approval, {"item": "tent"}, timeout=5.0)
+    run_id = client.start(cs.approval, {"item": "tent"}, timeout=20.0)
     wait_until(
         lambda: db.execute(
             "SELECT 1 FROM saga_steps WHERE run_id = %s AND kind = 'event' AND state = 'waiting'",
             (run_id,),
         ).fetchone(),
-        5,
+        20,
         "the approval wait, before the run's deadline",
     )
     run = client.wait(run_id, timeout=60)

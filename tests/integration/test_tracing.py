@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -311,11 +310,13 @@ def test_prefork_children_recycled_after_each_task_lose_no_spans(
     assert len(by(spans, "wait retry_backoff")) == 1
     pids = [s.resource["process.pid"] for s in by(spans, "process ")]
     assert len(set(pids)) == 3, "each attempt ran in a child of its own"
-    # The metrics of every child were flushed too.
-    attempts = Counter(
-        p.resource["process.pid"] for p in receiver.points() if p.metric == "saga.step.attempts"
-    )
-    assert set(attempts) == set(pids)
+    # The metrics of every child were flushed too (the last child exits after its spans left).
+    def attempts() -> set[Any]:
+        return {p.resource["process.pid"] for p in receiver.points()
+                if p.metric == "saga.step.attempts"}
+
+    wait_until(lambda: attempts() >= set(pids), 60, "every child's metrics")
+    assert attempts() == set(pids)
 
 
 _BLOCK_SDK = """
