@@ -432,7 +432,8 @@ class Bench:
                                "--loglevel", "WARNING"], env)
 
         with children(self.log_dir) as group, SagaClient(settings) as client:
-            group.start(f"{system}-relay", [sys.executable, "-m", "saga", "relay"], env)
+            group.start(f"{system}-relay",
+                        [sys.executable, "-m", "saga", "--log-level", "INFO", "relay"], env)
             names = [f"{system}-worker-{n}" for n in range(WORKERS)]
             for name in names:
                 worker(name)
@@ -458,13 +459,12 @@ class Bench:
             ]
             if kills:
                 killer.start()
-            completed, pending = 0, list(run_ids)
+            pending = list(run_ids)
             progress, last = self.progress(), time.monotonic()
             try:
                 while pending and time.monotonic() - last < STALL_LIMIT:
                     with contextlib.suppress(WaitTimeoutError):
-                        run = client.wait(pending[0], timeout=1)
-                        completed += run.state == "completed"
+                        client.wait(pending[0], timeout=1)
                         pending.pop(0)
                     if self.progress() != progress:
                         progress, last = self.progress(), time.monotonic()
@@ -472,6 +472,19 @@ class Bench:
                 killer.stopped.set()
                 if kills:
                     killer.join()
+            completed = sum(client.run(r).state == "completed" for r in run_ids)
+            stalled = None
+            if pending:  # say what was left, before stopping it
+                open_steps = journal.execute(
+                    "SELECT state, count(*) FROM saga_steps WHERE run_id LIKE %s "
+                    "AND state NOT IN ('completed', 'cancelled') GROUP BY state",
+                    (prefix + "%",),
+                ).fetchall()
+                stalled = {
+                    "unfinished_runs": sum(not client.run(r).finished for r in run_ids),
+                    "open_steps": dict(open_steps),
+                    "alive": {n: p.poll() is None for n, p in group.procs.items()},
+                }
             # Runs still going would be swept into the next system's queue: stop them here.
             unfinished = [r for r in run_ids if not client.run(r).finished]
             for run_id in unfinished:
@@ -481,6 +494,7 @@ class Bench:
                     client.wait(run_id, timeout=30)
             attempts = [s.attempt for r in run_ids for s in client.steps(r) if s.kind == "action"]
         return completed, {
+            "stalled": stalled,
             "worker_kills": killer.kills,
             "journaled_steps": len(attempts),
             "journaled_failed_attempts": sum(a - 1 for a in attempts),
