@@ -70,6 +70,7 @@ RETRY_AFTER = 0.1
 BACKOFF = 0.05  # first retry delay, both Celery and the saga
 WORKERS = 2
 STALL_LIMIT = 60.0  # a system making no progress this long is given up on
+WORKER_GRACE = 5.0  # a restarted worker is not killed again sooner
 # Celery's late-acked turns lost with a killed worker come back only after the visibility
 # timeout, and only when kombu restores them from an idle poll: that side gets more patience.
 CELERY_VISIBILITY_TIMEOUT = 10.0
@@ -244,8 +245,9 @@ def children(log_dir: Path, sig: signal.Signals = signal.SIGTERM) -> Iterator[Ch
 class Killer(threading.Thread):
     """Every ``every`` seconds, kills (SIGKILL) a random worker among those running a step at
     that instant, and starts a new one; a tick finding none kills nothing. A worker started
-    less than ``every`` seconds ago is spared: its first step is slow (it imports the step's
-    module), and killing it there again and again would only measure start-up."""
+    less than ``WORKER_GRACE`` seconds (or ``every``) ago is spared: starting and its first
+    step are slow (it imports the step's module), and killing it there again and again would
+    only use up that step's attempts, measuring start-up."""
 
     def __init__(self, group: Children, names: list[str], restart: Callable[[str], None],
                  busy: Callable[[], set[int]], every: float, rng: random.Random) -> None:
@@ -261,7 +263,8 @@ class Killer(threading.Thread):
             pids, now = self.busy(), time.monotonic()
             working = [
                 n for n in self.names
-                if self.group.procs[n].pid in pids and now - self.started[n] >= self.every
+                if self.group.procs[n].pid in pids
+                and now - self.started[n] >= max(self.every, WORKER_GRACE)
             ]
             if not working:
                 continue
