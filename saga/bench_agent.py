@@ -70,6 +70,7 @@ RETRY_AFTER = 0.1
 BACKOFF = 0.05  # first retry delay, both Celery and the saga
 WORKERS = 2
 STALL_LIMIT = 60.0  # a system making no progress this long is given up on
+WORKER_GRACE = 5.0  # a restarted worker is not killed again sooner
 # Celery's late-acked turns lost with a killed worker come back only after the visibility
 # timeout, and only when kombu restores them from an idle poll: that side gets more patience.
 CELERY_VISIBILITY_TIMEOUT = 10.0
@@ -244,8 +245,9 @@ def children(log_dir: Path, sig: signal.Signals = signal.SIGTERM) -> Iterator[Ch
 class Killer(threading.Thread):
     """Every ``every`` seconds, kills (SIGKILL) a random worker among those running a step at
     that instant, and starts a new one; a tick finding none kills nothing. A worker started
-    less than ``every`` seconds ago is spared: its first step is slow (it imports the step's
-    module), and killing it there again and again would only measure start-up."""
+    less than ``WORKER_GRACE`` seconds (or ``every``) ago is spared: starting and its first
+    step are slow (it imports the step's module), and killing it there again and again would
+    only use up that step's attempts, measuring start-up."""
 
     def __init__(self, group: Children, names: list[str], restart: Callable[[str], None],
                  busy: Callable[[], set[int]], every: float, rng: random.Random) -> None:
@@ -261,7 +263,8 @@ class Killer(threading.Thread):
             pids, now = self.busy(), time.monotonic()
             working = [
                 n for n in self.names
-                if self.group.procs[n].pid in pids and now - self.started[n] >= self.every
+                if self.group.procs[n].pid in pids
+                and now - self.started[n] >= max(self.every, WORKER_GRACE)
             ]
             if not working:
                 continue
@@ -432,7 +435,8 @@ class Bench:
                                "--loglevel", "WARNING"], env)
 
         with children(self.log_dir) as group, SagaClient(settings) as client:
-            group.start(f"{system}-relay", [sys.executable, "-m", "saga", "relay"], env)
+            group.start(f"{system}-relay",
+                        [sys.executable, "-m", "saga", "--log-level", "INFO", "relay"], env)
             names = [f"{system}-worker-{n}" for n in range(WORKERS)]
             for name in names:
                 worker(name)
@@ -458,13 +462,12 @@ class Bench:
             ]
             if kills:
                 killer.start()
-            completed, pending = 0, list(run_ids)
+            pending = list(run_ids)
             progress, last = self.progress(), time.monotonic()
             try:
                 while pending and time.monotonic() - last < STALL_LIMIT:
                     with contextlib.suppress(WaitTimeoutError):
-                        run = client.wait(pending[0], timeout=1)
-                        completed += run.state == "completed"
+                        client.wait(pending[0], timeout=1)
                         pending.pop(0)
                     if self.progress() != progress:
                         progress, last = self.progress(), time.monotonic()
@@ -472,6 +475,19 @@ class Bench:
                 killer.stopped.set()
                 if kills:
                     killer.join()
+            completed = sum(client.run(r).state == "completed" for r in run_ids)
+            stalled = None
+            if pending:  # say what was left, before stopping it
+                open_steps = journal.execute(
+                    "SELECT state, count(*) FROM saga_steps WHERE run_id LIKE %s "
+                    "AND state NOT IN ('completed', 'cancelled') GROUP BY state",
+                    (prefix + "%",),
+                ).fetchall()
+                stalled = {
+                    "unfinished_runs": sum(not client.run(r).finished for r in run_ids),
+                    "open_steps": dict(open_steps),
+                    "alive": {n: p.poll() is None for n, p in group.procs.items()},
+                }
             # Runs still going would be swept into the next system's queue: stop them here.
             unfinished = [r for r in run_ids if not client.run(r).finished]
             for run_id in unfinished:
@@ -481,6 +497,7 @@ class Bench:
                     client.wait(run_id, timeout=30)
             attempts = [s.attempt for r in run_ids for s in client.steps(r) if s.kind == "action"]
         return completed, {
+            "stalled": stalled,
             "worker_kills": killer.kills,
             "journaled_steps": len(attempts),
             "journaled_failed_attempts": sum(a - 1 for a in attempts),
