@@ -56,6 +56,7 @@ class Claim:
     run_input: Any
     saga_name: str
     trace_context: dict[str, str]
+    saga_ref: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,25 @@ def _translated(action: str) -> Iterator[None]:
         raise StoreError(f"Postgres failed while {action}: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Cursor[Any]]:
+    """A transaction with a synchronous commit, sent in pipeline mode: statements whose results
+    are not read cost no round trip, and BEGIN ... COMMIT end with a single Sync. (psycopg's
+    ``conn.transaction()`` syncs at BEGIN, at COMMIT and again on leaving the pipeline.) A
+    block that raises is rolled back before the connection goes back to its pool."""
+    try:
+        with conn.pipeline(), conn.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("SET LOCAL synchronous_commit TO on")
+            yield cur
+            cur.execute("COMMIT")
+    except BaseException:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
+        raise
+
+
 def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
     """A connection pool whose connections commit asynchronously unless a transaction says not.
 
@@ -153,6 +173,9 @@ class JournalCache:
         seen, rows = self._runs.get(run_id, (0, {}))
         return seen, dict(rows)
 
+    def seen(self, run_id: str) -> int:
+        return self._runs.get(run_id, (0, {}))[0]
+
     def put(self, run_id: str, seen: int, rows: dict[str, JournalRow]) -> None:
         self._runs[run_id] = (seen, rows)
         self._runs.move_to_end(run_id)
@@ -170,9 +193,12 @@ class RunTransaction:
         queue: str,
         dispatch_timeout: float,
         cache: JournalCache | None = None,
+        prefetched: tuple[int, psycopg.Cursor[Any]] | None = None,
     ) -> None:
         self._cur = cur
         self._cache = cache or JournalCache(0)
+        # (seen, cursor) of a journal read sent with the run lock, before the coordinator asks.
+        self._prefetched = prefetched
         self._cache_update: tuple[int, dict[str, JournalRow]] | None = None
         self.run = run
         self._queue = queue
@@ -187,12 +213,14 @@ class RunTransaction:
     def journal(self) -> list[JournalRow]:
         if self._journal is None:
             seen, completed = self._cache.get(self.run.run_id)
-            fresh = [
-                JournalRow(*r)
-                for r in self._cur.execute(
+            if self._prefetched is not None and self._prefetched[0] == seen:
+                cur = self._prefetched[1]
+            else:
+                cur = self._cur.execute(
                     q.SELECT_JOURNAL, {"run_id": self.run.run_id, "seen": seen}
-                ).fetchall()
-            ]
+                )
+            self._prefetched = None  # what the transaction writes next, it must read afresh
+            fresh = [JournalRow(*r) for r in cur.fetchall()]
             for r in fresh:  # kept once (and only if) this transaction commits
                 if r.state == "completed" and r.completed_seq:
                     completed[r.step_key] = r
@@ -315,10 +343,8 @@ class PostgresStore:
         with (
             _translated(action),
             self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor() as cur,
+            _pipelined_transaction(conn) as cur,
         ):
-            cur.execute("SET LOCAL synchronous_commit TO on")
             row = cur.execute(q.LOCK_RUN, (run_id,)).fetchone()
             if row is None:
                 raise RunNotFoundError(f"no run has id {run_id!r}")
@@ -347,8 +373,7 @@ class PostgresStore:
         if the id exists already for the same saga and input (idempotent), RunConflictError if
         it exists otherwise."""
         with _translated(f"creating run {run_id!r}"), self._pool.connection() as conn:
-            with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SET LOCAL synchronous_commit TO on")
+            with _pipelined_transaction(conn) as cur:
                 created = cur.execute(
                     q.INSERT_RUN,
                     {
@@ -431,25 +456,36 @@ class PostgresStore:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def claim_step(self, run_id: str, step_key: str, *, owner: str, lease: float) -> Claim | None:
+    def claim_step(
+        self,
+        run_id: str,
+        step_key: str,
+        *,
+        owner: str,
+        lease: float,
+        published: Sequence[uuid.UUID] = (),
+    ) -> Claim | None:
         """Take one attempt of the step, or None if it is not claimable (already running,
-        completed, failed, its run has ended, or it does not exist)."""
+        completed, failed, its run has ended, or it does not exist). Outbox rows in
+        ``published`` (sent earlier by this process) are marked published in the same round
+        trip."""
+        params = {"run_id": run_id, "step_key": step_key, "owner": owner, "lease": lease}
         with (
             _translated(f"claiming step {step_key!r} of run {run_id!r}"),
             self._pool.connection() as conn,
         ):
-            row = conn.execute(
-                q.CLAIM_STEP,
-                {
-                    "run_id": run_id,
-                    "step_key": step_key,
-                    "owner": owner,
-                    "lease": lease,
-                },
-            ).fetchone()
+            if published:
+                with conn.pipeline():  # both statements, one Sync; results read after it
+                    mark_published(conn, published)
+                    cur = conn.execute(q.CLAIM_STEP, params)
+                row = cur.fetchone()
+            else:
+                row = conn.execute(q.CLAIM_STEP, params).fetchone()
         if row is None:
             return None
-        attempt, name, kind, max_attempts, key, input_, fn, options, run_input, saga, trace = row
+        attempt, name, kind, max_attempts, key, input_, fn, options, run_input, saga, trace, ref = (
+            row
+        )
         return Claim(
             run_id,
             step_key,
@@ -464,6 +500,7 @@ class PostgresStore:
             run_input,
             saga,
             trace or {},
+            ref,
         )
 
     def step_state(self, run_id: str, step_key: str) -> tuple[str, int, str] | None:
@@ -486,12 +523,19 @@ class PostgresStore:
         return row is not None
 
     def complete_step(
-        self, claim: Claim, result_json: str, advance: Advance, *, fast_path_delay: float
+        self,
+        claim: Claim,
+        result_json: str,
+        advance: Advance,
+        *,
+        fast_path_delay: float,
+        read_journal: bool = False,
     ) -> list[OutboxMessage]:
         """Journal the step's result and what the coordinator decides from it, in one
         transaction; returns the messages it caused. Their outbox rows are left to the caller's
         fast path for ``fast_path_delay`` seconds. Raises Fenced when the attempt lost its
-        lease or the run moved on."""
+        lease or the run moved on. ``read_journal``: the coordinator will read the journal (a
+        workflow replays), so the read goes out with the run lock, saving a round trip."""
 
         def outcome(tx: RunTransaction, state: str) -> None:
             tx.completed = JournalRow(
@@ -516,6 +560,7 @@ class PostgresStore:
             {"result": result_json},
             outcome,
             fast_path_delay,
+            read_journal,
         )
 
     def fail_attempt(
@@ -526,6 +571,7 @@ class PostgresStore:
         retry_in: float | None,
         advance: Advance,
         fast_path_delay: float = 0.0,
+        read_journal: bool = False,
     ) -> list[OutboxMessage]:
         """Record a failed attempt: retried after ``retry_in`` seconds, or (None) failed for
         good, which the coordinator acts on in the same transaction."""
@@ -545,6 +591,7 @@ class PostgresStore:
             },
             outcome,
             fast_path_delay,
+            read_journal and retry_in is None,
         )
 
     def _outcome(
@@ -555,6 +602,7 @@ class PostgresStore:
         fence_params: dict[str, Any],
         body: Callable[[RunTransaction, str], None],
         fast_path_delay: float,
+        read_journal: bool,
     ) -> list[OutboxMessage]:
         """The outcome transaction, pipelined: the run lock and the fenced step update go in
         one round trip, what the coordinator writes and the commit in another."""
@@ -563,18 +611,27 @@ class PostgresStore:
         with (
             _translated(where),
             self._pool.connection() as conn,
-            conn.pipeline(),
-            conn.transaction(),
+            _pipelined_transaction(conn) as run_cur,
+            conn.cursor() as step_cur,
         ):
-            run_cur, step_cur = conn.cursor(), conn.cursor()
-            run_cur.execute("SET LOCAL synchronous_commit TO on")
             run_cur.execute(q.LOCK_RUN, (claim.run_id,))
             step_cur.execute(fence_query, {**key, **fence_params})
+            prefetched = None
+            if read_journal:  # after the lock and the fence, in the same round trip
+                seen = self._journals.seen(claim.run_id)
+                journal_cur = conn.cursor()
+                journal_cur.execute(q.SELECT_JOURNAL, {"run_id": claim.run_id, "seen": seen})
+                prefetched = (seen, journal_cur)
             row, fenced = run_cur.fetchone(), step_cur.fetchone()
             if row is None or fenced is None:
                 raise Fenced
             tx = RunTransaction(
-                run_cur, RunView(*row), self._queue, self._dispatch_timeout, self._journals
+                run_cur,
+                RunView(*row),
+                self._queue,
+                self._dispatch_timeout,
+                self._journals,
+                prefetched,
             )
             allowed = (
                 ("compensating",) if claim.kind == "compensation" else ("running", "compensating")
@@ -591,9 +648,9 @@ class PostgresStore:
         with self._locked_run(run_id, f"advancing run {run_id!r}") as tx:
             advance(tx)
 
-    def mark_published(self, messages: Sequence[OutboxMessage]) -> None:
+    def mark_published(self, message_ids: Sequence[uuid.UUID]) -> None:
         with _translated("marking outbox rows published"), self._pool.connection() as conn:
-            mark_published(conn, [m.message_id for m in messages])
+            mark_published(conn, message_ids)
 
     # -- events and operators -----------------------------------------------------------------
 
@@ -728,10 +785,8 @@ class PostgresStore:
         with (
             _translated("dispatching due steps"),
             self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor() as cur,
+            _pipelined_transaction(conn) as cur,
         ):
-            cur.execute("SET LOCAL synchronous_commit TO on")
             rows = cur.execute(
                 q.REDISPATCH_DUE, {"limit": limit, "dispatch_timeout": self._dispatch_timeout}
             ).fetchall()

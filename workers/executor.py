@@ -29,8 +29,9 @@ from saga.definition import StepContext, StepOptions, function_by_ref, load_defi
 from saga.errors import MalformedMessageError, StepTimeoutError, StoreError, UnknownSagaError
 from saga.settings import Settings
 from saga.store import Claim, Fenced, PostgresStore, open_pool
+from saga.workflow import Workflow
 from workers.lease import LeaseKeeper
-from workers.publish import CeleryPublisher
+from workers.publish import CeleryPublisher, PendingMarks
 
 log = logging.getLogger("saga.worker")
 
@@ -105,6 +106,9 @@ class StepExecutor:
             dispatch_timeout=settings.dispatch_timeout_seconds,
         )
         self.publisher = CeleryPublisher(app)
+        self.marks = PendingMarks(
+            self.store.mark_published, flush_after=settings.fast_path_grace_seconds / 5
+        )
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = LeaseKeeper(self.store, settings.lease_seconds)
         self._advance = functools.partial(coordinator.advance, load=load_definition)
@@ -123,10 +127,15 @@ class StepExecutor:
         msg = _parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
         owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
+        published = self.marks.take()
         claim = self._durably(
             "claiming",
             lambda: self.store.claim_step(
-                msg.run_id, msg.step_key, owner=owner, lease=self.settings.lease_seconds
+                msg.run_id,
+                msg.step_key,
+                owner=owner,
+                lease=self.settings.lease_seconds,
+                published=published,
             ),
         )
         if claim is None:
@@ -236,6 +245,7 @@ class StepExecutor:
                 result_json,
                 self._advance,
                 fast_path_delay=self.settings.fast_path_grace_seconds,
+                read_journal=self._replays(claim),
             ),
             claim,
         )
@@ -274,11 +284,20 @@ class StepExecutor:
                 retry_in=retry_in,
                 advance=self._advance,
                 fast_path_delay=self.settings.fast_path_grace_seconds,
+                read_journal=self._replays(claim),
             ),
             claim,
         )
         if done is not None:
             self._publish_now(done)
+
+    @staticmethod
+    def _replays(claim: Claim) -> bool:
+        """Whether advancing the claim's run replays a workflow (which reads the journal)."""
+        try:
+            return isinstance(load_definition(claim.saga_ref), Workflow)
+        except UnknownSagaError:
+            return False
 
     def _publish_now(self, messages: list[OutboxMessage]) -> None:
         """The fast path: publish right after commit. The relay remains the guarantee."""
@@ -286,9 +305,10 @@ class StepExecutor:
             return
         try:
             self.publisher.publish(messages)
-            self.store.mark_published(messages)
         except Exception as exc:  # kombu raises many types; the relay will publish
             log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
+            return
+        self.marks.add(messages)
 
     def _trace_backoff(self, claim: Claim) -> None:
         """A span for the wait before this retry: from the journaled failure of the previous

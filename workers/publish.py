@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
 
 from celery import Celery
 
 from outbox.message import OutboxMessage
 from saga import tracing
+
+log = logging.getLogger("saga.worker")
 
 
 class CeleryPublisher:
@@ -37,3 +43,48 @@ class CeleryPublisher:
                         ignore_result=True,
                     )
         tracing.published(messages)
+
+
+class PendingMarks:
+    """Outbox rows this process published itself and has yet to mark published.
+
+    Marking costs a round trip; instead the ids ride on this process's next claim (see
+    ``PostgresStore.claim_step``). A worker that goes idle has them marked by a daemon thread
+    after ``flush_after`` seconds, well inside the relay's grace period, so the relay does not
+    publish them again. A mark lost with its process costs one duplicate message, which the
+    claim fences.
+    """
+
+    def __init__(self, mark: Callable[[Sequence[uuid.UUID]], None], flush_after: float) -> None:
+        self._mark = mark
+        self._flush_after = flush_after
+        self._ids: list[uuid.UUID] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, messages: Sequence[OutboxMessage]) -> None:
+        with self._lock:
+            self._ids.extend(m.message_id for m in messages)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="saga-marks", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def take(self) -> list[uuid.UUID]:
+        with self._lock:
+            ids, self._ids = self._ids, []
+        return ids
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            time.sleep(self._flush_after)  # a claim in the meantime takes them first
+            ids = self.take()
+            if not ids:
+                continue
+            try:
+                self._mark(ids)
+            except Exception as exc:  # the relay publishes them again; consumers fence
+                log.warning("could not mark %d outbox rows published: %s", len(ids), exc)

@@ -66,12 +66,15 @@ def test_connection_cut_during_outcome_commit_leaves_no_partial_state(
         nonlocal cut_in_transaction
         with psycopg.connect(database_url, autocommit=True) as conn:
             while not done.is_set():
+                # A transaction of several statements is open when it began before the
+                # statement now running (outcomes are pipelined: 'active' until their Sync).
                 rows = conn.execute(
-                    "SELECT state, pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "SELECT xact_start < query_start, pg_terminate_backend(pid) "
+                    "FROM pg_stat_activity "
                     "WHERE datname = current_database() AND application_name = 'saga-worker' "
                     "AND state IN ('idle in transaction', 'active') AND query NOT LIKE 'LISTEN%%'"
                 ).fetchall()
-                cut_in_transaction += sum(1 for state, _ in rows if state == "idle in transaction")
+                cut_in_transaction += sum(1 for in_transaction, _ in rows if in_transaction)
                 if rows:
                     done.wait(0.1)  # sporadic cuts, as in a failover; not a dead database
 

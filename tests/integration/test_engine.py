@@ -134,6 +134,29 @@ def test_same_message_published_twice_runs_once(
     assert calls(db, run_id) == Counter({"step1": 1, "step2": 1})
 
 
+def test_fast_path_publishes_are_marked_so_the_relay_does_not_send_them_again(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    workers = [procs.worker(settings, "w1"), procs.worker(settings, "w2")]
+    procs.relay(settings)
+    run_id = client.start(sagas.ten, {})
+    assert client.result(run_id, timeout=60)["trail"] == list(range(1, 11))
+    # The worker published steps 2-10 itself; their marks ride on its next claim or, once it
+    # is idle, on its marking thread, before the relay's grace period lets the relay take them.
+    wait_until(
+        lambda: db.execute(
+            "SELECT count(*) = 0 FROM saga_outbox WHERE published_at IS NULL"
+        ).fetchone()[0],  # type: ignore[index]
+        30,
+        "every outbox row to be marked published",
+    )
+    # Anything the relay had sent again would be queued before this probe's message.
+    client.result(client.start(sagas.two, {}), timeout=60)
+    for worker in workers:
+        assert "nothing to do" not in worker.log(), "a step message was delivered twice"
+    assert sum(calls(db, run_id).values()) == 10
+
+
 def test_relay_killed_between_commit_and_publish(
     settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
 ) -> None:
