@@ -278,9 +278,7 @@ def travel_agent(ctx: WorkflowContext, task: TravelTask) -> dict[str, Any]:
     messages = first_messages(task)
     request = {"tools": [s.model_dump() for s in SPECS]}
     for turn in range(1, task.steps + 1):
-        completion = Completion.model_validate(
-            ctx.step(decide, {**request, "messages": messages}, retry=model_retry)
-        )
+        completion = ctx.step(decide, {**request, "messages": messages}, retry=model_retry)
         if not completion.tool_calls:
             return {"trip": task.trip, "turns": turn, "answer": completion.answer}
         messages = [*messages, completion.assistant_message()]

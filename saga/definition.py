@@ -15,6 +15,7 @@ import importlib
 import inspect
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,9 +132,16 @@ class FunctionInfo:
     ref: str
     input_adapter: TypeAdapter[Any] = field(repr=False)
     output_adapter: TypeAdapter[Any] = field(repr=False)
+    # False when the return type is plain JSON (int, str, dict[str, Any], ...): a journaled
+    # result is then already the value, and replay need not validate it again.
+    decodes_result: bool = False
 
     def validate_input(self, value: Any) -> Any:
         return self.input_adapter.validate_python(value)
+
+    def decode_result(self, value: Any) -> Any:
+        """A journaled (JSON) result as the type the function returns, e.g. a pydantic model."""
+        return self.output_adapter.validate_python(value) if self.decodes_result else value
 
     def encode_result(self, value: Any, *, limit: int, run_id: str, step: str) -> str:
         """The result as JSON text, or StepResultError naming the run, step and limit."""
@@ -186,7 +194,21 @@ def _function_info(fn: Callable[..., Any], ref: str, where: str) -> FunctionInfo
         ref=ref,
         input_adapter=_ANY_ADAPTER if in_hint is None else TypeAdapter(in_hint),
         output_adapter=_ANY_ADAPTER if out_hint is None else TypeAdapter(out_hint),
+        decodes_result=out_hint is not None and not _plain_json(out_hint),
     )
+
+
+_JSON_SCALARS = (int, float, str, bool, type(None))
+
+
+def _plain_json(hint: Any) -> bool:
+    """Whether values of ``hint`` are their own JSON form (so decoding changes nothing)."""
+    if hint is Any or hint is None or hint in _JSON_SCALARS or hint in (dict, list):
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (dict, list, typing.Union, types.UnionType):
+        return all(_plain_json(a) for a in args)
+    return False
 
 
 def function_by_ref(ref: str) -> FunctionInfo:

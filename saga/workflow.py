@@ -82,10 +82,11 @@ class Call:
 class Handle(Generic[T]):
     """A started step; ``ctx.gather`` waits for it."""
 
-    __slots__ = ("position",)
+    __slots__ = ("function", "position")
 
-    def __init__(self, position: int) -> None:
+    def __init__(self, position: int, function: FunctionInfo | None = None) -> None:
         self.position = position
+        self.function = function  # decodes the journaled result into the step's return type
 
 
 class WorkflowContext:
@@ -153,7 +154,8 @@ class WorkflowContext:
         step_name = str(name or getattr(fn, "__name__", ""))
         position = self._next(step_name, "action")
         if position in self._journal:
-            return Handle(position)  # journaled: replay costs a lookup, nothing more
+            # Journaled: replay costs a lookup (and, for a typed result, its validation).
+            return Handle(position, function_info(fn, self.workflow))
         where = f"workflow {self.workflow!r}, step {step_name!r}"
         if not NAME.match(step_name):
             raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
@@ -172,7 +174,7 @@ class WorkflowContext:
         self.scheduled.append(
             Call(position, key, step_name, "action", function, arg, compensation, options)
         )
-        return Handle(position)
+        return Handle(position, function)
 
     def map(self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Any) -> list[R]:
         """Run ``fn`` over each item in parallel (fan-out) and return the results in order."""
@@ -193,7 +195,8 @@ class WorkflowContext:
                     f"step {entry.name!r} of workflow {self.workflow!r} failed for good: "
                     f"{error.get('message', error)}"
                 )
-            results.append(entry.result)
+            value = entry.result
+            results.append(value if h.function is None else h.function.decode_result(value))
         return results
 
     # -- waits --------------------------------------------------------------------------------

@@ -154,6 +154,33 @@ def summarise(ctx: WorkflowContext, value: Any) -> Summary:
     return Summary(count=len(names), names=names)
 
 
+class Quote(BaseModel):
+    city: str
+    price: int
+
+
+def quote(ctx: StepContext, city: str) -> Quote:
+    return Quote(city=city, price=100)
+
+
+def quotes(ctx: StepContext, cities: list[str]) -> list[Quote]:
+    return [Quote(city=c, price=100) for c in cities]
+
+
+def plain(ctx: StepContext, value: Any) -> dict[str, list[int]]:
+    return {"n": [1]}
+
+
+@workflow("typed_results")
+def typed_results(ctx: WorkflowContext, city: str) -> dict[str, Any]:
+    one = ctx.step(quote, city)
+    many = ctx.gather(ctx.start(quotes, [city, "Porto"]), ctx.start(plain, None))
+    # Typed as the step functions return them, on every replay: models, not their JSON.
+    assert isinstance(one, Quote), type(one)
+    assert all(isinstance(q, Quote) for q in many[0]), many[0]
+    return {"price": one.price, "cities": [q.city for q in many[0]], "plain": many[1]}
+
+
 @workflow("unserialisable")
 def unserialisable(ctx: WorkflowContext, value: Any) -> Any:
     ctx.step(a, value)
@@ -662,6 +689,26 @@ def test_workflow_replay_returns_journaled_results_and_schedules_the_first_missi
     sim.complete("c#3", "C")
     assert sim.run.state == "completed"
     assert sim.run.result == ["A", "B", "C"]
+
+
+def test_workflow_steps_return_their_declared_types_on_replay_not_json() -> None:
+    sim = Sim(typed_results, "Lisbon").start()
+    sim.complete("quote#1", {"city": "Lisbon", "price": 120})
+    assert sim.open_steps() == ["quotes#2", "plain#3"]
+    sim.complete("plain#3", {"n": [1]})
+    sim.complete("quotes#2", [{"city": "Lisbon", "price": 1}, {"city": "Porto", "price": 2}])
+    assert sim.run.state == "completed", sim.run.error
+    assert sim.run.result == {"price": 120, "cities": ["Lisbon", "Porto"], "plain": {"n": [1]}}
+
+
+@pytest.mark.parametrize(
+    ("fn", "decodes"),
+    [(quote, True), (quotes, True), (plain, False), (cs.split, False), (cs.confirm, False)],
+)
+def test_only_results_whose_json_is_not_the_value_are_decoded(fn: Any, decodes: bool) -> None:
+    from saga.definition import function_info
+
+    assert function_info(fn, "test").decodes_result is decodes
 
 
 def test_agent_loop_replays_its_history_each_iteration() -> None:
