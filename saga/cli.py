@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from saga.errors import SagaError
-from saga.settings import Settings
+from saga.settings import Settings, unknown_variables
 
 ENV_HELP = "environment: " + ", ".join(f"SAGA_{name.upper()}" for name in Settings.model_fields)
 
@@ -332,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Definitions are imported by path, as Celery does: the working folder is importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    for problem in unknown_variables(os.environ):
+        logging.getLogger("saga").warning("ignored: %s", problem)
     try:
         settings = Settings()
         settings = resolve(settings)

@@ -75,6 +75,7 @@ class RunView:
     input: Any
     error: Any
     trace_context: Mapping[str, str]
+    queue: str | None = None  # its steps' broker queue; None: the dispatching process's
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 INSERT_RUN = """
 INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
-                       deadline_at)
+                       deadline_at, queue)
 VALUES (%(run_id)s, %(saga_name)s, %(saga_ref)s, %(saga_version)s, %(input)s::jsonb,
-        %(trace_context)s, now() + %(timeout)s * interval '1 second')
+        %(trace_context)s, now() + %(timeout)s * interval '1 second', %(queue)s)
 ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id
 """
@@ -15,7 +15,7 @@ SELECT saga_name, input FROM saga_runs WHERE run_id = %s
 
 # Taken first in every transaction that changes a run: serialises its outcomes and operators.
 LOCK_RUN = """
-SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context
+SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context, queue
 FROM saga_runs WHERE run_id = %s FOR UPDATE
 """
 
@@ -189,7 +189,7 @@ UPDATE saga_steps s
 SET state = 'dispatched', due_at = now() + %(dispatch_timeout)s * interval '1 second'
 FROM due, saga_runs r
 WHERE s.run_id = due.run_id AND s.step_key = due.step_key AND r.run_id = s.run_id
-RETURNING s.run_id, s.step_key, r.trace_context
+RETURNING s.run_id, s.step_key, r.trace_context, r.queue
 """
 
 SELECT_TRACE_CONTEXT = """
@@ -228,8 +228,8 @@ RETURNING 1
 
 # Fork: a new run with the old run's journal before a step copied as completed.
 FORK_RUN = """
-INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context)
-SELECT %(new_run_id)s, saga_name, saga_ref, %(saga_version)s, input, %(trace_context)s
+INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context, queue)
+SELECT %(new_run_id)s, saga_name, saga_ref, %(saga_version)s, input, %(trace_context)s, queue
 FROM saga_runs WHERE run_id = %(run_id)s
 RETURNING 1
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import Field, PositiveFloat, PositiveInt
@@ -58,3 +60,22 @@ class Settings(BaseSettings):
         "redelivers running tasks (harmless, the journal fences them, but wasteful).",
     )
     pool_size: PositiveInt = Field(default=4, description="Postgres connections per process.")
+
+
+# Variables with the prefix that belong to the test suite, not to the engine.
+_NOT_SETTINGS = ("SAGA_TEST_",)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``SAGA_*`` variable that names no setting, with the closest setting: a
+    typo (``SAGA_DATABSE_URL``) would otherwise leave the default in place without a word."""
+    known = {f"SAGA_{name.upper()}" for name in Settings.model_fields}
+    found = []
+    for var in sorted(environ):
+        if var.startswith("SAGA_") and var not in known and not var.startswith(_NOT_SETTINGS):
+            # Compared without the prefix, which every candidate shares.
+            close = difflib.get_close_matches(var[5:].lower(), Settings.model_fields, n=1)
+            hint = f" (did you mean SAGA_{close[0].upper()}?)" if close else ""
+            found.append(f"{var} is not a setting{hint}")
+    return found
+

@@ -201,7 +201,7 @@ class RunTransaction:
         self._prefetched = prefetched
         self._cache_update: tuple[int, dict[str, JournalRow]] | None = None
         self.run = run
-        self._queue = queue
+        self._default_queue = queue
         self._dispatch_timeout = dispatch_timeout
         self.messages: list[OutboxMessage] = []
         self._journal: list[JournalRow] | None = None
@@ -209,6 +209,11 @@ class RunTransaction:
         # chain on without reading the journal.
         self.completed: JournalRow | None = None
         self.finished: tuple[str, Mapping[str, Any] | None] | None = None  # final state set
+
+    @property
+    def queue(self) -> str:
+        """Where this run's messages go: its own queue, else this process's."""
+        return self.run.queue or self._default_queue
 
     def journal(self) -> list[JournalRow]:
         if self._journal is None:
@@ -258,7 +263,7 @@ class RunTransaction:
             # message is a duplicate, which the claim fences.
             if s.state == "dispatched":
                 self.messages.append(
-                    step_message(self._queue, self.run.run_id, s.step_key, self.run.trace_context)
+                    step_message(self.queue, self.run.run_id, s.step_key, self.run.trace_context)
                 )
 
     def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]:
@@ -321,7 +326,7 @@ class RunTransaction:
 
     def advance_later(self) -> None:
         """Have a worker advance the run (it has the definitions; this process may not)."""
-        self.messages.append(advance_message(self._queue, self.run.run_id, self.run.trace_context))
+        self.messages.append(advance_message(self.queue, self.run.run_id, self.run.trace_context))
 
 
 Advance = Callable[[RunTransaction], None]
@@ -384,6 +389,7 @@ class PostgresStore:
                         "input": input_json,
                         "trace_context": Jsonb(dict(trace_context)),
                         "timeout": timeout,
+                        "queue": self._queue,
                     },
                 ).fetchone()
                 if created:
@@ -396,6 +402,7 @@ class PostgresStore:
                         json.loads(input_json),
                         None,
                         trace_context,
+                        self._queue,
                     )
                     tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout)
                     start(tx)
@@ -710,7 +717,7 @@ class PostgresStore:
                 },
             ).fetchall():
                 if state == "dispatched":
-                    tx.messages.append(step_message(self._queue, run_id, key, tx.run.trace_context))
+                    tx.messages.append(step_message(tx.queue, run_id, key, tx.run.trace_context))
             tx.advance_later()
 
     def fork_run(
@@ -739,7 +746,7 @@ class PostgresStore:
             cur.execute(
                 q.FORK_STEPS, {"new_run_id": new_id, "run_id": run_id, "before_seq": seq[0]}
             )
-            tx.messages.append(advance_message(self._queue, new_id, tx.run.trace_context))
+            tx.messages.append(advance_message(tx.queue, new_id, tx.run.trace_context))
         return new_id
 
     # -- recovery -----------------------------------------------------------------------------
@@ -790,7 +797,9 @@ class PostgresStore:
             rows = cur.execute(
                 q.REDISPATCH_DUE, {"limit": limit, "dispatch_timeout": self._dispatch_timeout}
             ).fetchall()
-            add_messages(cur, [step_message(self._queue, r, k, t or {}) for r, k, t in rows])
+            add_messages(
+                cur, [step_message(qu or self._queue, r, k, t or {}) for r, k, t, qu in rows]
+            )
             return len(rows)
 
     def trace_context(self, run_id: str) -> tuple[str, dict[str, str]] | None:

@@ -157,6 +157,23 @@ def test_fast_path_publishes_are_marked_so_the_relay_does_not_send_them_again(
     assert sum(calls(db, run_id).values()) == 10
 
 
+def test_a_run_keeps_its_queue_whoever_dispatches_its_steps(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    # Workers only on the run's queue; the sweeper (with the relay) and the operator's client
+    # are configured for another queue, which nothing consumes.
+    run_queue = settings.model_copy(update={"queue": f"{settings.queue}-gpu"})
+    procs.worker(run_queue, "w-gpu")
+    procs.relay(settings)
+    with SagaClient(run_queue) as starter:
+        # Step 2 fails until its 4 attempts run out; the sweeper dispatches its retries.
+        run_id = starter.start(sagas.two, {"fail_at": [2], "fail_times": 4})
+    wait_until(lambda: client.run(run_id).state == "failed", 60, "the run to fail")
+    client.retry(run_id)  # the operator's retry: step 2's fifth attempt succeeds
+    assert client.result(run_id, timeout=60)["trail"] == [1, 2]
+    assert calls(db, run_id) == Counter({"step1": 1, "step2": 5})
+
+
 def test_relay_killed_between_commit_and_publish(
     settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
 ) -> None:

@@ -144,24 +144,27 @@ def test_migrate_of_an_unreachable_database_is_a_migration_error(admin_conn: Con
 def test_a_failing_migration_rolls_back_and_records_nothing(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broken = Migration(2, "broken", "CREATE TABLE half_done (id int); SELECT no_such_function();")
     shipped = available_migrations()
+    version = len(shipped) + 1
+    broken = Migration(
+        version, "broken", "CREATE TABLE half_done (id int); SELECT no_such_function();"
+    )
     monkeypatch.setattr(saga.migrate, "available_migrations", lambda: [*shipped, broken])
     with pytest.raises(MigrationError, match="no_such_function"):
         migrate(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        assert 2 not in applied_versions(conn)
+        assert version not in applied_versions(conn)
         assert "half_done" not in tables(conn)
 
 
 def test_a_failing_migration_is_named_by_its_version(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broken = Migration(2, "broken", "SELECT no_such_function();")
     shipped = available_migrations()
+    broken = Migration(len(shipped) + 1, "broken", "SELECT no_such_function();")
     monkeypatch.setattr(saga.migrate, "available_migrations", lambda: [*shipped, broken])
-    # The database is at version 1 already: the failure is version 2's, and says so.
-    with pytest.raises(MigrationError, match="at version 2"):
+    # The database has every shipped version already: the failure is the new one's, and says so.
+    with pytest.raises(MigrationError, match=f"at version {len(shipped) + 1}"):
         migrate(database_url)
 
 

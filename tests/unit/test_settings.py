@@ -107,3 +107,19 @@ def test_invalid_values_are_refused(field: str, value: Any) -> None:
     with pytest.raises(pydantic.ValidationError) as info:
         Settings(**{field: value})
     assert [e["loc"] for e in info.value.errors()] == [(field,)]
+
+
+def test_a_misspelt_variable_is_reported_with_the_setting_it_resembles() -> None:
+    from saga.settings import unknown_variables
+
+    environ = {
+        "SAGA_DATABSE_URL": "postgresql://x",
+        "SAGA_BROKER_URL": "redis://y",
+        "SAGA_TEST_DATABASE_URL": "postgresql://z",  # the test suite's own
+        "SAGA_COLOUR": "blue",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(environ) == [
+        "SAGA_COLOUR is not a setting",
+        "SAGA_DATABSE_URL is not a setting (did you mean SAGA_DATABASE_URL?)",
+    ]
