@@ -187,7 +187,11 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
     from saga.client import SagaClient
+    from workers import telemetry
 
+    # What an operator ends is traced here: an event wait, a run cancelled with nothing to
+    # undo. Exported at exit; off unless OTEL_* asks, as for workers and relays.
+    telemetry.configure_sdk("saga-cli")
     with SagaClient(settings) as client:
         if args.command == "cancel":
             client.cancel(args.run_id, args.reason)

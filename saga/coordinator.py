@@ -90,6 +90,7 @@ class JournalRow:
     completed_seq: int | None
     compensation_ref: str | None
     options: Mapping[str, Any] = field(default_factory=dict)
+    attempt: int = 0  # the latest attempt (for a completed step, the one that completed it)
     result_json: str | None = None  # the result as journaled, when at hand
 
 
@@ -99,7 +100,11 @@ class RunTx(Protocol):
     run: RunView
     completed: JournalRow | None  # the step whose completion is being journaled, if any
 
-    def journal(self) -> list[JournalRow]: ...
+    def journal(self, *, replay: bool = False) -> list[JournalRow]:
+        """The run's steps in the order scheduled. ``replay``: a workflow replay reads them
+        back (the store traces what it had to fetch as replayed steps)."""
+        ...
+
     def schedule(self, steps: Sequence[NewStep]) -> None: ...
     def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]: ...
     def record_event(self, step: NewStep, payload: Any) -> None: ...
@@ -319,7 +324,7 @@ def _private(value: Any) -> Any:
 
 def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
     run = tx.run
-    rows = tx.journal()
+    rows = tx.journal(replay=True)
     journal = {
         # A copy: workflow code may mutate what a step returned, and journal rows are cached
         # across replays (store.JournalCache), so it must never see the cached objects.

@@ -47,7 +47,7 @@ VALUES (%(run_id)s, %(step_key)s, %(step_name)s, 'event',
 # and a run's completions are numbered in commit order under its lock).
 SELECT_JOURNAL = """
 SELECT step_key, step_name, kind, state, position, result, error, completed_seq,
-       compensation_ref, options
+       compensation_ref, options, attempt
 FROM saga_steps
 WHERE run_id = %(run_id)s AND (state <> 'completed' OR completed_seq > %(seen)s)
 ORDER BY seq
@@ -68,11 +68,13 @@ WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND r.run_id = s.run_i
   AND (s.state = 'dispatched' OR (s.state = 'pending' AND s.due_at <= now())
        OR (s.state = 'running' AND s.lease_owner = %(owner)s))
 RETURNING s.attempt, s.step_name, s.kind, s.max_attempts, s.idempotency_key, s.input,
-          s.fn_ref, s.options, r.input, r.saga_name, r.trace_context, r.saga_ref
+          s.fn_ref, s.options, r.input, r.saga_name, r.trace_context, s.created_at, r.saga_ref
 """
 
 SELECT_STEP_STATE = """
-SELECT s.state, s.attempt, r.state FROM saga_steps s JOIN saga_runs r USING (run_id)
+SELECT s.state, s.attempt, r.state, s.step_name, s.kind, s.idempotency_key, r.saga_name,
+       r.trace_context
+FROM saga_steps s JOIN saga_runs r USING (run_id)
 WHERE s.run_id = %s AND s.step_key = %s
 """
 
@@ -137,7 +139,7 @@ WHERE (run_id, step_key) = (
     SELECT run_id, step_key FROM saga_steps
     WHERE run_id = %(run_id)s AND kind = 'event' AND step_name = %(name)s AND state = 'waiting'
     ORDER BY seq LIMIT 1)
-RETURNING step_key
+RETURNING step_key, created_at
 """
 
 STORE_EVENT = """

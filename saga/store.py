@@ -32,6 +32,7 @@ from saga.coordinator import (
     NewStep,
     RunView,
     advance_message,
+    idempotency_key,
     step_message,
 )
 from saga.errors import RunConflictError, RunNotFoundError, SagaError, StoreError, WaitTimeoutError
@@ -56,7 +57,34 @@ class Claim:
     run_input: Any
     saga_name: str
     trace_context: dict[str, str]
-    saga_ref: str = ""
+    scheduled_at: dt.datetime  # when the step's row was made: a timer's or a wait's start
+    saga_ref: str
+
+
+@dataclass(frozen=True)
+class StepState:
+    """A step as a refused claim finds it: enough to explain the refusal and trace it."""
+
+    state: str
+    attempt: int
+    run_state: str
+    step_name: str
+    kind: str
+    idempotency_key: str
+    saga_name: str
+    trace_context: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """A durable sleep or event wait that ended in a transaction: traced once it commits."""
+
+    kind: str  # sleep | event
+    step_key: str
+    step: str
+    start: dt.datetime | int
+    end: int | None = None  # None: the commit
+    error_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,13 +237,19 @@ class RunTransaction:
         # chain on without reading the journal.
         self.completed: JournalRow | None = None
         self.finished: tuple[str, Mapping[str, Any] | None] | None = None  # final state set
+        # Traced once committed, and only when tracing: workflow steps fetched from Postgres
+        # (not this process's cache), and the waits that ended here.
+        self._replaying = False
+        self._read_back: dict[str, JournalRow] = {}
+        self._waits: list[_Wait] = []
 
     @property
     def queue(self) -> str:
         """Where this run's messages go: its own queue, else this process's."""
         return self.run.queue or self._default_queue
 
-    def journal(self) -> list[JournalRow]:
+    def journal(self, *, replay: bool = False) -> list[JournalRow]:
+        self._replaying = self._replaying or replay
         if self._journal is None:
             seen, completed = self._cache.get(self.run.run_id)
             if self._prefetched is not None and self._prefetched[0] == seen:
@@ -226,9 +260,12 @@ class RunTransaction:
                 )
             self._prefetched = None  # what the transaction writes next, it must read afresh
             fresh = [JournalRow(*r) for r in cur.fetchall()]
+            traced = tracing.enabled()
             for r in fresh:  # kept once (and only if) this transaction commits
                 if r.state == "completed" and r.completed_seq:
                     completed[r.step_key] = r
+                    if traced and r.kind == "action" and r.position is not None:
+                        self._read_back[r.step_key] = r
             self._cache_update = (
                 max([seen, *(r.completed_seq or 0 for r in completed.values())]),
                 completed,
@@ -273,7 +310,10 @@ class RunTransaction:
         return (False, None) if row is None else (True, row[0])
 
     def record_event(self, step: NewStep, payload: Any) -> None:
+        """Journal an event that was sent before the run waited for it: a wait of no length."""
         self._journal = None
+        now = time.time_ns()
+        self._wait_over(_Wait("event", step.step_key, step.step_name, now, now))
         self._cur.execute(
             q.INSERT_RECEIVED_EVENT,
             {
@@ -302,10 +342,30 @@ class RunTransaction:
         self._journal = None
         self.finished = (state, error if error is not None else self.run.error)
 
+    def _wait_over(self, wait: _Wait) -> None:
+        if tracing.enabled():
+            self._waits.append(wait)
+
     def committed(self) -> None:
-        """After commit: keep what was read in the journal cache, trace a final state."""
+        """After commit: keep what was read in the journal cache; trace the steps a replay
+        read back, the waits that ended, a final state."""
         if self._cache_update is not None:
             self._cache.put(self.run.run_id, *self._cache_update)
+        if self._replaying and self._read_back:
+            self._trace_read_back()
+        run = self.run
+        for wait in self._waits:
+            failed = {} if wait.error_type is None else {tracing.ERROR_TYPE: wait.error_type}
+            tracing.record_wait(
+                run.trace_context,
+                kind=wait.kind,
+                saga_name=run.saga_name,
+                run_id=run.run_id,
+                start=wait.start,
+                end=wait.end,
+                step=wait.step,
+                attributes={tracing.SAGA_STEP_KEY: wait.step_key, **failed},
+            )
         if self.finished is not None:
             state, error = self.finished
             tracing.run_finished(
@@ -314,6 +374,22 @@ class RunTransaction:
                 run_id=self.run.run_id,
                 state=state,
                 error=error,
+            )
+
+    def _trace_read_back(self) -> None:
+        """Replayed spans for the workflow steps this process had not read before (the journal
+        cache now holds them: once per step and process), except the one completing here."""
+        run, done = self.run, self.completed
+        for row in self._read_back.values():
+            if done is not None and row.step_key == done.step_key:
+                continue
+            tracing.replayed_step(
+                run.trace_context,
+                saga_name=run.saga_name,
+                run_id=run.run_id,
+                step=row.step_name,
+                attempt=row.attempt,
+                idempotency_key=idempotency_key(run.run_id, row.step_key),
             )
 
     def begin_compensation(self, error: Mapping[str, Any]) -> None:
@@ -490,9 +566,8 @@ class PostgresStore:
                 row = conn.execute(q.CLAIM_STEP, params).fetchone()
         if row is None:
             return None
-        attempt, name, kind, max_attempts, key, input_, fn, options, run_input, saga, trace, ref = (
-            row
-        )
+        attempt, name, kind, max_attempts, key, input_, fn, options = row[:8]
+        run_input, saga, trace, created, ref = row[8:]
         return Claim(
             run_id,
             step_key,
@@ -507,14 +582,15 @@ class PostgresStore:
             run_input,
             saga,
             trace or {},
+            created,
             ref,
         )
 
-    def step_state(self, run_id: str, step_key: str) -> tuple[str, int, str] | None:
-        """(step state, attempt, run state), for explaining why a claim was refused."""
+    def step_state(self, run_id: str, step_key: str) -> StepState | None:
+        """The step and its run as they are, for explaining why a claim was refused."""
         with _translated("reading a step's state"), self._pool.connection() as conn:
             row = conn.execute(q.SELECT_STEP_STATE, (run_id, step_key)).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+        return None if row is None else StepState(*row)
 
     def renew_lease(self, claim: Claim, lease: float) -> bool:
         with _translated("renewing a lease"), self._pool.connection() as conn:
@@ -555,9 +631,12 @@ class PostgresStore:
                 None,
                 None,
                 None,
-                claim.options,
-                result_json,
+                options=claim.options,
+                attempt=claim.attempt,
+                result_json=result_json,
             )
+            if claim.kind == "timer":  # a durable sleep, over
+                tx._wait_over(_Wait("sleep", claim.step_key, claim.step_name, claim.scheduled_at))
             advance(tx)
 
         return self._outcome(
@@ -584,6 +663,9 @@ class PostgresStore:
         good, which the coordinator acts on in the same transaction."""
 
         def outcome(tx: RunTransaction, state: str) -> None:
+            if claim.kind == "event":  # dispatched only when the wait timed out
+                waited = (claim.step_key, claim.step_name, claim.scheduled_at)
+                tx._wait_over(_Wait("event", *waited, error_type=str(error.get("type"))))
             if state == "failed":
                 advance(tx)
 
@@ -668,9 +750,11 @@ class PostgresStore:
             if tx.run.state != "running":
                 raise OperatorError(f"run {run_id!r} is {tx.run.state}; it takes no events")
             cur = tx._cur
-            if cur.execute(
+            delivered = cur.execute(
                 q.DELIVER_EVENT, {"run_id": run_id, "name": name, "payload": Jsonb(payload)}
-            ).fetchone():
+            ).fetchone()
+            if delivered:
+                tx._wait_over(_Wait("event", delivered[0], name, delivered[1]))
                 tx.advance_later()
                 return True
             cur.execute(q.STORE_EVENT, (run_id, name, Jsonb(payload)))

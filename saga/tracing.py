@@ -4,12 +4,18 @@ One trace per run, however many processes and hours it crosses::
 
     saga <name>                        root: INTERNAL, run start .. run end (emitted at the end)
     ├── send <queue>                   PRODUCER: a relay (or a worker's fast path) publishing a row
-    │   └── process <queue>            CONSUMER: one delivery that claimed a step attempt
-    │       └── step <step>            INTERNAL: the step function (``compensate <step>`` for
-    │                                  a compensation); its exceptions are recorded here
+    │   ├── process <queue>            CONSUMER: one delivery that claimed a step attempt
+    │   │   ├── step <step>            INTERNAL: the step function (``compensate <step>`` for
+    │   │   │                          a compensation); its exceptions are recorded here
+    │   │   └── step <step>            ``saga.step.replayed``: a step the workflow replay
+    │   │                              after this attempt read back from the journal
+    │   │                              (once per process; also under the root after an event)
+    │   └── step <step>                ``saga.step.replayed``: a duplicate delivery of a step
+    │                                  the journal holds as completed (nothing is called)
     ├── step <step>                    an attempt lost with its worker, recorded by the sweeper
     │                                  (``saga.step.lost``): the worker's own spans died with it
-    ├── wait retry_backoff             INTERNAL: failed attempt .. next attempt (also sleep/event)
+    ├── wait retry_backoff             INTERNAL: failed attempt .. next attempt
+    ├── wait sleep / wait event        a durable sleep, an event wait: scheduled .. over
     └── ...
 
 How the root works. A run lives for hours in many processes, so no process can hold its root
@@ -183,9 +189,24 @@ def root_span_context(carrier: Mapping[str, Any] | None) -> trace.SpanContext | 
     return _span_context(carrier, TRACEPARENT)
 
 
+def _context(span: trace.SpanContext | None) -> Context | None:
+    return None if span is None else trace.set_span_in_context(trace.NonRecordingSpan(span))
+
+
 def _parent(carrier: Mapping[str, Any] | None) -> Context | None:
-    ctx = root_span_context(carrier)
-    return None if ctx is None else trace.set_span_in_context(trace.NonRecordingSpan(ctx))
+    return _context(root_span_context(carrier))
+
+
+def _delivery_parent(
+    carrier: Mapping[str, Any] | None, headers: Mapping[str, Any] | None
+) -> tuple[trace.SpanContext | None, Sequence[Link]]:
+    """Where a delivery's spans go: under the span that published the message when it is in
+    the run's trace, else under the run's root (linked to a publisher from another trace)."""
+    root = root_span_context(carrier)
+    sent = _span_context(headers, TRACEPARENT)
+    if sent is not None and (root is None or sent.trace_id == root.trace_id):
+        return sent, ()
+    return root, () if sent is None else (Link(sent),)
 
 
 def messaging_system(broker_url: str | None) -> str:
@@ -312,14 +333,7 @@ def _process_span(
     message_id: str | None,
     received_ns: int,
 ) -> Span:
-    root = root_span_context(claim.trace_context)
-    sent = _span_context(headers, TRACEPARENT)
-    links: Sequence[Link] = ()
-    parent_ctx = root
-    if sent is not None and (root is None or sent.trace_id == root.trace_id):
-        parent_ctx = sent
-    elif sent is not None:
-        links = (Link(sent),)  # published under another trace: linked, not parented
+    parent, links = _delivery_parent(claim.trace_context, headers)
     # The step span below carries the rest (idempotency key, compensation, replayed).
     attrs: dict[str, Any] = {
         MESSAGING_SYSTEM: system,
@@ -333,14 +347,9 @@ def _process_span(
     }
     if message_id:
         attrs[MESSAGING_MESSAGE_ID] = message_id
-    parent = (
-        None
-        if parent_ctx is None
-        else trace.set_span_in_context(trace.NonRecordingSpan(parent_ctx))
-    )
     return _tracer.start_span(
         f"process {queue}",
-        context=parent,
+        context=_context(parent),
         kind=SpanKind.CONSUMER,
         attributes=attrs,
         links=links,
@@ -371,14 +380,18 @@ def step_span(
     compensation: bool = False,
     replayed: bool = False,
     carrier: Mapping[str, Any] | None = None,
+    headers: Mapping[str, Any] | None = None,
 ) -> Iterator[Span]:
     """The span of a step (or, with ``compensation``, a compensation) function call. It is a
-    child of the current span (the delivery's), or of the run's root in ``carrier`` when there
-    is none. An exception leaving the block is recorded with error status and re-raised."""
+    child of the current span (the delivery's); when there is none, of the span that published
+    ``headers`` if it is in the run's trace, else of the run's root in ``carrier``. An
+    exception leaving the block is recorded with error status and re-raised."""
     if not enabled():
         yield trace.INVALID_SPAN
         return
-    parent = None if trace.get_current_span().get_span_context().is_valid else _parent(carrier)
+    parent = None
+    if not trace.get_current_span().get_span_context().is_valid:
+        parent = _context(_delivery_parent(carrier, headers)[0])
     with _tracer.start_as_current_span(
         f"{'compensate' if compensation else 'step'} {step}",
         context=parent,
@@ -411,10 +424,12 @@ def replayed_step(
     attempt: int,
     idempotency_key: str,
     compensation: bool = False,
+    headers: Mapping[str, Any] | None = None,
 ) -> None:
     """Record a step whose result was read back from the journal instead of being run again:
-    a span flagged ``saga.step.replayed`` (for workflows-as-code that re-execute up to the
-    first unjournaled step)."""
+    a span flagged ``saga.step.replayed``, with the attempt that completed the step. It goes
+    under the current span (a delivery whose outcome replayed a workflow), else under the span
+    that published ``headers`` (a duplicate delivery), else under the run's root."""
     with step_span(
         saga_name=saga_name,
         run_id=run_id,
@@ -424,6 +439,7 @@ def replayed_step(
         compensation=compensation,
         replayed=True,
         carrier=carrier,
+        headers=headers,
     ):
         pass
 
@@ -509,6 +525,8 @@ def record_wait(
     until the next one starts), ``sleep`` (a durable sleep), ``event`` (waiting for a signal).
     The span is emitted when the wait is over, by whoever ends it; times are datetimes or
     nanoseconds since the epoch."""
+    if not enabled():
+        return
     attrs: dict[str, Any] = {SAGA_NAME: saga_name, SAGA_RUN_ID: run_id, SAGA_WAIT_KIND: kind}
     if step is not None:
         attrs[SAGA_STEP] = step

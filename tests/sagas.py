@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from typing import Any
 
 import psycopg
@@ -27,6 +28,12 @@ def record(ctx: StepContext) -> None:
         "VALUES (%s, %s, %s, %s, %s)",
         (ctx.run_id, ctx.step_key, ctx.attempt, ctx.idempotency_key, os.getpid()),
     )
+
+
+def calls(db: psycopg.Connection[Any], run_id: str) -> Counter[str]:
+    """How often each step of the run ran to its ``record(ctx)``, by step key."""
+    rows = db.execute("SELECT step FROM test_calls WHERE run_id = %s", (run_id,)).fetchall()
+    return Counter(r[0] for r in rows)
 
 
 class Flaky(RuntimeError):

@@ -139,7 +139,7 @@ class StepExecutor:
             ),
         )
         if claim is None:
-            self._explain_refusal(msg, task_id)
+            self._explain_refusal(msg, task_id, headers)
             return
         with tracing.attempt(
             claim,
@@ -359,9 +359,11 @@ class StepExecutor:
 
     def _committed_by_us(self, claim: Claim) -> bool:
         state = self.store.step_state(claim.run_id, claim.step_key)
-        return state is not None and state[1] == claim.attempt and state[0] != "running"
+        return state is not None and state.attempt == claim.attempt and state.state != "running"
 
-    def _explain_refusal(self, msg: StepMessage, task_id: str | None) -> None:
+    def _explain_refusal(
+        self, msg: StepMessage, task_id: str | None, headers: Mapping[str, Any] | None
+    ) -> None:
         state = self.store.step_state(msg.run_id, msg.step_key)
         if state is None:
             log.warning(
@@ -370,11 +372,24 @@ class StepExecutor:
                 msg.step_key,
                 msg.run_id,
             )
-        else:
-            log.info(
-                "task %s: step %r of run %r is %s (attempt %d, run %s); nothing to do",
-                task_id,
-                msg.step_key,
-                msg.run_id,
-                *state,
+            return
+        log.info(
+            "task %s: step %r of run %r is %s (attempt %d, run %s); nothing to do",
+            task_id,
+            msg.step_key,
+            msg.run_id,
+            state.state,
+            state.attempt,
+            state.run_state,
+        )
+        if state.state == "completed":  # a duplicate: its result is read back, not made again
+            tracing.replayed_step(
+                state.trace_context,
+                saga_name=state.saga_name,
+                run_id=msg.run_id,
+                step=state.step_name,
+                attempt=state.attempt,
+                idempotency_key=state.idempotency_key,
+                compensation=state.kind == "compensation",
+                headers=headers,
             )

@@ -16,7 +16,8 @@ Python dicts, statement for statement:
 - ``consume_event`` takes the oldest unconsumed event of that name; ``record_event`` journals an
   event received during a replay as a completed event step with a new ``completed_seq``.
 - ``journal`` reads the rows in ``seq`` order (cached until the transaction writes steps), with
-  values round-tripped through JSON as jsonb would.
+  values round-tripped through JSON as jsonb would. Its ``replay`` flag only matters to tracing,
+  which the twin does not do.
 
 ``Sim`` plays the workers, the sweeper and the client on one run, mirroring ``PostgresStore``:
 ``start`` (create_run + advance, as ``SagaClient.start``), ``claim`` (CLAIM_STEP),
@@ -117,6 +118,7 @@ class StepRow:
             self.completed_seq,
             self.compensation_ref,
             _jsonb(self.options),
+            self.attempt,
         )
 
 
@@ -177,7 +179,7 @@ class MemoryRunTx:
         self.completed: JournalRow | None = None
         self.journal_reads = 0  # how often the journal was read (the fast path reads none)
 
-    def journal(self) -> list[JournalRow]:
+    def journal(self, *, replay: bool = False) -> list[JournalRow]:
         if self._journal is None:
             self.journal_reads += 1
             self._journal = [r.journal_row() for r in self._db.rows(self.run.run_id)]
@@ -529,8 +531,9 @@ class Sim:
                     None,
                     None,
                     None,
-                    _jsonb(row.options),
-                    text,
+                    options=_jsonb(row.options),
+                    attempt=row.attempt,
+                    result_json=text,
                 )
             self._advance(tx)
 

@@ -103,6 +103,24 @@ def test_root_span_has_the_ids_stored_at_start_and_everything_descends_from_it(
     assert len({s.context.span_id for s in spans.values()}) == len(spans)
 
 
+def test_a_duplicate_delivery_is_replayed_under_its_publisher_when_that_is_in_the_run(
+    exported: Any,
+) -> None:
+    carrier = tracing.new_run_carrier()
+    root = tracing.root_span_context(carrier)
+    assert root is not None
+    sent = {tracing.TRACEPARENT: f"00-{root.trace_id:032x}-{0xABC:016x}-01"}
+    elsewhere = {tracing.TRACEPARENT: f"00-{1:032x}-{0xDEF:016x}-01"}  # another trace
+    step: dict[str, Any] = {"saga_name": "trip", "run_id": "r1", "step": "book", "attempt": 3}
+    for headers in (sent, elsewhere, None):
+        tracing.replayed_step(carrier, **step, idempotency_key="r1:book", headers=headers)
+    spans = exported.get_finished_spans()
+    assert [s.parent.span_id for s in spans] == [0xABC, root.span_id, root.span_id]
+    assert {s.context.trace_id for s in spans} == {root.trace_id}
+    assert all(s.attributes["saga.step.replayed"] is True for s in spans)
+    assert all(s.attributes["saga.step.attempt"] == 3 for s in spans)
+
+
 def test_without_an_sdk_the_api_is_a_cheap_no_op() -> None:
     carrier = tracing.new_run_carrier()
     assert set(carrier) == {tracing.TRACEPARENT, tracing.RUN_START}
