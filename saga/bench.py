@@ -61,16 +61,17 @@ RUN_TIMEOUT = 60.0
 _signal_clients: dict[str, redis.Redis] = {}
 
 
-def redis_url(broker_url: str) -> str:
-    """The broker as a redis-py URL (kombu writes Unix sockets as ``redis+socket://``)."""
+def redis_url(
+    broker_url: str,
+    why: str = "saga bench core needs a Redis broker (the raw side reports completion through it)",
+) -> str:
+    """The broker as a redis-py URL (kombu writes Unix sockets as ``redis+socket://``); ``why``
+    starts the error for any other broker."""
     if broker_url.startswith("redis+socket://"):
         return "unix://" + broker_url.removeprefix("redis+socket://")
     if broker_url.startswith(("redis://", "rediss://")):
         return broker_url
-    raise ConfigurationError(
-        f"saga bench core needs a Redis broker (the raw side reports completion through it); "
-        f"SAGA_BROKER_URL is {broker_url.split(':', 1)[0]}://"
-    )
+    raise ConfigurationError(f"{why}; SAGA_BROKER_URL is {broker_url.split(':', 1)[0]}://")
 
 
 def signal_client(broker_url: str) -> redis.Redis:
@@ -520,6 +521,111 @@ def _median_cpu(rounds: list[tuple[float, dict[str, float]]]) -> dict[str, float
     return {r: round(statistics.median(c[r] for _, c in rounds), 3) for r in roles}
 
 
+# -- the harness (core, coordinator, tracing) ----------------------------------------------
+
+
+def prepare(settings: Settings, queue: str, raw_queue: str | None = None) -> Settings:
+    """``settings`` with the bench's ``queue``, once Redis answers, the schema is migrated and
+    the bench's queues are purged."""
+    assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
+    with redis.Redis.from_url(redis_url(settings.broker_url)) as signals:
+        signals.ping()  # fail fast, before Celery's connection retries
+    migrate(settings.database_url)
+    raw = raw_app(settings, queue)
+    for name in (raw_queue, queue):
+        if name is not None:
+            purge(raw, name)
+    return settings.model_copy(update={"queue": queue})
+
+
+def _saga_hostname(i: int) -> str:
+    return f"bench-saga{i}@%h"
+
+
+def _launch(
+    children: Children,
+    env: dict[str, str],
+    raw_queue: str | None,
+    hostname: Callable[[int], str],
+) -> None:
+    for i in range(1, WORKERS + 1):
+        children.start(
+            f"saga-worker-{i}",
+            [
+                sys.executable,
+                "-m",
+                "saga",
+                "worker",
+                "--pool",
+                "solo",
+                "--loglevel",
+                "WARNING",
+                "--hostname",
+                hostname(i),
+            ],
+            env,
+        )
+        if raw_queue is not None:
+            children.start(
+                f"raw-worker-{i}",
+                [
+                    sys.executable,
+                    "-m",
+                    "saga.bench",
+                    "raw-worker",
+                    "--queue",
+                    raw_queue,
+                    "--hostname",
+                    f"bench-raw{i}@%h",
+                ],
+                env,
+            )
+    children.start("relay", [sys.executable, "-m", "saga", "relay"], env)
+
+
+@contextlib.contextmanager
+def bench_harness(
+    settings: Settings,
+    raw_queue: str | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    hostname: Callable[[int], str] = _saga_hostname,
+) -> Iterator[Bench]:
+    """A Bench on ``settings`` (from ``prepare``): WORKERS saga workers and a relay, plus as many
+    raw Celery workers on ``raw_queue`` if given, logging to a temporary directory. On exit the
+    processes are stopped and the bench's runs and Redis keys deleted."""
+    assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
+    # A suite without raw workers never sends on it, but a Bench holds one.
+    raw = raw_app(settings, raw_queue or f"{settings.queue}-raw-unused")
+    with (
+        tempfile.TemporaryDirectory(prefix="saga-bench-") as log_dir,
+        Children(Path(log_dir)) as children,
+        contextlib.ExitStack() as stack,
+    ):
+        signals = redis.Redis.from_url(redis_url(settings.broker_url))
+        stack.callback(signals.close)
+        _launch(children, child_env(settings) if env is None else env, raw_queue, hostname)
+        watcher = RunWatcher(settings.database_url, children.check)
+        stack.callback(watcher.close)
+        clients = [SagaClient(settings) for _ in range(STARTER_THREADS)]
+        for client in clients:
+            stack.callback(client.close)
+        bench = Bench(
+            settings,
+            raw,
+            signals,
+            children,
+            watcher,
+            clients,
+            prefix=f"saga-bench:{uuid.uuid4().hex[:12]}",
+        )
+        try:
+            yield bench
+        finally:
+            children.stop()  # before deleting the runs their messages name
+            bench.cleanup()
+
+
 # -- the command ----------------------------------------------------------------------------
 
 
@@ -538,42 +644,6 @@ def _sigterm_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _launch(children: Children, settings: Settings, raw_queue: str) -> None:
-    env = child_env(settings)
-    for i in range(1, WORKERS + 1):
-        children.start(
-            f"saga-worker-{i}",
-            [
-                sys.executable,
-                "-m",
-                "saga",
-                "worker",
-                "--pool",
-                "solo",
-                "--loglevel",
-                "WARNING",
-                "--hostname",
-                f"bench-saga{i}@%h",
-            ],
-            env,
-        )
-        children.start(
-            f"raw-worker-{i}",
-            [
-                sys.executable,
-                "-m",
-                "saga.bench",
-                "raw-worker",
-                "--queue",
-                raw_queue,
-                "--hostname",
-                f"bench-raw{i}@%h",
-            ],
-            env,
-        )
-    children.start("relay", [sys.executable, "-m", "saga", "relay"], env)
 
 
 def _cpu_busy(seconds: float = 0.5) -> float | None:
@@ -595,43 +665,14 @@ def _cpu_busy(seconds: float = 0.5) -> float | None:
 def bench_core(settings: Settings, steps: int, runs: int, repeat: int) -> dict[str, Any]:
     assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
     began = time.monotonic()
-    signals = redis.Redis.from_url(redis_url(settings.broker_url))
-    signals.ping()  # fail fast, before Celery's connection retries
     busy_before = _cpu_busy()
-    migrate(settings.database_url)
-    durable = settings.model_copy(update={"queue": f"{settings.queue}-bench"})
     raw_queue = f"{settings.queue}-bench-raw"
-    raw = raw_app(settings, raw_queue)
-    purge(raw, raw_queue)
-    purge(raw, durable.queue)
-    with (
-        tempfile.TemporaryDirectory(prefix="saga-bench-") as log_dir,
-        Children(Path(log_dir)) as children,
-        contextlib.ExitStack() as stack,
-    ):
-        stack.callback(signals.close)
-        _launch(children, durable, raw_queue)
-        watcher = RunWatcher(settings.database_url, children.check)
-        stack.callback(watcher.close)
-        clients = [SagaClient(durable) for _ in range(STARTER_THREADS)]
-        for client in clients:
-            stack.callback(client.close)
-        bench = Bench(
-            durable,
-            raw,
-            signals,
-            children,
-            watcher,
-            clients,
-            prefix=f"saga-bench:{uuid.uuid4().hex[:12]}",
-        )
+    durable = prepare(settings, f"{settings.queue}-bench", raw_queue)
+    with bench_harness(durable, raw_queue) as bench:
         try:
             figures = measure(bench, steps, runs, repeat)
         except SagaError as exc:
-            raise SagaError(f"{exc}\n{children.logs()}") from exc
-        finally:
-            children.stop()  # before deleting the runs their messages name
-            bench.cleanup()
+            raise SagaError(f"{exc}\n{bench.children.logs()}") from exc
     return {
         "suite": "core",
         "broker": settings.broker_url.split(":", 1)[0],
@@ -675,24 +716,40 @@ def print_table(report: dict[str, Any], out: IO[str]) -> None:
     print("\n".join(lines), file=out)
 
 
+def run_and_print(
+    make_report: Callable[[], dict[str, Any]],
+    print_table: Callable[[dict[str, Any], IO[str]], None],
+    as_json: bool,
+    errors: tuple[type[BaseException], ...],
+) -> int:
+    """The end of ``saga bench SUITE``: the report as JSON or a table; ``errors`` (from the
+    drivers) become a SagaError; Ctrl-C exits 130."""
+    try:
+        report = make_report()
+    except KeyboardInterrupt:
+        print("saga bench: interrupted", file=sys.stderr)
+        return 130
+    except errors as exc:
+        raise SagaError(f"bench failed: {type(exc).__name__}: {exc}") from exc
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_table(report, sys.stdout)
+    return 0
+
+
 def run_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.steps not in CHAIN_LENGTHS:
         raise ConfigurationError(f"--steps must be one of {list(CHAIN_LENGTHS)}, got {args.steps}")
     if args.runs < 1 or args.repeat < 1:
         raise ConfigurationError("--runs and --repeat must be at least 1")
-    try:
+
+    def make_report() -> dict[str, Any]:
         with _sigterm_interrupts():
-            report = bench_core(settings, args.steps, args.runs, args.repeat)
-    except KeyboardInterrupt:
-        print("saga bench: interrupted", file=sys.stderr)
-        return 130
-    except (redis.RedisError, psycopg.Error, KombuError, OSError) as exc:
-        raise SagaError(f"bench failed: {type(exc).__name__}: {exc}") from exc
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_table(report, sys.stdout)
-    return 0
+            return bench_core(settings, args.steps, args.runs, args.repeat)
+
+    errors = (redis.RedisError, psycopg.Error, KombuError, OSError)
+    return run_and_print(make_report, print_table, args.json, errors)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,10 @@ import redis
 from celery import Celery, Task, chain
 
 from examples.travel_agent import TravelTask, first_messages, take_turn, travel_agent
+from saga.bench import redis_url, run_and_print
 from saga.cli import child_env
 from saga.client import SagaClient
-from saga.errors import ConfigurationError, SagaError, WaitTimeoutError
+from saga.errors import ConfigurationError, WaitTimeoutError
 from saga.migrate import migrate
 from saga.settings import Settings
 from saga.testing import ServerProcess
@@ -88,13 +89,7 @@ def split_rate(failure_rate: float) -> float:
 # -- the Celery side --------------------------------------------------------------------------
 
 
-def redis_url(broker_url: str) -> str:
-    if broker_url.startswith("redis+socket://"):
-        return "unix://" + broker_url.removeprefix("redis+socket://")
-    if broker_url.startswith(("redis://", "rediss://")):
-        return broker_url
-    raise ConfigurationError("saga bench agent needs a Redis broker (the Celery side reports "
-                             "through it)")
+_NEEDS_REDIS = "saga bench agent needs a Redis broker (the Celery side reports through it)"
 
 
 def done_key(queue: str) -> str:
@@ -122,7 +117,7 @@ def busy_key(queue: str) -> str:
 
 
 def _reporter(app: Celery) -> redis.Redis:
-    url = redis_url(str(app.conf.broker_url))
+    url = redis_url(str(app.conf.broker_url), _NEEDS_REDIS)
     return _reporters.get(url) or _reporters.setdefault(url, redis.Redis.from_url(url))
 
 
@@ -362,7 +357,7 @@ class Bench:
         assert self.settings.broker_url
         queue = f"bench-agent-{system}-{self.tag}"
         app = celery_app(self.settings.broker_url, queue, self.attempts)
-        signals = redis.Redis.from_url(redis_url(self.settings.broker_url))
+        signals = redis.Redis.from_url(redis_url(self.settings.broker_url, _NEEDS_REDIS))
         env = {**child_env(self.settings), **self.env}
         # Killed when done: a warm shutdown would go on running the chains it holds.
         spawned = {"n": 0}
@@ -635,8 +630,9 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"unknown systems {unknown}; known: {[*SYSTEMS, *OPTIONAL_SYSTEMS]}"
         )
-    try:
-        report = bench_agent(
+
+    def make_report() -> dict[str, Any]:
+        return bench_agent(
             settings,
             args.runs,
             args.steps,
@@ -647,16 +643,9 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
             systems=systems,
             log=sys.stderr,
         )
-    except KeyboardInterrupt:
-        print("saga bench: interrupted", file=sys.stderr)
-        return 130
-    except (redis.RedisError, OSError, RuntimeError) as exc:
-        raise SagaError(f"bench failed: {type(exc).__name__}: {exc}") from exc
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_table(report, sys.stdout)
-    return 0
+
+    errors = (redis.RedisError, OSError, RuntimeError)
+    return run_and_print(make_report, print_table, args.json, errors)
 
 
 if __name__ == "__main__":

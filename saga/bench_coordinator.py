@@ -9,32 +9,17 @@ In one invocation, with two solo workers per side (the same harness as ``saga be
 
 from __future__ import annotations
 
-import contextlib
 import statistics
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
-import redis
 from celery import chain
 
-from saga.bench import (
-    STARTER_THREADS,
-    Bench,
-    Children,
-    RunWatcher,
-    _launch,
-    purge,
-    raw_app,
-    redis_url,
-)
+from saga.bench import Bench, bench_harness, prepare
 from saga.bench_sagas import noop
-from saga.client import SagaClient
 from saga.definition import Saga, step
-from saga.migrate import migrate
 from saga.settings import Settings
 from saga.workflow import WorkflowContext, workflow
 
@@ -128,56 +113,26 @@ def _interleaved_ms_per_step(
 def bench_coordinator(settings: Settings) -> dict[str, Any]:
     assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
     began = time.monotonic()
-    signals = redis.Redis.from_url(redis_url(settings.broker_url))
-    signals.ping()
-    migrate(settings.database_url)
-    durable = settings.model_copy(update={"queue": f"{settings.queue}-bench"})
     raw_queue = f"{settings.queue}-bench-raw"
-    raw = raw_app(settings, raw_queue)
-    purge(raw, raw_queue)
-    purge(raw, durable.queue)
+    durable = prepare(settings, f"{settings.queue}-bench", raw_queue)
     graph_ref, code_ref = f"{__name__}:graph10", f"{__name__}:code_loop"
-    with (
-        tempfile.TemporaryDirectory(prefix="saga-bench-") as log_dir,
-        Children(Path(log_dir)) as children,
-        contextlib.ExitStack() as stack,
-    ):
-        stack.callback(signals.close)
-        _launch(children, durable, raw_queue)
-        watcher = RunWatcher(settings.database_url, children.check)
-        stack.callback(watcher.close)
-        clients = [SagaClient(durable) for _ in range(STARTER_THREADS)]
-        for client in clients:
-            stack.callback(client.close)
-        bench = Bench(
-            durable,
-            raw,
-            signals,
-            children,
-            watcher,
-            clients,
-            prefix=f"saga-bench:{uuid.uuid4().hex[:12]}",
-        )
-        try:
-            bench.wait_raw_ready()
-            bench.wait_saga_ready()
-            _sequential_ms_per_step(bench, graph_ref, STEPS, 3)  # warm-up
-            _sequential_ms_per_step(bench, code_ref, STEPS, 3)
-            graph_seq, code_seq = _interleaved_ms_per_step(bench, graph_ref, code_ref, PAIRS)
-            loop = {
-                n: code_seq
-                if n == STEPS
-                else _sequential_ms_per_step(bench, code_ref, n, 10 if n < 1000 else 2)
-                for n in LOOP_LENGTHS
-            }
-            concurrent = {
-                "raw_celery": _concurrent_raw(bench),
-                "graph": _concurrent_runs(bench, graph_ref, 0),
-                "code": _concurrent_runs(bench, code_ref, STEPS),
-            }
-        finally:
-            children.stop()
-            bench.cleanup()
+    with bench_harness(durable, raw_queue) as bench:
+        bench.wait_raw_ready()
+        bench.wait_saga_ready()
+        _sequential_ms_per_step(bench, graph_ref, STEPS, 3)  # warm-up
+        _sequential_ms_per_step(bench, code_ref, STEPS, 3)
+        graph_seq, code_seq = _interleaved_ms_per_step(bench, graph_ref, code_ref, PAIRS)
+        loop = {
+            n: code_seq
+            if n == STEPS
+            else _sequential_ms_per_step(bench, code_ref, n, 10 if n < 1000 else 2)
+            for n in LOOP_LENGTHS
+        }
+        concurrent = {
+            "raw_celery": _concurrent_raw(bench),
+            "graph": _concurrent_runs(bench, graph_ref, 0),
+            "code": _concurrent_runs(bench, code_ref, STEPS),
+        }
     code_vs_graph = loop[STEPS] / graph_seq
     growth = loop[LOOP_LENGTHS[-1]] / loop[LOOP_LENGTHS[0]]
     return {

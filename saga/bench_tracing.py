@@ -8,31 +8,14 @@ to a receiver in this process; "off" sets OTEL_SDK_DISABLED. Prints ``tracing_ov
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
-import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-import redis
-
-from saga.bench import (
-    STARTER_THREADS,
-    WORKERS,
-    Bench,
-    Children,
-    RunWatcher,
-    purge,
-    raw_app,
-    redis_url,
-)
+from saga.bench import bench_harness, prepare
 from saga.cli import child_env
-from saga.client import SagaClient
-from saga.migrate import migrate
 from saga.otlp_receiver import OTLPReceiver
 from saga.settings import Settings
 
@@ -52,65 +35,22 @@ def _env(settings: Settings, endpoint: str | None) -> dict[str, str]:
     return env
 
 
+def _hostname(i: int) -> str:
+    return f"bench-trace{i}-{uuid.uuid4().hex[:6]}@%h"
+
+
 def _round(settings: Settings, endpoint: str | None, runs: int) -> float:
     """Start workers and relay in one mode, warm them up, measure steps/s once."""
-    raw = raw_app(settings, f"{settings.queue}-raw-unused")
-    env = _env(settings, endpoint)
-    with (
-        tempfile.TemporaryDirectory(prefix="saga-bench-") as log_dir,
-        Children(Path(log_dir)) as children,
-        contextlib.ExitStack() as stack,
-    ):
-        for i in range(1, WORKERS + 1):
-            children.start(
-                f"saga-worker-{i}",
-                [
-                    sys.executable,
-                    "-m",
-                    "saga",
-                    "worker",
-                    "--pool",
-                    "solo",
-                    "--loglevel",
-                    "WARNING",
-                    "--hostname",
-                    f"bench-trace{i}-{uuid.uuid4().hex[:6]}@%h",
-                ],
-                env,
-            )
-        children.start("relay", [sys.executable, "-m", "saga", "relay"], env)
-        assert settings.database_url and settings.broker_url
-        watcher = RunWatcher(settings.database_url, children.check)
-        stack.callback(watcher.close)
-        clients = [SagaClient(settings) for _ in range(STARTER_THREADS)]
-        for client in clients:
-            stack.callback(client.close)
-        signals = redis.Redis.from_url(redis_url(settings.broker_url))
-        stack.callback(signals.close)
-        bench = Bench(
-            settings,
-            raw,
-            signals,
-            children,
-            watcher,
-            clients,
-            prefix=f"saga-bench:{uuid.uuid4().hex[:12]}",
-        )
-        try:
-            bench.wait_saga_ready()
-            bench.saga_steps_per_s(min(runs, 100))  # warm-up
-            return bench.saga_steps_per_s(runs)
-        finally:
-            children.stop()
-            bench.cleanup()
+    with bench_harness(settings, env=_env(settings, endpoint), hostname=_hostname) as bench:
+        bench.wait_saga_ready()
+        bench.saga_steps_per_s(min(runs, 100))  # warm-up
+        return bench.saga_steps_per_s(runs)
 
 
 def bench_tracing(settings: Settings, runs: int, repeat: int) -> dict[str, Any]:
     assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
     began = time.monotonic()
-    migrate(settings.database_url)
-    durable = settings.model_copy(update={"queue": f"{settings.queue}-bench-tracing"})
-    purge(raw_app(settings, durable.queue), durable.queue)
+    durable = prepare(settings, f"{settings.queue}-bench-tracing")
     off: list[float] = []
     on: list[float] = []
     with OTLPReceiver(decode=False) as receiver:

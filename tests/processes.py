@@ -91,6 +91,21 @@ class ProcessGroup:
             env=env,
         )
 
+    def prefork_worker(self, settings: Settings, *extra: str) -> Process:
+        """A prefork worker with one pool child: a test can kill or recycle the child alone."""
+        return self.spawn(
+            "prefork",
+            settings,
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            *extra,
+        )
+
     def relay(self, settings: Settings, name: str = "relay", *extra: str) -> Process:
         return self.spawn(name, settings, "relay", *extra)
 

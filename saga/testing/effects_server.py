@@ -27,11 +27,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from saga.testing._faults import FaultyApp, fault_kinds, fault_parser
 from saga.testing._http import JSON, App, Reply, Request, main, serve_in_thread
 
 FAULTS = ("error", "lost")
@@ -43,7 +43,9 @@ def _canonical(op: str, body: Mapping[str, Any]) -> str:
     return op + ":" + json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
-class EffectsServer(App):
+class EffectsServer(FaultyApp):
+    FAULTS = FAULTS
+
     def __init__(
         self,
         *,
@@ -52,26 +54,17 @@ class EffectsServer(App):
         seed: int | None = None,
         hold_seconds: float = 120.0,
     ) -> None:
-        super().__init__()
-        self.config: JSON = {
-            "fault_rate": fault_rate,
-            "faults": list(faults),
-            "seed": seed,
-            "hold_seconds": hold_seconds,
-        }
-        self._check(self.config)
-        self.reset()
-
-    @staticmethod
-    def _check(config: Mapping[str, Any]) -> None:
-        unknown = set(config["faults"]) - set(FAULTS)
-        if unknown:
-            raise ValueError(f"unknown faults {sorted(unknown)}; known: {list(FAULTS)}")
-        if not 0 <= float(config["fault_rate"]) <= 1:
-            raise ValueError("fault_rate must be within 0..1")
+        super().__init__(
+            {
+                "fault_rate": fault_rate,
+                "faults": list(faults),
+                "seed": seed,
+                "hold_seconds": hold_seconds,
+            }
+        )
 
     def reset(self) -> None:
-        self.rng = random.Random(self.config["seed"])
+        super().reset()
         self.totals: Counter[str] = Counter()
         self.by_op: Counter[str] = Counter()
         self.fault_counts: Counter[str] = Counter()
@@ -83,25 +76,10 @@ class EffectsServer(App):
         self.trips: dict[str, str] = {}  # canonical effect -> its trip
         self.prefixes: set[str] = set()  # trip prefixes whose requests are counted apart
         self.trip_counts: Counter[tuple[str, str]] = Counter()
-        self.forced: dict[str, list[str]] = {}
-        self.held: set[str] = set()
-        self.released: set[str] = set()
 
     def control(self, changes: JSON) -> JSON:
         self.prefixes.update(changes.pop("count_trips", None) or [])
-        forced = changes.pop("force", None) or {}
-        release = changes.pop("release", None) or []
-        config = {**self.config, **{k: v for k, v in changes.items() if k in self.config}}
-        self._check(config)
-        if config["seed"] != self.config["seed"]:
-            self.rng = random.Random(config["seed"])
-        self.config = config
-        for key, kinds in forced.items():
-            if set(kinds) - {*FAULTS, "hold"}:
-                raise ValueError(f"cannot force {kinds}")
-            self.forced.setdefault(key, []).extend(kinds)
-        self.released.update(release)
-        return dict(self.config)
+        return super().control(changes)
 
     def stats(self, query: Mapping[str, list[str]]) -> JSON:
         detail = query.get("detail", ["1"])[0] != "0"
@@ -174,11 +152,7 @@ class EffectsServer(App):
                         return 422, {"error": reused}, {}
                     self.totals["replayed"] += 1
                     return 200, answer, {"Idempotent-Replayed": "true"}
-            queued = self.forced.get(key or "", [])
-            fault = queued.pop(0) if queued else None
-            if fault is None and self.rng.random() < float(self.config["fault_rate"]):
-                kinds = self.config["faults"] or list(FAULTS)
-                fault = kinds[self.rng.randrange(len(kinds))]
+            fault = self.draw_fault(key)
             if fault in ("error", "lost"):
                 self._count_trip(body, "faults")
             if fault == "error":
@@ -252,16 +226,11 @@ def serve(port: int = 0, **config: Any) -> Any:
 
 
 def _build(args: argparse.Namespace) -> App:
-    return EffectsServer(
-        fault_rate=args.fault_rate, faults=[f for f in args.faults.split(",") if f], seed=args.seed
-    )
+    return EffectsServer(fault_rate=args.fault_rate, faults=fault_kinds(args), seed=args.seed)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saga.testing.effects_server")
-    parser.add_argument("--fault-rate", type=float, default=0.0, help="per request, 0..1")
-    parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated kinds")
-    parser.add_argument("--seed", type=int)
+    parser = fault_parser("python -m saga.testing.effects_server", FAULTS)
     return main(_build, parser, argv)
 
 

@@ -31,13 +31,13 @@ import argparse
 import hashlib
 import json
 import math
-import random
 import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from saga.testing._faults import FaultyApp, fault_kinds, fault_parser
 from saga.testing._http import JSON, App, Reply, Request, main, serve_in_thread
 
 FAULTS = ("500", "429", "timeout", "malformed", "unknown_tool")
@@ -195,7 +195,9 @@ def _counter() -> dict[str, int]:
     return {"ok": 0, "replayed": 0, "faults": 0, "abandoned": 0}
 
 
-class ModelServer(App):
+class ModelServer(FaultyApp):
+    FAULTS = FAULTS
+
     def __init__(
         self,
         *,
@@ -207,53 +209,26 @@ class ModelServer(App):
         hold_seconds: float = 120.0,
         idempotent: bool = True,
     ) -> None:
-        super().__init__()
-        self.config: JSON = {
-            "fault_rate": fault_rate,
-            "faults": list(faults),
-            "seed": seed,
-            "timeout_seconds": timeout_seconds,
-            "retry_after_seconds": retry_after_seconds,
-            "hold_seconds": hold_seconds,
-            "idempotent": idempotent,
-        }
-        self._check(self.config)
-        self.reset()
-
-    @staticmethod
-    def _check(config: Mapping[str, Any]) -> None:
-        unknown = set(config["faults"]) - set(FAULTS)
-        if unknown:
-            raise ValueError(f"unknown faults {sorted(unknown)}; known: {list(FAULTS)}")
-        if not 0 <= float(config["fault_rate"]) <= 1:
-            raise ValueError("fault_rate must be within 0..1")
+        super().__init__(
+            {
+                "fault_rate": fault_rate,
+                "faults": list(faults),
+                "seed": seed,
+                "timeout_seconds": timeout_seconds,
+                "retry_after_seconds": retry_after_seconds,
+                "hold_seconds": hold_seconds,
+                "idempotent": idempotent,
+            }
+        )
 
     def reset(self) -> None:
-        self.rng = random.Random(self.config["seed"])
+        super().reset()
         self.totals: Counter[str] = Counter()
         self.fault_counts: Counter[str] = Counter()
         self.by_key: dict[str, dict[str, int]] = defaultdict(_counter)
         self.by_step: dict[str, dict[str, int]] = defaultdict(_counter)
         self.usage: Counter[str] = Counter()
         self.cache: dict[str, JSON] = {}
-        self.forced: dict[str, list[str]] = {}
-        self.held: set[str] = set()
-        self.released: set[str] = set()
-
-    def control(self, changes: JSON) -> JSON:
-        forced = changes.pop("force", None) or {}
-        release = changes.pop("release", None) or []
-        config = {**self.config, **{k: v for k, v in changes.items() if k in self.config}}
-        self._check(config)
-        if config["seed"] != self.config["seed"]:
-            self.rng = random.Random(config["seed"])
-        self.config = config
-        for key, kinds in forced.items():
-            if set(kinds) - {*FAULTS, "hold"}:
-                raise ValueError(f"cannot force {kinds}")
-            self.forced.setdefault(key, []).extend(kinds)
-        self.released.update(release)
-        return dict(self.config)
 
     def stats(self, query: Mapping[str, list[str]]) -> JSON:
         detail = query.get("detail", ["1"])[0] != "0"
@@ -320,11 +295,7 @@ class ModelServer(App):
             if key is not None and self.config["idempotent"] and key in self.cache:
                 self._count("replayed", key, step)
                 return 200, self.cache[key], {"Idempotent-Replayed": "true"}
-            queued = self.forced.get(key or "", [])
-            fault = queued.pop(0) if queued else None
-            if fault is None and self.rng.random() < float(self.config["fault_rate"]):
-                kinds = self.config["faults"] or list(FAULTS)
-                fault = kinds[self.rng.randrange(len(kinds))]
+            fault = self.draw_fault(key)
             config = dict(self.config)
         if fault == "hold":
             assert key is not None
@@ -403,7 +374,7 @@ def serve(port: int = 0, **config: Any) -> Any:
 def _build(args: argparse.Namespace) -> App:
     return ModelServer(
         fault_rate=args.fault_rate,
-        faults=[f for f in args.faults.split(",") if f],
+        faults=fault_kinds(args),
         seed=args.seed,
         timeout_seconds=args.timeout_seconds,
         retry_after_seconds=args.retry_after_seconds,
@@ -412,10 +383,7 @@ def _build(args: argparse.Namespace) -> App:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saga.testing.model_server")
-    parser.add_argument("--fault-rate", type=float, default=0.0, help="per request, 0..1")
-    parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated kinds")
-    parser.add_argument("--seed", type=int)
+    parser = fault_parser("python -m saga.testing.model_server", FAULTS)
     parser.add_argument("--timeout-seconds", type=float, default=3.0,
                         help="how long a 'timeout' fault stalls (beyond the client's timeout)")
     parser.add_argument("--retry-after-seconds", type=float, default=0.2)

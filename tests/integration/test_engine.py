@@ -91,17 +91,7 @@ def test_prefork_child_killed_mid_step_resumes(
     settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
 ) -> None:
     procs.relay(settings)
-    procs.spawn(
-        "prefork",
-        settings,
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        "1",
-        "--loglevel",
-        "INFO",
-    )
+    procs.prefork_worker(settings)
     run_id = client.start(sagas.two, {"block_at": 2})
     pid = wait_until(
         lambda: db.execute(

@@ -204,19 +204,7 @@ def test_prefork_children_recycled_after_each_task_lose_no_spans(
     # flushes them as it exits.
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")
-    procs.spawn(
-        "prefork",
-        settings,
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        "1",
-        "--max-tasks-per-child",
-        "1",
-        "--loglevel",
-        "INFO",
-    )
+    procs.prefork_worker(settings, "--max-tasks-per-child", "1")
     run_id = client.start(sagas.two, {"fail_at": [2], "fail_times": 1})
     assert client.result(run_id, timeout=90)["trail"] == [1, 2]
 
