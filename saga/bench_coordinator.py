@@ -142,7 +142,7 @@ def bench_coordinator(settings: Settings) -> dict[str, Any]:
         "steps": STEPS,
         "concurrent": concurrent,
         "graph_ms_per_step": round(graph_seq, 3),
-        "code_ms_per_step": {str(n): ms for n, ms in loop.items()},
+        "code_ms_per_step": {str(n): round(ms, 3) for n, ms in loop.items()},
         "codefirst_vs_graph": round(code_vs_graph, 3),
         "cost_growth": round(growth, 3),
         "targets": {
