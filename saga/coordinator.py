@@ -453,7 +453,7 @@ def _advance_compensation(tx: RunTx) -> None:
                     kind="compensation",
                     fn_ref=target.compensation_ref,
                     input_json=json.dumps(target.result),
-                    options=StepOptions(retry=retry).to_json(),
+                    options=StepOptions(retry=retry, queue=target.options.get("queue")).to_json(),
                     max_attempts=retry.max_attempts,
                     idempotency_key=idempotency_key(tx.run.run_id, key),
                 )

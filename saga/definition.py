@@ -27,6 +27,8 @@ from saga.errors import DefinitionError, StepResultError, UnknownSagaError
 from saga.retry import RetryPolicy
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
+# Broker queue names a step may be routed to (Redis keys and AMQP queues both accept these).
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 _ANY_ADAPTER: TypeAdapter[Any] = TypeAdapter(Any)
 
 
@@ -227,8 +229,16 @@ class StepOptions:
     timeout_seconds: float | None = None
     pivot: bool = False
     compensate_retry: RetryPolicy | None = None  # for its compensation; None: the default
+    queue: str | None = None  # broker queue for it and its compensation; None: the run's
 
     def validate(self, where: str) -> None:
+        if self.queue is not None and not (
+            isinstance(self.queue, str) and QUEUE_NAME.fullmatch(self.queue)
+        ):
+            raise DefinitionError(
+                f"{where}: queue must be a queue name matching {QUEUE_NAME.pattern}, "
+                f"got {self.queue!r}"
+            )
         if not isinstance(self.retry, RetryPolicy):
             raise DefinitionError(
                 f"{where}: retry must be a RetryPolicy, got {type(self.retry).__name__}"
@@ -242,7 +252,7 @@ class StepOptions:
             raise DefinitionError(f"{where}: timeout must be positive, got {self.timeout_seconds}")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "retry": self.retry.to_json(),
             "timeout_seconds": self.timeout_seconds,
             "pivot": self.pivot,
@@ -250,6 +260,9 @@ class StepOptions:
             if self.compensate_retry is None
             else self.compensate_retry.to_json(),
         }
+        if self.queue is not None:  # absent otherwise: journaled options stay as they were
+            data["queue"] = self.queue
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StepOptions:
@@ -259,6 +272,7 @@ class StepOptions:
             timeout_seconds=data.get("timeout_seconds"),
             pivot=bool(data.get("pivot", False)),
             compensate_retry=RetryPolicy.from_json(undo) if undo else None,
+            queue=data.get("queue"),
         )
 
 
@@ -278,6 +292,7 @@ class StepDecl:
     timeout: float | None = None
     pivot: bool = False
     compensate_retry: RetryPolicy | None = None
+    queue: str | None = None
 
 
 Deps = str | Callable[..., Any] | Iterable[str | Callable[..., Any]]
@@ -302,9 +317,11 @@ def step(
     timeout: float | None = None,
     pivot: bool = False,
     compensate_retry: RetryPolicy | None = None,
+    queue: str | None = None,
 ) -> StepDecl:
     """Declare a step with options. In a ``Saga``'s list, a step without ``after`` follows the
-    one before it."""
+    one before it. ``queue`` sends the step (and its compensation) to that broker queue, for
+    workers that have what it needs (a GPU, an API quota); by default it goes to the run's."""
     return StepDecl(
         fn,
         name,
@@ -315,6 +332,7 @@ def step(
         timeout,
         pivot,
         compensate_retry,
+        queue,
     )
 
 
@@ -396,6 +414,7 @@ class Saga:
         timeout: float | None = None,
         pivot: bool = False,
         compensate_retry: RetryPolicy | None = None,
+        queue: str | None = None,
     ) -> Callable[[StepFunction], StepFunction]:
         """Decorator adding a step; dependencies must be added first. Returns ``fn`` unchanged."""
 
@@ -410,6 +429,7 @@ class Saga:
                 timeout=timeout,
                 pivot=pivot,
                 compensate_retry=compensate_retry,
+                queue=queue,
             )
             self._add(decl, decl.after or (), check_deps=True)
             return fn
@@ -436,6 +456,7 @@ class Saga:
             timeout_seconds=decl.timeout,
             pivot=decl.pivot,
             compensate_retry=decl.compensate_retry,
+            queue=decl.queue,
         )
         options.validate(where)
         self._steps[step_name] = GraphStep(

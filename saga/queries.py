@@ -191,7 +191,7 @@ UPDATE saga_steps s
 SET state = 'dispatched', due_at = now() + %(dispatch_timeout)s * interval '1 second'
 FROM due, saga_runs r
 WHERE s.run_id = due.run_id AND s.step_key = due.step_key AND r.run_id = s.run_id
-RETURNING s.run_id, s.step_key, r.trace_context, r.queue
+RETURNING s.run_id, s.step_key, r.trace_context, coalesce(s.options->>'queue', r.queue)
 """
 
 SELECT_TRACE_CONTEXT = """
@@ -219,7 +219,7 @@ SET state = CASE WHEN state = 'failed' OR kind = 'action' THEN 'dispatched'
                   THEN now() + %(dispatch_timeout)s * interval '1 second' ELSE due_at END
 WHERE run_id = %(run_id)s AND kind = ANY(%(kinds)s)
   AND (state = 'failed' OR (state = 'cancelled' AND kind <> 'compensation'))
-RETURNING step_key, state
+RETURNING step_key, state, options->>'queue'
 """
 
 REOPEN_RUN = """

@@ -300,7 +300,12 @@ class RunTransaction:
             # message is a duplicate, which the claim fences.
             if s.state == "dispatched":
                 self.messages.append(
-                    step_message(self.queue, self.run.run_id, s.step_key, self.run.trace_context)
+                    step_message(
+                        s.options.get("queue") or self.queue,
+                        self.run.run_id,
+                        s.step_key,
+                        self.run.trace_context,
+                    )
                 )
 
     def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]:
@@ -792,7 +797,7 @@ class PostgresStore:
                     "from_states": [tx.run.state],
                 },
             )
-            for key, state in cur.execute(
+            for key, state, step_queue in cur.execute(
                 q.RETRY_FAILED_STEPS,
                 {
                     "run_id": run_id,
@@ -801,7 +806,9 @@ class PostgresStore:
                 },
             ).fetchall():
                 if state == "dispatched":
-                    tx.messages.append(step_message(tx.queue, run_id, key, tx.run.trace_context))
+                    tx.messages.append(
+                        step_message(step_queue or tx.queue, run_id, key, tx.run.trace_context)
+                    )
             tx.advance_later()
 
     def fork_run(

@@ -123,6 +123,7 @@ class WorkflowContext:
         timeout: float | None = None,
         pivot: bool = False,
         compensate_retry: RetryPolicy | None = None,
+        queue: str | None = None,
     ) -> R:
         """Run ``fn(step_ctx, arg)`` as a journaled step and return its result."""
         handle: Handle[R] = self.start(
@@ -134,6 +135,7 @@ class WorkflowContext:
             timeout=timeout,
             pivot=pivot,
             compensate_retry=compensate_retry,
+            queue=queue,
         )
         result: R = self.gather(handle)[0]
         return result
@@ -149,6 +151,7 @@ class WorkflowContext:
         timeout: float | None = None,
         pivot: bool = False,
         compensate_retry: RetryPolicy | None = None,
+        queue: str | None = None,
     ) -> Handle[R]:
         """Start a step without waiting for it; several started steps run in parallel."""
         step_name = str(name or getattr(fn, "__name__", ""))
@@ -164,6 +167,7 @@ class WorkflowContext:
             timeout_seconds=timeout,
             pivot=pivot,
             compensate_retry=compensate_retry,
+            queue=queue,
         )
         options.validate(where)
         function = function_info(fn, where)

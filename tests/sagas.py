@@ -15,6 +15,7 @@ import psycopg
 
 from saga.definition import Saga, StepContext, step
 from saga.retry import RetryPolicy
+from saga.workflow import WorkflowContext, workflow
 
 _conn: tuple[int, psycopg.Connection[Any]] | None = None
 
@@ -61,6 +62,20 @@ FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_seconds=0.1, max_backof
 
 ten = Saga("ten", [_numbered(i) for i in range(1, 11)], retry=FAST_RETRY)
 two = Saga("two", [_numbered(1), _numbered(2)], retry=FAST_RETRY)
+
+# Step 2 (and its retries) goes to workers of another queue; steps 1 and 3 to the run's.
+GPU_QUEUE = "saga-test-gpu"
+_step1, _step2, _step3 = (_numbered(i) for i in (1, 2, 3))
+routed = Saga(
+    "routed", [_step1, step(_step2, queue=GPU_QUEUE), _step3], retry=FAST_RETRY
+)
+
+
+@workflow("routed_code")
+def routed_code(ctx: WorkflowContext, value: dict[str, Any]) -> dict[str, Any]:
+    value = ctx.step(_step1, value)
+    value = ctx.step(_step2, value, queue=GPU_QUEUE, retry=FAST_RETRY)
+    return ctx.step(_step3, value)
 
 
 def returns_object(ctx: StepContext, value: Any) -> Any:

@@ -164,6 +164,28 @@ def test_a_run_keeps_its_queue_whoever_dispatches_its_steps(
     assert calls(db, run_id) == Counter({"step1": 1, "step2": 5})
 
 
+@pytest.mark.parametrize("definition", [sagas.routed, sagas.routed_code], ids=["graph", "code"])
+def test_a_step_routed_to_another_queue_runs_only_on_that_queues_workers(
+    definition: Any, settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    main = procs.worker(settings, "w-main")
+    gpu = procs.worker(settings.model_copy(update={"queue": sagas.GPU_QUEUE}), "w-gpu")
+    procs.relay(settings)
+    # Step 2 fails once: its retry, dispatched by the sweeper, must go to the gpu queue too.
+    run_id = client.start(definition, {"fail_at": [2]})
+    assert client.result(run_id, timeout=60)["trail"] == [1, 2, 3]
+    ran_on = db.execute(
+        "SELECT split_part(step, '#', 1), array_agg(DISTINCT pid), count(*) FROM test_calls "
+        "WHERE run_id = %s GROUP BY 1 ORDER BY 1",
+        (run_id,),
+    ).fetchall()
+    assert ran_on == [
+        ("step1", [main.pid], 1),
+        ("step2", [gpu.pid], 2),
+        ("step3", [main.pid], 1),
+    ]
+
+
 def test_relay_killed_between_commit_and_publish(
     settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
 ) -> None:

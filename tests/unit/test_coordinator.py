@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from saga import coordinator
 from saga.definition import Saga, StepContext, step
+from saga.errors import DefinitionError
 from saga.store import Fenced, OperatorError
 from saga.workflow import EventTimeout, StepFailed, WorkflowContext, workflow
 from tests import coordinator_sagas as cs
@@ -699,6 +700,32 @@ def test_workflow_steps_return_their_declared_types_on_replay_not_json() -> None
     sim.complete("quotes#2", [{"city": "Lisbon", "price": 1}, {"city": "Porto", "price": 2}])
     assert sim.run.state == "completed", sim.run.error
     assert sim.run.result == {"price": 120, "cities": ["Lisbon", "Porto"], "plain": {"n": [1]}}
+
+
+def _routed_trip() -> Saga:
+    trip = Saga("routed_trip")
+    trip.step()(cs.quote)
+    trip.step(after=cs.quote, compensate=cs.undo, queue="payments-api")(cs.flight)
+    trip.step(after=cs.flight)(cs.payment)
+    return trip
+
+
+def test_a_routed_step_and_its_compensation_carry_its_queue_others_none() -> None:
+    sim = Sim(_routed_trip(), TRIP, run_id="r").start()
+    assert "queue" not in sim.row("quote").options  # unrouted options are journaled as before
+    sim.complete("quote", {"city": "Lisbon", "price": 420})
+    assert sim.row("flight").options["queue"] == "payments-api"
+    sim.complete("flight", booked("flight"))
+    assert "queue" not in sim.row("payment").options
+    sim.fail("payment", "tests.coordinator_sagas.PaymentDeclined", "card declined")
+    assert sim.row("compensate:flight").options["queue"] == "payments-api"
+
+
+@pytest.mark.parametrize("queue", ["", "has space", "x" * 201, 7])
+def test_a_bad_queue_name_names_the_saga_and_the_step(queue: Any) -> None:
+    trip = Saga("bad_queue")
+    with pytest.raises(DefinitionError, match=r"saga 'bad_queue', step 'quote': queue must be"):
+        trip.step(queue=queue)(cs.quote)
 
 
 @pytest.mark.parametrize(
