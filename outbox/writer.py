@@ -43,9 +43,13 @@ def add_messages(
         )
 
 
+# Rows a relay has locked are being published by it: skipped, not waited for.
 _MARK_PUBLISHED = """
 UPDATE saga_outbox SET published_at = now(), attempts = attempts + 1
-WHERE message_id = ANY(%s) AND published_at IS NULL
+WHERE id IN (
+    SELECT id FROM saga_outbox WHERE message_id = ANY(%s) AND published_at IS NULL
+    FOR UPDATE SKIP LOCKED
+)
 """
 
 

@@ -52,12 +52,29 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_schema(database_url: str | None) -> None:
+    """Refuse to start on a database behind this code's migrations: every outcome would fail
+    after its step had run."""
+    import psycopg
+
+    from saga.migrate import check_schema
+
+    assert database_url, "resolve() fills it"
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            check_schema(conn)
+    except psycopg.Error as exc:
+        raise SagaError(f"cannot check the database schema: {exc}") from exc
+
+
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from workers import telemetry
-    from workers.app import assert_safe, create_app
+    from workers.app import assert_safe, create_app, install_shutdown_hooks
 
+    _require_schema(settings.database_url)
     app = create_app(settings)
     assert_safe(app)
+    install_shutdown_hooks(app)
     telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
     if args.pool == "threads":
         telemetry.configure_sdk("saga-worker")
@@ -89,6 +106,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from workers.publish import CeleryPublisher
 
     assert settings.database_url
+    _require_schema(settings.database_url)
     _, metrics_on = telemetry.configure_sdk("saga-relay")
     if metrics_on:
         from saga.metrics import DatabaseGauges

@@ -148,7 +148,9 @@ class FunctionInfo:
     def encode_result(self, value: Any, *, limit: int, run_id: str, step: str) -> str:
         """The result as JSON text, or StepResultError naming the run, step and limit."""
         try:
-            data = self.output_adapter.dump_json(value)
+            # warnings="error": a value that does not fit the annotation fails here, where it
+            # was made, not at a later replay that decodes it.
+            data = self.output_adapter.dump_json(value, warnings="error")
         except Exception as exc:  # pydantic raises several types for "not serialisable"
             raise StepResultError(
                 f"step {step!r} of run {run_id!r} returned a {type(value).__name__} that is "
@@ -208,7 +210,9 @@ def _plain_json(hint: Any) -> bool:
     if hint is Any or hint is None or hint in _JSON_SCALARS or hint in (dict, list):
         return True
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (dict, list, typing.Union, types.UnionType):
+    if origin is dict:  # JSON keys are strings: dict[int, X] comes back with str keys
+        return args[0] in (str, Any) and _plain_json(args[1])
+    if origin in (list, typing.Union, types.UnionType):
         return all(_plain_json(a) for a in args)
     return False
 

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
 
 
 # Variables with the prefix that belong to the test suite, not to the engine.
-_NOT_SETTINGS = ("SAGA_TEST_",)
+_NOT_SETTINGS = ("SAGA_TEST_", "SAGA_MODEL_")  # the test suite's; saga.agent's model client
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
@@ -72,7 +72,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     known = {f"SAGA_{name.upper()}" for name in Settings.model_fields}
     found = []
     for var in sorted(environ):
-        if var.startswith("SAGA_") and var not in known and not var.startswith(_NOT_SETTINGS):
+        upper = var.upper()  # pydantic-settings reads names case-insensitively
+        if upper.startswith("SAGA_") and upper not in known and not upper.startswith(_NOT_SETTINGS):
             # Compared without the prefix, which every candidate shares.
             close = difflib.get_close_matches(var[5:].lower(), Settings.model_fields, n=1)
             hint = f" (did you mean SAGA_{close[0].upper()}?)" if close else ""

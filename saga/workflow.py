@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from pydantic import ValidationError
+
 from saga.definition import NAME, FunctionInfo, StepOptions, definition_ref, function_info
 from saga.errors import DefinitionError, SagaError
 from saga.retry import RetryPolicy
@@ -199,9 +201,25 @@ class WorkflowContext:
                     f"step {entry.name!r} of workflow {self.workflow!r} failed for good: "
                     f"{error.get('message', error)}"
                 )
-            value = entry.result
-            results.append(value if h.function is None else h.function.decode_result(value))
+            results.append(self._decoded(entry, h.function))
         return results
+
+    def _decoded(self, entry: JournalEntry, function: FunctionInfo | None) -> Any:
+        """A journaled result as the step's return type. One that no longer fits the type (the
+        code changed under a running run) is a divergence, never a business failure."""
+        if function is None:
+            return entry.result
+        try:
+            return function.decode_result(entry.result)
+        except ValidationError as exc:
+            raise _Diverged(
+                NonDeterminismError(
+                    f"workflow {self.workflow!r} of run {self.run_id!r}: the journaled result of "
+                    f"step {entry.name!r} (call {entry.position}) no longer fits the return type "
+                    f"of {function.ref}: {exc}. Deploy the code the run started with and retry "
+                    f"it, or fork the run from an earlier step"
+                )
+            ) from None
 
     # -- waits --------------------------------------------------------------------------------
 

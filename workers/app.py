@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import Reject
 
 from saga.errors import ConfigurationError, MalformedMessageError
@@ -30,6 +30,12 @@ class SagaCelery(Celery):  # type: ignore[misc]
             self._executor = StepExecutor(self.saga_settings, self)
             self._executor_pid = os.getpid()
         return self._executor
+
+    def flush_marks(self, **_: Any) -> None:
+        """At process shutdown: mark the fast path's last publishes, so no relay sends them
+        again (which would cost a fenced duplicate)."""
+        if self._executor is not None and self._executor_pid == os.getpid():
+            self._executor.marks.flush()
 
 
 def broker_options(broker_url: str, settings: Settings) -> dict[str, Any]:
@@ -73,6 +79,12 @@ def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
         advance_run
     )
     return app
+
+
+def install_shutdown_hooks(app: SagaCelery) -> None:
+    """For the worker process only (signals are process-wide)."""
+    signals.worker_process_shutdown.connect(app.flush_marks, weak=False)  # a prefork child
+    signals.worker_shutdown.connect(app.flush_marks, weak=False)  # solo and threads pools
 
 
 def assert_safe(app: Celery) -> None:

@@ -101,7 +101,8 @@ class StepExecutor:
         assert settings.database_url, "the worker entry point checks this"
         self.settings = settings
         self.store = PostgresStore(
-            open_pool(settings.database_url, size=2, name="saga-worker"),
+            # The task, the lease keeper and the publish-mark flusher each may hold one.
+            open_pool(settings.database_url, size=3, name="saga-worker"),
             queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
         )
@@ -296,7 +297,7 @@ class StepExecutor:
         """Whether advancing the claim's run replays a workflow (which reads the journal)."""
         try:
             return isinstance(load_definition(claim.saga_ref), Workflow)
-        except UnknownSagaError:
+        except Exception:  # the coordinator reports a definition that fails to load; not here
             return False
 
     def _publish_now(self, messages: list[OutboxMessage]) -> None:

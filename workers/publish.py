@@ -71,6 +71,15 @@ class PendingMarks:
                 self._thread.start()
         self._wake.set()
 
+    def flush(self) -> None:
+        """Mark what is pending now (a process about to exit)."""
+        ids = self.take()
+        if ids:
+            try:
+                self._mark(ids)
+            except Exception as exc:  # the relay publishes them again; consumers fence
+                log.warning("could not mark %d outbox rows published: %s", len(ids), exc)
+
     def take(self) -> list[uuid.UUID]:
         with self._lock:
             ids, self._ids = self._ids, []
@@ -81,10 +90,4 @@ class PendingMarks:
             self._wake.wait()
             self._wake.clear()
             time.sleep(self._flush_after)  # a claim in the meantime takes them first
-            ids = self.take()
-            if not ids:
-                continue
-            try:
-                self._mark(ids)
-            except Exception as exc:  # the relay publishes them again; consumers fence
-                log.warning("could not mark %d outbox rows published: %s", len(ids), exc)
+            self.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -360,3 +361,27 @@ def test_an_applied_migration_that_changed_is_refused(empty_database_url: str) -
             check_schema(conn)
     with pytest.raises(MigrationError, match="0001_initial changed after it was applied"):
         migrate(empty_database_url)
+
+
+@pytest.mark.parametrize("command", ["worker", "relay"])
+def test_worker_and_relay_refuse_a_database_behind_the_code(
+    empty_database_url: str, command: str
+) -> None:
+    migrate(empty_database_url)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        last = max(applied_versions(conn))
+        conn.execute("DELETE FROM saga_schema_migrations WHERE version = %s", (last,))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SAGA_")},
+        "SAGA_DATABASE_URL": empty_database_url,
+        "SAGA_BROKER_URL": "redis://127.0.0.1:1/0",  # never reached: the check comes first
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "saga", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"lacks migrations [{last}]: run `saga migrate` first" in done.stderr

@@ -721,6 +721,38 @@ def test_a_routed_step_and_its_compensation_carry_its_queue_others_none() -> Non
     assert sim.row("compensate:flight").options["queue"] == "payments-api"
 
 
+def test_a_journaled_result_that_no_longer_fits_its_type_is_a_divergence_not_a_failure() -> (
+    None
+):
+    sim = Sim(typed_results, "Lisbon").start()
+    sim.complete("quote#1", {"city": "Lisbon"})  # journaled by older code: no price
+    assert sim.run.state == "failed"
+    assert sim.run.error["type"].endswith("NonDeterminismError"), sim.run.error
+    assert "step 'quote' (call 1) no longer fits the return type" in sim.run.error["message"]
+    assert sim.open_steps() == []
+
+
+def test_a_step_result_that_does_not_fit_its_annotation_fails_where_it_is_made() -> None:
+    from saga.definition import function_info
+    from saga.errors import StepResultError
+
+    info = function_info(quote, "test")
+    with pytest.raises(StepResultError, match="not JSON-serialisable"):
+        info.encode_result({"city": "Lisbon"}, limit=1000, run_id="r", step="quote#1")
+    assert info.encode_result(Quote(city="Lisbon", price=1), limit=1000, run_id="r", step="q")
+
+
+def int_keys(ctx: StepContext, value: Any) -> dict[int, str]:
+    return {1: "a"}
+
+
+def test_a_dict_with_non_string_keys_is_decoded() -> None:
+    from saga.definition import function_info
+
+    info = function_info(int_keys, "test")
+    assert info.decode_result({"1": "a"}) == {1: "a"}
+
+
 @pytest.mark.parametrize("queue", ["", "has space", "x" * 201, 7])
 def test_a_bad_queue_name_names_the_saga_and_the_step(queue: Any) -> None:
     trip = Saga("bad_queue")

@@ -116,6 +116,8 @@ def test_a_misspelt_variable_is_reported_with_the_setting_it_resembles() -> None
         "SAGA_DATABSE_URL": "postgresql://x",
         "SAGA_BROKER_URL": "redis://y",
         "SAGA_TEST_DATABASE_URL": "postgresql://z",  # the test suite's own
+        "SAGA_MODEL_BASE_URL": "http://m",  # saga.agent's model client
+        "saga_Queue": "q",  # read by pydantic-settings whatever its case
         "SAGA_COLOUR": "blue",
         "PATH": "/bin",
     }
