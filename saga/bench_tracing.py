@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from saga.bench import bench_harness, prepare
+from saga.bench import _median_cpu, _with_cpu, bench_harness, prepare
 from saga.cli import child_env
 from saga.otlp_receiver import OTLPReceiver
 from saga.settings import Settings
@@ -39,26 +39,29 @@ def _hostname(i: int) -> str:
     return f"bench-trace{i}-{uuid.uuid4().hex[:6]}@%h"
 
 
-def _round(settings: Settings, endpoint: str | None, runs: int) -> float:
-    """Start workers and relay in one mode, warm them up, measure steps/s once."""
+def _round(
+    settings: Settings, endpoint: str | None, runs: int
+) -> tuple[float, dict[str, float]]:
+    """Start workers and relay in one mode, warm them up, measure steps/s once (and the CPU
+    each role spent per step: steadier than wall time on a noisy machine)."""
     with bench_harness(settings, env=_env(settings, endpoint), hostname=_hostname) as bench:
         bench.wait_saga_ready()
         bench.saga_steps_per_s(min(runs, 100))  # warm-up
-        return bench.saga_steps_per_s(runs)
+        return _with_cpu(bench, bench.saga_steps_per_s, runs, ["saga-worker", "relay"])
 
 
 def bench_tracing(settings: Settings, runs: int, repeat: int) -> dict[str, Any]:
     assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
     began = time.monotonic()
     durable = prepare(settings, f"{settings.queue}-bench-tracing")
-    off: list[float] = []
-    on: list[float] = []
+    off: list[tuple[float, dict[str, float]]] = []
+    on: list[tuple[float, dict[str, float]]] = []
     with OTLPReceiver(decode=False) as receiver:
         for r in range(max(1, repeat)):
             modes = [(off, None), (on, receiver.endpoint)]
             for results, endpoint in modes if r % 2 == 0 else reversed(modes):
                 results.append(_round(durable, endpoint, runs))
-    off_sps, on_sps = statistics.median(off), statistics.median(on)
+    off_sps, on_sps = statistics.median(r for r, _ in off), statistics.median(r for r, _ in on)
     overhead = 1 - on_sps / off_sps
     return {
         "suite": "core --tracing",
@@ -67,7 +70,9 @@ def bench_tracing(settings: Settings, runs: int, repeat: int) -> dict[str, Any]:
         "tracing_off_steps_per_s": round(off_sps, 1),
         "tracing_on_steps_per_s": round(on_sps, 1),
         "tracing_overhead": round(overhead, 3),
-        "rounds": {"off": [round(x, 1) for x in off], "on": [round(x, 1) for x in on]},
+        "rounds": {"off": [round(x, 1) for x, _ in off], "on": [round(x, 1) for x, _ in on]},
+        # CPU ms per step by role; "client" is this process: the starters and the receiver.
+        "cpu_ms_per_step": {"off": _median_cpu(off), "on": _median_cpu(on)},
         "targets": {
             "tracing_overhead": {"max": OVERHEAD_TARGET, "pass": overhead <= OVERHEAD_TARGET}
         },
