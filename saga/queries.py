@@ -68,7 +68,8 @@ WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND r.run_id = s.run_i
   AND (s.state = 'dispatched' OR (s.state = 'pending' AND s.due_at <= now())
        OR (s.state = 'running' AND s.lease_owner = %(owner)s))
 RETURNING s.attempt, s.step_name, s.kind, s.max_attempts, s.idempotency_key, s.input,
-          s.fn_ref, s.options, r.input, r.saga_name, r.trace_context, s.created_at, r.saga_ref
+          s.fn_ref, s.options, r.input, r.saga_name, r.trace_context, s.created_at, r.saga_ref,
+          s.error->>'failed_at', s.error->>'type'
 """
 
 SELECT_STEP_STATE = """

@@ -59,6 +59,9 @@ class Claim:
     trace_context: dict[str, str]
     scheduled_at: dt.datetime  # when the step's row was made: a timer's or a wait's start
     saga_ref: str
+    # The previous attempt's journaled failure, if it failed (a lost attempt has no time).
+    previous_failed_at: str | None = None
+    previous_error_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -266,8 +269,9 @@ class RunTransaction:
                     completed[r.step_key] = r
                     if traced and r.kind == "action" and r.position is not None:
                         self._read_back[r.step_key] = r
+            # Cached rows are at or below ``seen``: only the fresh ones can move it.
             self._cache_update = (
-                max([seen, *(r.completed_seq or 0 for r in completed.values())]),
+                max([seen, *(r.completed_seq or 0 for r in fresh if r.state == "completed")]),
                 completed,
             )
             rows = {**completed, **{r.step_key: r for r in fresh}}
@@ -572,7 +576,7 @@ class PostgresStore:
         if row is None:
             return None
         attempt, name, kind, max_attempts, key, input_, fn, options = row[:8]
-        run_input, saga, trace, created, ref = row[8:]
+        run_input, saga, trace, created, ref, failed_at, error_type = row[8:]
         return Claim(
             run_id,
             step_key,
@@ -589,6 +593,8 @@ class PostgresStore:
             trace or {},
             created,
             ref,
+            failed_at,
+            error_type,
         )
 
     def step_state(self, run_id: str, step_key: str) -> StepState | None:

@@ -313,14 +313,8 @@ class StepExecutor:
 
     def _trace_backoff(self, claim: Claim) -> None:
         """A span for the wait before this retry: from the journaled failure of the previous
-        attempt to now. Reads the step's row once, only for retries and only when tracing."""
-        try:
-            steps = self.store.get_steps(claim.run_id)
-        except StoreError:
-            return
-        previous = next((s for s in steps if s.step_key == claim.step_key), None)
-        error = (previous.error if previous else None) or {}
-        failed_at = tracing.parse_time(error.get("failed_at"))
+        attempt (which the claim read) to now."""
+        failed_at = tracing.parse_time(claim.previous_failed_at)
         if failed_at is None:
             return  # e.g. the previous attempt was lost with its worker: no failure time
         tracing.record_wait(
@@ -331,7 +325,7 @@ class StepExecutor:
             step=claim.step_name,
             attempt=claim.attempt,
             start=failed_at,
-            attributes={tracing.ERROR_TYPE: str(error.get("type", ""))},
+            attributes={tracing.ERROR_TYPE: claim.previous_error_type or ""},
         )
 
     # -- helpers ------------------------------------------------------------------------------
