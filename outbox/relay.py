@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from outbox.message import OutboxMessage, StoredMessage
+from saga.outbox.message import OutboxMessage, StoredMessage
 
 log = logging.getLogger("saga.relay")
 

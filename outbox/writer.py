@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from outbox.message import OutboxMessage
+from saga.outbox.message import OutboxMessage
 
 _INSERT = """
 INSERT INTO saga_outbox (message_id, destination, task_name, payload, headers, available_at)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from saga.errors import SagaError
+from saga.errors import ConfigurationError, SagaError
 from saga.settings import Settings, unknown_variables
 
 ENV_HELP = "environment: " + ", ".join(f"SAGA_{name.upper()}" for name in Settings.model_fields)
@@ -31,16 +32,6 @@ def resolve(settings: Settings) -> Settings:
             "broker_url": settings.broker_url or services.broker_url,
         }
     )
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    """Environment for a child process that should use exactly these settings."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"SAGA_{name.upper()}"] = str(value)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    return env
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -68,8 +59,8 @@ def _require_schema(database_url: str | None) -> None:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from workers import telemetry
-    from workers.app import assert_safe, create_app, install_shutdown_hooks
+    from saga.workers import telemetry
+    from saga.workers.app import assert_safe, create_app, install_shutdown_hooks
 
     _require_schema(settings.database_url)
     app = create_app(settings)
@@ -98,12 +89,12 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
-    from outbox.relay import Relay
+    from saga.outbox.relay import Relay
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
-    from workers import telemetry
-    from workers.app import create_app
-    from workers.publish import CeleryPublisher
+    from saga.workers import telemetry
+    from saga.workers.app import create_app
+    from saga.workers.publish import CeleryPublisher
 
     assert settings.database_url
     _require_schema(settings.database_url)
@@ -123,7 +114,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         retention_seconds=settings.outbox_retention_seconds,
     )
     store = PostgresStore(
-        open_pool(settings.database_url, size=1, name="saga-sweeper"),
+        open_pool(settings.database_url, size=settings.pool_size, name="saga-sweeper"),
         queue=settings.queue,
         dispatch_timeout=settings.dispatch_timeout_seconds,
     )
@@ -205,7 +196,7 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
     from saga.client import SagaClient
-    from workers import telemetry
+    from saga.workers import telemetry
 
     # What an operator ends is traced here: an event wait, a run cancelled with nothing to
     # undo. Exported at exit; off unless OTEL_* asks, as for workers and relays.
@@ -229,37 +220,26 @@ def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from saga.demo import run_demo
+# Commands of the development tools (``saga_dev/`` in a clone of the repository): not part of
+# the installed package, found by name only when asked for.
+DEV_COMMANDS = {
+    "demo": "run the travel agent demo on the embedded servers",
+    "bench": "benchmarks: core, coordinator, agent (against raw Celery)",
+}
 
-    return run_demo(settings)
 
-
-BENCH_DEFAULTS = {"core": {"steps": 20, "runs": 2000}, "agent": {"steps": 10, "runs": 50}}
-
-
-def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    if args.suite == "coordinator":
-        from saga.bench_coordinator import bench_coordinator
-
-        print(json.dumps(bench_coordinator(settings), indent=None if args.json else 2))
-        return 0
-    for name, value in BENCH_DEFAULTS[args.suite].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.suite == "agent":
-        from saga.bench_agent import run_bench as run_agent_bench
-
-        return run_agent_bench(settings, args)
-    if args.tracing:
-        from saga.bench_tracing import bench_tracing
-
-        report = bench_tracing(settings, args.runs, args.repeat)
-        print(json.dumps(report, indent=None if args.json else 2))
-        return 0
-    from saga.bench import run_bench
-
-    return int(run_bench(settings, args))
+def cmd_dev_tool(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        tools = importlib.import_module("saga_dev.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name != "saga_dev":
+            raise
+        raise ConfigurationError(
+            f"`saga {args.command}` is one of the development tools, which live in a clone of "
+            f"the repository, not in the installed package: run it from the clone's top folder "
+            f"(`scripts/demo`, or `scripts/bootstrap dev` then `.venv/bin/saga {args.command}`)"
+        ) from None
+    return int(tools.main(args.command, args.dev_args, settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,27 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_id")
     e.add_argument("name")
     e.add_argument("--payload", default="null", help="the event's payload as JSON")
-    sub.add_parser("demo", help="run the demo saga on the embedded servers", epilog=ENV_HELP)
-    b = sub.add_parser("bench", help="benchmarks against raw Celery", epilog=ENV_HELP)
-    b.add_argument("suite", choices=["core", "coordinator", "agent"])
-    b.add_argument(
-        "--tracing",
-        action="store_true",
-        help="core: throughput with tracing exporting to a local receiver vs off",
-    )
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--steps", type=int, help="core: 20; agent: 10 (turns per run)")
-    b.add_argument("--runs", type=int, help="core: 2000; agent: 50")
-    b.add_argument("--repeat", type=int, default=3)
-    b.add_argument("--failure-rate", type=float, default=0.15, help="agent: per step")
-    b.add_argument("--attempts", type=int, default=8, help="agent: per step, both Celery and saga")
-    b.add_argument("--kill-every", type=float, default=3.0, help="agent: seconds between kills")
-    b.add_argument("--seed", type=int, default=1, help="agent: fault and kill schedule")
-    b.add_argument(
-        "--systems",
-        help="agent: comma-separated (default plain,celery_autoretry,saga,saga_with_kills; "
-        "celery_autoretry_with_kills is optional)",
-    )
+    for name, help in DEV_COMMANDS.items():
+        # Their own parser (saga_dev.cli) reads the rest, --help included.
+        sub.add_parser(name, help=help, add_help=False)
     return parser
 
 
@@ -337,8 +299,8 @@ COMMANDS = {
     "relay": cmd_relay,
     "start": cmd_start,
     "show": cmd_show,
-    "demo": cmd_demo,
-    "bench": cmd_bench,
+    "demo": cmd_dev_tool,
+    "bench": cmd_dev_tool,
     "cancel": cmd_operate,
     "retry": cmd_operate,
     "fork": cmd_operate,
@@ -347,7 +309,11 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in DEV_COMMANDS:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.dev_args = rest
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

@@ -43,7 +43,7 @@ class SagaClient:
             )
         self.settings = settings
         self.store = PostgresStore(
-            open_pool(settings.database_url, size=2, name="saga-client"),
+            open_pool(settings.database_url, size=settings.pool_size, name="saga-client"),
             queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
         )

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from outbox.message import OutboxMessage
 from saga.definition import GraphStep, Saga, StepOptions
 from saga.errors import SagaError
+from saga.outbox.message import OutboxMessage
 from saga.retry import RetryPolicy
 from saga.workflow import (
     Call,

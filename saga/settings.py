@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -59,7 +60,23 @@ class Settings(BaseSettings):
         description="Redis visibility timeout: must exceed the longest step, else Redis "
         "redelivers running tasks (harmless, the journal fences them, but wasteful).",
     )
-    pool_size: PositiveInt = Field(default=4, description="Postgres connections per process.")
+    pool_size: PositiveInt = Field(
+        default=4,
+        description="Most Postgres connections of each pool (one per worker process, client "
+        "and relay sweeper), opened as needed; a threads-pool worker wants one per thread.",
+    )
+
+    def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment for a child process that should use exactly these settings: ``base``
+        (this process's environment by default) with every set field as its ``SAGA_*``
+        variable, and the working folder on ``PYTHONPATH`` (saga modules are imported by path,
+        as Celery does)."""
+        env = dict(os.environ if base is None else base)
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[f"SAGA_{name.upper()}"] = str(value)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+        return env
 
 
 # Variables with the prefix that belong to the test suite, not to the engine.
@@ -79,4 +96,3 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
             hint = f" (did you mean SAGA_{close[0].upper()}?)" if close else ""
             found.append(f"{var} is not a setting{hint}")
     return found
-

@@ -22,8 +22,6 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from outbox.message import OutboxMessage
-from outbox.writer import add_messages, mark_published
 from saga import queries as q
 from saga import tracing
 from saga.coordinator import (
@@ -36,6 +34,8 @@ from saga.coordinator import (
     step_message,
 )
 from saga.errors import RunConflictError, RunNotFoundError, SagaError, StoreError, WaitTimeoutError
+from saga.outbox.message import OutboxMessage
+from saga.outbox.writer import add_messages, mark_published
 
 T = TypeVar("T")
 
@@ -258,9 +258,7 @@ class RunTransaction:
             if self._prefetched is not None and self._prefetched[0] == seen:
                 cur = self._prefetched[1]
             else:
-                cur = self._cur.execute(
-                    q.SELECT_JOURNAL, {"run_id": self.run.run_id, "seen": seen}
-                )
+                cur = self._cur.execute(q.SELECT_JOURNAL, {"run_id": self.run.run_id, "seen": seen})
             self._prefetched = None  # what the transaction writes next, it must read afresh
             fresh = [JournalRow(*r) for r in cur.fetchall()]
             traced = tracing.enabled()

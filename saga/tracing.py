@@ -26,10 +26,10 @@ span context. When the run reaches a final state, the process that committed it 
 ``run_finished()``, which emits the root span with the stored ids, the run's start time (also in
 the carrier) as its start, and now as its end. Giving a span a chosen id is not in the tracing
 API: ``run_finished()`` states the ids it wants in a context variable, and the SDK setup in
-``workers.telemetry`` installs an ``IdGenerator`` that honours it (anyone configuring the SDK by
-hand must pass ``workers.telemetry.saga_id_generator()``; without it the root gets fresh ids and
-the run's spans show a missing parent). If the finishing process dies before exporting, the root
-is lost while its children survive.
+``saga.workers.telemetry`` installs an ``IdGenerator`` that honours it (anyone configuring the
+SDK by hand must pass ``saga.workers.telemetry.saga_id_generator()``; without it the root gets
+fresh ids and the run's spans show a missing parent). If the finishing process dies before
+exporting, the root is lost while its children survive.
 
 With no SDK configured the API's no-op tracer and meter make all of this cost microseconds, and
 nothing here does any I/O or database work of its own.
@@ -54,7 +54,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TraceFlags
 
 if TYPE_CHECKING:
-    from outbox.message import OutboxMessage
+    from saga.outbox.message import OutboxMessage
     from saga.store import Claim
 
 INSTRUMENTATION = "durable-saga"

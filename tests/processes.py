@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from saga.cli import child_env
 from saga.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +67,7 @@ class ProcessGroup:
     def spawn(
         self, name: str, settings: Settings, *args: str, env: dict[str, str] | None = None
     ) -> Process:
-        env = {**child_env(settings), **(env or {})}
+        env = {**settings.child_env(), **(env or {})}
         argv = [sys.executable, "-m", "saga", "--log-level", "INFO", *args]
         process = Process(name, argv, env, self.log_dir / f"{name}.log")
         self.processes.append(process)

@@ -66,9 +66,7 @@ two = Saga("two", [_numbered(1), _numbered(2)], retry=FAST_RETRY)
 # Step 2 (and its retries) goes to workers of another queue; steps 1 and 3 to the run's.
 GPU_QUEUE = "saga-test-gpu"
 _step1, _step2, _step3 = (globals()[f"step{i}"] for i in (1, 2, 3))  # made above, not anew
-routed = Saga(
-    "routed", [_step1, step(_step2, queue=GPU_QUEUE), _step3], retry=FAST_RETRY
-)
+routed = Saga("routed", [_step1, step(_step2, queue=GPU_QUEUE), _step3], retry=FAST_RETRY)
 
 
 @workflow("routed_code")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from saga.client import SagaClient
-from saga.otlp_receiver import OTLPReceiver, ReceivedSpan
+from saga_dev.otlp_receiver import OTLPReceiver, ReceivedSpan
 from tests.processes import wait_until
 
 # The processes under test export with the SDK and OTLP exporter; the receiver decodes with the

@@ -1,5 +1,5 @@
-"""The OpenTelemetry SDK setup proper. Imported only by ``workers.telemetry``, and only when the
-environment asks for telemetry: an ImportError here means the SDK is not installed."""
+"""The OpenTelemetry SDK setup proper. Imported only by ``saga.workers.telemetry``, and only when
+the environment asks for telemetry: an ImportError here means the SDK is not installed."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ class SagaCelery(Celery):  # type: ignore[misc]
     def executor(self) -> Any:
         # One executor per process, made after fork: connections and threads do not survive it.
         if self._executor is None or self._executor_pid != os.getpid():
-            from workers.executor import StepExecutor
+            from saga.workers.executor import StepExecutor
 
             self._executor = StepExecutor(self.saga_settings, self)
             self._executor_pid = os.getpid()

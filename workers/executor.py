@@ -23,15 +23,15 @@ from typing import Any, TypeVar
 from celery import Celery
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from outbox.message import OutboxMessage
 from saga import coordinator, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref, load_definition
 from saga.errors import MalformedMessageError, StepTimeoutError, StoreError, UnknownSagaError
+from saga.outbox.message import OutboxMessage
 from saga.settings import Settings
 from saga.store import Claim, Fenced, PostgresStore, open_pool
+from saga.workers.lease import LeaseKeeper
+from saga.workers.publish import CeleryPublisher, PendingMarks
 from saga.workflow import Workflow
-from workers.lease import LeaseKeeper
-from workers.publish import CeleryPublisher, PendingMarks
 
 log = logging.getLogger("saga.worker")
 
@@ -102,7 +102,7 @@ class StepExecutor:
         self.settings = settings
         self.store = PostgresStore(
             # The task, the lease keeper and the publish-mark flusher each may hold one.
-            open_pool(settings.database_url, size=3, name="saga-worker"),
+            open_pool(settings.database_url, size=settings.pool_size, name="saga-worker"),
             queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
         )

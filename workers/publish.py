@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 
 from celery import Celery
 
-from outbox.message import OutboxMessage
 from saga import tracing
+from saga.outbox.message import OutboxMessage
 
 log = logging.getLogger("saga.worker")
 

@@ -31,7 +31,7 @@ log = logging.getLogger("saga.telemetry")
 
 _lock = threading.Lock()
 _configured_pid: int | None = None
-_providers: Any = None  # workers._otel_sdk.Providers, for the process that configured it
+_providers: Any = None  # saga.workers._otel_sdk.Providers, for the process that configured it
 _warned_missing_sdk = False
 
 
@@ -72,7 +72,7 @@ def configure_sdk(service_name: str) -> tuple[bool, bool]:
         if not traces and not metric_names:
             return False, False
         try:
-            from workers import _otel_sdk
+            from saga.workers import _otel_sdk
         except ImportError as exc:
             if not _warned_missing_sdk:
                 log.warning(
@@ -119,7 +119,7 @@ def shutdown_sdk() -> None:
 
 def saga_id_generator() -> Any:
     """The ``IdGenerator`` a hand-made ``TracerProvider`` needs for runs' root spans."""
-    from workers._otel_sdk import SagaIdGenerator
+    from saga.workers._otel_sdk import SagaIdGenerator
 
     return SagaIdGenerator()
 

@@ -24,14 +24,33 @@ import json
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
-import openai
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.definition import StepContext
+from saga.errors import ConfigurationError
 from saga.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import openai
+
+
+def _openai() -> ModuleType:
+    """The ``openai`` client, an optional dependency: imported at the first model call, so the
+    models and ``run_usage`` here work without it (``saga show`` uses them)."""
+    try:
+        import openai
+    except ModuleNotFoundError as exc:
+        if exc.name != "openai":
+            raise
+        raise ConfigurationError(
+            "model completions need the openai client, which comes with the agent extra: "
+            "pip install 'durable-saga[agent]'"
+        ) from None
+    return openai
 
 
 class ModelSettings(BaseSettings):
@@ -189,7 +208,7 @@ def _client(settings: ModelSettings) -> openai.OpenAI:
     with _clients_lock:
         client = _clients.get(ident)
         if client is None:
-            client = _clients[ident] = openai.OpenAI(
+            client = _clients[ident] = _openai().OpenAI(
                 base_url=settings.base_url,
                 api_key=settings.key(),
                 timeout=settings.timeout_seconds,
@@ -230,6 +249,7 @@ def chat(
     if request.max_tokens is not None:
         kwargs["max_tokens"] = request.max_tokens
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    openai = _openai()
     try:
         response = _client(settings).chat.completions.create(**kwargs, extra_headers=headers)
     except openai.RateLimitError as exc:

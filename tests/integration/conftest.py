@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from saga.client import SagaClient
-from saga.otlp_receiver import OTLPReceiver
 from saga.settings import Settings
+from saga_dev.otlp_receiver import OTLPReceiver
 
 
 @pytest.fixture

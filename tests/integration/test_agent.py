@@ -10,10 +10,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from examples.travel_agent import travel_agent
 from saga import SagaClient, Settings
 from saga.agent import run_usage
-from saga.testing import ServerProcess
+from saga_dev.testing import ServerProcess
+from saga_dev.travel_agent import travel_agent
 from tests.processes import ProcessGroup, wait_until
 
 Conn = psycopg.Connection[Any]
@@ -23,9 +23,15 @@ CLIENT_TIMEOUT = 0.5  # the model client's; the server's 'timeout' fault stalls 
 @pytest.fixture
 def model(tmp_path: Path) -> Iterator[ServerProcess]:
     with ServerProcess(
-        "saga.testing.model_server",
-        "--fault-rate", "0.15", "--seed", "5", "--timeout-seconds", "1.5",
-        "--retry-after-seconds", "0.2",
+        "saga_dev.testing.model_server",
+        "--fault-rate",
+        "0.15",
+        "--seed",
+        "5",
+        "--timeout-seconds",
+        "1.5",
+        "--retry-after-seconds",
+        "0.2",
         log=tmp_path / "model-server.log",
     ) as server:
         yield server
@@ -34,8 +40,13 @@ def model(tmp_path: Path) -> Iterator[ServerProcess]:
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[ServerProcess]:
     with ServerProcess(
-        "saga.testing.effects_server",
-        "--fault-rate", "0.1", "--faults", "error", "--seed", "7",
+        "saga_dev.testing.effects_server",
+        "--fault-rate",
+        "0.1",
+        "--faults",
+        "error",
+        "--seed",
+        "7",
         log=tmp_path / "effects-server.log",
     ) as server:
         yield server

@@ -11,15 +11,15 @@ import psycopg
 import pytest
 import redis
 
-from outbox.message import OutboxMessage
 from saga.client import SagaClient
 from saga.coordinator import step_message
 from saga.errors import RunConflictError, UnknownSagaError
+from saga.outbox.message import OutboxMessage
 from saga.settings import Settings
+from saga.workers.app import create_app
+from saga.workers.publish import CeleryPublisher
 from tests import sagas
 from tests.processes import ProcessGroup, wait_until
-from workers.app import create_app
-from workers.publish import CeleryPublisher
 
 Conn = psycopg.Connection[Any]
 

@@ -12,10 +12,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from saga.cli import child_env
 from saga.client import SagaClient
-from saga.otlp_receiver import OTLPReceiver
 from saga.settings import Settings
+from saga_dev.otlp_receiver import OTLPReceiver
 from tests import sagas
 from tests.processes import ROOT, ProcessGroup, wait_until
 from tests.traces import (
@@ -215,10 +214,12 @@ def test_prefork_children_recycled_after_each_task_lose_no_spans(
     assert len(by(spans, "wait retry_backoff")) == 1
     pids = [s.resource["process.pid"] for s in by(spans, "process ")]
     assert len(set(pids)) == 3, "each attempt ran in a child of its own"
+
     # The metrics of every child were flushed too (the last child exits after its spans left).
     def attempts() -> set[Any]:
-        return {p.resource["process.pid"] for p in receiver.points()
-                if p.metric == "saga.step.attempts"}
+        return {
+            p.resource["process.pid"] for p in receiver.points() if p.metric == "saga.step.attempts"
+        }
 
     wait_until(lambda: attempts() >= set(pids), 60, "every child's metrics")
     assert attempts() == set(pids)
@@ -248,7 +249,7 @@ def test_works_without_the_sdk(
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(textwrap.dedent(_BLOCK_SDK))
     monkeypatch.setenv("PYTHONPATH", str(blocker))
-    env = child_env(settings)
+    env = settings.child_env()
     probe = subprocess.run(
         [sys.executable, "-c", "import opentelemetry.sdk"], env=env, capture_output=True
     )

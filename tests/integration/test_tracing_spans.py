@@ -12,17 +12,16 @@ from typing import Any
 
 import psycopg
 
-from saga.cli import child_env
 from saga.client import SagaClient
 from saga.coordinator import step_message
-from saga.otlp_receiver import OTLPReceiver, ReceivedSpan
 from saga.settings import Settings
+from saga.workers.app import create_app
+from saga.workers.publish import CeleryPublisher
+from saga_dev.otlp_receiver import OTLPReceiver, ReceivedSpan
 from tests import coordinator_sagas as cs
 from tests import sagas
 from tests.processes import ROOT, ProcessGroup, wait_until
 from tests.traces import assert_one_trace, by, run_spans, step_spans, wait_for_trace
-from workers.app import create_app
-from workers.publish import CeleryPublisher
 
 Conn = psycopg.Connection[Any]
 
@@ -167,7 +166,7 @@ def send_event(settings: Settings, run_id: str, payload: Any) -> str:
     argv = ["send-event", run_id, "approval", "--payload", json.dumps(payload)]
     done = subprocess.run(
         [sys.executable, "-m", "saga", *argv],
-        env=child_env(settings),
+        env=settings.child_env(),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -42,10 +42,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from outbox.message import OutboxMessage
 from saga import coordinator
 from saga.coordinator import JournalRow, NewStep, RunView, advance_message, step_message
 from saga.definition import Saga
+from saga.outbox.message import OutboxMessage
 from saga.store import Fenced, OperatorError
 from saga.workflow import Workflow
 

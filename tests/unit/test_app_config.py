@@ -12,10 +12,10 @@ from kombu.serialization import loads, prepare_accept_content
 
 from saga.errors import ConfigurationError, StepResultError
 from saga.settings import Settings
-from workers.app import SagaCelery, assert_safe, broker_options, create_app
-from workers.executor import AdvanceMessage, StepMessage, error_record
+from saga.workers.app import SagaCelery, assert_safe, broker_options, create_app
+from saga.workers.executor import AdvanceMessage, StepMessage, error_record
 
-MAX_ERROR_TEXT = 4000  # workers.executor._MAX_ERROR_TEXT
+MAX_ERROR_TEXT = 4000  # saga.workers.executor._MAX_ERROR_TEXT
 
 
 @pytest.fixture(autouse=True)

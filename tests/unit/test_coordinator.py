@@ -721,9 +721,7 @@ def test_a_routed_step_and_its_compensation_carry_its_queue_others_none() -> Non
     assert sim.row("compensate:flight").options["queue"] == "payments-api"
 
 
-def test_a_journaled_result_that_no_longer_fits_its_type_is_a_divergence_not_a_failure() -> (
-    None
-):
+def test_a_journaled_result_that_no_longer_fits_its_type_is_a_divergence_not_a_failure() -> None:
     sim = Sim(typed_results, "Lisbon").start()
     sim.complete("quote#1", {"city": "Lisbon"})  # journaled by older code: no price
     assert sim.run.state == "failed"

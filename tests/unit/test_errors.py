@@ -37,11 +37,7 @@ def all_subclasses(cls: type[SagaError]) -> set[type[SagaError]]:
 ERROR_TYPES = sorted(
     {
         *ERRORS_MODULE_TYPES,
-        *(
-            t
-            for t in all_subclasses(SagaError)
-            if t.__module__.startswith(("saga.", "workers.", "outbox."))
-        ),
+        *(t for t in all_subclasses(SagaError) if t.__module__.startswith(("saga.",))),
     },
     key=lambda t: f"{t.__module__}.{t.__qualname__}",
 )

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from examples.travel_agent import SPECS, TravelTask, first_messages, travel_agent
 from saga.agent.llm import (
     ChatRequest,
     Completion,
@@ -22,8 +21,9 @@ from saga.agent.llm import (
     run_usage,
 )
 from saga.retry import RetryPolicy
-from saga.testing import model_server
 from saga.workflow import JournalEntry, WorkflowContext
+from saga_dev.testing import model_server
+from saga_dev.travel_agent import SPECS, TravelTask, first_messages, travel_agent
 
 
 @pytest.fixture
@@ -126,11 +126,21 @@ def test_replay_returns_the_journaled_completion_without_asking_the_model(server
     journaled = chat(request(), settings=settings(server))  # what the model said, once
     before = server.app.stats({})["requests"]
     journal = {
-        1: JournalEntry(1, "decide#1", "decide", "action", "completed",
-                        json.loads(journaled.model_dump_json()), None),
+        1: JournalEntry(
+            1,
+            "decide#1",
+            "decide",
+            "action",
+            "completed",
+            json.loads(journaled.model_dump_json()),
+            None,
+        ),
     }
     ctx = WorkflowContext(
-        run_id="r", workflow="travel_agent", input=task.model_dump(), journal=journal,
+        run_id="r",
+        workflow="travel_agent",
+        input=task.model_dump(),
+        journal=journal,
         consume_event=lambda name: (False, None),
     )
     outcome = travel_agent.replay(ctx)

@@ -6,8 +6,8 @@ import threading
 import uuid
 from collections.abc import Sequence
 
-from outbox.message import OutboxMessage
-from workers.publish import PendingMarks
+from saga.outbox.message import OutboxMessage
+from saga.workers.publish import PendingMarks
 
 
 def _messages(n: int) -> list[OutboxMessage]:

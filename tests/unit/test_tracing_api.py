@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from saga import tracing
-from workers import telemetry
+from saga.workers import telemetry
 
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
 in_memory = pytest.importorskip("opentelemetry.sdk.trace.export.in_memory_span_exporter")
@@ -18,8 +18,8 @@ sdk_export = pytest.importorskip("opentelemetry.sdk.trace.export")
 
 @pytest.fixture
 def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Spans of saga.tracing go to memory, through an SDK set up as workers.telemetry does."""
-    from workers._otel_sdk import SagaIdGenerator
+    """Spans of saga.tracing go to memory, through an SDK set up as saga.workers.telemetry does."""
+    from saga.workers._otel_sdk import SagaIdGenerator
 
     exporter = in_memory.InMemorySpanExporter()
     provider = sdk_trace.TracerProvider(id_generator=SagaIdGenerator(), shutdown_on_exit=False)

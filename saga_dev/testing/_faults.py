@@ -8,7 +8,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from saga.testing._http import JSON, App
+from saga_dev.testing._http import JSON, App
 
 
 class FaultyApp(App):

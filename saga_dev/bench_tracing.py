@@ -14,16 +14,15 @@ import time
 import uuid
 from typing import Any
 
-from saga.bench import _median_cpu, _with_cpu, bench_harness, prepare
-from saga.cli import child_env
-from saga.otlp_receiver import OTLPReceiver
 from saga.settings import Settings
+from saga_dev.bench import _median_cpu, _with_cpu, bench_harness, prepare
+from saga_dev.otlp_receiver import OTLPReceiver
 
 OVERHEAD_TARGET = 0.10
 
 
 def _env(settings: Settings, endpoint: str | None) -> dict[str, str]:
-    env = {k: v for k, v in child_env(settings).items() if not k.startswith("OTEL_")}
+    env = {k: v for k, v in settings.child_env().items() if not k.startswith("OTEL_")}
     if endpoint is None:
         env["OTEL_SDK_DISABLED"] = "true"
     else:
@@ -39,9 +38,7 @@ def _hostname(i: int) -> str:
     return f"bench-trace{i}-{uuid.uuid4().hex[:6]}@%h"
 
 
-def _round(
-    settings: Settings, endpoint: str | None, runs: int
-) -> tuple[float, dict[str, float]]:
+def _round(settings: Settings, endpoint: str | None, runs: int) -> tuple[float, dict[str, float]]:
     """Start workers and relay in one mode, warm them up, measure steps/s once (and the CPU
     each role spent per step: steadier than wall time on a noisy machine)."""
     with bench_harness(settings, env=_env(settings, endpoint), hostname=_hostname) as bench:

@@ -17,11 +17,11 @@ from typing import Any
 import psycopg
 from celery import chain
 
-from saga.bench import Bench, bench_harness, prepare
-from saga.bench_sagas import noop
 from saga.definition import Saga, step
 from saga.settings import Settings
 from saga.workflow import WorkflowContext, workflow
+from saga_dev.bench import Bench, bench_harness, prepare
+from saga_dev.bench_sagas import noop
 
 CONCURRENT = 100
 STEPS = 10

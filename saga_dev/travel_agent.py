@@ -8,7 +8,7 @@ the final answer, a JSON object.
 
 Workers need ``SAGA_MODEL_BASE_URL`` (or a real provider's key) and ``TRAVEL_SERVICE_URL``::
 
-    saga start examples.travel_agent:travel_agent --input '{"trip": "t-1"}' --wait
+    saga start saga_dev.travel_agent:travel_agent --input '{"trip": "t-1"}' --wait
 
 The same turn without the engine, ``take_turn``, is what the benchmark's baselines run.
 """
@@ -184,26 +184,55 @@ class Tool:
     compensate: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
 
 
-def _tool(name: str, description: str, args: type[BaseModel], step: Any, call: Any,
-          compensate: Any = None) -> Tool:
+def _tool(
+    name: str, description: str, args: type[BaseModel], step: Any, call: Any, compensate: Any = None
+) -> Tool:
     schema = {k: v for k, v in args.model_json_schema().items() if k != "title"}
-    return Tool(ToolSpec(name=name, description=description, parameters=schema), args, step,
-                call, compensate)
+    return Tool(
+        ToolSpec(name=name, description=description, parameters=schema),
+        args,
+        step,
+        call,
+        compensate,
+    )
 
 
 TOOLS: dict[str, Tool] = {
     t.spec.name: t
     for t in (
-        _tool("lookup_flights", "Find flights to a destination on a day of the trip.",
-              FlightQuery, lookup_flights, _lookup_flights),
-        _tool("book_flight", "Book a flight found by lookup_flights.",
-              FlightChoice, book_flight, _book_flight, cancel_booking),
-        _tool("lookup_hotels", "Find hotels in a city for a night of the trip.",
-              HotelQuery, lookup_hotels, _lookup_hotels),
-        _tool("book_hotel", "Book a hotel found by lookup_hotels.",
-              HotelChoice, book_hotel, _book_hotel, cancel_booking),
-        _tool("send_email", "Email the traveller.", Email, send_email, _send_email,
-              send_correction),
+        _tool(
+            "lookup_flights",
+            "Find flights to a destination on a day of the trip.",
+            FlightQuery,
+            lookup_flights,
+            _lookup_flights,
+        ),
+        _tool(
+            "book_flight",
+            "Book a flight found by lookup_flights.",
+            FlightChoice,
+            book_flight,
+            _book_flight,
+            cancel_booking,
+        ),
+        _tool(
+            "lookup_hotels",
+            "Find hotels in a city for a night of the trip.",
+            HotelQuery,
+            lookup_hotels,
+            _lookup_hotels,
+        ),
+        _tool(
+            "book_hotel",
+            "Book a hotel found by lookup_hotels.",
+            HotelChoice,
+            book_hotel,
+            _book_hotel,
+            cancel_booking,
+        ),
+        _tool(
+            "send_email", "Email the traveller.", Email, send_email, _send_email, send_correction
+        ),
     )
 }
 SPECS = [t.spec for t in TOOLS.values()]
@@ -285,7 +314,10 @@ def travel_agent(ctx: WorkflowContext, task: TravelTask) -> dict[str, Any]:
         for call in completion.tool_calls:
             tool = TOOLS[call.name]
             result = ctx.step(
-                tool.step, call.arguments, name=call.name, compensate=tool.compensate,
+                tool.step,
+                call.arguments,
+                name=call.name,
+                compensate=tool.compensate,
                 retry=tool_retry,
             )
             messages.append(tool_message(call, result))

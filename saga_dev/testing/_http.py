@@ -45,8 +45,15 @@ class JsonServer(ThreadingHTTPServer):
 class Request:
     """One request as an app sees it. ``client_gone`` tells whether the caller hung up."""
 
-    def __init__(self, method: str, path: str, query: Mapping[str, list[str]], headers: Any,
-                 body: Any, connection: socket.socket) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, list[str]],
+        headers: Any,
+        body: Any,
+        connection: socket.socket,
+    ) -> None:
         self.method = method
         self.path = path
         self.query = query
@@ -171,9 +178,12 @@ def serve_in_thread(app: App, port: int = 0) -> JsonServer:
     return server
 
 
-def main(build: Callable[[argparse.Namespace], App], parser: argparse.ArgumentParser,
-         argv: Sequence[str] | None) -> int:
-    """Entry point of ``python -m saga.testing.<server>``: serve until SIGTERM/SIGINT."""
+def main(
+    build: Callable[[argparse.Namespace], App],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+) -> int:
+    """Entry point of ``python -m saga_dev.testing.<server>``: serve until SIGTERM/SIGINT."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args(argv)
@@ -201,8 +211,14 @@ def call(url: str, method: str = "GET", body: Any = None, timeout: float = 10.0)
 class ServerProcess:
     """A local server started as a real process (``python -m MODULE ...``) on a free port."""
 
-    def __init__(self, module: str, *args: str, log: Path | None = None,
-                 env: Mapping[str, str] | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        module: str,
+        *args: str,
+        log: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         self._log: IO[bytes] | None = log.open("ab") if log else None
         self.popen = subprocess.Popen(
             [sys.executable, "-m", module, *args],
@@ -218,7 +234,7 @@ class ServerProcess:
         if not line.startswith(READY):
             self.stop()
             raise RuntimeError(f"{module} did not start (said {line!r})")
-        self.url = line[len(READY):].strip()
+        self.url = line[len(READY) :].strip()
 
     def stats(self, **query: str) -> JSON:
         suffix = "?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else ""

@@ -14,7 +14,7 @@ The systems:
 * ``celery_autoretry``: a Celery chain of one task per turn with ``autoretry_for=(Exception,)``
   and the same number of attempts as the saga, on two raw Celery workers (late acks). A retry
   re-runs the whole turn: the completion and the tool, without idempotency keys.
-* ``saga``: the ``examples.travel_agent`` workflow on this engine, two workers and a relay.
+* ``saga``: the ``saga_dev.travel_agent`` workflow on this engine, two workers and a relay.
 * ``saga_with_kills``: the same, while every ``--kill-every`` seconds a random worker that is
   running a step is killed (SIGKILL) and restarted.
 * ``celery_autoretry_with_kills`` (optional, ``--systems``): the Celery chain under the same
@@ -30,7 +30,7 @@ logical step (the conversation and its turn), the travel service every effect by
 * ``steps_rerun``: completions answered, then asked for and answered again.
 * ``duplicate_effects``: bookings, cancellations or emails applied twice.
 
-``python -m saga.bench_agent celery-worker`` is the Celery side's worker entry point.
+``python -m saga_dev.bench_agent celery-worker`` is the Celery side's worker entry point.
 """
 
 from __future__ import annotations
@@ -56,14 +56,13 @@ import psycopg
 import redis
 from celery import Celery, Task, chain
 
-from examples.travel_agent import TravelTask, first_messages, take_turn, travel_agent
-from saga.bench import redis_url, run_and_print
-from saga.cli import child_env
 from saga.client import SagaClient
 from saga.errors import ConfigurationError, WaitTimeoutError
 from saga.migrate import migrate
 from saga.settings import Settings
-from saga.testing import ServerProcess
+from saga_dev.bench import redis_url, run_and_print
+from saga_dev.testing import ServerProcess
+from saga_dev.travel_agent import TravelTask, first_messages, take_turn, travel_agent
 
 MODEL_CLIENT_TIMEOUT = 1.0  # seconds; the model server's 'timeout' fault stalls past it
 MODEL_STALL = 1.5
@@ -171,7 +170,7 @@ def celery_app(broker_url: str, queue: str, attempts: int) -> Celery:
 
 
 def celery_worker_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saga.bench_agent celery-worker")
+    parser = argparse.ArgumentParser(prog="python -m saga_dev.bench_agent celery-worker")
     parser.add_argument("--queue", required=True)
     parser.add_argument("--hostname", required=True)
     parser.add_argument("--attempts", type=int, required=True)
@@ -180,8 +179,18 @@ def celery_worker_main(argv: Sequence[str]) -> int:
     if not broker:
         raise ConfigurationError("SAGA_BROKER_URL is not set")
     app = celery_app(broker, args.queue, args.attempts)
-    app.worker_main(["worker", "--pool=solo", "-Q", args.queue, f"--hostname={args.hostname}",
-                     "--without-gossip", "--without-mingle", "--loglevel=WARNING"])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "-Q",
+            args.queue,
+            f"--hostname={args.hostname}",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=WARNING",
+        ]
+    )
     return 0
 
 
@@ -201,7 +210,11 @@ class Children:
         log = (self.log_dir / f"{name}.log").open("ab")
         self.logs.append(log)
         self.procs[name] = subprocess.Popen(
-            argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
 
@@ -244,8 +257,15 @@ class Killer(threading.Thread):
     step are slow (it imports the step's module), and killing it there again and again would
     only use up that step's attempts, measuring start-up."""
 
-    def __init__(self, group: Children, names: list[str], restart: Callable[[str], None],
-                 busy: Callable[[], set[int]], every: float, rng: random.Random) -> None:
+    def __init__(
+        self,
+        group: Children,
+        names: list[str],
+        restart: Callable[[str], None],
+        busy: Callable[[], set[int]],
+        every: float,
+        rng: random.Random,
+    ) -> None:
         super().__init__(name="killer", daemon=True)
         self.group, self.names, self.restart, self.busy = group, names, restart, busy
         self.every, self.rng = every, rng
@@ -257,7 +277,8 @@ class Killer(threading.Thread):
         while not self.stopped.wait(self.every):
             pids, now = self.busy(), time.monotonic()
             working = [
-                n for n in self.names
+                n
+                for n in self.names
                 if self.group.procs[n].pid in pids
                 and now - self.started[n] >= max(self.every, WORKER_GRACE)
             ]
@@ -358,7 +379,7 @@ class Bench:
         queue = f"bench-agent-{system}-{self.tag}"
         app = celery_app(self.settings.broker_url, queue, self.attempts)
         signals = redis.Redis.from_url(redis_url(self.settings.broker_url, _NEEDS_REDIS))
-        env = {**child_env(self.settings), **self.env}
+        env = {**self.settings.child_env(), **self.env}
         # Killed when done: a warm shutdown would go on running the chains it holds.
         spawned = {"n": 0}
 
@@ -366,9 +387,18 @@ class Bench:
             spawned["n"] += 1
             group.start(
                 name,
-                [sys.executable, "-m", "saga.bench_agent", "celery-worker", "--queue", queue,
-                 "--hostname", f"{name}-{spawned['n']}-{self.tag}@%h",
-                 "--attempts", str(self.attempts)],
+                [
+                    sys.executable,
+                    "-m",
+                    "saga_dev.bench_agent",
+                    "celery-worker",
+                    "--queue",
+                    queue,
+                    "--hostname",
+                    f"{name}-{spawned['n']}-{self.tag}@%h",
+                    "--attempts",
+                    str(self.attempts),
+                ],
                 env,
             )
 
@@ -376,6 +406,7 @@ class Bench:
             names = [f"{system}-{n}" for n in range(WORKERS)]
             for name in names:
                 worker(name)
+
             def busy() -> set[int]:
                 return {int(pid) for pid in signals.smembers(busy_key(queue))}
 
@@ -383,10 +414,15 @@ class Bench:
             turn, report = app.tasks["bench.agent_turn"], app.tasks["bench.report"]
             for i in range(self.runs):
                 task = self.task(system, i)
-                state = {"run": i, "task": task.model_dump(), "messages": first_messages(task),
-                         "answer": None}
-                chain(turn.s(state), *[turn.s() for _ in range(task.steps - 1)],
-                      report.s()).apply_async(queue=queue)
+                state = {
+                    "run": i,
+                    "task": task.model_dump(),
+                    "messages": first_messages(task),
+                    "answer": None,
+                }
+                chain(
+                    turn.s(state), *[turn.s() for _ in range(task.steps - 1)], report.s()
+                ).apply_async(queue=queue)
             if kills:
                 killer.start()
             outcomes: dict[int, bool] = {}
@@ -420,18 +456,34 @@ class Bench:
                 "fast_path_grace_seconds": 1.0,
             }
         )
-        env = {**child_env(settings), **self.env}
+        env = {**settings.child_env(), **self.env}
         spawned = {"n": 0}
 
         def worker(name: str) -> None:
             spawned["n"] += 1
-            group.start(name, [sys.executable, "-m", "saga", "worker", "--pool", "solo",
-                               "--hostname", f"{name}-{spawned['n']}-{self.tag}@%h",
-                               "--loglevel", "WARNING"], env)
+            group.start(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "saga",
+                    "worker",
+                    "--pool",
+                    "solo",
+                    "--hostname",
+                    f"{name}-{spawned['n']}-{self.tag}@%h",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                env,
+            )
 
         with children(self.log_dir) as group, SagaClient(settings) as client:
-            group.start(f"{system}-relay",
-                        [sys.executable, "-m", "saga", "--log-level", "INFO", "relay"], env)
+            group.start(
+                f"{system}-relay",
+                [sys.executable, "-m", "saga", "--log-level", "INFO", "relay"],
+                env,
+            )
             names = [f"{system}-worker-{n}" for n in range(WORKERS)]
             for name in names:
                 worker(name)
@@ -451,8 +503,11 @@ class Bench:
             prefix = self.prefix(system)
             killer = Killer(group, names, worker, busy, self.kill_every, random.Random(self.seed))
             run_ids = [
-                client.start(travel_agent, self.task(system, i).model_dump(),
-                             run_id=self.task(system, i).trip)
+                client.start(
+                    travel_agent,
+                    self.task(system, i).model_dump(),
+                    run_id=self.task(system, i).trip,
+                )
                 for i in range(self.runs)
             ]
             if kills:
@@ -526,13 +581,24 @@ def bench_agent(
     log_dir.mkdir(parents=True, exist_ok=True)
     rate = split_rate(failure_rate)
     model = ServerProcess(
-        "saga.testing.model_server", "--fault-rate", str(rate), "--seed", str(seed),
-        "--timeout-seconds", str(MODEL_STALL), "--retry-after-seconds", str(RETRY_AFTER),
+        "saga_dev.testing.model_server",
+        "--fault-rate",
+        str(rate),
+        "--seed",
+        str(seed),
+        "--timeout-seconds",
+        str(MODEL_STALL),
+        "--retry-after-seconds",
+        str(RETRY_AFTER),
         log=log_dir / "model-server.log",
     )
     try:
         service = ServerProcess(
-            "saga.testing.effects_server", "--fault-rate", str(rate), "--seed", str(seed + 1),
+            "saga_dev.testing.effects_server",
+            "--fault-rate",
+            str(rate),
+            "--seed",
+            str(seed + 1),
             log=log_dir / "effects-server.log",
         )
     except BaseException:
@@ -546,8 +612,19 @@ def bench_agent(
         "TRAVEL_SERVICE_TIMEOUT": "5",
     }
     os.environ.update(env)  # the plain script runs in this process
-    bench = Bench(settings, runs, steps, failure_rate, attempts, kill_every, seed, model,
-                  service, env, log_dir)
+    bench = Bench(
+        settings,
+        runs,
+        steps,
+        failure_rate,
+        attempts,
+        kill_every,
+        seed,
+        model,
+        service,
+        env,
+        log_dir,
+    )
     plans: dict[str, Callable[[], tuple[int, dict[str, Any]]]] = {
         "plain": bench.plain,
         "celery_autoretry": lambda: bench.celery("celery_autoretry", kills=False),
@@ -586,9 +663,11 @@ def bench_agent(
 
 
 def _summary(r: dict[str, Any]) -> str:
-    return (f"completion {r['completion']:.3f}, model calls {r['model_calls']} "
-            f"(needed {r['model_calls_needed']}), steps rerun {r['steps_rerun']}, "
-            f"duplicate effects {r['duplicate_effects']}, {r['elapsed_seconds']} s")
+    return (
+        f"completion {r['completion']:.3f}, model calls {r['model_calls']} "
+        f"(needed {r['model_calls_needed']}), steps rerun {r['steps_rerun']}, "
+        f"duplicate effects {r['duplicate_effects']}, {r['elapsed_seconds']} s"
+    )
 
 
 def _targets(results: dict[str, Any]) -> dict[str, Any]:
@@ -607,10 +686,19 @@ def _targets(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any], out: IO[str]) -> None:
-    cols = ("completion", "model_calls", "model_calls_needed", "steps_rerun", "duplicate_effects",
-            "elapsed_seconds")
-    print(f"{report['runs']} runs x {report['steps']} steps, failure rate {report['failure_rate']}"
-          f" per step (expected plain completion {report['expected_plain_completion']})", file=out)
+    cols = (
+        "completion",
+        "model_calls",
+        "model_calls_needed",
+        "steps_rerun",
+        "duplicate_effects",
+        "elapsed_seconds",
+    )
+    print(
+        f"{report['runs']} runs x {report['steps']} steps, failure rate {report['failure_rate']}"
+        f" per step (expected plain completion {report['expected_plain_completion']})",
+        file=out,
+    )
     print(f"{'system':<18}" + "".join(f"{c:>20}" for c in cols), file=out)
     for name, r in report["systems"].items():
         print(f"{name:<18}" + "".join(f"{r[c]!s:>20}" for c in cols), file=out)
@@ -650,6 +738,8 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["celery-worker"]:
-        sys.exit("usage: python -m saga.bench_agent celery-worker --queue Q --hostname H "
-                 "--attempts N")
+        sys.exit(
+            "usage: python -m saga_dev.bench_agent celery-worker --queue Q --hostname H "
+            "--attempts N"
+        )
     sys.exit(celery_worker_main(sys.argv[2:]))

@@ -22,7 +22,7 @@ each completion was paid for without trusting the engine. With ``idempotent`` on
 key whose completion was already served gets that same completion back, counted as a replay
 rather than a new completion, as a provider honouring idempotency keys would do.
 
-Run it as ``python -m saga.testing.model_server --port 8011 --fault-rate 0.15``.
+Run it as ``python -m saga_dev.testing.model_server --port 8011 --fault-rate 0.15``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from saga.testing._faults import FaultyApp, fault_kinds, fault_parser
-from saga.testing._http import JSON, App, Reply, Request, main, serve_in_thread
+from saga_dev.testing._faults import FaultyApp, fault_kinds, fault_parser
+from saga_dev.testing._http import JSON, App, Reply, Request, main, serve_in_thread
 
 FAULTS = ("500", "429", "timeout", "malformed", "unknown_tool")
 BUDGET = re.compile(r"budget of (\d+) steps")
@@ -62,8 +62,9 @@ def conversation_id(messages: Sequence[Mapping[str, Any]]) -> str:
     opening = [m for m in messages if m.get("role") in ("system", "user")][:2]
     blob = json.dumps([_text(m) for m in opening])
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    trip = next((v.strip() for m in opening for k, v in FIELD.findall(_text(m)) if k == "Trip"),
-                None)
+    trip = next(
+        (v.strip() for m in opening for k, v in FIELD.findall(_text(m)) if k == "Trip"), None
+    )
     return f"{trip}:{digest}" if trip else digest
 
 
@@ -383,12 +384,19 @@ def _build(args: argparse.Namespace) -> App:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    parser = fault_parser("python -m saga.testing.model_server", FAULTS)
-    parser.add_argument("--timeout-seconds", type=float, default=3.0,
-                        help="how long a 'timeout' fault stalls (beyond the client's timeout)")
+    parser = fault_parser("python -m saga_dev.testing.model_server", FAULTS)
+    parser.add_argument(
+        "--timeout-seconds",
+        type=float,
+        default=3.0,
+        help="how long a 'timeout' fault stalls (beyond the client's timeout)",
+    )
     parser.add_argument("--retry-after-seconds", type=float, default=0.2)
-    parser.add_argument("--no-idempotency", action="store_true",
-                        help="answer a repeated Idempotency-Key anew (and count it again)")
+    parser.add_argument(
+        "--no-idempotency",
+        action="store_true",
+        help="answer a repeated Idempotency-Key anew (and count it again)",
+    )
     return main(_build, parser, argv)
 
 

@@ -9,7 +9,7 @@ prefetch 1), so what differs is what the engine adds: the journal, the outbox an
   tasks that INCR a counter, the one reaching the total LPUSHes a token. Durable: one-step
   sagas started from a few threads, counted by their ``saga_run_finished`` notifications.
 
-The raw side signals through Redis, so the broker must be Redis. ``python -m saga.bench
+The raw side signals through Redis, so the broker must be Redis. ``python -m saga_dev.bench
 raw-worker`` is the raw side's worker entry point.
 """
 
@@ -38,13 +38,12 @@ import redis
 from celery import Celery, chain
 from kombu.exceptions import KombuError
 
-from saga.bench_sagas import CHAIN_LENGTHS, chain_ref
-from saga.cli import child_env
 from saga.client import SagaClient
 from saga.errors import ConfigurationError, SagaError
 from saga.migrate import migrate
 from saga.settings import Settings
-from workers.app import create_app
+from saga.workers.app import create_app
+from saga_dev.bench_sagas import CHAIN_LENGTHS, chain_ref
 
 LATENCY_TARGET = 1.3  # saga ms/step may be at most this times raw Celery's
 THROUGHPUT_TARGET = 0.7  # saga steps/s must be at least this share of raw Celery's
@@ -153,7 +152,7 @@ def worker_argv(queue: str, hostname: str) -> list[str]:
 
 
 def raw_worker_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saga.bench raw-worker")
+    parser = argparse.ArgumentParser(prog="python -m saga_dev.bench raw-worker")
     parser.add_argument("--queue", required=True)
     parser.add_argument("--hostname", required=True)
     args = parser.parse_args(argv)
@@ -336,7 +335,7 @@ class Bench:
         while len(pids) < WORKERS:
             ids = [uuid.uuid4().hex for _ in range(WORKERS)]
             for run_id in ids:
-                self.start(self.clients[0], "saga.bench_sagas:whoami_saga", None, run_id)
+                self.start(self.clients[0], "saga_dev.bench_sagas:whoami_saga", None, run_id)
             self.watcher.wait(ids, max(1.0, deadline - time.monotonic()))
             self.expect_completed(ids)
             pids.update(self.clients[0].run(run_id).result for run_id in ids)
@@ -571,7 +570,7 @@ def _launch(
                 [
                     sys.executable,
                     "-m",
-                    "saga.bench",
+                    "saga_dev.bench",
                     "raw-worker",
                     "--queue",
                     raw_queue,
@@ -604,7 +603,7 @@ def bench_harness(
     ):
         signals = redis.Redis.from_url(redis_url(settings.broker_url))
         stack.callback(signals.close)
-        _launch(children, child_env(settings) if env is None else env, raw_queue, hostname)
+        _launch(children, settings.child_env() if env is None else env, raw_queue, hostname)
         watcher = RunWatcher(settings.database_url, children.check)
         stack.callback(watcher.close)
         clients = [SagaClient(settings) for _ in range(STARTER_THREADS)]
@@ -754,5 +753,5 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["raw-worker"]:
-        sys.exit("usage: python -m saga.bench raw-worker --queue QUEUE --hostname NAME")
+        sys.exit("usage: python -m saga_dev.bench raw-worker --queue QUEUE --hostname NAME")
     sys.exit(raw_worker_main(sys.argv[2:]))

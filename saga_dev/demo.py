@@ -1,6 +1,6 @@
 """`saga demo`: the travel agent on real workers, with model faults and a killed worker.
 
-Shows the point of the engine: the retry is free. The agent (``examples.travel_agent``) asks the
+Shows the point of the engine: the retry is free. The agent (``saga_dev.travel_agent``) asks the
 local model server what to do next, then does it at the local travel service. Some completions
 fail (prose where JSON was asked for, 429s, timeouts...) and some tool calls too; each is retried
 alone. The worker is killed (SIGKILL) while the model is answering the fourth decision; a new
@@ -20,13 +20,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from examples.travel_agent import TravelTask, travel_agent
 from saga.agent.llm import run_usage
 from saga.client import SagaClient
 from saga.migrate import migrate
 from saga.settings import Settings
 from saga.store import StepRecord
-from saga.testing import ServerProcess
+from saga_dev.testing import ServerProcess
+from saga_dev.travel_agent import TravelTask, travel_agent
 
 KILL_AT = "decide#7"  # the fourth completion
 
@@ -34,11 +34,10 @@ KILL_AT = "decide#7"  # the fourth completion
 def _spawn(
     settings: Settings, env: dict[str, str], *args: str, log: Path
 ) -> subprocess.Popen[bytes]:
-    from saga.cli import child_env
 
     return subprocess.Popen(
         [sys.executable, "-m", "saga", *args],
-        env={**child_env(settings), **env},
+        env={**settings.child_env(), **env},
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -92,8 +91,10 @@ class Printer:
             elif s.state == "failed":
                 line = f"failed for good: {_short((s.error or {}).get('message', ''))}"
             if line:
-                print(f"  {time.monotonic() - self.started:5.1f}s  {s.step_key:<18} {line}",
-                      flush=True)
+                print(
+                    f"  {time.monotonic() - self.started:5.1f}s  {s.step_key:<18} {line}",
+                    flush=True,
+                )
 
 
 def run_demo(settings: Settings) -> int:
@@ -108,10 +109,19 @@ def run_demo(settings: Settings) -> int:
     print(f"Postgres: {settings.database_url}\nBroker:   {settings.broker_url}\nLogs:     {log}")
     trip = f"demo-{uuid.uuid4().hex[:6]}"
     with (
-        ServerProcess("saga.testing.model_server", "--fault-rate", "0.15", "--seed", "3",
-                      "--timeout-seconds", "1.5", log=log) as model,
-        ServerProcess("saga.testing.effects_server", "--fault-rate", "0.1", "--seed", "4",
-                      log=log) as service,
+        ServerProcess(
+            "saga_dev.testing.model_server",
+            "--fault-rate",
+            "0.15",
+            "--seed",
+            "3",
+            "--timeout-seconds",
+            "1.5",
+            log=log,
+        ) as model,
+        ServerProcess(
+            "saga_dev.testing.effects_server", "--fault-rate", "0.1", "--seed", "4", log=log
+        ) as service,
     ):
         # Besides the random faults, make sure the interesting cases happen: a malformed first
         # decision, a booking applied whose answer is lost, and the kill mid-completion.
@@ -166,8 +176,11 @@ def _run(
                 "service": service.stats()["keys_seen_more_than_once"],
                 "requests": service.stats(detail="0")["requests"],
             }
-            print(f"  {time.monotonic() - printer.started:5.1f}s  -- worker killed (SIGKILL) "
-                  f"while the model was answering {KILL_AT}; starting a new worker", flush=True)
+            print(
+                f"  {time.monotonic() - printer.started:5.1f}s  -- worker killed (SIGKILL) "
+                f"while the model was answering {KILL_AT}; starting a new worker",
+                flush=True,
+            )
             procs[1] = _spawn(settings, env, "worker", "--pool", "solo", log=log)
         time.sleep(0.05)
     steps = client.steps(run_id)
@@ -187,23 +200,31 @@ def _run(
 
         read_back = [k for k in before_kill["steps"] if untouched(k)]
         asked_again = [k for k in before_kill["steps"] if not untouched(k)]
-        print(f"\nafter the restart the new worker replayed the workflow from the journal: "
-              f"{', '.join(read_back)} were read back, not run again (the model server and the "
-              f"service saw no new request for them); {KILL_AT} ran again.")
+        print(
+            f"\nafter the restart the new worker replayed the workflow from the journal: "
+            f"{', '.join(read_back)} were read back, not run again (the model server and the "
+            f"service saw no new request for them); {KILL_AT} ran again."
+        )
         if asked_again:
             print(f"asked again after the restart: {asked_again}")
     decisions = [s.idempotency_key for s in steps if s.step_name == "decide"]
     paid = {k: m["by_key"][k]["ok"] for k in decisions}
     usage = run_usage(steps)
-    print(f"model server: {m['completions']} completions for {len(decisions)} decisions "
-          f"(each answered once: {all(v == 1 for v in paid.values())}), "
-          f"{m['failed_attempts']} failed attempts {m['faults']}, {m['abandoned']} abandoned "
-          f"by the killed worker")
-    print(f"travel service: {e['effects_applied']} effects, {e['duplicate_effects']} applied "
-          f"twice; {e['duplicate_key_requests']} retried request(s) answered from the key "
-          f"instead of booking again; faults {e['faults']}")
-    print(f"usage (from the journal): {usage.calls} completions, {usage.total.total_tokens} "
-          f"tokens ({usage.total.prompt_tokens} prompt, {usage.total.completion_tokens} "
-          f"completion)")
+    print(
+        f"model server: {m['completions']} completions for {len(decisions)} decisions "
+        f"(each answered once: {all(v == 1 for v in paid.values())}), "
+        f"{m['failed_attempts']} failed attempts {m['faults']}, {m['abandoned']} abandoned "
+        f"by the killed worker"
+    )
+    print(
+        f"travel service: {e['effects_applied']} effects, {e['duplicate_effects']} applied "
+        f"twice; {e['duplicate_key_requests']} retried request(s) answered from the key "
+        f"instead of booking again; faults {e['faults']}"
+    )
+    print(
+        f"usage (from the journal): {usage.calls} completions, {usage.total.total_tokens} "
+        f"tokens ({usage.total.prompt_tokens} prompt, {usage.total.completion_tokens} "
+        f"completion)"
+    )
     print(f"\nsee every step: saga show {run_id}")
     return 0 if run.state == "completed" else 1

@@ -1,5 +1,5 @@
 """Sagas for ``saga bench``. Module-level so bench workers import them by path
-(``saga.bench_sagas:noop_chain_20``), as they would any user's saga."""
+(``saga_dev.bench_sagas:noop_chain_20``), as they would any user's saga."""
 
 from __future__ import annotations
 

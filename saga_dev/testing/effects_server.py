@@ -19,7 +19,7 @@ Faults, drawn per request with probability ``fault_rate`` among ``faults``:
 ``/control`` can force faults on the next requests of one key, including ``hold`` (apply, then
 no answer until the caller hangs up or is released: a worker to kill after the effect).
 
-Run it as ``python -m saga.testing.effects_server --port 8012``.
+Run it as ``python -m saga_dev.testing.effects_server --port 8012``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from saga.testing._faults import FaultyApp, fault_kinds, fault_parser
-from saga.testing._http import JSON, App, Reply, Request, main, serve_in_thread
+from saga_dev.testing._faults import FaultyApp, fault_kinds, fault_parser
+from saga_dev.testing._http import JSON, App, Reply, Request, main, serve_in_thread
 
 FAULTS = ("error", "lost")
 EFFECTS = ("book", "cancel", "send_email")
@@ -171,8 +171,9 @@ class EffectsServer(FaultyApp):
             if hold:
                 self.held.add(str(key))
         if hold:
-            answered = request.wait(float(self.config["hold_seconds"]),
-                                    lambda: key in self.released)
+            answered = request.wait(
+                float(self.config["hold_seconds"]), lambda: key in self.released
+            )
             with self.lock:
                 self.held.discard(str(key))
                 self.released.discard(str(key))
@@ -230,7 +231,7 @@ def _build(args: argparse.Namespace) -> App:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    parser = fault_parser("python -m saga.testing.effects_server", FAULTS)
+    parser = fault_parser("python -m saga_dev.testing.effects_server", FAULTS)
     return main(_build, parser, argv)
 
 

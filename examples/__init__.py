@@ -1,1 +1,0 @@
-"""Examples that run on the engine; importable by workers by path (``examples.travel_agent``)."""
