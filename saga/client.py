@@ -9,6 +9,7 @@ from typing import Any
 from saga import coordinator, tracing
 from saga.definition import Saga, load_definition
 from saga.errors import ConfigurationError, RunFailedError
+from saga.failures import ErrorType, error_record
 from saga.settings import Settings
 from saga.store import PostgresStore, RunRecord, RunTransaction, StepRecord, open_pool
 from saga.workflow import Workflow
@@ -119,7 +120,7 @@ class SagaClient:
     def cancel(self, run_id: str, reason: str = "cancelled by an operator") -> None:
         """Stop a running run: nothing new starts, completed steps are compensated in reverse
         order, and the run ends ``cancelled``."""
-        error = {"type": coordinator.CANCELLED, "message": reason}
+        error = error_record(ErrorType.CANCELLED, reason)
         self.store.stop_run(run_id, lambda tx: coordinator.stop(tx, error))
 
     def retry(self, run_id: str) -> None:

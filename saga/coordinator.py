@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from saga.definition import GraphStep, Saga, StepOptions
 from saga.errors import SagaError
-from saga.outbox.message import OutboxMessage
+from saga.failures import ErrorType, error_record
+from saga.keys import branch_key, compensation_key, idempotency_key, workflow_key
 from saga.retry import RetryPolicy
 from saga.workflow import (
     Call,
@@ -26,25 +27,16 @@ from saga.workflow import (
     WorkflowContext,
 )
 
-STEP_TASK = "saga.step"
-ADVANCE_TASK = "saga.advance"
 COMPENSATION_RETRY = RetryPolicy(
     max_attempts=10, initial_backoff_seconds=1.0, max_backoff_seconds=60.0
 )
 FINAL_RUN_STATES = frozenset(
     {"completed", "compensated", "failed", "compensation_failed", "cancelled"}
 )
-EVENT_TIMEOUT = "EventTimeout"
-CANCELLED = "Cancelled"
 
 
 class DefinitionChangedError(SagaError):
     """The definition a run started with is not the one the workers have now."""
-
-
-def idempotency_key(run_id: str, step_key: str) -> str:
-    """Stable for every attempt of one step of one run; unique across runs."""
-    return f"{run_id}:{step_key}"
 
 
 @dataclass(frozen=True)
@@ -114,36 +106,6 @@ class RunTx(Protocol):
     def begin_compensation(self, error: Mapping[str, Any]) -> None: ...
 
 
-def step_message(
-    queue: str, run_id: str, step_key: str, trace_context: Mapping[str, str]
-) -> OutboxMessage:
-    """The task message that makes a worker run one attempt of a step."""
-    return OutboxMessage(
-        task_name=STEP_TASK,
-        destination=queue,
-        payload={"run_id": run_id, "step_key": step_key},
-        headers=dict(trace_context),
-    )
-
-
-def advance_message(queue: str, run_id: str, trace_context: Mapping[str, str]) -> OutboxMessage:
-    """The task message that makes a worker advance a run (after an event, or an operator)."""
-    return OutboxMessage(
-        task_name=ADVANCE_TASK,
-        destination=queue,
-        payload={"run_id": run_id},
-        headers=dict(trace_context),
-    )
-
-
-def error_of(exc: BaseException, **extra: Any) -> dict[str, Any]:
-    return {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc)[:4000],
-        **extra,
-    }
-
-
 Loader = Callable[[str], Saga | Workflow[Any, Any]]
 
 
@@ -164,7 +126,7 @@ def advance(tx: RunTx, load: Loader) -> None:
                 f"Deploy the old version to finish it, or fork it onto the new one"
             )
     except SagaError as exc:
-        tx.finish("failed", error=error_of(exc))
+        tx.finish("failed", error=error_record(exc))
         return
     if isinstance(definition, Workflow):
         _advance_workflow(tx, definition)
@@ -214,7 +176,7 @@ class _GraphState:
             return row is not None and row.state == "completed"
         n = self.branches(s)
         return n is not None and all(
-            (r := self.rows.get(f"{s.name}[{i}]")) is not None and r.state == "completed"
+            (r := self.rows.get(branch_key(s.name, i))) is not None and r.state == "completed"
             for i in range(n)
         )
 
@@ -222,7 +184,7 @@ class _GraphState:
         if s.map_over is None:
             return self.rows[s.name].result
         n = self.branches(s) or 0
-        return [self.rows[f"{s.name}[{i}]"].result for i in range(n)]
+        return [self.rows[branch_key(s.name, i)].result for i in range(n)]
 
     def scheduled(self, s: GraphStep) -> bool:
         if s.map_over is None:
@@ -262,15 +224,15 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
         if not isinstance(items, list):
             tx.finish(
                 "failed",
-                error={
-                    "type": "TypeError",
-                    "message": f"step {s.name!r} maps over the result of {s.map_over!r}, "
+                error=error_record(
+                    ErrorType.TYPE_ERROR,
+                    f"step {s.name!r} maps over the result of {s.map_over!r}, "
                     f"which is a {type(items).__name__}, not a list",
-                },
+                ),
             )
             return
         new.extend(
-            _graph_step(run.run_id, s, f"{s.name}[{i}]", json.dumps(item))
+            _graph_step(run.run_id, s, branch_key(s.name, i), json.dumps(item))
             for i, item in enumerate(items)
         )
     if new:
@@ -343,7 +305,7 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
     )
     outcome = wf.replay(ctx)
     for position, name, payload in outcome.received:
-        key = f"{name}#{position}"
+        key = workflow_key(name, position)
         tx.record_event(
             NewStep(
                 key,
@@ -363,21 +325,18 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
         return
     if isinstance(outcome.error, NonDeterminismError):
         # A code problem, not a business failure: leave the journal as it is for the operator.
-        tx.finish("failed", error=error_of(outcome.error))
+        tx.finish("failed", error=error_record(outcome.error))
     elif outcome.error is not None:
-        _fail(tx, rows, error_of(outcome.error))
+        _fail(tx, rows, error_record(outcome.error))
     else:
         try:
             result_json = wf.input_info.output_adapter.dump_json(outcome.result).decode()
         except Exception as exc:
             tx.finish(
                 "failed",
-                error=error_of(
+                error=error_record(
                     exc,
-                    message=(
-                        f"workflow {wf.name!r} returned a value that is not "
-                        f"JSON-serialisable: {exc}"
-                    ),
+                    (f"workflow {wf.name!r} returned a value that is not JSON-serialisable: {exc}"),
                 ),
             )
             return
@@ -415,7 +374,9 @@ def stop(tx: RunTx, error: Mapping[str, Any]) -> None:
         tx.begin_compensation(error)
         _advance_compensation(tx)
     else:
-        tx.finish("cancelled" if error.get("type") == CANCELLED else "failed", error=error)
+        tx.finish(
+            "cancelled" if error.get("type") == ErrorType.CANCELLED else "failed", error=error
+        )
 
 
 def _advance_compensation(tx: RunTx) -> None:
@@ -435,14 +396,14 @@ def _advance_compensation(tx: RunTx) -> None:
             if r.kind == "action"
             and r.state == "completed"
             and r.compensation_ref
-            and f"compensate:{r.step_key}" not in compensations
+            and compensation_key(r.step_key) not in compensations
         ),
         key=lambda r: r.completed_seq or 0,
         reverse=True,
     )
     if todo:
         target = todo[0]
-        key = f"compensate:{target.step_key}"
+        key = compensation_key(target.step_key)
         undo = target.options.get("compensate_retry")
         retry = RetryPolicy.from_json(undo) if undo else COMPENSATION_RETRY
         tx.schedule(
@@ -461,4 +422,4 @@ def _advance_compensation(tx: RunTx) -> None:
         )
         return
     error = tx.run.error or {}
-    tx.finish("cancelled" if error.get("type") == CANCELLED else "compensated")
+    tx.finish("cancelled" if error.get("type") == ErrorType.CANCELLED else "compensated")

@@ -29,11 +29,11 @@ from saga.coordinator import (
     JournalRow,
     NewStep,
     RunView,
-    advance_message,
-    idempotency_key,
-    step_message,
 )
 from saga.errors import RunConflictError, RunNotFoundError, SagaError, StoreError, WaitTimeoutError
+from saga.failures import ErrorType, error_record
+from saga.keys import idempotency_key
+from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.outbox.writer import add_messages, mark_published
 
@@ -853,12 +853,11 @@ class PostgresStore:
         with _translated("reading expired leases"), self._pool.connection() as conn:
             rows = conn.execute(q.SELECT_EXPIRED_LEASES, (limit,)).fetchall()
         for run_id, step_key, attempt in rows:
-            error = {
-                "type": "LeaseExpired",
-                "attempt": attempt,
-                "message": f"attempt {attempt} of step {step_key!r} lost its worker "
-                f"(lease expired)",
-            }
+            error = error_record(
+                ErrorType.LEASE_EXPIRED,
+                f"attempt {attempt} of step {step_key!r} lost its worker (lease expired)",
+                attempt=attempt,
+            )
             with self._locked_run(run_id, "expiring a lease") as tx:
                 row = tx._cur.execute(
                     q.EXPIRE_LEASE,

@@ -9,6 +9,7 @@ import logging
 
 from saga import coordinator, tracing
 from saga.errors import SagaError, StoreError
+from saga.failures import ErrorType, error_record
 from saga.store import PostgresStore
 
 log = logging.getLogger("saga.sweeper")
@@ -29,7 +30,7 @@ class Sweeper:
             except StoreError as exc:
                 log.warning("could not trace the lost attempt of run %r: %s", run_id, exc)
         for run_id in self._store.overdue_runs():
-            error = {"type": "RunTimeout", "message": f"run {run_id!r} passed its deadline"}
+            error = error_record(ErrorType.RUN_TIMEOUT, f"run {run_id!r} passed its deadline")
             try:
                 self._store.stop_run(run_id, functools.partial(coordinator.stop, error=error))
                 log.warning("run %r passed its deadline; stopped", run_id)

@@ -21,6 +21,8 @@ from pydantic import ValidationError
 
 from saga.definition import NAME, FunctionInfo, StepOptions, definition_ref, function_info
 from saga.errors import DefinitionError, SagaError
+from saga.failures import ErrorType
+from saga.keys import workflow_key
 from saga.retry import RetryPolicy
 
 P = ParamSpec("P")
@@ -176,7 +178,7 @@ class WorkflowContext:
         compensation = (
             None if compensate is None else function_info(compensate, f"{where}, compensation")
         )
-        key = step_key(step_name, position)
+        key = workflow_key(step_name, position)
         self.scheduled.append(
             Call(position, key, step_name, "action", function, arg, compensation, options)
         )
@@ -196,7 +198,7 @@ class WorkflowContext:
                 raise Suspend
             if entry.state == "failed":
                 error = entry.error or {}
-                kind = EventTimeout if error.get("type") == "EventTimeout" else StepFailed
+                kind = EventTimeout if error.get("type") == ErrorType.EVENT_TIMEOUT else StepFailed
                 raise kind(
                     f"step {entry.name!r} of workflow {self.workflow!r} failed for good: "
                     f"{error.get('message', error)}"
@@ -230,7 +232,7 @@ class WorkflowContext:
             self.scheduled.append(
                 Call(
                     position,
-                    step_key("sleep", position),
+                    workflow_key("sleep", position),
                     "sleep",
                     "timer",
                     None,
@@ -249,14 +251,14 @@ class WorkflowContext:
             raise DefinitionError(f"workflow {self.workflow!r}: bad event name {name!r}")
         position = self._next(name, "event")
         if position not in self._journal:
-            arrived, payload = self._consume_event(name, step_key(name, position))
+            arrived, payload = self._consume_event(name, workflow_key(name, position))
             if arrived:  # sent before the run got here: journal it and go on
                 self.received.append((position, name, payload))
                 self._journal = {
                     **self._journal,
                     position: JournalEntry(
                         position,
-                        step_key(name, position),
+                        workflow_key(name, position),
                         name,
                         "event",
                         "completed",
@@ -268,7 +270,7 @@ class WorkflowContext:
             self.scheduled.append(
                 Call(
                     position,
-                    step_key(name, position),
+                    workflow_key(name, position),
                     name,
                     "event",
                     None,
@@ -293,10 +295,6 @@ class WorkflowContext:
                 )
             )
         return self._position
-
-
-def step_key(name: str, position: int) -> str:
-    return f"{name}#{position}"
 
 
 @dataclass(frozen=True)

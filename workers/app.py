@@ -10,6 +10,7 @@ from celery import Celery, Task, signals
 from celery.exceptions import Reject
 
 from saga.errors import ConfigurationError, MalformedMessageError
+from saga.messages import ADVANCE_TASK, STEP_TASK
 from saga.settings import Settings
 
 log = logging.getLogger("saga.worker")
@@ -74,10 +75,8 @@ def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
         # The engine retries through Postgres, never through broker-side ETA messages.
         task_track_started=False,
     )
-    app.task(name="saga.step", bind=True, acks_late=True, reject_on_worker_lost=True)(run_step)
-    app.task(name="saga.advance", bind=True, acks_late=True, reject_on_worker_lost=True)(
-        advance_run
-    )
+    app.task(name=STEP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(run_step)
+    app.task(name=ADVANCE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(advance_run)
     return app
 
 

@@ -7,7 +7,6 @@ finds the step completed or claimed and is acked without calling anything.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import logging
 import os
@@ -15,17 +14,18 @@ import signal
 import socket
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from celery import Celery
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from saga import coordinator, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref, load_definition
-from saga.errors import MalformedMessageError, StepTimeoutError, StoreError, UnknownSagaError
+from saga.errors import StepTimeoutError, StoreError, UnknownSagaError
+from saga.failures import ErrorRecord, ErrorType, error_record
+from saga.messages import AdvanceMessage, StepMessage, parse
 from saga.outbox.message import OutboxMessage
 from saga.settings import Settings
 from saga.store import Claim, Fenced, PostgresStore, open_pool
@@ -35,44 +35,7 @@ from saga.workflow import Workflow
 
 log = logging.getLogger("saga.worker")
 
-_MAX_ERROR_TEXT = 4000
 T = TypeVar("T")
-
-
-class StepMessage(BaseModel):
-    """The only keyword arguments a step task accepts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    run_id: str = Field(min_length=1, max_length=200)
-    step_key: str = Field(min_length=1, max_length=500)
-
-
-class AdvanceMessage(BaseModel):
-    """The only keyword arguments an advance task accepts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    run_id: str = Field(min_length=1, max_length=200)
-
-
-def error_record(exc: BaseException, attempt: int, retryable: bool) -> dict[str, Any]:
-    """A failure as journaled: type, message, attempt, and a bounded traceback."""
-    return {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc)[:_MAX_ERROR_TEXT],
-        "attempt": attempt,
-        "retryable": retryable,
-        "traceback": "".join(traceback.format_exception(exc))[-_MAX_ERROR_TEXT:],
-        "failed_at": dt.datetime.now(dt.UTC).isoformat(),
-    }
-
-
-def _parse(model: type[T], args: Sequence[Any], kwargs: Mapping[str, Any]) -> T:
-    if args:
-        raise MalformedMessageError(f"task takes keyword arguments only, got {args!r:.200}")
-    try:
-        return model.model_validate(kwargs)  # type: ignore[attr-defined, no-any-return]
-    except ValidationError as exc:
-        raise MalformedMessageError(f"bad task arguments: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -125,7 +88,7 @@ class StepExecutor:
         headers: Mapping[str, Any] | None = None,
     ) -> None:
         received_ns = time.time_ns()
-        msg = _parse(StepMessage, args, kwargs)
+        msg = parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
         owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
         published = self.marks.take()
@@ -171,7 +134,7 @@ class StepExecutor:
             self.leases.hold(None)
 
     def advance(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
-        msg = _parse(AdvanceMessage, args, kwargs)
+        msg = parse(AdvanceMessage, args, kwargs)
         self._durably("advancing", lambda: self.store.advance_run(msg.run_id, self._advance))
 
     # -- one attempt --------------------------------------------------------------------------
@@ -181,12 +144,8 @@ class StepExecutor:
             self._complete(claim, "null")
             return
         if claim.kind == "event":  # dispatched only when its wait timed out
-            self._fail(
-                claim,
-                coordinator.EVENT_TIMEOUT,
-                f"no event {claim.step_name!r} arrived in time",
-                None,
-            )
+            timed_out = f"no event {claim.step_name!r} arrived in time"
+            self._fail(claim, ErrorType.EVENT_TIMEOUT, timed_out, None)
             return
         options = StepOptions.from_json(claim.options)
         try:
@@ -268,15 +227,17 @@ class StepExecutor:
             f"; retrying in {retry_in:.1f} s" if retry_in is not None else "; not retrying",
         )
         self._record_failure(
-            claim, error_record(exc, claim.attempt, retry_in is not None), retry_in
+            claim,
+            error_record(
+                exc, attempt=claim.attempt, retryable=retry_in is not None, traceback=True
+            ),
+            retry_in,
         )
 
-    def _fail(self, claim: Claim, type_: str, message: str, retry_in: float | None) -> None:
-        self._record_failure(
-            claim, {"type": type_, "message": message, "attempt": claim.attempt}, retry_in
-        )
+    def _fail(self, claim: Claim, type_: ErrorType, message: str, retry_in: float | None) -> None:
+        self._record_failure(claim, error_record(type_, message, attempt=claim.attempt), retry_in)
 
-    def _record_failure(self, claim: Claim, error: dict[str, Any], retry_in: float | None) -> None:
+    def _record_failure(self, claim: Claim, error: ErrorRecord, retry_in: float | None) -> None:
         done = self._durably(
             "journaling a failure",
             lambda: self.store.fail_attempt(

@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from saga.client import SagaClient
-from saga.coordinator import step_message
 from saga.errors import RunConflictError, UnknownSagaError
+from saga.messages import step_message
 from saga.outbox.message import OutboxMessage
 from saga.settings import Settings
 from saga.workers.app import create_app

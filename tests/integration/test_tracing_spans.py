@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from saga.client import SagaClient
-from saga.coordinator import step_message
+from saga.messages import step_message
 from saga.settings import Settings
 from saga.workers.app import create_app
 from saga.workers.publish import CeleryPublisher

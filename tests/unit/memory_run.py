@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from saga import coordinator
-from saga.coordinator import JournalRow, NewStep, RunView, advance_message, step_message
+from saga.coordinator import JournalRow, NewStep, RunView
 from saga.definition import Saga
+from saga.failures import ErrorType, error_record
+from saga.messages import STEP_TASK, advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.store import Fenced, OperatorError
 from saga.workflow import Workflow
@@ -332,7 +334,7 @@ class Sim:
         return [
             m.payload["step_key"]
             for m in self.db.outbox
-            if m.task_name == coordinator.STEP_TASK and m.payload["run_id"] == self.run_id
+            if m.task_name == STEP_TASK and m.payload["run_id"] == self.run_id
         ]
 
     # -- transactions -------------------------------------------------------------------------
@@ -431,7 +433,7 @@ class Sim:
 
     def cancel(self, reason: str = "cancelled by an operator") -> None:
         """SagaClient.cancel."""
-        self.stop({"type": coordinator.CANCELLED, "message": reason})
+        self.stop(error_record(ErrorType.CANCELLED, reason))
 
     def retry(self, *, run_advance: bool = True) -> None:
         """store.retry_run (REOPEN_RUN, RETRY_FAILED_STEPS), then the advance task it queues."""
@@ -616,6 +618,6 @@ class Sim:
         self.redispatch(step_key)
         self.fail(
             step_key,
-            coordinator.EVENT_TIMEOUT,
+            ErrorType.EVENT_TIMEOUT,
             f"no event {self.row(step_key).step_name!r} arrived in time",
         )

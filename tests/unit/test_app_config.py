@@ -11,11 +11,10 @@ import pytest
 from kombu.serialization import loads, prepare_accept_content
 
 from saga.errors import ConfigurationError, StepResultError
+from saga.failures import MAX_ERROR_TEXT, error_record
+from saga.messages import AdvanceMessage, StepMessage
 from saga.settings import Settings
 from saga.workers.app import SagaCelery, assert_safe, broker_options, create_app
-from saga.workers.executor import AdvanceMessage, StepMessage, error_record
-
-MAX_ERROR_TEXT = 4000  # saga.workers.executor._MAX_ERROR_TEXT
 
 
 @pytest.fixture(autouse=True)
@@ -247,7 +246,7 @@ def raised(exc: BaseException) -> BaseException:
 
 def test_error_record_fields() -> None:
     exc = raised(ValueError("the input is wrong"))
-    record = error_record(exc, attempt=3, retryable=False)
+    record = error_record(exc, attempt=3, retryable=False, traceback=True)
     assert set(record) == {"type", "message", "attempt", "retryable", "traceback", "failed_at"}
     assert record["type"] == "builtins.ValueError"
     assert record["message"] == "the input is wrong"
@@ -261,22 +260,22 @@ def test_error_record_type_is_module_and_qualified_name() -> None:
     class Inner(RuntimeError):
         pass
 
-    record = error_record(raised(Inner("x")), attempt=1, retryable=True)
+    record = error_record(raised(Inner("x")), attempt=1, retryable=True, traceback=True)
     assert record["type"] == f"{__name__}.{Inner.__qualname__}"
     assert record["type"].endswith("<locals>.Inner")
     assert record["retryable"] is True
-    assert error_record(StepResultError("big"), 1, False)["type"] == "saga.errors.StepResultError"
+    assert error_record(StepResultError("big"))["type"] == "saga.errors.StepResultError"
 
 
 def test_error_record_of_an_exception_never_raised() -> None:
-    record = error_record(KeyError("k"), attempt=1, retryable=True)
+    record = error_record(KeyError("k"), attempt=1, retryable=True, traceback=True)
     assert record["message"] == "'k'"
     assert "KeyError" in record["traceback"]
 
 
 def test_error_record_truncates_huge_messages_and_tracebacks() -> None:
     huge = "A" * 50_000 + "END"
-    record = error_record(raised(RuntimeError(huge)), attempt=2, retryable=True)
+    record = error_record(raised(RuntimeError(huge)), attempt=2, retryable=True, traceback=True)
     assert len(record["message"]) == MAX_ERROR_TEXT
     assert record["message"] == huge[:MAX_ERROR_TEXT]
     assert len(record["traceback"]) <= MAX_ERROR_TEXT
@@ -285,5 +284,7 @@ def test_error_record_truncates_huge_messages_and_tracebacks() -> None:
 
 
 def test_error_record_is_json_serialisable() -> None:
-    record = error_record(raised(OSError(5, "I/O error: é")), attempt=1, retryable=True)
+    record = error_record(
+        raised(OSError(5, "I/O error: é")), attempt=1, retryable=True, traceback=True
+    )
     assert json.loads(json.dumps(record)) == record

@@ -18,6 +18,8 @@ from pydantic import BaseModel
 from saga import coordinator
 from saga.definition import Saga, StepContext, step
 from saga.errors import DefinitionError
+from saga.failures import ErrorType, error_record
+from saga.keys import idempotency_key
 from saga.store import Fenced, OperatorError
 from saga.workflow import EventTimeout, StepFailed, WorkflowContext, workflow
 from tests import coordinator_sagas as cs
@@ -667,7 +669,7 @@ def test_coordinator_stop_on_a_bare_transaction() -> None:
     sim = trip_to_branches(run_id="direct")
     sim.complete("car", booked("car"))
     tx = MemoryRunTx(sim.db, sim.view())
-    coordinator.stop(tx, {"type": coordinator.CANCELLED, "message": "stop"})
+    coordinator.stop(tx, error_record(ErrorType.CANCELLED, "stop"))
     assert tx.run.state == sim.run.state == "compensating"
     assert tx.run.error == sim.run.error == {"type": "Cancelled", "message": "stop"}
     assert [m.payload for m in tx.messages] == [{"run_id": "direct", "step_key": "compensate:car"}]
@@ -953,7 +955,7 @@ def test_an_event_wait_timing_out_raises_event_timeout_in_the_workflow() -> None
     sim = Sim(patient, None).start()
     assert sim.row("go#1").due_in == 5
     sim.time_out_event("go#1")
-    assert sim.row("go#1").error["type"] == coordinator.EVENT_TIMEOUT
+    assert sim.row("go#1").error["type"] == ErrorType.EVENT_TIMEOUT
     assert sim.open_steps() == ["a#2"]
     assert sim.row("a#2").input == "timed out"
 
@@ -1012,7 +1014,7 @@ def test_a_graph_changed_under_a_running_run_fails_it_at_the_next_advance() -> N
 
 
 def test_idempotency_keys_are_run_id_and_step_key_and_stable_across_attempts() -> None:
-    assert coordinator.idempotency_key("r1", "flight") == "r1:flight"
+    assert idempotency_key("r1", "flight") == "r1:flight"
     sim = trip_to_branches(run_id="run-7")
     sim.fail("hotel", "Flaky", "again", retry_in=0.1)
     sim.redispatch("hotel")
