@@ -1,7 +1,7 @@
 """Durable sagas for AI-agent workflows: journaled Celery steps through a Postgres outbox."""
 
 from saga.client import SagaClient
-from saga.definition import Saga, StepContext, StepDecl, StepOptions, load_definition, step
+from saga.definition import Saga, StepArgs, StepContext, StepDecl, StepOptions, step
 from saga.errors import (
     ConfigurationError,
     DefinitionError,
@@ -17,6 +17,7 @@ from saga.errors import (
     UnknownSagaError,
     WaitTimeoutError,
 )
+from saga.loader import load_definition
 from saga.retry import RetryPolicy
 from saga.settings import Settings
 from saga.store import RunRecord, StepRecord
@@ -45,6 +46,7 @@ __all__ = [
     "SagaClient",
     "SagaError",
     "Settings",
+    "StepArgs",
     "StepContext",
     "StepDecl",
     "StepFailed",

@@ -7,14 +7,12 @@ import uuid
 from typing import Any
 
 from saga import coordinator, tracing
-from saga.definition import Saga, load_definition
 from saga.errors import ConfigurationError, RunFailedError
 from saga.failures import ErrorType, error_record
+from saga.loader import Definition, load_definition
 from saga.settings import Settings
 from saga.store import PostgresStore, RunRecord, RunTransaction, StepRecord, open_pool
-from saga.workflow import Workflow
 
-Definition = Saga | Workflow[Any, Any]
 # Run ids are part of idempotency keys ("<run_id>:<step_key>"): no ":" so keys cannot collide.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
 

@@ -18,6 +18,7 @@ from saga.definition import GraphStep, Saga, StepOptions
 from saga.errors import SagaError
 from saga.failures import ErrorType, error_record
 from saga.keys import branch_key, compensation_key, idempotency_key, workflow_key
+from saga.loader import Definition
 from saga.retry import RetryPolicy
 from saga.workflow import (
     Call,
@@ -106,7 +107,7 @@ class RunTx(Protocol):
     def begin_compensation(self, error: Mapping[str, Any]) -> None: ...
 
 
-Loader = Callable[[str], Saga | Workflow[Any, Any]]
+Loader = Callable[[str], Definition]
 
 
 def advance(tx: RunTx, load: Loader) -> None:

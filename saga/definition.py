@@ -8,6 +8,7 @@ validated when built, so a broken one fails when its module is imported, naming 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import graphlib
 import hashlib
@@ -19,7 +20,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from pydantic import TypeAdapter
 
@@ -225,6 +226,36 @@ def function_by_ref(ref: str) -> FunctionInfo:
 # -- step options -----------------------------------------------------------------------------
 
 
+class StepArgs(TypedDict, total=False):
+    """A step's options: the keyword arguments of ``step()``, ``Saga.step``, ``ctx.step``,
+    ``ctx.start`` and ``ctx.map``, declared here once. A new option is a key here and, when
+    workers need it, a field of ``StepOptions`` (which journals it with the step)."""
+
+    name: str | None  # the step's name; by default its function's
+    compensate: StepFunction | None  # undoes the step's effect when the run compensates
+    retry: RetryPolicy | None  # by default the saga's, else RetryPolicy()
+    timeout: float | None  # seconds an attempt may run
+    pivot: bool  # the point of no return: once it completes, failures no longer compensate
+    compensate_retry: RetryPolicy | None  # for its compensation; by default COMPENSATION_RETRY
+    queue: str | None  # broker queue for the step and its compensation; by default the run's
+
+
+def check_step_args(args: Mapping[str, Any], where: str) -> None:
+    """Refuse keyword arguments that name no step option (``**`` would take them silently)."""
+    for key in args:
+        if key not in StepArgs.__annotations__:
+            close = difflib.get_close_matches(key, StepArgs.__annotations__, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DefinitionError(
+                f"{where}: {key!r} is not a step option{hint}; the options are "
+                f"{', '.join(StepArgs.__annotations__)}"
+            )
+
+
+def step_name(fn: Callable[..., Any], args: StepArgs) -> str:
+    return str(args.get("name") or getattr(fn, "__name__", ""))
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """How a step runs; journaled with the step, so workers need no definition."""
@@ -269,6 +300,22 @@ class StepOptions:
         return data
 
     @classmethod
+    def from_args(
+        cls, args: StepArgs, where: str, default_retry: RetryPolicy | None = None
+    ) -> StepOptions:
+        """The journaled options of a step declared with ``args``; validated."""
+        retry = args.get("retry")
+        options = cls(
+            retry=(default_retry or RetryPolicy()) if retry is None else retry,
+            timeout_seconds=args.get("timeout"),
+            pivot=bool(args.get("pivot", False)),
+            compensate_retry=args.get("compensate_retry"),
+            queue=args.get("queue"),
+        )
+        options.validate(where)
+        return options
+
+    @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StepOptions:
         retry, undo = data.get("retry"), data.get("compensate_retry")
         return cls(
@@ -288,15 +335,9 @@ class StepDecl:
     """A step of a graph as declared: what ``step()`` returns for a ``Saga``'s list."""
 
     fn: StepFunction
-    name: str | None = None
     after: tuple[str, ...] | None = None
     map_over: str | None = None
-    compensate: StepFunction | None = None
-    retry: RetryPolicy | None = None
-    timeout: float | None = None
-    pivot: bool = False
-    compensate_retry: RetryPolicy | None = None
-    queue: str | None = None
+    args: StepArgs = field(default_factory=lambda: StepArgs())
 
 
 Deps = str | Callable[..., Any] | Iterable[str | Callable[..., Any]]
@@ -313,30 +354,20 @@ def _names(deps: Deps | None) -> tuple[str, ...]:
 def step(
     fn: StepFunction,
     *,
-    name: str | None = None,
     after: str | StepFunction | Iterable[str | StepFunction] | None = None,
     map_over: str | StepFunction | None = None,
-    compensate: StepFunction | None = None,
-    retry: RetryPolicy | None = None,
-    timeout: float | None = None,
-    pivot: bool = False,
-    compensate_retry: RetryPolicy | None = None,
-    queue: str | None = None,
+    **options: Unpack[StepArgs],
 ) -> StepDecl:
-    """Declare a step with options. In a ``Saga``'s list, a step without ``after`` follows the
-    one before it. ``queue`` sends the step (and its compensation) to that broker queue, for
-    workers that have what it needs (a GPU, an API quota); by default it goes to the run's."""
+    """Declare a step with options (``StepArgs``). In a ``Saga``'s list, a step without
+    ``after`` follows the one before it. ``queue`` sends the step (and its compensation) to that
+    broker queue, for workers that have what it needs (a GPU, an API quota); by default it goes
+    to the run's."""
+    check_step_args(options, f"step {step_name(fn, options)!r}")
     return StepDecl(
         fn,
-        name,
         None if after is None else _names(after),
         None if map_over is None else _names(map_over)[0],
-        compensate,
-        retry,
-        timeout,
-        pivot,
-        compensate_retry,
-        queue,
+        options,
     )
 
 
@@ -410,42 +441,25 @@ class Saga:
     def step(
         self,
         *,
-        name: str | None = None,
         after: str | StepFunction | Iterable[str | StepFunction] | None = None,
         map_over: str | StepFunction | None = None,
-        compensate: StepFunction | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: float | None = None,
-        pivot: bool = False,
-        compensate_retry: RetryPolicy | None = None,
-        queue: str | None = None,
+        **options: Unpack[StepArgs],
     ) -> Callable[[StepFunction], StepFunction]:
         """Decorator adding a step; dependencies must be added first. Returns ``fn`` unchanged."""
 
         def add(fn: StepFunction) -> StepFunction:
-            decl = step(
-                fn,
-                name=name,
-                after=after,
-                map_over=map_over,
-                compensate=compensate,
-                retry=retry,
-                timeout=timeout,
-                pivot=pivot,
-                compensate_retry=compensate_retry,
-                queue=queue,
-            )
+            decl = step(fn, after=after, map_over=map_over, **options)
             self._add(decl, decl.after or (), check_deps=True)
             return fn
 
         return add
 
     def _add(self, decl: StepDecl, after: tuple[str, ...], *, check_deps: bool) -> str:
-        step_name = str(decl.name or getattr(decl.fn, "__name__", ""))
-        where = f"saga {self.name!r}, step {step_name!r}"
-        if not NAME.match(step_name) or "#" in step_name or "[" in step_name:
+        name = step_name(decl.fn, decl.args)
+        where = f"saga {self.name!r}, step {name!r}"
+        if not NAME.match(name) or "#" in name or "[" in name:
             raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
-        if step_name in self._steps:
+        if name in self._steps:
             raise DefinitionError(f"{where}: duplicate step name")
         if decl.map_over is not None:
             after = tuple(dict.fromkeys((*after, decl.map_over)))
@@ -455,25 +469,18 @@ class Saga:
                 raise DefinitionError(
                     f"{where}: depends on unknown step(s) {unknown}; add dependencies first"
                 )
-        options = StepOptions(
-            retry=self.default_retry if decl.retry is None else decl.retry,
-            timeout_seconds=decl.timeout,
-            pivot=decl.pivot,
-            compensate_retry=decl.compensate_retry,
-            queue=decl.queue,
-        )
-        options.validate(where)
-        self._steps[step_name] = GraphStep(
-            name=step_name,
+        compensate = decl.args.get("compensate")
+        self._steps[name] = GraphStep(
+            name=name,
             function=function_info(decl.fn, where),
             after=after,
             map_over=decl.map_over,
             compensation=None
-            if decl.compensate is None
-            else function_info(decl.compensate, f"{where}, compensation"),
-            options=options,
+            if compensate is None
+            else function_info(compensate, f"{where}, compensation"),
+            options=StepOptions.from_args(decl.args, where, self.default_retry),
         )
-        return step_name
+        return name
 
     def _validate_graph(self) -> None:
         if not self._steps:
@@ -552,24 +559,3 @@ def definition_ref(obj: object, name: str, module_name: str) -> str:
         f"saga {name!r} is not a module-level attribute of {module_name!r}; define it at module "
         f"level so workers can import it"
     )
-
-
-def load_definition(ref: str) -> Any:
-    """Import ``module:attribute`` and return the saga or workflow it names."""
-    from saga.workflow import Workflow
-
-    if ":" not in ref:
-        raise UnknownSagaError(f"{ref!r} is not a saga reference: write it as 'module:attribute'")
-    value = load_ref(ref)
-    if not isinstance(value, Saga | Workflow):
-        module_name = ref.partition(":")[0]
-        module = sys.modules.get(module_name)
-        found = [k for k, v in vars(module or object()).items() if isinstance(v, Saga | Workflow)]
-        raise UnknownSagaError(
-            f"{ref!r} does not name a saga (found {type(value).__name__}); sagas in "
-            f"{module_name!r}: {found}"
-        )
-    return value
-
-
-load_saga = load_definition

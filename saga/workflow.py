@@ -15,15 +15,23 @@ import functools
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack
 
 from pydantic import ValidationError
 
-from saga.definition import NAME, FunctionInfo, StepOptions, definition_ref, function_info
+from saga.definition import (
+    NAME,
+    FunctionInfo,
+    StepArgs,
+    StepOptions,
+    check_step_args,
+    definition_ref,
+    function_info,
+    step_name,
+)
 from saga.errors import DefinitionError, SagaError
 from saga.failures import ErrorType
 from saga.keys import workflow_key
-from saga.retry import RetryPolicy
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -116,75 +124,48 @@ class WorkflowContext:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def step(
-        self,
-        fn: Callable[[Any, Any], R],
-        arg: Any = None,
-        *,
-        name: str | None = None,
-        compensate: Callable[[Any, Any], Any] | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: float | None = None,
-        pivot: bool = False,
-        compensate_retry: RetryPolicy | None = None,
-        queue: str | None = None,
-    ) -> R:
+    def step(self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]) -> R:
         """Run ``fn(step_ctx, arg)`` as a journaled step and return its result."""
-        handle: Handle[R] = self.start(
-            fn,
-            arg,
-            name=name,
-            compensate=compensate,
-            retry=retry,
-            timeout=timeout,
-            pivot=pivot,
-            compensate_retry=compensate_retry,
-            queue=queue,
-        )
+        handle: Handle[R] = self.start(fn, arg, **options)
         result: R = self.gather(handle)[0]
         return result
 
     def start(
-        self,
-        fn: Callable[[Any, Any], R],
-        arg: Any = None,
-        *,
-        name: str | None = None,
-        compensate: Callable[[Any, Any], Any] | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: float | None = None,
-        pivot: bool = False,
-        compensate_retry: RetryPolicy | None = None,
-        queue: str | None = None,
+        self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
     ) -> Handle[R]:
         """Start a step without waiting for it; several started steps run in parallel."""
-        step_name = str(name or getattr(fn, "__name__", ""))
-        position = self._next(step_name, "action")
+        name = step_name(fn, options)
+        where = f"workflow {self.workflow!r}, step {name!r}"
+        check_step_args(options, where)
+        position = self._next(name, "action")
         if position in self._journal:
             # Journaled: replay costs a lookup (and, for a typed result, its validation).
             return Handle(position, function_info(fn, self.workflow))
-        where = f"workflow {self.workflow!r}, step {step_name!r}"
-        if not NAME.match(step_name):
+        if not NAME.match(name):
             raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
-        options = StepOptions(
-            retry=RetryPolicy() if retry is None else retry,
-            timeout_seconds=timeout,
-            pivot=pivot,
-            compensate_retry=compensate_retry,
-            queue=queue,
-        )
-        options.validate(where)
         function = function_info(fn, where)
+        compensate = options.get("compensate")
         compensation = (
             None if compensate is None else function_info(compensate, f"{where}, compensation")
         )
-        key = workflow_key(step_name, position)
+        key = workflow_key(name, position)
         self.scheduled.append(
-            Call(position, key, step_name, "action", function, arg, compensation, options)
+            Call(
+                position,
+                key,
+                name,
+                "action",
+                function,
+                arg,
+                compensation,
+                StepOptions.from_args(options, where),
+            )
         )
         return Handle(position, function)
 
-    def map(self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Any) -> list[R]:
+    def map(
+        self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[R]:
         """Run ``fn`` over each item in parallel (fan-out) and return the results in order."""
         return self.gather(*[self.start(fn, item, **options) for item in items])
 

@@ -22,9 +22,10 @@ from celery import Celery
 from pydantic import ValidationError
 
 from saga import coordinator, tracing
-from saga.definition import StepContext, StepOptions, function_by_ref, load_definition
+from saga.definition import StepContext, StepOptions, function_by_ref
 from saga.errors import StepTimeoutError, StoreError, UnknownSagaError
 from saga.failures import ErrorRecord, ErrorType, error_record
+from saga.loader import load_definition
 from saga.messages import AdvanceMessage, StepMessage, parse
 from saga.outbox.message import OutboxMessage
 from saga.settings import Settings

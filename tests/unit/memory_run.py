@@ -44,14 +44,12 @@ from typing import Any
 
 from saga import coordinator
 from saga.coordinator import JournalRow, NewStep, RunView
-from saga.definition import Saga
 from saga.failures import ErrorType, error_record
+from saga.loader import Definition
 from saga.messages import STEP_TASK, advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.store import Fenced, OperatorError
-from saga.workflow import Workflow
 
-Definition = Saga | Workflow[Any, Any]
 OPEN_STATES = ("pending", "dispatched", "waiting")
 
 

@@ -13,11 +13,10 @@ from saga.definition import (
     StepContext,
     StepOptions,
     function_by_ref,
-    load_definition,
-    load_saga,
     step,
 )
 from saga.errors import DefinitionError, StepResultError, UnknownSagaError
+from saga.loader import load_definition
 from saga.retry import RetryPolicy
 from tests import sagas
 
@@ -491,21 +490,20 @@ def test_ref_of_a_saga_not_at_module_level_explains_what_to_do() -> None:
 
 
 def test_load_saga_round_trips_ref() -> None:
-    assert load_saga is load_definition
-    assert load_saga("tests.sagas:ten") is sagas.ten
-    assert load_saga(sagas.two.ref()) is sagas.two
-    assert load_saga(module_level.ref()) is module_level
+    assert load_definition("tests.sagas:ten") is sagas.ten
+    assert load_definition(sagas.two.ref()) is sagas.two
+    assert load_definition(module_level.ref()) is module_level
 
 
 @pytest.mark.parametrize("ref", ["nomodule", "tests.sagas", ":ten", "tests.sagas:", ""])
 def test_load_saga_refuses_malformed_refs(ref: str) -> None:
     with pytest.raises(UnknownSagaError, match=r"is not a (saga )?reference.*'module:attribute'"):
-        load_saga(ref)
+        load_definition(ref)
 
 
 def test_load_saga_missing_attribute() -> None:
     with pytest.raises(UnknownSagaError) as info:
-        load_saga("tests.sagas:nope")
+        load_definition("tests.sagas:nope")
     message = str(info.value)
     assert "'tests.sagas'" in message
     assert "'nope'" in message
@@ -513,7 +511,7 @@ def test_load_saga_missing_attribute() -> None:
 
 def test_load_saga_missing_module() -> None:
     with pytest.raises(UnknownSagaError) as info:
-        load_saga("no.such.module:x")
+        load_definition("no.such.module:x")
     message = str(info.value)
     assert "cannot import module 'no.such.module'" in message
     assert "'no.such.module:x'" in message
@@ -531,9 +529,42 @@ def test_load_saga_missing_module() -> None:
 )
 def test_load_saga_attribute_that_is_not_a_saga(ref: str, found: str) -> None:
     with pytest.raises(UnknownSagaError) as info:
-        load_saga(ref)
+        load_definition(ref)
     message = str(info.value)
     assert f"does not name a saga (found {found})" in message
     # It lists the sagas the module does have.
     for name in ("ten", "two", "not_json", "too_big", "fatal", "exhausts"):
         assert f"'{name}'" in message
+
+
+# -- step options: declared once (StepArgs), typos refused ------------------------------------
+
+
+def test_a_misspelt_step_option_is_refused_with_the_closest_name() -> None:
+    with pytest.raises(
+        DefinitionError, match=r"'retries' is not a step option \(did you mean 'retry'\?\)"
+    ):
+        step(fetch, retries=SLOW)  # type: ignore[call-arg]
+    trip = Saga("typo")
+    with pytest.raises(DefinitionError, match=r"'timout' is not a step option"):
+        trip.step(timout=3)(fetch)  # type: ignore[call-arg]
+
+
+def test_a_misspelt_option_in_a_workflow_step_is_refused() -> None:
+    from saga.workflow import WorkflowContext
+
+    ctx = WorkflowContext(
+        run_id="r", workflow="wf", input=None, journal={}, consume_event=lambda n, k: (False, None)
+    )
+    with pytest.raises(DefinitionError, match=r"workflow 'wf', step 'fetch': 'pivott'"):
+        ctx.start(fetch, 1, pivott=True)  # type: ignore[call-arg]
+    with pytest.raises(DefinitionError, match=r"'queues' is not a step option"):
+        ctx.map(fetch, [1, 2], queues="gpu")  # type: ignore[call-arg]
+
+
+def test_every_step_option_reaches_the_journaled_options() -> None:
+    decl = step(fetch, retry=SLOW, timeout=2.0, pivot=True, compensate_retry=SLOW, queue="gpu")
+    saga = Saga("all-options", [decl])
+    assert saga.get_step("fetch").options == StepOptions(
+        retry=SLOW, timeout_seconds=2.0, pivot=True, compensate_retry=SLOW, queue="gpu"
+    )
