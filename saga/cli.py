@@ -13,7 +13,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from saga.errors import ConfigurationError, SagaError
+from pydantic import ValidationError
+
+from saga import strict_json
+from saga.errors import ConfigurationError, InputError, SagaError
 from saga.settings import Settings, unknown_variables
 
 ENV_HELP = "environment: " + ", ".join(f"SAGA_{name.upper()}" for name in Settings.model_fields)
@@ -128,13 +131,17 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_option(option: str, text: str) -> Any:
+    try:
+        return strict_json.loads(text)
+    except strict_json.NotJSONError as exc:
+        raise InputError(f"{option} is not strict JSON: {exc}") from None
+
+
 def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
     from saga.client import SagaClient
 
-    try:
-        payload = json.loads(args.input)
-    except json.JSONDecodeError as exc:
-        raise SagaError(f"--input is not JSON: {exc}") from None
+    payload = _json_option("--input", args.input)
     with SagaClient(settings) as client:
         run_id = client.start(args.saga, payload, run_id=args.run_id, timeout=args.timeout)
         print(run_id)
@@ -211,10 +218,7 @@ def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
         elif args.command == "fork":
             print(client.fork(args.run_id, args.step_key, new_run_id=args.new_run_id))
         elif args.command == "send-event":
-            try:
-                payload = json.loads(args.payload)
-            except json.JSONDecodeError as exc:
-                raise SagaError(f"--payload is not JSON: {exc}") from None
+            payload = _json_option("--payload", args.payload)
             waited = client.send_event(args.run_id, args.name, payload)
             print("delivered" if waited else "kept until the run waits for it")
     return 0
@@ -323,7 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in unknown_variables(os.environ):
         logging.getLogger("saga").warning("ignored: %s", problem)
     try:
-        settings = Settings()
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            raise ConfigurationError(f"bad settings (SAGA_* variables): {exc}") from None
         settings = resolve(settings)
         handler: Any = COMMANDS[args.command]
         return int(handler(settings, args))

@@ -6,8 +6,11 @@ import re
 import uuid
 from typing import Any
 
-from saga import coordinator, tracing
-from saga.errors import ConfigurationError, RunFailedError
+from pydantic_core import PydanticSerializationError
+
+from saga import coordinator, strict_json, tracing
+from saga.definition import NAME
+from saga.errors import ConfigurationError, InputError, RunFailedError
 from saga.failures import ErrorType, error_record
 from saga.loader import Definition, load_definition
 from saga.settings import Settings
@@ -70,7 +73,7 @@ class SagaClient:
         definition: Definition = load_definition(saga) if isinstance(saga, str) else saga
         ref = saga if isinstance(saga, str) else definition.ref()
         run_id = check_run_id(run_id or uuid.uuid4().hex)
-        input_json = definition.validate_input(input)
+        input_json = self._fits(definition.validate_input(input), f"the input of run {run_id!r}")
         trace_context = tracing.new_run_carrier()  # the run's root span context
 
         def start(tx: RunTransaction) -> None:
@@ -113,7 +116,29 @@ class SagaClient:
     def send_event(self, run_id: str, name: str, payload: Any = None) -> bool:
         """Deliver an outside event (an approval, a webhook) to a run. True if a step was
         waiting for it; otherwise it is kept until the run waits for it."""
-        return self.store.send_event(run_id, name, payload)
+        if not isinstance(name, str) or not NAME.match(name):
+            raise InputError(
+                f"event name {name!r} for run {run_id!r} must match {NAME.pattern} (the name "
+                f"a workflow passes to ctx.wait_event)"
+            )
+        try:
+            payload_json = strict_json.dump(payload)
+        except (strict_json.NotJSONError, PydanticSerializationError) as exc:
+            raise InputError(
+                f"event {name!r} for run {run_id!r}: the payload is not JSON: {exc}"
+            ) from None
+        self._fits(payload_json.decode(), f"event {name!r} for run {run_id!r}")
+        return self.store.send_event(run_id, name, strict_json.loads(payload_json))
+
+    def _fits(self, json_text: str, what: str) -> str:
+        size = len(json_text.encode())
+        if size > self.settings.max_input_bytes:
+            raise InputError(
+                f"{what} is {size} bytes of JSON, over the limit of "
+                f"{self.settings.max_input_bytes} bytes (SAGA_MAX_INPUT_BYTES); pass a reference "
+                f"to large data instead"
+            )
+        return json_text
 
     def cancel(self, run_id: str, reason: str = "cancelled by an operator") -> None:
         """Stop a running run: nothing new starts, completed steps are compensated in reverse

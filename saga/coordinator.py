@@ -270,7 +270,7 @@ def _call_step(run_id: str, call: Call) -> NewStep:
         step_name=call.name,
         kind=call.kind,
         fn_ref=None if call.function is None else call.function.ref,
-        input_json=json.dumps(call.input),
+        input_json=call.input_json,
         options=options,
         max_attempts=call.options.retry.max_attempts if call.kind == "action" else 1,
         idempotency_key=idempotency_key(run_id, call.step_key),

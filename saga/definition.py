@@ -22,9 +22,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack
 
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
-from saga.errors import DefinitionError, StepResultError, UnknownSagaError
+from saga import strict_json
+from saga.errors import DefinitionError, InputError, StepResultError, UnknownSagaError
 from saga.retry import RetryPolicy
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
@@ -142,6 +144,19 @@ class FunctionInfo:
     def validate_input(self, value: Any) -> Any:
         return self.input_adapter.validate_python(value)
 
+    def encode_input(self, value: Any, where: str) -> str:
+        """``value`` validated against the parameter annotation, as strict JSON; InputError
+        saying what does not fit."""
+        adapter = self.input_adapter
+        try:
+            return strict_json.dump(adapter.validate_python(value), adapter).decode()
+        except ValidationError as exc:
+            raise InputError(
+                f"{where}: the input does not fit the parameter of {self.ref}: {exc}"
+            ) from None
+        except (strict_json.NotJSONError, PydanticSerializationError) as exc:
+            raise InputError(f"{where}: the input cannot be journaled as JSON: {exc}") from None
+
     def decode_result(self, value: Any) -> Any:
         """A journaled (JSON) result as the type the function returns, e.g. a pydantic model."""
         return self.output_adapter.validate_python(value) if self.decodes_result else value
@@ -151,7 +166,7 @@ class FunctionInfo:
         try:
             # warnings="error": a value that does not fit the annotation fails here, where it
             # was made, not at a later replay that decodes it.
-            data = self.output_adapter.dump_json(value, warnings="error")
+            data = strict_json.dump(value, self.output_adapter)
         except Exception as exc:  # pydantic raises several types for "not serialisable"
             raise StepResultError(
                 f"step {step!r} of run {run_id!r} returned a {type(value).__name__} that is "
@@ -530,9 +545,10 @@ class Saga:
     def validate_input(self, value: Any) -> str:
         """The run's input as JSON, validated against the root steps' parameter types."""
         self._validate_graph()
-        for root in self.roots:
-            value = root.function.validate_input(value)
-        return (self.roots[0].function.input_adapter.dump_json(value)).decode()
+        where = f"saga {self.name!r}"
+        for root in self.roots[1:]:  # each root takes the input: it must fit every one
+            root.function.encode_input(value, where)
+        return self.roots[0].function.encode_input(value, where)
 
     @functools.cached_property
     def fingerprint(self) -> str:

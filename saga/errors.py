@@ -42,6 +42,11 @@ class WaitTimeoutError(SagaError):
     """The awaited run did not finish in time; it keeps running."""
 
 
+class InputError(SagaError):
+    """A run input or event payload the engine cannot take: it does not fit the saga's
+    annotation, is not strict JSON, is too large, or names no valid event."""
+
+
 class StepResultError(SagaError):
     """A step returned a result that cannot be journaled (not JSON, or too large)."""
 

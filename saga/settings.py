@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_result_bytes: PositiveInt = Field(
         default=1_048_576, description="Largest JSON-encoded step result accepted."
     )
+    max_input_bytes: PositiveInt = Field(
+        default=1_048_576,
+        description="Largest JSON-encoded run input or event payload accepted (it is journaled "
+        "and handed to steps).",
+    )
     fast_path_grace_seconds: PositiveFloat = Field(
         default=5.0,
         description="A row a worker publishes itself right after commit is left to the relay "

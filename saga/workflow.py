@@ -85,7 +85,7 @@ class Call:
     name: str
     kind: str  # action | timer | event
     function: FunctionInfo | None
-    input: Any
+    input_json: str  # encoded when called: as the function's parameter annotation says
     compensation: FunctionInfo | None
     options: StepOptions
     delay_seconds: float | None = None  # timer: sleep; event: timeout
@@ -144,6 +144,7 @@ class WorkflowContext:
         if not NAME.match(name):
             raise DefinitionError(f"{where}: step names must match {NAME.pattern}")
         function = function_info(fn, where)
+        input_json = function.encode_input(arg, where)
         compensate = options.get("compensate")
         compensation = (
             None if compensate is None else function_info(compensate, f"{where}, compensation")
@@ -156,7 +157,7 @@ class WorkflowContext:
                 name,
                 "action",
                 function,
-                arg,
+                input_json,
                 compensation,
                 StepOptions.from_args(options, where),
             )
@@ -217,7 +218,7 @@ class WorkflowContext:
                     "sleep",
                     "timer",
                     None,
-                    None,
+                    "null",
                     None,
                     StepOptions(),
                     float(seconds),
@@ -255,7 +256,7 @@ class WorkflowContext:
                     name,
                     "event",
                     None,
-                    None,
+                    "null",
                     None,
                     StepOptions(),
                     timeout,
@@ -317,8 +318,8 @@ class Workflow(Generic[P, R]):
         return definition_ref(self, self.name, self.module)
 
     def validate_input(self, value: Any) -> str:
-        info = self.input_info
-        return info.input_adapter.dump_json(info.validate_input(value)).decode()
+        """The run's input as JSON, validated against the workflow's parameter type."""
+        return self.input_info.encode_input(value, f"workflow {self.name!r}")
 
     def replay(self, ctx: WorkflowContext) -> ReplayOutcome:
         try:

@@ -246,3 +246,23 @@ def slow_first_attempt(ctx: StepContext, value: Any) -> str:
 
 
 timeouts = Saga("timeouts", [step(slow_first_attempt, timeout=0.5, retry=QUICK)])
+
+
+# -- a workflow that hands pydantic models to its steps --------------------------------------
+
+
+class Prompt(BaseModel):
+    text: str
+    turn: int = 1
+
+
+def answer(ctx: StepContext, prompt: Prompt) -> dict[str, Any]:
+    record(ctx)
+    return {"text": prompt.text.upper(), "turn": prompt.turn}
+
+
+@workflow("modelled")
+def modelled(ctx: WorkflowContext, text: str) -> dict[str, Any]:
+    # Models as step values, first and later: encoded as the step's parameter says.
+    first = ctx.step(answer, Prompt(text=text))
+    return ctx.step(answer, Prompt(text=first["text"] + "!", turn=2))

@@ -15,7 +15,7 @@ from saga.definition import (
     function_by_ref,
     step,
 )
-from saga.errors import DefinitionError, StepResultError, UnknownSagaError
+from saga.errors import DefinitionError, InputError, StepResultError, UnknownSagaError
 from saga.loader import load_definition
 from saga.retry import RetryPolicy
 from tests import sagas
@@ -385,7 +385,7 @@ def test_saga_validates_run_input_against_its_first_step() -> None:
         "order_id": 12,
         "amount": 3.0,
     }
-    with pytest.raises(pydantic.ValidationError):
+    with pytest.raises(InputError, match=r"saga 'typed': the input does not fit the parameter"):
         saga.validate_input({"order_id": "x"})
 
 

@@ -145,5 +145,5 @@ def test_replay_returns_the_journaled_completion_without_asking_the_model(server
     )
     outcome = travel_agent.replay(ctx)
     assert [c.name for c in outcome.scheduled] == ["lookup_flights"]  # the journaled decision
-    assert outcome.scheduled[0].input == {"destination": "Lisbon", "day": 1}
+    assert json.loads(outcome.scheduled[0].input_json) == {"destination": "Lisbon", "day": 1}
     assert server.app.stats({})["requests"] == before
