@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from saga.definition import GraphStep, Saga, StepOptions
+from saga.definition import GraphStep, Saga, StepOptions, Undo
 from saga.errors import SagaError
 from saga.failures import ErrorType, error_record
 from saga.keys import branch_key, compensation_key, idempotency_key, workflow_key
@@ -105,6 +105,9 @@ class RunTx(Protocol):
         self, state: str, *, result_json: str | None = None, error: Mapping[str, Any] | None = None
     ) -> None: ...
     def begin_compensation(self, error: Mapping[str, Any]) -> None: ...
+    def step_input(self, step_key: str) -> Any:
+        """The input a step of this run was given (for its compensation)."""
+        ...
 
 
 Loader = Callable[[str], Definition]
@@ -347,17 +350,53 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
 # -- failure and compensation -----------------------------------------------------------------
 
 
+def _compensation(tx: RunTx, target: JournalRow) -> NewStep:
+    """The step that undoes ``target``. Its value is the target's result when it completed, else
+    None (its outcome is unknown); ``ctx.undo`` tells it which, with the target's key and input
+    (journaled in its options, so the worker needs nothing else)."""
+    key = compensation_key(target.step_key)
+    completed = target.state == "completed"
+    undo = Undo(
+        step_key=target.step_key,
+        idempotency_key=idempotency_key(tx.run.run_id, target.step_key),
+        completed=completed,
+        input=tx.step_input(target.step_key),
+    )
+    policy = target.options.get("compensate_retry")
+    retry = RetryPolicy.from_json(policy) if policy else COMPENSATION_RETRY
+    options = StepOptions(retry=retry, queue=target.options.get("queue"), undo=undo)
+    return NewStep(
+        step_key=key,
+        step_name=target.step_name,
+        kind="compensation",
+        fn_ref=target.compensation_ref,
+        input_json=json.dumps(target.result if completed else None),
+        options=options.to_json(),
+        max_attempts=retry.max_attempts,
+        idempotency_key=idempotency_key(tx.run.run_id, key),
+    )
+
+
+def _attempted(r: JournalRow) -> bool:
+    """An action whose attempt started: its effect may be applied, whatever its state says.
+    A failed attempt may have raised after the effect (an answer lost on the way back), a
+    cut-off one may have got that far, a dead worker's too. Only a step never claimed is known
+    to have done nothing."""
+    return r.kind == "action" and r.attempt > 0
+
+
+def _to_undo(rows: Sequence[JournalRow]) -> list[JournalRow]:
+    """What a compensating run undoes: every attempted step with a compensation, completed or
+    not, so that no effect is left behind whatever the timing of the failure."""
+    return [r for r in rows if _attempted(r) and r.compensation_ref]
+
+
 def _fail(tx: RunTx, rows: list[JournalRow], error: Mapping[str, Any]) -> None:
-    """A step failed for good: compensate what completed, unless the pivot was passed."""
+    """A step failed for good: undo what may have been done, unless the pivot was passed."""
     if any(r.state == "completed" and r.options.get("pivot") for r in rows):
         tx.finish("failed", error={**error, "pivot_passed": True})
         return
-    compensable = [
-        r
-        for r in rows
-        if r.kind == "action" and r.compensation_ref and r.state in ("completed", "running")
-    ]
-    if not compensable:
+    if not _to_undo(rows):
         tx.finish("failed", error=error)
         return
     tx.begin_compensation(error)
@@ -365,13 +404,9 @@ def _fail(tx: RunTx, rows: list[JournalRow], error: Mapping[str, Any]) -> None:
 
 
 def stop(tx: RunTx, error: Mapping[str, Any]) -> None:
-    """Stop a running run from outside (cancelled, or out of time): its open steps stop, its
-    completed steps are compensated, even past the pivot."""
-    rows = tx.journal()
-    if any(
-        r.kind == "action" and r.compensation_ref and r.state in ("completed", "running")
-        for r in rows
-    ):
+    """Stop a running run from outside (cancelled, or out of time): its open steps stop, what
+    its steps may have done is undone, even past the pivot."""
+    if _to_undo(tx.journal()):
         tx.begin_compensation(error)
         _advance_compensation(tx)
     else:
@@ -390,37 +425,16 @@ def _advance_compensation(tx: RunTx) -> None:
         return
     if any(c.state not in ("completed", "cancelled") for c in compensations.values()):
         return  # one at a time, in reverse order of completion
-    todo = sorted(
-        (
-            r
-            for r in rows
-            if r.kind == "action"
-            and r.state == "completed"
-            and r.compensation_ref
-            and compensation_key(r.step_key) not in compensations
-        ),
-        key=lambda r: r.completed_seq or 0,
-        reverse=True,
+    # Reverse order: steps whose outcome is unknown (the latest to act: they were in flight
+    # or retrying when the run failed) newest first, then completed ones newest first.
+    todo = [r for r in _to_undo(rows) if compensation_key(r.step_key) not in compensations]
+    uncertain = [r for r in todo if r.state != "completed"]
+    completed = sorted(
+        (r for r in todo if r.state == "completed"), key=lambda r: r.completed_seq or 0
     )
     if todo:
-        target = todo[0]
-        key = compensation_key(target.step_key)
-        undo = target.options.get("compensate_retry")
-        retry = RetryPolicy.from_json(undo) if undo else COMPENSATION_RETRY
-        tx.schedule(
-            [
-                NewStep(
-                    step_key=key,
-                    step_name=target.step_name,
-                    kind="compensation",
-                    fn_ref=target.compensation_ref,
-                    input_json=json.dumps(target.result),
-                    options=StepOptions(retry=retry, queue=target.options.get("queue")).to_json(),
-                    max_attempts=retry.max_attempts,
-                    idempotency_key=idempotency_key(tx.run.run_id, key),
-                )
-            ]
-        )
+        target = [*completed, *uncertain][-1]
+        tx.schedule([_compensation(tx, target)])
         return
     error = tx.run.error or {}
     tx.finish("cancelled" if error.get("type") == ErrorType.CANCELLED else "compensated")

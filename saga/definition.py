@@ -8,6 +8,7 @@ validated when built, so a broken one fails when its module is imported, naming 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import graphlib
@@ -35,11 +36,29 @@ QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 _ANY_ADAPTER: TypeAdapter[Any] = TypeAdapter(Any)
 
 
+@dataclass(frozen=True)
+class Undo:
+    """What a compensation undoes (``ctx.undo``): the step's key and idempotency key, its input,
+    and whether it completed. When it completed, the compensation's value is its result. When
+    not, its outcome is unknown (an attempt started and raised, was cut off, or lost its worker:
+    the effect may have been applied all the same), the value is None, and the compensation
+    undoes by ``idempotency_key`` whatever the outside system holds under it (nothing, maybe)."""
+
+    step_key: str
+    idempotency_key: str
+    completed: bool
+    input: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 class StepContext:
     """What a step function gets besides its input.
 
     ``idempotency_key`` is the same for every attempt of this step in this run: pass it to outside
     systems (payment APIs, email senders, model providers) so a retried attempt is not a new effect.
+    ``undo`` is set for a compensation: what it undoes.
     """
 
     __slots__ = (
@@ -52,6 +71,7 @@ class StepContext:
         "saga",
         "step",
         "step_key",
+        "undo",
     )
 
     def __init__(
@@ -65,6 +85,7 @@ class StepContext:
         idempotency_key: str,
         run_input: Any,
         load_results: Callable[[], Mapping[str, Any]],
+        undo: Undo | None = None,
     ) -> None:
         self.run_id = run_id
         self.saga = saga
@@ -74,6 +95,7 @@ class StepContext:
         self.idempotency_key = idempotency_key
         self.run_input = run_input
         self._load_results = load_results
+        self.undo = undo
         self._results: Mapping[str, Any] | None = None
 
     @property
@@ -187,6 +209,21 @@ def function_info(fn: Callable[..., Any], where: str) -> FunctionInfo:
     return _function_info(fn, ref, where)
 
 
+def compensation_info(fn: Callable[..., Any], where: str) -> FunctionInfo:
+    """A compensation: a step function whose value may be None (see ``Undo``)."""
+    info = function_info(fn, f"{where}, compensation")
+    try:
+        info.input_adapter.validate_python(None)
+    except ValidationError:
+        raise DefinitionError(
+            f"{where}: compensation {info.ref} must accept None as its value: when the step's "
+            f"outcome is unknown (an attempt raised or lost its worker, perhaps after its "
+            f"effect) the compensation runs with None and undoes by ctx.undo.idempotency_key. "
+            f"Annotate the value as `X | None`"
+        ) from None
+    return info
+
+
 @functools.lru_cache(maxsize=4096)
 def _function_info(fn: Callable[..., Any], ref: str, where: str) -> FunctionInfo:
     try:
@@ -280,6 +317,7 @@ class StepOptions:
     pivot: bool = False
     compensate_retry: RetryPolicy | None = None  # for its compensation; None: the default
     queue: str | None = None  # broker queue for it and its compensation; None: the run's
+    undo: Undo | None = None  # a compensation's: what it undoes
 
     def validate(self, where: str) -> None:
         if self.queue is not None and not (
@@ -310,8 +348,11 @@ class StepOptions:
             if self.compensate_retry is None
             else self.compensate_retry.to_json(),
         }
-        if self.queue is not None:  # absent otherwise: journaled options stay as they were
+        # Absent when unset: journaled options stay as they were before these existed.
+        if self.queue is not None:
             data["queue"] = self.queue
+        if self.undo is not None:
+            data["undo"] = self.undo.to_json()
         return data
 
     @classmethod
@@ -339,6 +380,7 @@ class StepOptions:
             pivot=bool(data.get("pivot", False)),
             compensate_retry=RetryPolicy.from_json(undo) if undo else None,
             queue=data.get("queue"),
+            undo=Undo(**data["undo"]) if data.get("undo") else None,
         )
 
 
@@ -490,9 +532,7 @@ class Saga:
             function=function_info(decl.fn, where),
             after=after,
             map_over=decl.map_over,
-            compensation=None
-            if compensate is None
-            else function_info(compensate, f"{where}, compensation"),
+            compensation=None if compensate is None else compensation_info(compensate, where),
             options=StepOptions.from_args(decl.args, where, self.default_retry),
         )
         return name

@@ -72,6 +72,11 @@ RETURNING s.attempt, s.step_name, s.kind, s.max_attempts, s.idempotency_key, s.i
           s.error->>'failed_at', s.error->>'type'
 """
 
+# A step's input, for its compensation (read only while a run compensates).
+SELECT_STEP_INPUT = """
+SELECT input FROM saga_steps WHERE run_id = %s AND step_key = %s
+"""
+
 SELECT_STEP_STATE = """
 SELECT s.state, s.attempt, r.state, s.step_name, s.kind, s.idempotency_key, r.saga_name,
        r.trace_context

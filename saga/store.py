@@ -407,6 +407,10 @@ class RunTransaction:
         self.run = RunView(**{**vars(self.run), "state": "compensating", "error": dict(error)})
         self._journal = None
 
+    def step_input(self, step_key: str) -> Any:
+        row = self._cur.execute(q.SELECT_STEP_INPUT, (self.run.run_id, step_key)).fetchone()
+        return None if row is None else row[0]
+
     def advance_later(self) -> None:
         """Have a worker advance the run (it has the definitions; this process may not)."""
         self.messages.append(advance_message(self.queue, self.run.run_id, self.run.trace_context))

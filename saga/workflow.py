@@ -25,6 +25,7 @@ from saga.definition import (
     StepArgs,
     StepOptions,
     check_step_args,
+    compensation_info,
     definition_ref,
     function_info,
     step_name,
@@ -146,9 +147,7 @@ class WorkflowContext:
         function = function_info(fn, where)
         input_json = function.encode_input(arg, where)
         compensate = options.get("compensate")
-        compensation = (
-            None if compensate is None else function_info(compensate, f"{where}, compensation")
-        )
+        compensation = None if compensate is None else compensation_info(compensate, where)
         key = workflow_key(name, position)
         self.scheduled.append(
             Call(

@@ -158,17 +158,28 @@ def send_email(ctx: StepContext, args: dict[str, Any]) -> dict[str, Any]:
     return _send_email(args, _trip(ctx), ctx.idempotency_key)
 
 
-def cancel_booking(ctx: StepContext, booking: dict[str, Any]) -> dict[str, Any]:
-    """Compensates a booking; its own key makes a retried cancellation a single one."""
-    body = {"booking_id": booking["booking_id"], "trip": _trip(ctx)}
-    return service("cancel", body, ctx.idempotency_key)
+def _undone_key(ctx: StepContext) -> str:
+    assert ctx.undo is not None, "a compensation's context says what it undoes"
+    return ctx.undo.idempotency_key
 
 
-def send_correction(ctx: StepContext, sent: dict[str, Any]) -> dict[str, Any]:
-    """Compensates an email: it cannot be unsent, so a correction follows it."""
+def cancel_booking(ctx: StepContext, booking: dict[str, Any] | None) -> dict[str, Any]:
+    """Compensates a booking; its own key makes a retried cancellation a single one. A booking
+    whose outcome is unknown (None) is cancelled by the key it was asked under, if it exists."""
+    target = {"booking_id": booking["booking_id"]} if booking else {"booking_key": _undone_key(ctx)}
+    return service("cancel", {**target, "trip": _trip(ctx)}, ctx.idempotency_key)
+
+
+def send_correction(ctx: StepContext, sent: dict[str, Any] | None) -> dict[str, Any]:
+    """Compensates an email: it cannot be unsent, so a correction follows it (for an email whose
+    outcome is unknown, only if the service sent one under its key)."""
+    about = (
+        {"to": sent["to"], "subject": f"Correction to {sent['message_id']}"}
+        if sent
+        else {"correction_of_key": _undone_key(ctx)}
+    )
     body = {
-        "to": sent["to"],
-        "subject": f"Correction to {sent['message_id']}",
+        **about,
         "body": "Please disregard our previous email: the trip could not be arranged.",
         "trip": _trip(ctx),
     }
@@ -181,7 +192,7 @@ class Tool:
     args: type[BaseModel]
     step: Callable[[StepContext, dict[str, Any]], dict[str, Any]]
     call: Callable[[dict[str, Any], str, str | None], dict[str, Any]]  # without the engine
-    compensate: Callable[[StepContext, dict[str, Any]], dict[str, Any]] | None = None
+    compensate: Callable[[StepContext, dict[str, Any] | None], dict[str, Any]] | None = None
 
 
 def _tool(

@@ -57,10 +57,16 @@ def car(ctx: StepContext, q: dict[str, Any]) -> dict[str, Any]:
     return _book("car", ctx)
 
 
-def undo(ctx: StepContext, booking: dict[str, Any]) -> dict[str, Any]:
+def _undone_ref(ctx: StepContext, booking: dict[str, Any] | None) -> str:
+    """The booking's ref: from its result, or (outcome unknown) from the key it was made under."""
+    assert ctx.undo is not None
+    return booking["ref"] if booking else f"{ctx.step}-{ctx.undo.idempotency_key}"
+
+
+def undo(ctx: StepContext, booking: dict[str, Any] | None) -> dict[str, Any]:
     _block_if_asked(ctx, booking)
     record(ctx)  # recorded once the undo is done: a killed attempt leaves no record
-    return {"cancelled": booking["ref"]}
+    return {"cancelled": _undone_ref(ctx, booking)}
 
 
 class PaymentDeclined(Exception):
@@ -160,7 +166,7 @@ def reserve(ctx: StepContext, req: dict[str, Any]) -> dict[str, Any]:
     return {"reservation": ctx.idempotency_key}
 
 
-def release(ctx: StepContext, reservation: dict[str, Any]) -> None:
+def release(ctx: StepContext, reservation: dict[str, Any] | None) -> None:
     record(ctx)
 
 
@@ -219,12 +225,12 @@ def quote_any(ctx: StepContext, req: dict[str, Any]) -> dict[str, Any]:
     return {"city": req["city"]}
 
 
-def undo_until_fixed(ctx: StepContext, booking: dict[str, Any]) -> dict[str, Any]:
+def undo_until_fixed(ctx: StepContext, booking: dict[str, Any] | None) -> dict[str, Any]:
     spec = ctx.run_input
-    if booking["kind"] == spec.get("broken_undo") and not os.path.exists(spec["fixed_marker"]):
-        raise RuntimeError(f"the {booking['kind']} API refuses cancellations right now")
+    if ctx.step == spec.get("broken_undo") and not os.path.exists(spec["fixed_marker"]):
+        raise RuntimeError(f"the {ctx.step} API refuses cancellations right now")
     record(ctx)
-    return {"cancelled": booking["ref"]}
+    return {"cancelled": _undone_ref(ctx, booking)}
 
 
 BRIEF = RetryPolicy(max_attempts=2, initial_backoff_seconds=0.05, max_backoff_seconds=0.1)

@@ -166,6 +166,7 @@ class StepExecutor:
             idempotency_key=claim.idempotency_key,
             run_input=claim.run_input,
             load_results=lambda: self.store.completed_results(claim.run_id),
+            undo=options.undo,
         )
         try:
             value = function.validate_input(claim.input)

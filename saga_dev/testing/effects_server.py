@@ -16,6 +16,10 @@ Faults, drawn per request with probability ``fault_rate`` among ``faults``:
 * ``lost``   the effect is applied, then the answer is lost (a 502): the classic case where a
              retry without a key books twice
 
+A cancellation may name the booking by ``booking_key`` (the key it was booked under) and a
+correction the email by ``correction_of_key``: that is how a compensation undoes a step whose
+outcome is unknown. Nothing applied under the key: nothing to undo, and the answer says so.
+
 ``/control`` can force faults on the next requests of one key, including ``hold`` (apply, then
 no answer until the caller hangs up or is released: a worker to kill after the effect).
 
@@ -184,6 +188,24 @@ class EffectsServer(FaultyApp):
     def _apply(self, op: str, body: Mapping[str, Any], canonical: str) -> JSON:
         if op == "lookup":
             return self._lookup(body)
+        # Undo by key: a compensation whose step's outcome is unknown names the key the step
+        # was asked under; the service undoes what it applied under it, if anything.
+        for field, effect in (("booking_key", "booking_id"), ("correction_of_key", "message_id")):
+            if field in body:
+                applied = self.answers.get(str(body[field]))
+                if applied is None:
+                    return {"state": "nothing applied under that key", field: body[field]}
+                earlier = applied[1]
+                rest = {k: v for k, v in body.items() if k != field}
+                if effect == "booking_id":
+                    body = {**rest, "booking_id": earlier["booking_id"]}
+                else:
+                    body = {
+                        **rest,
+                        "to": earlier["to"],
+                        "subject": f"Correction to {earlier['message_id']}",
+                    }
+                canonical = _canonical(op, body)
         self.applied[canonical] += 1
         self.trips[canonical] = str(body.get("trip", ""))
         n = sum(self.applied.values())

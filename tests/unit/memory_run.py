@@ -267,6 +267,9 @@ class MemoryRunTx:
         self.run = RunView(**{**vars(self.run), "state": "compensating", "error": dict(error)})
         self._journal = None
 
+    def step_input(self, step_key: str) -> Any:
+        return _jsonb(self._db.steps[(self.run.run_id, step_key)].input)
+
     def advance_later(self) -> None:
         self.messages.append(advance_message(self._queue, self.run.run_id, self.run.trace_context))
 

@@ -414,15 +414,32 @@ def test_listed_fan_out_compensates_every_branch_in_reverse_completion_order() -
 
 
 def test_a_step_failing_for_good_compensates_and_cancels_open_steps() -> None:
-    sim = trip_to_branches()
+    sim = trip_to_branches(run_id="r")
     sim.complete("flight", booked("flight"))
     sim.fail("car", "builtins.ValueError", "no cars left")
     assert sim.run.state == "compensating"
     assert sim.run.error["message"] == "no cars left"
-    assert sim.row("hotel").state == "cancelled"
-    assert sim.open_steps() == ["compensate:flight"]
+    assert sim.row("hotel").state == "cancelled"  # never claimed: known to have done nothing
     with pytest.raises(Refused):
         sim.claim("hotel")
+    # The failed step's attempt started: its effect may be applied, so it is undone too,
+    # first, with no value (it has no result) and what it needs to undo by key.
+    assert sim.open_steps() == ["compensate:car"]
+    undo_car = sim.row("compensate:car")
+    assert undo_car.input is None
+    assert undo_car.options["undo"] == {
+        "step_key": "car",
+        "idempotency_key": "r:car",
+        "completed": False,
+        "input": {"city": "Lisbon", "price": 420},
+    }
+    sim.complete("compensate:car")
+    assert sim.open_steps() == ["compensate:flight"]
+    assert sim.row("compensate:flight").input == booked("flight")
+    assert sim.row("compensate:flight").options["undo"]["completed"] is True
+    sim.complete("compensate:flight")
+    assert sim.run.state == "compensated"
+    assert "compensate:hotel" not in sim.step_keys()
 
 
 def test_a_retried_attempt_does_not_fail_the_run() -> None:
@@ -509,6 +526,8 @@ def test_a_step_running_at_failure_time_is_waited_for_then_compensated_first() -
     sim.advance()
     assert sim.step_keys(kind="compensation") == []
     sim.complete("hotel", booked("hotel"))  # its result is journaled though the run compensates
+    assert sim.open_steps() == ["compensate:car"]  # the failed step: outcome unknown
+    sim.complete("compensate:car")
     assert sim.open_steps() == ["compensate:hotel"]
     sim.complete("compensate:hotel")
     assert sim.open_steps() == ["compensate:flight"]
@@ -516,15 +535,75 @@ def test_a_step_running_at_failure_time_is_waited_for_then_compensated_first() -
     assert sim.run.state == "compensated"
 
 
-def test_a_step_running_at_failure_time_that_fails_is_not_compensated() -> None:
+def test_a_step_running_at_failure_time_that_fails_is_compensated_all_the_same() -> None:
+    # The reproduction: an effect applied, then the answer lost (a retryable error), while a
+    # sibling fails for good. The attempt's outcome is unknown: it is undone, not retried.
     sim = trip_to_branches()
     sim.claim("hotel")
     sim.fail("car", "Boom", "car failed")
-    assert sim.run.state == "compensating"  # hotel might complete: it would need undoing
-    sim.fail("hotel", "Flaky", "hotel failed", retry_in=1.0)  # no retry while compensating
-    assert sim.row("hotel").state == "failed"
-    assert sim.step_keys(kind="compensation") == []
+    assert sim.run.state == "compensating"
+    sim.fail("hotel", "Flaky", "applied, but the answer was lost", retry_in=1.0)
+    assert sim.row("hotel").state == "failed"  # no retry while compensating
+    # Both outcomes unknown: undone newest scheduled first.
+    assert sim.open_steps() == ["compensate:car"]
+    sim.complete("compensate:car")
+    assert sim.open_steps() == ["compensate:hotel"]
+    assert sim.row("compensate:hotel").options["undo"]["completed"] is False
+    sim.complete("compensate:hotel")
     assert sim.run.state == "compensated"
+
+
+def test_a_step_waiting_for_its_retry_at_failure_time_is_cancelled_and_compensated() -> None:
+    sim = trip_to_branches()
+    sim.fail("hotel", "Flaky", "applied, but the answer was lost", retry_in=5.0)
+    assert sim.row("hotel").state == "pending"
+    sim.fail("car", "Boom", "car failed")
+    assert sim.row("hotel").state == "cancelled"  # no more attempts
+    assert sorted(sim.step_keys(kind="compensation")) == ["compensate:car"]
+    sim.complete("compensate:car")
+    assert sim.open_steps() == ["compensate:hotel"]  # its attempt 1 may have booked
+    sim.complete("compensate:hotel")
+    assert sim.run.state == "compensated"
+
+
+def test_a_step_whose_worker_died_at_failure_time_is_compensated_once_its_lease_ends() -> None:
+    sim = trip_to_branches()
+    sim.claim("hotel")  # the worker books, then is killed before the outcome commits
+    sim.fail("car", "Boom", "car failed")
+    assert sim.step_keys(kind="compensation") == [], "nothing is undone while a lease runs"
+    sim.expire_lease("hotel")
+    assert sim.row("hotel").state == "failed"
+    assert sim.open_steps() == ["compensate:car"]
+    sim.complete("compensate:car")
+    assert sim.open_steps() == ["compensate:hotel"]
+    sim.complete("compensate:hotel")
+    assert sim.run.state == "compensated"
+
+
+@pytest.mark.parametrize("timing", ["running", "retrying", "worker died", "completed"])
+def test_the_final_state_does_not_depend_on_a_siblings_timing(timing: str) -> None:
+    sim = trip_to_branches()
+    sim.complete("flight", booked("flight"))
+    if timing == "completed":
+        sim.complete("hotel", booked("hotel"))
+    else:
+        sim.claim("hotel")
+        if timing == "retrying":
+            sim.fail("hotel", "Flaky", "lost answer", retry_in=5.0)
+    sim.fail("car", "Boom", "car failed")
+    if timing == "running":
+        sim.fail("hotel", "Flaky", "lost answer", retry_in=1.0)
+    elif timing == "worker died":
+        sim.expire_lease("hotel")
+    while sim.run.state == "compensating":
+        [key] = sim.open_steps()
+        sim.complete(key)
+    assert sim.run.state == "compensated"
+    assert sorted(sim.step_keys(kind="compensation")) == [
+        "compensate:car",
+        "compensate:flight",
+        "compensate:hotel",
+    ]
 
 
 def test_a_failure_past_the_pivot_fails_the_run_without_compensating() -> None:
@@ -540,9 +619,10 @@ def test_a_failure_past_the_pivot_fails_the_run_without_compensating() -> None:
     assert sim.step_keys(kind="compensation") == []
 
 
-def test_a_failure_with_nothing_compensable_fails_the_run() -> None:
-    sim = trip_to_branches()
-    sim.fail("flight", "builtins.ValueError", "bad request")
+def test_a_failure_with_nothing_to_undo_fails_the_run() -> None:
+    sim = Sim(cs.fan, 3).start()
+    sim.complete("split", [0, 1, 2])
+    sim.fail("square[0]", "builtins.ValueError", "bad request")
     assert sim.run.state == "failed"
     assert sim.run.error == {
         "type": "builtins.ValueError",
@@ -551,13 +631,13 @@ def test_a_failure_with_nothing_compensable_fails_the_run() -> None:
         "retryable": False,
     }
     assert sim.states() == {
-        "quote": "completed",
-        "flight": "failed",
-        "hotel": "cancelled",
-        "car": "cancelled",
+        "split": "completed",
+        "square[0]": "failed",
+        "square[1]": "cancelled",
+        "square[2]": "cancelled",
     }
     with pytest.raises(Refused):
-        sim.claim("hotel")
+        sim.claim("square[1]")
 
 
 def test_a_late_outcome_of_a_step_of_a_finished_run_is_fenced() -> None:
@@ -577,6 +657,7 @@ def test_an_operator_retry_of_a_failed_compensation_resumes_compensating() -> No
     for kind in ("hotel", "flight"):
         sim.complete(kind, booked(kind))
     sim.fail("car", "Boom", "car failed")
+    sim.complete("compensate:car")
     sim.fail("compensate:flight", "Down", "airline API down")
     assert sim.run.state == "compensation_failed"
     sim.retry()
@@ -609,6 +690,8 @@ def test_a_lost_attempt_out_of_attempts_fails_the_step_and_the_run_advances() ->
     sim.expire_lease("b")
     assert sim.row("b").error["type"] == "LeaseExpired"
     assert sim.run.state == "compensating"
+    assert sim.open_steps() == ["compensate:b"]  # the lost attempt may have done its work
+    sim.complete("compensate:b")
     assert sim.open_steps() == ["compensate:a"]
 
 
@@ -1022,6 +1105,7 @@ def test_idempotency_keys_are_run_id_and_step_key_and_stable_across_attempts() -
     assert sim.row("hotel").attempt == 2
     sim.complete("flight", booked("flight"))
     sim.fail("car", "Boom", "no")
+    sim.complete("compensate:car")
     sim.complete("compensate:flight")
     assert {r.step_key: r.idempotency_key for r in sim.rows()} == {
         key: f"run-7:{key}"
@@ -1030,6 +1114,7 @@ def test_idempotency_keys_are_run_id_and_step_key_and_stable_across_attempts() -
             "flight",
             "hotel",
             "car",
+            "compensate:car",
             "compensate:hotel",
             "compensate:flight",
         )
@@ -1049,17 +1134,17 @@ def test_the_same_steps_of_two_runs_get_distinct_keys() -> None:
 
 
 def test_retry_of_a_failed_run_resumes_its_cancelled_branches() -> None:
-    sim = trip_to_branches()
-    sim.fail("flight", "Bug", "fixed by the next deploy")  # nothing compensable yet
+    sim = Sim(cs.fan, 3).start()
+    sim.complete("split", [0, 1, 2])
+    sim.fail("square[1]", "Bug", "fixed by the next deploy")  # nothing to undo
     assert sim.run.state == "failed"
-    assert sim.states()["hotel"] == "cancelled"
+    assert sim.states()["square[2]"] == "cancelled"
     sim.retry()
-    assert "flight" in sim.open_steps()
-    sim.complete("flight", booked("flight"))
-    for kind in ("hotel", "car"):
-        if kind in sim.open_steps():
-            sim.complete(kind, booked(kind))
-    assert sim.open_steps() == ["payment"]
+    assert "square[1]" in sim.open_steps()
+    for i in range(3):
+        if f"square[{i}]" in sim.open_steps():
+            sim.complete(f"square[{i}]", i * i)
+    assert sim.open_steps() == ["total"]
 
 
 def test_retry_of_a_failed_workflow_resumes_its_cancelled_steps() -> None:

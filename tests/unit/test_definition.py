@@ -568,3 +568,31 @@ def test_every_step_option_reaches_the_journaled_options() -> None:
     assert saga.get_step("fetch").options == StepOptions(
         retry=SLOW, timeout_seconds=2.0, pivot=True, compensate_retry=SLOW, queue="gpu"
     )
+
+
+# -- compensations take None: the step's outcome may be unknown -------------------------------
+
+
+def undo_typed(ctx: StepContext, booking: dict[str, Any]) -> None:
+    return None
+
+
+def undo_optional(ctx: StepContext, booking: dict[str, Any] | None) -> None:
+    return None
+
+
+def test_a_compensation_that_cannot_take_none_is_refused_when_defined() -> None:
+    with pytest.raises(DefinitionError, match=r"must accept None.*`X \| None`"):
+        Saga("strict-undo", [step(fetch, compensate=undo_typed)])
+    saga = Saga("optional-undo", [step(fetch, compensate=undo_optional)])
+    assert saga.get_step("fetch").compensation is not None
+
+
+def test_a_workflow_compensation_that_cannot_take_none_is_refused() -> None:
+    from saga.workflow import WorkflowContext
+
+    ctx = WorkflowContext(
+        run_id="r", workflow="wf", input=None, journal={}, consume_event=lambda n, k: (False, None)
+    )
+    with pytest.raises(DefinitionError, match="must accept None"):
+        ctx.start(fetch, 1, compensate=undo_typed)
