@@ -16,10 +16,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from saga import strict_json
+from saga.agent.llm import ModelSettings
 from saga.errors import ConfigurationError, InputError, SagaError
 from saga.settings import Settings, unknown_variables
 
-ENV_HELP = "environment: " + ", ".join(f"SAGA_{name.upper()}" for name in Settings.model_fields)
+ENV_HELP = (
+    "environment: "
+    + ", ".join(f"SAGA_{name.upper()}" for name in Settings.model_fields)
+    + "; for model completions (saga.agent, on workers): "
+    + ", ".join(f"SAGA_MODEL_{name.upper()}" for name in ModelSettings.model_fields)
+)
 
 
 def resolve(settings: Settings) -> Settings:

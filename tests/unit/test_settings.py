@@ -125,3 +125,13 @@ def test_a_misspelt_variable_is_reported_with_the_setting_it_resembles() -> None
         "SAGA_COLOUR is not a setting",
         "SAGA_DATABSE_URL is not a setting (did you mean SAGA_DATABASE_URL?)",
     ]
+
+
+def test_the_cli_help_names_every_variable_the_engine_reads() -> None:
+    from saga.agent.llm import ModelSettings
+    from saga.cli import ENV_HELP
+
+    for name in Settings.model_fields:
+        assert f"SAGA_{name.upper()}" in ENV_HELP
+    for name in ModelSettings.model_fields:
+        assert f"SAGA_MODEL_{name.upper()}" in ENV_HELP
