@@ -191,8 +191,8 @@ class FunctionInfo:
             data = strict_json.dump(value, self.output_adapter)
         except Exception as exc:  # pydantic raises several types for "not serialisable"
             raise StepResultError(
-                f"step {step!r} of run {run_id!r} returned a {type(value).__name__} that is "
-                f"not JSON-serialisable ({exc}); return JSON data or a pydantic model"
+                f"step {step!r} of run {run_id!r} returned a {type(value).__name__} that "
+                f"cannot be journaled ({exc}); return JSON data or a pydantic model"
             ) from exc
         if len(data) > limit:
             raise StepResultError(

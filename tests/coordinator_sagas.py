@@ -272,3 +272,14 @@ def modelled(ctx: WorkflowContext, text: str) -> dict[str, Any]:
     # Models as step values, first and later: encoded as the step's parameter says.
     first = ctx.step(answer, Prompt(text=text))
     return ctx.step(answer, Prompt(text=first["text"] + "!", turn=2))
+
+
+# -- a step whose result Postgres cannot store -----------------------------------------------
+
+
+def returns_nul(ctx: StepContext, value: Any) -> str:
+    record(ctx)  # the step did its work: it must not run again for want of a journal row
+    return "bad\x00text"
+
+
+nul_result = Saga("nul_result", [step(returns_nul, retry=RetryPolicy(max_attempts=3))])

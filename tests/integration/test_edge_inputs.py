@@ -84,3 +84,17 @@ def test_workflow_steps_take_pydantic_models_first_and_later(
     assert Counter(r[0] for r in rows) == {"answer#1": 1, "answer#2": 1}
     steps = {s.step_key: s for s in client.steps(run_id)}
     assert steps["answer#2"].attempt == 1  # the step before it was not run again either
+
+
+def test_a_result_postgres_cannot_store_fails_the_attempt_once_naming_the_cause(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    procs.relay(settings)
+    procs.worker(settings, "w1")
+    run_id = client.start(cs.nul_result, None)
+    run = client.wait(run_id, timeout=60)
+    assert run.state == "failed"
+    assert "NUL character" in run.error["message"] and run_id in run.error["message"]
+    [journaled] = client.steps(run_id)
+    rows = db.execute("SELECT attempt FROM test_calls WHERE run_id = %s", (run_id,)).fetchall()
+    assert [r[0] for r in rows] == [1] == [journaled.attempt], "one call per journaled attempt"

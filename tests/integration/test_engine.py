@@ -256,7 +256,7 @@ def test_failures_fail_the_run_with_clear_errors(
 
     run = client.wait(not_json, timeout=60)
     assert run.state == "failed"
-    assert "not JSON-serialisable" in run.error["message"]
+    assert "cannot be journaled" in run.error["message"]
     assert not_json in run.error["message"] and "returns_object" in run.error["message"]
 
     run = client.wait(too_big, timeout=60)

@@ -820,7 +820,7 @@ def test_a_step_result_that_does_not_fit_its_annotation_fails_where_it_is_made()
     from saga.errors import StepResultError
 
     info = function_info(quote, "test")
-    with pytest.raises(StepResultError, match="not JSON-serialisable"):
+    with pytest.raises(StepResultError, match="cannot be journaled"):
         info.encode_result({"city": "Lisbon"}, limit=1000, run_id="r", step="quote#1")
     assert info.encode_result(Quote(city="Lisbon", price=1), limit=1000, run_id="r", step="q")
 

@@ -458,7 +458,7 @@ def test_non_json_result_raises_step_result_error_naming_run_and_step(value: Any
     message = str(error.value)
     assert "'fetch'" in message
     assert "'run-obj'" in message
-    assert "not JSON-serialisable" in message
+    assert "cannot be journaled" in message
     assert type(value).__name__ in message
 
 

@@ -65,3 +65,24 @@ def test_a_step_result_with_infinity_is_a_step_result_error() -> None:
     info = Saga("readings", [measure]).get_step("measure").function
     with pytest.raises(StepResultError, match=r"run 'r1'.*NaN and infinite"):
         info.encode_result(Reading(value=-math.inf), limit=10_000, run_id="r1", step="measure")
+
+
+@pytest.mark.parametrize("value", ["a\x00b", {"k\x00": 1}, [{"deep": "\x00"}]])
+def test_text_with_a_nul_is_refused_before_postgres_sees_it(value: Any) -> None:
+    with pytest.raises(strict_json.NotJSONError, match="NUL character"):
+        strict_json.dump(value)
+    with pytest.raises(strict_json.NotJSONError, match="NUL character"):
+        strict_json.loads(strict_json.ANY.dump_json(value))
+
+
+def test_an_escaped_backslash_before_u0000_is_just_text() -> None:
+    assert strict_json.loads(strict_json.dump("x\\u0000")) == "x\\u0000"
+
+
+def test_a_step_result_with_a_nul_fails_the_step_without_a_retry() -> None:
+    info = Saga("readings", [measure]).get_step("measure").function
+    with pytest.raises(StepResultError, match=r"run 'r1'.*NUL character") as error:
+        info.encode_result(Reading(value=1.0, note="\x00"), limit=10_000, run_id="r1", step="m")
+    from saga.retry import RetryPolicy
+
+    assert RetryPolicy(max_attempts=5).decide(1, error.value).retry is False
