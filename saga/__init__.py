@@ -17,9 +17,9 @@ from saga.errors import (
     UnknownSagaError,
     WaitTimeoutError,
 )
+from saga.records import RunRecord, StepRecord
 from saga.retry import RetryPolicy
 from saga.settings import Settings
-from saga.store import RunRecord, StepRecord
 from saga.workflow import (
     EventTimeout,
     NonDeterminismError,

@@ -15,6 +15,7 @@ from typing import Any
 
 from saga.errors import ConfigurationError, SagaError
 from saga.settings import Settings, unknown_variables
+from saga.states import RunState
 
 ENV_HELP = "environment: " + ", ".join(f"SAGA_{name.upper()}" for name in Settings.model_fields)
 
@@ -143,7 +144,7 @@ def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 json.dumps({"state": run.state, "result": run.result, "error": run.error}, indent=2)
             )
-            return 0 if run.state == "completed" else 1
+            return 0 if run.state == RunState.COMPLETED else 1
     return 0
 
 

@@ -9,8 +9,11 @@ from typing import Any
 from saga import coordinator, tracing
 from saga.definition import Saga, load_definition
 from saga.errors import ConfigurationError, RunFailedError
+from saga.records import RunRecord, StepRecord
+from saga.run_transaction import RunTransaction
 from saga.settings import Settings
-from saga.store import PostgresStore, RunRecord, RunTransaction, StepRecord, open_pool
+from saga.states import RunState
+from saga.store import PostgresStore, open_pool
 from saga.workflow import Workflow
 
 Definition = Saga | Workflow[Any, Any]
@@ -97,7 +100,7 @@ class SagaClient:
     def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         """The run's result once it completes; RunFailedError if it ends any other way."""
         run = self.wait(run_id, timeout=timeout)
-        if run.state != "completed":
+        if run.state != RunState.COMPLETED:
             raise RunFailedError(
                 f"run {run_id!r} of saga {run.saga_name!r} ended {run.state}: {run.error}"
             )

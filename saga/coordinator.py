@@ -18,6 +18,7 @@ from saga.definition import GraphStep, Saga, StepOptions
 from saga.errors import SagaError
 from saga.outbox.message import OutboxMessage
 from saga.retry import RetryPolicy
+from saga.states import INITIAL_STEP_STATE, RunState, StepKind, StepState
 from saga.workflow import (
     Call,
     JournalEntry,
@@ -31,10 +32,9 @@ ADVANCE_TASK = "saga.advance"
 COMPENSATION_RETRY = RetryPolicy(
     max_attempts=10, initial_backoff_seconds=1.0, max_backoff_seconds=60.0
 )
-FINAL_RUN_STATES = frozenset(
-    {"completed", "compensated", "failed", "compensation_failed", "cancelled"}
-)
 EVENT_TIMEOUT = "EventTimeout"
+# Steps a failure or a stop undoes: completed ones, and ones in flight (they may complete).
+_UNDOABLE = (StepState.COMPLETED, StepState.RUNNING)
 CANCELLED = "Cancelled"
 
 
@@ -61,7 +61,7 @@ class NewStep:
     idempotency_key: str
     compensation_ref: str | None = None
     position: int | None = None
-    state: str = "dispatched"  # dispatched | pending (timer) | waiting (event)
+    state: str = StepState.DISPATCHED  # dispatched | pending (timer) | waiting (event)
     delay_seconds: float | None = None  # when a pending step falls due, or a wait times out
 
 
@@ -109,7 +109,11 @@ class RunTx(Protocol):
     def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]: ...
     def record_event(self, step: NewStep, payload: Any) -> None: ...
     def finish(
-        self, state: str, *, result_json: str | None = None, error: Mapping[str, Any] | None = None
+        self,
+        state: RunState,
+        *,
+        result_json: str | None = None,
+        error: Mapping[str, Any] | None = None,
     ) -> None: ...
     def begin_compensation(self, error: Mapping[str, Any]) -> None: ...
 
@@ -150,10 +154,10 @@ Loader = Callable[[str], Saga | Workflow[Any, Any]]
 def advance(tx: RunTx, load: Loader) -> None:
     """Move the run on as far as the journal allows."""
     run = tx.run
-    if run.state == "compensating":
+    if run.state == RunState.COMPENSATING:
         _advance_compensation(tx)
         return
-    if run.state != "running":
+    if run.state != RunState.RUNNING:
         return
     try:
         definition = load(run.saga_ref)
@@ -164,7 +168,7 @@ def advance(tx: RunTx, load: Loader) -> None:
                 f"Deploy the old version to finish it, or fork it onto the new one"
             )
     except SagaError as exc:
-        tx.finish("failed", error=error_of(exc))
+        tx.finish(RunState.FAILED, error=error_of(exc))
         return
     if isinstance(definition, Workflow):
         _advance_workflow(tx, definition)
@@ -183,7 +187,7 @@ def _graph_step(run_id: str, s: GraphStep, key: str, input_json: str) -> NewStep
     return NewStep(
         step_key=key,
         step_name=s.name,
-        kind="action",
+        kind=StepKind.ACTION,
         fn_ref=s.function.ref,
         input_json=input_json,
         options=s.options.to_json(),
@@ -211,10 +215,10 @@ class _GraphState:
     def done(self, s: GraphStep) -> bool:
         if s.map_over is None:
             row = self.rows.get(s.name)
-            return row is not None and row.state == "completed"
+            return row is not None and row.state == StepState.COMPLETED
         n = self.branches(s)
         return n is not None and all(
-            (r := self.rows.get(f"{s.name}[{i}]")) is not None and r.state == "completed"
+            (r := self.rows.get(f"{s.name}[{i}]")) is not None and r.state == StepState.COMPLETED
             for i in range(n)
         )
 
@@ -244,7 +248,7 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
     if _advance_chain(tx, saga):
         return
     rows = tx.journal()
-    failed = [r for r in rows if r.kind == "action" and r.state == "failed"]
+    failed = [r for r in rows if r.kind == StepKind.ACTION and r.state == StepState.FAILED]
     if failed:
         _fail(tx, rows, failed[0].error or {"message": f"step {failed[0].step_name!r} failed"})
         return
@@ -261,7 +265,7 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
         items = state.result(saga.get_step(s.map_over))
         if not isinstance(items, list):
             tx.finish(
-                "failed",
+                RunState.FAILED,
                 error={
                     "type": "TypeError",
                     "message": f"step {s.name!r} maps over the result of {s.map_over!r}, "
@@ -280,14 +284,14 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
         result = (
             state.result(sinks[0]) if len(sinks) == 1 else {s.name: state.result(s) for s in sinks}
         )
-        tx.finish("completed", result_json=json.dumps(result))
+        tx.finish(RunState.COMPLETED, result_json=json.dumps(result))
 
 
 def _advance_chain(tx: RunTx, saga: Saga) -> bool:
     """The common case without reading the journal: a step completed whose successors depend
     on it alone. Their input is its result, and nothing else can be ready because of it."""
     done = tx.completed
-    if done is None or done.kind != "action" or done.step_key != done.step_name:
+    if done is None or done.kind != StepKind.ACTION or done.step_key != done.step_name:
         return False
     following = saga.successors(done.step_name)
     if not following or any(s.after != (done.step_name,) or s.map_over for s in following):
@@ -309,11 +313,11 @@ def _call_step(run_id: str, call: Call) -> NewStep:
         fn_ref=None if call.function is None else call.function.ref,
         input_json=json.dumps(call.input),
         options=options,
-        max_attempts=call.options.retry.max_attempts if call.kind == "action" else 1,
+        max_attempts=call.options.retry.max_attempts if call.kind == StepKind.ACTION else 1,
         idempotency_key=idempotency_key(run_id, call.step_key),
         compensation_ref=None if call.compensation is None else call.compensation.ref,
         position=call.position,
-        state={"action": "dispatched", "timer": "pending", "event": "waiting"}[call.kind],
+        state=INITIAL_STEP_STATE[StepKind(call.kind)],
         delay_seconds=call.delay_seconds,
     )
 
@@ -348,7 +352,7 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
             NewStep(
                 key,
                 name,
-                "event",
+                StepKind.EVENT,
                 None,
                 "null",
                 {},
@@ -363,7 +367,7 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
         return
     if isinstance(outcome.error, NonDeterminismError):
         # A code problem, not a business failure: leave the journal as it is for the operator.
-        tx.finish("failed", error=error_of(outcome.error))
+        tx.finish(RunState.FAILED, error=error_of(outcome.error))
     elif outcome.error is not None:
         _fail(tx, rows, error_of(outcome.error))
     else:
@@ -371,7 +375,7 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
             result_json = wf.input_info.output_adapter.dump_json(outcome.result).decode()
         except Exception as exc:
             tx.finish(
-                "failed",
+                RunState.FAILED,
                 error=error_of(
                     exc,
                     message=(
@@ -381,7 +385,7 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
                 ),
             )
             return
-        tx.finish("completed", result_json=result_json)
+        tx.finish(RunState.COMPLETED, result_json=result_json)
 
 
 # -- failure and compensation -----------------------------------------------------------------
@@ -389,16 +393,14 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
 
 def _fail(tx: RunTx, rows: list[JournalRow], error: Mapping[str, Any]) -> None:
     """A step failed for good: compensate what completed, unless the pivot was passed."""
-    if any(r.state == "completed" and r.options.get("pivot") for r in rows):
-        tx.finish("failed", error={**error, "pivot_passed": True})
+    if any(r.state == StepState.COMPLETED and r.options.get("pivot") for r in rows):
+        tx.finish(RunState.FAILED, error={**error, "pivot_passed": True})
         return
     compensable = [
-        r
-        for r in rows
-        if r.kind == "action" and r.compensation_ref and r.state in ("completed", "running")
+        r for r in rows if r.kind == StepKind.ACTION and r.compensation_ref and r.state in _UNDOABLE
     ]
     if not compensable:
-        tx.finish("failed", error=error)
+        tx.finish(RunState.FAILED, error=error)
         return
     tx.begin_compensation(error)
     _advance_compensation(tx)
@@ -408,32 +410,33 @@ def stop(tx: RunTx, error: Mapping[str, Any]) -> None:
     """Stop a running run from outside (cancelled, or out of time): its open steps stop, its
     completed steps are compensated, even past the pivot."""
     rows = tx.journal()
-    if any(
-        r.kind == "action" and r.compensation_ref and r.state in ("completed", "running")
-        for r in rows
-    ):
+    if any(r.kind == StepKind.ACTION and r.compensation_ref and r.state in _UNDOABLE for r in rows):
         tx.begin_compensation(error)
         _advance_compensation(tx)
     else:
-        tx.finish("cancelled" if error.get("type") == CANCELLED else "failed", error=error)
+        tx.finish(
+            RunState.CANCELLED if error.get("type") == CANCELLED else RunState.FAILED, error=error
+        )
 
 
 def _advance_compensation(tx: RunTx) -> None:
     rows = tx.journal()
-    if any(r.kind == "action" and r.state == "running" for r in rows):
+    if any(r.kind == StepKind.ACTION and r.state == StepState.RUNNING for r in rows):
         return  # steps in flight finish (or their lease expires) before anything is undone
-    compensations = {r.step_key: r for r in rows if r.kind == "compensation"}
-    if any(c.state == "failed" for c in compensations.values()):
-        tx.finish("compensation_failed")
+    compensations = {r.step_key: r for r in rows if r.kind == StepKind.COMPENSATION}
+    if any(c.state == StepState.FAILED for c in compensations.values()):
+        tx.finish(RunState.COMPENSATION_FAILED)
         return
-    if any(c.state not in ("completed", "cancelled") for c in compensations.values()):
+    if any(
+        c.state not in (StepState.COMPLETED, StepState.CANCELLED) for c in compensations.values()
+    ):
         return  # one at a time, in reverse order of completion
     todo = sorted(
         (
             r
             for r in rows
-            if r.kind == "action"
-            and r.state == "completed"
+            if r.kind == StepKind.ACTION
+            and r.state == StepState.COMPLETED
             and r.compensation_ref
             and f"compensate:{r.step_key}" not in compensations
         ),
@@ -450,7 +453,7 @@ def _advance_compensation(tx: RunTx) -> None:
                 NewStep(
                     step_key=key,
                     step_name=target.step_name,
-                    kind="compensation",
+                    kind=StepKind.COMPENSATION,
                     fn_ref=target.compensation_ref,
                     input_json=json.dumps(target.result),
                     options=StepOptions(retry=retry, queue=target.options.get("queue")).to_json(),
@@ -461,4 +464,4 @@ def _advance_compensation(tx: RunTx) -> None:
         )
         return
     error = tx.run.error or {}
-    tx.finish("cancelled" if error.get("type") == CANCELLED else "compensated")
+    tx.finish(RunState.CANCELLED if error.get("type") == CANCELLED else RunState.COMPENSATED)

@@ -46,16 +46,39 @@ from saga import coordinator
 from saga.coordinator import JournalRow, NewStep, RunView, advance_message, step_message
 from saga.definition import Saga
 from saga.outbox.message import OutboxMessage
-from saga.store import Fenced, OperatorError
+from saga.records import (
+    Fenced,
+    OperatorError,
+    RunTransitionError,
+)
+from saga.states import (
+    FINAL_RUN_STATES,
+    INITIAL_STEP_STATE,
+    OPEN_STEP_STATES,
+    RunState,
+    StepKind,
+    StepState,
+    claim_run_state,
+    may_claim,
+    may_journal_outcome,
+    run_may_become,
+)
 from saga.workflow import Workflow
 
 Definition = Saga | Workflow[Any, Any]
-OPEN_STATES = ("pending", "dispatched", "waiting")
 
 
 def _jsonb(value: Any) -> Any:
     """What a jsonb column gives back for ``value``."""
     return None if value is None else json.loads(json.dumps(value))
+
+
+def _transition(run: RunRow, state: RunState) -> None:
+    """A guarded run transition (FINISH_RUN, BEGIN_COMPENSATION, REOPEN_RUN): one the state
+    machine does not allow raises, as saga_run_transition_refused does in Postgres."""
+    if not run_may_become(run.state, state):
+        raise RunTransitionError(f"run {run.run_id!r} is {run.state}; it cannot become {state}")
+    run.state = state
 
 
 class IntegrityError(Exception):
@@ -73,14 +96,14 @@ class RunRow:
     saga_ref: str
     saga_version: str
     input: Any
-    state: str = "running"
+    state: str = RunState.RUNNING
     result: Any = None
     error: Any = None
     trace_context: dict[str, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
-        return self.state in coordinator.FINAL_RUN_STATES
+        return self.state in FINAL_RUN_STATES
 
 
 @dataclass
@@ -99,6 +122,11 @@ class StepRow:
     idempotency_key: str
     input: Any
     due_in: float  # seconds after scheduling when it falls due (math.inf: never)
+    due_at: float = 0.0  # on MemoryDB.clock
+    lease_expires_at: float | None = None
+    created_at: float = 0.0
+    attempt_started_at: float | None = None
+    finished_at: float | None = None
     attempt: int = 0
     result: Any = None
     error: Any = None
@@ -139,6 +167,7 @@ class MemoryDB:
     events: list[EventRow] = field(default_factory=list)
     outbox: list[OutboxMessage] = field(default_factory=list)
     completion_seq: int = 0
+    clock: float = 0.0  # seconds; what now() is to the twin (tests move it on explicitly)
 
     def next_completion(self) -> int:
         self.completion_seq += 1
@@ -150,8 +179,8 @@ class MemoryDB:
     def cancel_open_steps(self, run_id: str) -> None:
         """CANCEL_OPEN_STEPS."""
         for r in self.rows(run_id):
-            if r.kind != "compensation" and r.state in OPEN_STATES:
-                r.state = "cancelled"
+            if r.kind != StepKind.COMPENSATION and r.state in OPEN_STEP_STATES:
+                r.state = StepState.CANCELLED
 
     def insert_step(self, row: StepRow) -> None:
         if (row.run_id, row.step_key) in self.steps:
@@ -189,7 +218,7 @@ class MemoryRunTx:
         self._journal = None
         for s in steps:
             if (self.run.run_id, s.step_key) not in self._db.steps:  # ON CONFLICT DO NOTHING
-                if s.delay_seconds is None and s.state == "waiting":
+                if s.delay_seconds is None and s.state == StepState.WAITING:
                     due = math.inf
                 else:
                     due = s.delay_seconds if s.delay_seconds is not None else self._dispatch_timeout
@@ -209,9 +238,11 @@ class MemoryRunTx:
                         idempotency_key=s.idempotency_key,
                         input=json.loads(s.input_json),
                         due_in=due,
+                        due_at=self._db.clock + due,
+                        created_at=self._db.clock,
                     )
                 )
-            if s.state == "dispatched":
+            if s.state == StepState.DISPATCHED:
                 self.messages.append(
                     step_message(self._queue, self.run.run_id, s.step_key, self.run.trace_context)
                 )
@@ -230,10 +261,10 @@ class MemoryRunTx:
                 run_id=self.run.run_id,
                 step_key=step.step_key,
                 step_name=step.step_name,
-                kind="event",
+                kind=StepKind.EVENT,
                 seq=self._db.next_seq(self.run.run_id),
                 position=step.position,
-                state="completed",
+                state=StepState.COMPLETED,
                 fn_ref=None,
                 compensation_ref=None,
                 options={},
@@ -247,24 +278,28 @@ class MemoryRunTx:
         )
 
     def finish(
-        self, state: str, *, result_json: str | None = None, error: Mapping[str, Any] | None = None
+        self,
+        state: RunState,
+        *,
+        result_json: str | None = None,
+        error: Mapping[str, Any] | None = None,
     ) -> None:
         run = self._db.runs[self.run.run_id]
-        if run.state in ("running", "compensating"):  # FINISH_RUN
-            run.state = state
-            run.result = None if result_json is None else json.loads(result_json)
-            if error is not None:
-                run.error = _jsonb(dict(error))
+        _transition(run, state)  # FINISH_RUN
+        run.result = None if result_json is None else json.loads(result_json)
+        if error is not None:
+            run.error = _jsonb(dict(error))
         self._db.cancel_open_steps(self.run.run_id)
         self._journal = None
 
     def begin_compensation(self, error: Mapping[str, Any]) -> None:
         run = self._db.runs[self.run.run_id]
-        if run.state == "running":  # BEGIN_COMPENSATION
-            run.state = "compensating"
-            run.error = _jsonb(dict(error))
+        _transition(run, RunState.COMPENSATING)  # BEGIN_COMPENSATION
+        run.error = _jsonb(dict(error))
         self._db.cancel_open_steps(self.run.run_id)
-        self.run = RunView(**{**vars(self.run), "state": "compensating", "error": dict(error)})
+        self.run = RunView(
+            **{**vars(self.run), "state": RunState.COMPENSATING, "error": dict(error)}
+        )
         self._journal = None
 
     def advance_later(self) -> None:
@@ -323,7 +358,7 @@ class Sim:
 
     def open_steps(self) -> list[str]:
         """Keys of the dispatched steps (those a worker would now get a message for)."""
-        return self.step_keys("dispatched")
+        return self.step_keys(StepState.DISPATCHED)
 
     def states(self) -> dict[str, str]:
         return {r.step_key: r.state for r in self.rows()}
@@ -402,16 +437,16 @@ class Sim:
         """store.send_event; when it completed a waiting step, the advance task it queued runs
         too (unless ``run_advance`` is False)."""
         with self._locked() as tx:
-            if tx.run.state != "running":
+            if tx.run.state != RunState.RUNNING:
                 raise OperatorError(f"run {self.run_id!r} is {tx.run.state}; it takes no events")
             waiting = [
                 r
                 for r in self.rows()
-                if r.kind == "event" and r.step_name == name and r.state == "waiting"
+                if r.kind == StepKind.EVENT and r.step_name == name and r.state == StepState.WAITING
             ]
             if waiting:  # DELIVER_EVENT: the oldest wait
                 r = waiting[0]
-                r.state, r.result = "completed", _jsonb(payload)
+                r.state, r.result = StepState.COMPLETED, _jsonb(payload)
                 r.completed_seq = self.db.next_completion()
                 tx.advance_later()
             else:  # STORE_EVENT
@@ -423,7 +458,7 @@ class Sim:
     def stop(self, error: Mapping[str, Any]) -> None:
         """store.stop_run with coordinator.stop (cancel, or the sweeper's deadline)."""
         with self._locked() as tx:
-            if tx.run.state != "running":
+            if tx.run.state != RunState.RUNNING:
                 raise OperatorError(
                     f"run {self.run_id!r} is {tx.run.state}; only a running run can be cancelled"
                 )
@@ -435,33 +470,33 @@ class Sim:
 
     def retry(self, *, run_advance: bool = True) -> None:
         """store.retry_run (REOPEN_RUN, RETRY_FAILED_STEPS), then the advance task it queues."""
-        kinds: tuple[str, ...]
+        kinds: tuple[StepKind, ...]
         with self._locked() as tx:
-            if tx.run.state == "failed":
-                kinds, state = ("action", "timer", "event"), "running"
-            elif tx.run.state == "compensation_failed":
-                kinds, state = ("compensation",), "compensating"
+            if tx.run.state == RunState.FAILED:
+                kinds, state = (StepKind.ACTION, StepKind.TIMER, StepKind.EVENT), RunState.RUNNING
+            elif tx.run.state == RunState.COMPENSATION_FAILED:
+                kinds, state = (StepKind.COMPENSATION,), RunState.COMPENSATING
             else:
                 raise OperatorError(f"run {self.run_id!r} is {tx.run.state}; cannot retry it")
             run = self.run
-            run.error = run.error if state == "compensating" else None
-            run.state = state
+            run.error = run.error if state == RunState.COMPENSATING else None
+            _transition(run, state)  # REOPEN_RUN
             for r in self.rows():
                 if r.kind not in kinds:
                     continue
-                if r.state == "failed":
+                if r.state == StepState.FAILED:
                     r.state, r.max_attempts, r.error = (
-                        "dispatched",
+                        StepState.DISPATCHED,
                         r.attempt + r.max_attempts,
                         None,
                     )
-                elif r.state == "cancelled" and r.kind != "compensation":
+                elif r.state == StepState.CANCELLED and r.kind != StepKind.COMPENSATION:
                     # as RETRY_FAILED_STEPS: reopened as they were scheduled
-                    r.state = {"action": "dispatched", "timer": "pending"}.get(r.kind, "waiting")
+                    r.state = INITIAL_STEP_STATE[StepKind(r.kind)]
                     r.error = None
                 else:
                     continue
-                if r.state == "dispatched":
+                if r.state == StepState.DISPATCHED:
                     tx.messages.append(step_message("saga", self.run_id, r.step_key, {}))
             tx.advance_later()
         if run_advance:
@@ -472,18 +507,17 @@ class Sim:
     def claim(self, step_key: str) -> StepRow:
         """CLAIM_STEP: a dispatched step (of the kind the run's state allows) starts running."""
         r = self.row(step_key)
-        wanted = "compensating" if r.kind == "compensation" else "running"
-        if self.run.state != wanted or r.state != "dispatched":
+        if not may_claim(r.kind, self.run.state) or r.state != StepState.DISPATCHED:
             raise Refused(
                 f"step {step_key!r} is {r.state} and the run is {self.run.state}; not claimable"
             )
-        r.state, r.attempt = "running", r.attempt + 1
+        r.state, r.attempt = StepState.RUNNING, r.attempt + 1
         r.lease_owner = f"worker:{uuid.uuid4().hex[:8]}"
         return r
 
     def _claimed(self, step_key: str) -> StepRow:
         r = self.row(step_key)
-        return r if r.state == "running" else self.claim(step_key)
+        return r if r.state == StepState.RUNNING else self.claim(step_key)
 
     def _outcome(
         self,
@@ -496,13 +530,10 @@ class Sim:
         claimed = self._claimed(step_key)
         with self._locked() as tx:
             row = self.row(step_key)
-            if row.state != "running" or row.attempt != claimed.attempt:
+            if row.state != StepState.RUNNING or row.attempt != claimed.attempt:
                 raise Fenced
             update(tx, row)
-            allowed = (
-                ("compensating",) if row.kind == "compensation" else ("running", "compensating")
-            )
-            if tx.run.state not in allowed:
+            if not may_journal_outcome(row.kind, tx.run.state):
                 raise Fenced
             body(tx, row)
 
@@ -515,7 +546,7 @@ class Sim:
         text = json.dumps(result) if result_json is None else result_json
 
         def update(tx: MemoryRunTx, row: StepRow) -> None:
-            row.state, row.result, row.error = "completed", json.loads(text), None
+            row.state, row.result, row.error = StepState.COMPLETED, json.loads(text), None
             row.completed_seq = self.db.next_completion()
             row.lease_owner = None
 
@@ -525,7 +556,7 @@ class Sim:
                     row.step_key,
                     row.step_name,
                     row.kind,
-                    "completed",
+                    StepState.COMPLETED,
                     None,
                     json.loads(text),
                     None,
@@ -553,9 +584,9 @@ class Sim:
 
         def update(tx: MemoryRunTx, row: StepRow) -> None:
             retried = retry_in is not None and (
-                row.kind == "compensation" or tx.run.state == "running"
+                row.kind == StepKind.COMPENSATION or tx.run.state == RunState.RUNNING
             )
-            row.state = "pending" if retried else "failed"
+            row.state = StepState.PENDING if retried else StepState.FAILED
             row.error = {
                 "type": error_type,
                 "message": message,
@@ -566,7 +597,7 @@ class Sim:
             row.lease_owner = None
 
         def outcome(tx: MemoryRunTx, row: StepRow) -> None:
-            if row.state == "failed":
+            if row.state == StepState.FAILED:
                 self._advance(tx)
 
         self._outcome(step_key, update, outcome)
@@ -576,10 +607,9 @@ class Sim:
     def redispatch(self, step_key: str) -> None:
         """REDISPATCH_DUE for one open step, as if its time had come."""
         r = self.row(step_key)
-        wanted = "compensating" if r.kind == "compensation" else "running"
-        if r.state not in OPEN_STATES or self.run.state != wanted:
+        if r.state not in OPEN_STEP_STATES or self.run.state != claim_run_state(r.kind):
             raise Refused(f"step {step_key!r} is {r.state}, run {self.run.state}; not due")
-        r.state = "dispatched"
+        r.state = StepState.DISPATCHED
         self.db.outbox.append(step_message("saga", self.run_id, step_key, {}))
 
     def expire_lease(self, step_key: str, *, run_advance: bool = True) -> None:
@@ -588,10 +618,11 @@ class Sim:
         task it queues runs too (unless ``run_advance`` is False)."""
         with self._locked() as tx:
             r = self.row(step_key)
-            if r.state != "running":
+            if r.state != StepState.RUNNING:
                 raise Refused(f"step {step_key!r} is {r.state}; no lease to expire")
-            undoing = tx.run.state != "running" and r.kind != "compensation"
-            r.state = "failed" if r.attempt >= r.max_attempts or undoing else "pending"
+            undoing = tx.run.state != RunState.RUNNING and r.kind != StepKind.COMPENSATION
+            failed = r.attempt >= r.max_attempts or undoing
+            r.state = StepState.FAILED if failed else StepState.PENDING
             r.error = {
                 "type": "LeaseExpired",
                 "attempt": r.attempt,
@@ -599,20 +630,20 @@ class Sim:
                 f"(lease expired)",
             }
             r.due_in, r.lease_owner = 0.0, None
-            if r.state == "failed":
+            if r.state == StepState.FAILED:
                 tx.advance_later()
-        if r.state == "failed" and run_advance:
+        if r.state == StepState.FAILED and run_advance:
             self.advance()
 
     def fire_timer(self, step_key: str) -> None:
         """A sleep is over: the sweeper dispatches the timer step, a worker completes it."""
-        assert self.row(step_key).kind == "timer", f"{step_key!r} is not a timer"
+        assert self.row(step_key).kind == StepKind.TIMER, f"{step_key!r} is not a timer"
         self.redispatch(step_key)
         self.complete(step_key, result_json="null")
 
     def time_out_event(self, step_key: str) -> None:
         """An event wait timed out: dispatched by the sweeper, failed by a worker."""
-        assert self.row(step_key).kind == "event", f"{step_key!r} is not an event wait"
+        assert self.row(step_key).kind == StepKind.EVENT, f"{step_key!r} is not an event wait"
         self.redispatch(step_key)
         self.fail(
             step_key,
