@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, LiteralString
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 from psycopg.rows import class_row, dict_row
@@ -495,3 +495,10 @@ class PostgresStore:
         if row is None or row["seconds"] is None:
             return None
         return max(0.0, float(row["seconds"]))
+
+
+if TYPE_CHECKING:  # mypy checks here that PostgresStore is a store_protocol.Store
+    from saga.store_protocol import Store
+
+    def _is_a_store(store: PostgresStore) -> Store:
+        return store

@@ -29,11 +29,16 @@ wait falls due), ``send_event`` (send_event, then the advance task it queues), `
 (expire_leases for one step) and ``advance`` (an advance task). Every call is one transaction:
 when it raises, the in-memory state is rolled back (the completion sequence, like a Postgres
 sequence, is not). Nothing here calls a step function: tests decide each step's outcome.
+
+``MemoryStore`` is the twin of ``PostgresStore`` itself (``saga.store_protocol.Store``), with an
+explicit clock (``MemoryDB.clock``) for due times and leases. ``tests/contract`` runs the same
+cases against it and against Postgres, so what this module claims to mirror is checked.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 import math
 import uuid
@@ -45,11 +50,15 @@ from typing import Any
 from saga import coordinator
 from saga.coordinator import JournalRow, NewStep, RunView, advance_message, step_message
 from saga.definition import Saga
+from saga.errors import RunConflictError, RunNotFoundError
 from saga.outbox.message import OutboxMessage
 from saga.records import (
+    Claim,
     Fenced,
     OperatorError,
+    RunRecord,
     RunTransitionError,
+    StepRecord,
 )
 from saga.states import (
     FINAL_RUN_STATES,
@@ -650,3 +659,382 @@ class Sim:
             coordinator.EVENT_TIMEOUT,
             f"no event {self.row(step_key).step_name!r} arrived in time",
         )
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+_EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def _at(seconds: float | None) -> dt.datetime | None:
+    return None if seconds is None else _EPOCH + dt.timedelta(seconds=seconds)
+
+
+class MemoryStore:
+    """``saga.store_protocol.Store`` over a ``MemoryDB``, statement for statement as
+    ``PostgresStore`` (the contract suite, tests/contract, runs the same cases on both). Time is
+    ``db.clock``: nothing falls due or expires until a test moves it on."""
+
+    def __init__(
+        self, db: MemoryDB | None = None, *, queue: str = "saga", dispatch_timeout: float = 30.0
+    ) -> None:
+        self.db = MemoryDB() if db is None else db
+        self._queue = queue
+        self._dispatch_timeout = dispatch_timeout
+        self.transactions: list[MemoryRunTx] = []
+
+    def _view(self, run_id: str) -> RunView:
+        r = self.db.runs[run_id]
+        return RunView(
+            r.run_id,
+            r.state,
+            r.saga_name,
+            r.saga_ref,
+            r.saga_version,
+            copy.deepcopy(r.input),
+            copy.deepcopy(r.error),
+            dict(r.trace_context),
+        )
+
+    @contextmanager
+    def _locked(self, run_id: str) -> Iterator[MemoryRunTx]:
+        """A transaction holding the run's lock (LOCK_RUN): rolled back if the body raises;
+        its messages go to the outbox when it commits."""
+        if run_id not in self.db.runs:
+            raise RunNotFoundError(f"no run has id {run_id!r}")
+        saved = copy.deepcopy((self.db.runs, self.db.steps, self.db.events))
+        tx = MemoryRunTx(self.db, self._view(run_id), self._queue, self._dispatch_timeout)
+        try:
+            yield tx
+        except BaseException:
+            self.db.runs, self.db.steps, self.db.events = saved
+            raise
+        self.db.outbox.extend(tx.messages)
+        self.transactions.append(tx)
+
+    def _step(self, run_id: str, step_key: str) -> StepRow | None:
+        return self.db.steps.get((run_id, step_key))
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        run_id: str,
+        saga_name: str,
+        saga_ref: str,
+        saga_version: str,
+        input_json: str,
+        trace_context: Mapping[str, str],
+        timeout: float | None,
+        start: Callable[[Any], None],
+    ) -> bool:
+        existing = self.db.runs.get(run_id)
+        if existing is not None:  # INSERT_RUN ... ON CONFLICT DO NOTHING
+            if existing.saga_name != saga_name or existing.input != json.loads(input_json):
+                raise RunConflictError(
+                    f"run id {run_id!r} is taken by a run of saga {existing.saga_name!r} with "
+                    f"another input"
+                )
+            return False
+        self.db.runs[run_id] = RunRow(
+            run_id, saga_name, saga_ref, saga_version, json.loads(input_json),
+            trace_context=dict(trace_context),
+        )  # fmt: skip
+        try:
+            with self._locked(run_id) as tx:
+                start(tx)
+        except BaseException:
+            del self.db.runs[run_id]
+            raise
+        return True
+
+    def get_run(self, run_id: str) -> RunRecord:
+        r = self.db.runs.get(run_id)
+        if r is None:
+            raise RunNotFoundError(f"no run has id {run_id!r}")
+        now = _at(self.db.clock)
+        assert now is not None
+        return RunRecord(
+            run_id=r.run_id,
+            saga_name=r.saga_name,
+            saga_ref=r.saga_ref,
+            saga_version=r.saga_version,
+            state=r.state,
+            input=_jsonb(r.input),
+            result=_jsonb(r.result),
+            error=_jsonb(r.error),
+            created_at=_EPOCH,
+            updated_at=now,
+            finished_at=now if r.finished else None,
+        )
+
+    def get_steps(self, run_id: str) -> list[StepRecord]:
+        return [
+            StepRecord(
+                step_key=r.step_key,
+                step_name=r.step_name,
+                kind=r.kind,
+                seq=r.seq,
+                state=r.state,
+                attempt=r.attempt,
+                max_attempts=r.max_attempts,
+                idempotency_key=r.idempotency_key,
+                result=_jsonb(r.result),
+                error=_jsonb(r.error),
+                created_at=_EPOCH + dt.timedelta(seconds=r.created_at),
+                started_at=_at(r.attempt_started_at),
+                attempt_started_at=_at(r.attempt_started_at),
+                finished_at=_at(r.finished_at),
+            )
+            for r in self.db.rows(run_id)
+        ]
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def claim_step(
+        self,
+        run_id: str,
+        step_key: str,
+        *,
+        owner: str,
+        lease: float,
+        published: Sequence[uuid.UUID] = (),
+    ) -> Claim | None:
+        """CLAIM_STEP: a dispatched step, a pending one whose time has come, or the same
+        owner's running one, of a kind its run's state lets run."""
+        r, run = self._step(run_id, step_key), self.db.runs.get(run_id)
+        if r is None or run is None or not may_claim(r.kind, run.state):
+            return None
+        due = r.state == StepState.PENDING and r.due_at <= self.db.clock
+        again = r.state == StepState.RUNNING and r.lease_owner == owner
+        if not (r.state == StepState.DISPATCHED or due or again):
+            return None
+        r.state, r.attempt, r.lease_owner = StepState.RUNNING, r.attempt + 1, owner
+        r.lease_expires_at = self.db.clock + lease
+        r.attempt_started_at = self.db.clock
+        error = r.error or {}
+        return Claim(
+            run_id=run_id,
+            step_key=step_key,
+            step_name=r.step_name,
+            kind=r.kind,
+            attempt=r.attempt,
+            max_attempts=r.max_attempts,
+            idempotency_key=r.idempotency_key,
+            input=_jsonb(r.input),
+            fn_ref=r.fn_ref,
+            options=_jsonb(r.options),
+            run_input=_jsonb(run.input),
+            saga_name=run.saga_name,
+            trace_context=dict(run.trace_context),
+            scheduled_at=_EPOCH + dt.timedelta(seconds=r.created_at),
+            saga_ref=run.saga_ref,
+            previous_failed_at=error.get("failed_at"),
+            previous_error_type=error.get("type"),
+        )
+
+    def _outcome(
+        self,
+        claim: Claim,
+        update: Callable[[MemoryRunTx, StepRow], None],
+        body: Callable[[MemoryRunTx, StepRow], None],
+    ) -> list[OutboxMessage]:
+        """store._outcome: the run lock, the fenced row update, the run-state check (Fenced
+        rolls the update back), then the body in the same transaction."""
+        with self._locked(claim.run_id) as tx:
+            row = self._step(claim.run_id, claim.step_key)
+            if row is None or row.state != StepState.RUNNING or row.attempt != claim.attempt:
+                raise Fenced
+            update(tx, row)
+            if not may_journal_outcome(row.kind, tx.run.state):
+                raise Fenced
+            body(tx, row)
+        return tx.messages
+
+    def complete_step(
+        self,
+        claim: Claim,
+        result_json: str,
+        advance: Callable[[Any], None],
+        *,
+        fast_path_delay: float,
+        read_journal: bool = False,
+    ) -> list[OutboxMessage]:
+        def update(tx: MemoryRunTx, row: StepRow) -> None:  # COMPLETE_STEP
+            row.state, row.result, row.error = StepState.COMPLETED, json.loads(result_json), None
+            row.completed_seq = self.db.next_completion()
+            row.lease_owner, row.lease_expires_at = None, None
+            row.finished_at = self.db.clock
+
+        def body(tx: MemoryRunTx, row: StepRow) -> None:
+            tx.completed = JournalRow(
+                row.step_key,
+                row.step_name,
+                row.kind,
+                StepState.COMPLETED,
+                None,
+                json.loads(result_json),
+                None,
+                None,
+                None,
+                options=_jsonb(row.options),
+                attempt=row.attempt,
+                result_json=result_json,
+            )
+            advance(tx)
+
+        return self._outcome(claim, update, body)
+
+    def fail_attempt(
+        self,
+        claim: Claim,
+        error: Mapping[str, Any],
+        *,
+        retry_in: float | None,
+        advance: Callable[[Any], None],
+        fast_path_delay: float = 0.0,
+        read_journal: bool = False,
+    ) -> list[OutboxMessage]:
+        def update(tx: MemoryRunTx, row: StepRow) -> None:  # FAIL_ATTEMPT
+            retried = retry_in is not None and (
+                row.kind == StepKind.COMPENSATION or tx.run.state == RunState.RUNNING
+            )
+            row.state = StepState.PENDING if retried else StepState.FAILED
+            row.error = _jsonb({**error, "retryable": retry_in is not None})
+            row.due_at = self.db.clock + (retry_in or 0.0)
+            row.finished_at = None if retried else self.db.clock
+            row.lease_owner, row.lease_expires_at = None, None
+
+        def body(tx: MemoryRunTx, row: StepRow) -> None:
+            if row.state == StepState.FAILED:
+                advance(tx)
+
+        return self._outcome(claim, update, body)
+
+    def advance_run(self, run_id: str, advance: Callable[[Any], None]) -> None:
+        with self._locked(run_id) as tx:
+            advance(tx)
+
+    # -- events and operators -------------------------------------------------------------------
+
+    def send_event(self, run_id: str, name: str, payload: Any) -> bool:
+        with self._locked(run_id) as tx:
+            if tx.run.state != RunState.RUNNING:
+                raise OperatorError(f"run {run_id!r} is {tx.run.state}; it takes no events")
+            waiting = [
+                r
+                for r in self.db.rows(run_id)
+                if r.kind == StepKind.EVENT and r.step_name == name and r.state == StepState.WAITING
+            ]
+            if not waiting:  # STORE_EVENT
+                self.db.events.append(EventRow(run_id, name, _jsonb(payload)))
+                return False
+            r = waiting[0]  # DELIVER_EVENT: the oldest wait
+            r.state, r.result = StepState.COMPLETED, _jsonb(payload)
+            r.completed_seq, r.finished_at = self.db.next_completion(), self.db.clock
+            r.due_at = self.db.clock
+            tx.advance_later()
+            return True
+
+    def stop_run(self, run_id: str, stop: Callable[[Any], None]) -> None:
+        with self._locked(run_id) as tx:
+            if tx.run.state != RunState.RUNNING:
+                raise OperatorError(
+                    f"run {run_id!r} is {tx.run.state}; only a running run can be cancelled"
+                )
+            stop(tx)
+
+    def retry_run(self, run_id: str) -> None:
+        """REOPEN_RUN and RETRY_FAILED_STEPS, then an advance message."""
+        kinds: tuple[StepKind, ...]
+        with self._locked(run_id) as tx:
+            if tx.run.state == RunState.FAILED:
+                kinds, state = (StepKind.ACTION, StepKind.TIMER, StepKind.EVENT), RunState.RUNNING
+            elif tx.run.state == RunState.COMPENSATION_FAILED:
+                kinds, state = (StepKind.COMPENSATION,), RunState.COMPENSATING
+            else:
+                raise OperatorError(
+                    f"run {run_id!r} is {tx.run.state}; only failed or "
+                    f"compensation_failed runs can be retried"
+                )
+            run = self.db.runs[run_id]
+            run.error = run.error if state == RunState.COMPENSATING else None
+            _transition(run, state)
+            for r in self.db.rows(run_id):
+                if r.kind not in kinds:
+                    continue
+                if r.state == StepState.FAILED:
+                    r.state, r.max_attempts = StepState.DISPATCHED, r.attempt + r.max_attempts
+                elif r.state == StepState.CANCELLED and r.kind != StepKind.COMPENSATION:
+                    r.state = INITIAL_STEP_STATE[StepKind(r.kind)]
+                else:
+                    continue
+                r.error, r.finished_at = None, None
+                if r.state == StepState.DISPATCHED:
+                    r.due_at = self.db.clock + self._dispatch_timeout
+                    tx.messages.append(
+                        step_message(
+                            r.options.get("queue") or self._queue,
+                            run_id,
+                            r.step_key,
+                            tx.run.trace_context,
+                        )
+                    )
+            tx.advance_later()
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    def expire_leases(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        """SELECT_EXPIRED_LEASES, then EXPIRE_LEASE for each under its run's lock."""
+        expired: list[tuple[str, str, str]] = []
+        lost = sorted(
+            (
+                r
+                for r in self.db.steps.values()
+                if r.state == StepState.RUNNING
+                and r.lease_expires_at is not None
+                and r.lease_expires_at < self.db.clock
+            ),
+            key=lambda r: r.lease_expires_at or 0.0,
+        )[:limit]
+        for run_id, step_key, attempt in [(r.run_id, r.step_key, r.attempt) for r in lost]:
+            with self._locked(run_id) as tx:
+                r = self.db.steps[(run_id, step_key)]
+                undoing = tx.run.state != RunState.RUNNING and r.kind != StepKind.COMPENSATION
+                failed = r.attempt >= r.max_attempts or undoing
+                r.state = StepState.FAILED if failed else StepState.PENDING
+                r.error = {
+                    "type": "LeaseExpired",
+                    "attempt": attempt,
+                    "message": f"attempt {attempt} of step {step_key!r} lost its worker "
+                    f"(lease expired)",
+                }
+                r.due_at, r.lease_owner, r.lease_expires_at = self.db.clock, None, None
+                r.finished_at = self.db.clock if failed else None
+                if failed:
+                    tx.advance_later()
+                expired.append((run_id, step_key, r.state))
+        return expired
+
+    def redispatch_due(self, limit: int = 500) -> int:
+        """REDISPATCH_DUE: open steps whose time has come, of a kind their run's state runs."""
+        due = sorted(
+            (
+                r
+                for r in self.db.steps.values()
+                if r.state in OPEN_STEP_STATES
+                and r.due_at <= self.db.clock
+                and self.db.runs[r.run_id].state == claim_run_state(r.kind)
+            ),
+            key=lambda r: r.due_at,
+        )[:limit]
+        for r in due:
+            r.state, r.due_at = StepState.DISPATCHED, self.db.clock + self._dispatch_timeout
+            run = self.db.runs[r.run_id]
+            self.db.outbox.append(
+                step_message(
+                    r.options.get("queue") or self._queue, r.run_id, r.step_key, run.trace_context
+                )
+            )
+        return len(due)
