@@ -1,16 +1,17 @@
 """An in-memory twin of the Postgres store, for coordinator tests without services.
 
-``MemoryRunTx`` mirrors ``saga.store.RunTransaction`` (the real ``coordinator.RunTx``) over
-Python dicts, statement for statement:
+``MemoryRunTx`` mirrors ``saga.run_transaction.RunTransaction`` (the real
+``coordinator.RunTx``) over Python dicts, statement for statement:
 
 - ``schedule`` inserts journal rows numbered after the run's last (``seq``), in the state the
   ``NewStep`` asks for (dispatched | pending | waiting), ``ON CONFLICT (run_id, step_key) DO
   NOTHING``; a dispatched step's task message is queued even when its row existed already (the
   claim fences the duplicate), and ``idempotency_key`` is unique across all runs, as in the
   schema (a clash raises, as the INSERT would).
-- ``finish`` sets the run's state (only from running/compensating; the error is kept when none
-  is given) and cancels its open non-compensation steps (pending, dispatched, waiting). It does
-  not change ``tx.run``, just as the store does not.
+- ``finish`` sets the run's state (a transition ``saga.states`` does not allow raises
+  RunTransitionError, as the guarded FINISH_RUN does; the error is kept when none is given) and
+  cancels its open non-compensation steps (pending, dispatched, waiting). It does not change
+  ``tx.run``, just as the store does not.
 - ``begin_compensation`` moves running -> compensating with the error, cancels open steps and
   updates ``tx.run``.
 - ``consume_event`` takes the oldest unconsumed event of that name; ``record_event`` journals an
@@ -19,7 +20,11 @@ Python dicts, statement for statement:
   values round-tripped through JSON as jsonb would. Its ``replay`` flag only matters to tracing,
   which the twin does not do.
 
-``Sim`` plays the workers, the sweeper and the client on one run, mirroring ``PostgresStore``:
+``MemoryStore`` is the twin of ``PostgresStore`` itself (``saga.store_protocol.Store``), with an
+explicit clock (``MemoryDB.clock``) for due times and leases. ``tests/contract`` runs the same
+cases against it and against Postgres, so what this module claims to mirror is checked.
+
+``Sim`` plays the workers, the sweeper and the client on one run, through a ``MemoryStore``:
 ``start`` (create_run + advance, as ``SagaClient.start``), ``claim`` (CLAIM_STEP),
 ``complete`` / ``fail`` (complete_step / fail_attempt: the fenced row update, then
 ``coordinator.advance`` in the same transaction, with ``tx.completed`` set for completions),
@@ -29,10 +34,6 @@ wait falls due), ``send_event`` (send_event, then the advance task it queues), `
 (expire_leases for one step) and ``advance`` (an advance task). Every call is one transaction:
 when it raises, the in-memory state is rolled back (the completion sequence, like a Postgres
 sequence, is not). Nothing here calls a step function: tests decide each step's outcome.
-
-``MemoryStore`` is the twin of ``PostgresStore`` itself (``saga.store_protocol.Store``), with an
-explicit clock (``MemoryDB.clock``) for due times and leases. ``tests/contract`` runs the same
-cases against it and against Postgres, so what this module claims to mirror is checked.
 """
 
 from __future__ import annotations
@@ -252,8 +253,9 @@ class MemoryRunTx:
                     )
                 )
             if s.state == StepState.DISPATCHED:
+                queue = s.options.get("queue") or self._queue
                 self.messages.append(
-                    step_message(self._queue, self.run.run_id, s.step_key, self.run.trace_context)
+                    step_message(queue, self.run.run_id, s.step_key, self.run.trace_context)
                 )
 
     def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]:
@@ -338,7 +340,8 @@ class Sim:
         self.saga_version = definition.version_tag if saga_version is None else saga_version
         self.fast_path = fast_path
         self.db = MemoryDB() if db is None else db
-        self.transactions: list[MemoryRunTx] = []  # every transaction that ran advance or stop
+        self.transactions: list[MemoryRunTx] = []  # every committed transaction, in order
+        self._claims: dict[str, Claim] = {}  # the latest claim of each step
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -379,7 +382,11 @@ class Sim:
             if m.task_name == coordinator.STEP_TASK and m.payload["run_id"] == self.run_id
         ]
 
-    # -- transactions -------------------------------------------------------------------------
+    # -- transactions: each one a MemoryStore call, as PostgresStore does it --------------------
+
+    @property
+    def store(self) -> MemoryStore:
+        return MemoryStore(self.db, transactions=self.transactions)
 
     def _load(self, ref: str) -> Definition:
         return self.definition
@@ -397,21 +404,6 @@ class Sim:
             dict(r.trace_context),
         )
 
-    @contextmanager
-    def _locked(self) -> Iterator[MemoryRunTx]:
-        """A transaction holding the run's lock: rolled back if the body raises."""
-        saved = (copy.deepcopy(self.db.runs), copy.deepcopy(self.db.steps))
-        saved_events = copy.deepcopy(self.db.events)
-        tx = MemoryRunTx(self.db, self.view())
-        try:
-            yield tx
-        except BaseException:
-            self.db.runs, self.db.steps = saved
-            self.db.events = saved_events
-            raise
-        self.db.outbox.extend(tx.messages)
-        self.transactions.append(tx)
-
     def _advance(self, tx: MemoryRunTx) -> None:
         coordinator.advance(tx, self._load)
 
@@ -421,57 +413,33 @@ class Sim:
         """SagaClient.start: validate the input, create the run, advance it, one transaction."""
         if self.run_id in self.db.runs:
             return self
-        input_json = self.definition.validate_input(self.input)
-        self.db.runs[self.run_id] = RunRow(
-            self.run_id,
-            self.definition.name,
-            f"memory:{self.definition.name}",
-            self.saga_version,
-            json.loads(input_json),
+        self.store.create_run(
+            run_id=self.run_id,
+            saga_name=self.definition.name,
+            saga_ref=f"memory:{self.definition.name}",
+            saga_version=self.saga_version,
+            input_json=self.definition.validate_input(self.input),
+            trace_context={},
+            timeout=None,
+            start=self._advance,
         )
-        try:
-            with self._locked() as tx:
-                self._advance(tx)
-        except BaseException:
-            del self.db.runs[self.run_id]
-            raise
         return self
 
     def advance(self) -> None:
         """An advance task (store.advance_run)."""
-        with self._locked() as tx:
-            self._advance(tx)
+        self.store.advance_run(self.run_id, self._advance)
 
     def send_event(self, name: str, payload: Any = None, *, run_advance: bool = True) -> bool:
         """store.send_event; when it completed a waiting step, the advance task it queued runs
         too (unless ``run_advance`` is False)."""
-        with self._locked() as tx:
-            if tx.run.state != RunState.RUNNING:
-                raise OperatorError(f"run {self.run_id!r} is {tx.run.state}; it takes no events")
-            waiting = [
-                r
-                for r in self.rows()
-                if r.kind == StepKind.EVENT and r.step_name == name and r.state == StepState.WAITING
-            ]
-            if waiting:  # DELIVER_EVENT: the oldest wait
-                r = waiting[0]
-                r.state, r.result = StepState.COMPLETED, _jsonb(payload)
-                r.completed_seq = self.db.next_completion()
-                tx.advance_later()
-            else:  # STORE_EVENT
-                self.db.events.append(EventRow(self.run_id, name, _jsonb(payload)))
-        if waiting and run_advance:
+        delivered = self.store.send_event(self.run_id, name, payload)
+        if delivered and run_advance:
             self.advance()
-        return bool(waiting)
+        return delivered
 
     def stop(self, error: Mapping[str, Any]) -> None:
         """store.stop_run with coordinator.stop (cancel, or the sweeper's deadline)."""
-        with self._locked() as tx:
-            if tx.run.state != RunState.RUNNING:
-                raise OperatorError(
-                    f"run {self.run_id!r} is {tx.run.state}; only a running run can be cancelled"
-                )
-            coordinator.stop(tx, error)
+        self.store.stop_run(self.run_id, lambda tx: coordinator.stop(tx, error))
 
     def cancel(self, reason: str = "cancelled by an operator") -> None:
         """SagaClient.cancel."""
@@ -479,105 +447,45 @@ class Sim:
 
     def retry(self, *, run_advance: bool = True) -> None:
         """store.retry_run (REOPEN_RUN, RETRY_FAILED_STEPS), then the advance task it queues."""
-        kinds: tuple[StepKind, ...]
-        with self._locked() as tx:
-            if tx.run.state == RunState.FAILED:
-                kinds, state = (StepKind.ACTION, StepKind.TIMER, StepKind.EVENT), RunState.RUNNING
-            elif tx.run.state == RunState.COMPENSATION_FAILED:
-                kinds, state = (StepKind.COMPENSATION,), RunState.COMPENSATING
-            else:
-                raise OperatorError(f"run {self.run_id!r} is {tx.run.state}; cannot retry it")
-            run = self.run
-            run.error = run.error if state == RunState.COMPENSATING else None
-            _transition(run, state)  # REOPEN_RUN
-            for r in self.rows():
-                if r.kind not in kinds:
-                    continue
-                if r.state == StepState.FAILED:
-                    r.state, r.max_attempts, r.error = (
-                        StepState.DISPATCHED,
-                        r.attempt + r.max_attempts,
-                        None,
-                    )
-                elif r.state == StepState.CANCELLED and r.kind != StepKind.COMPENSATION:
-                    # as RETRY_FAILED_STEPS: reopened as they were scheduled
-                    r.state = INITIAL_STEP_STATE[StepKind(r.kind)]
-                    r.error = None
-                else:
-                    continue
-                if r.state == StepState.DISPATCHED:
-                    tx.messages.append(step_message("saga", self.run_id, r.step_key, {}))
-            tx.advance_later()
+        self.store.retry_run(self.run_id)
         if run_advance:
             self.advance()
 
     # -- the workers --------------------------------------------------------------------------
 
     def claim(self, step_key: str) -> StepRow:
-        """CLAIM_STEP: a dispatched step (of the kind the run's state allows) starts running."""
-        r = self.row(step_key)
-        if not may_claim(r.kind, self.run.state) or r.state != StepState.DISPATCHED:
+        """store.claim_step by a new worker; Refused when the store returns no claim."""
+        row = self.row(step_key)
+        claim = self.store.claim_step(
+            self.run_id, step_key, owner=f"worker:{uuid.uuid4().hex[:8]}", lease=30.0
+        )
+        if claim is None:
             raise Refused(
-                f"step {step_key!r} is {r.state} and the run is {self.run.state}; not claimable"
+                f"step {step_key!r} is {row.state} and the run is {self.run.state}; not claimable"
             )
-        r.state, r.attempt = StepState.RUNNING, r.attempt + 1
-        r.lease_owner = f"worker:{uuid.uuid4().hex[:8]}"
-        return r
+        self._claims[step_key] = claim
+        return self.row(step_key)
 
-    def _claimed(self, step_key: str) -> StepRow:
-        r = self.row(step_key)
-        return r if r.state == StepState.RUNNING else self.claim(step_key)
-
-    def _outcome(
-        self,
-        step_key: str,
-        update: Callable[[MemoryRunTx, StepRow], None],
-        body: Callable[[MemoryRunTx, StepRow], None],
-    ) -> None:
-        """store._outcome: lock the run, the fenced row update, the run-state check (raising
-        Fenced rolls the update back), then the body (the coordinator) in the same transaction."""
-        claimed = self._claimed(step_key)
-        with self._locked() as tx:
-            row = self.row(step_key)
-            if row.state != StepState.RUNNING or row.attempt != claimed.attempt:
-                raise Fenced
-            update(tx, row)
-            if not may_journal_outcome(row.kind, tx.run.state):
-                raise Fenced
-            body(tx, row)
+    def _claimed(self, step_key: str) -> Claim:
+        """The claim of the step's running attempt, claiming the step first if it is not."""
+        if self.row(step_key).state != StepState.RUNNING:
+            self.claim(step_key)
+        return self._claims[step_key]
 
     def complete(
         self, step_key: str, result: Any = None, *, result_json: str | None = None
     ) -> None:
-        """A worker journals the step's result (claiming it first if it is dispatched);
-        store.complete_step: completed with a new completed_seq, then advance with
-        ``tx.completed`` set."""
+        """A worker journals the step's result (claiming it first if it is dispatched):
+        store.complete_step, which advances the run with ``tx.completed`` set (unset when the
+        Sim was made with ``fast_path=False``)."""
         text = json.dumps(result) if result_json is None else result_json
 
-        def update(tx: MemoryRunTx, row: StepRow) -> None:
-            row.state, row.result, row.error = StepState.COMPLETED, json.loads(text), None
-            row.completed_seq = self.db.next_completion()
-            row.lease_owner = None
-
-        def outcome(tx: MemoryRunTx, row: StepRow) -> None:
-            if self.fast_path:
-                tx.completed = JournalRow(
-                    row.step_key,
-                    row.step_name,
-                    row.kind,
-                    StepState.COMPLETED,
-                    None,
-                    json.loads(text),
-                    None,
-                    None,
-                    None,
-                    options=_jsonb(row.options),
-                    attempt=row.attempt,
-                    result_json=text,
-                )
+        def advance(tx: MemoryRunTx) -> None:
+            if not self.fast_path:
+                tx.completed = None
             self._advance(tx)
 
-        self._outcome(step_key, update, outcome)
+        self.store.complete_step(self._claimed(step_key), text, advance, fast_path_delay=0.0)
 
     def fail(
         self,
@@ -587,29 +495,12 @@ class Sim:
         *,
         retry_in: float | None = None,
     ) -> None:
-        """A worker journals a failed attempt (claiming the step first if it is dispatched);
-        store.fail_attempt: back to pending when retried (actions only while the run runs),
+        """A worker journals a failed attempt (claiming the step first if it is dispatched):
+        store.fail_attempt, back to pending when retried (actions only while the run runs),
         else failed for good and the run advances."""
-
-        def update(tx: MemoryRunTx, row: StepRow) -> None:
-            retried = retry_in is not None and (
-                row.kind == StepKind.COMPENSATION or tx.run.state == RunState.RUNNING
-            )
-            row.state = StepState.PENDING if retried else StepState.FAILED
-            row.error = {
-                "type": error_type,
-                "message": message,
-                "attempt": row.attempt,
-                "retryable": retry_in is not None,
-            }
-            row.due_in = retry_in or 0.0
-            row.lease_owner = None
-
-        def outcome(tx: MemoryRunTx, row: StepRow) -> None:
-            if row.state == StepState.FAILED:
-                self._advance(tx)
-
-        self._outcome(step_key, update, outcome)
+        claim = self._claimed(step_key)
+        error = {"type": error_type, "message": message, "attempt": claim.attempt}
+        self.store.fail_attempt(claim, error, retry_in=retry_in, advance=self._advance)
 
     # -- the sweeper --------------------------------------------------------------------------
 
@@ -622,26 +513,15 @@ class Sim:
         self.db.outbox.append(step_message("saga", self.run_id, step_key, {}))
 
     def expire_lease(self, step_key: str, *, run_advance: bool = True) -> None:
-        """store.expire_leases for one running step whose worker died (EXPIRE_LEASE): back to
-        pending, or failed once its attempts are used up, and then (failed only) the advance
+        """store.expire_leases once this running step's lease has run out (EXPIRE_LEASE): back
+        to pending, or failed once its attempts are used up, and then (failed only) the advance
         task it queues runs too (unless ``run_advance`` is False)."""
-        with self._locked() as tx:
-            r = self.row(step_key)
-            if r.state != StepState.RUNNING:
-                raise Refused(f"step {step_key!r} is {r.state}; no lease to expire")
-            undoing = tx.run.state != RunState.RUNNING and r.kind != StepKind.COMPENSATION
-            failed = r.attempt >= r.max_attempts or undoing
-            r.state = StepState.FAILED if failed else StepState.PENDING
-            r.error = {
-                "type": "LeaseExpired",
-                "attempt": r.attempt,
-                "message": f"attempt {r.attempt} of step {step_key!r} lost its worker "
-                f"(lease expired)",
-            }
-            r.due_in, r.lease_owner = 0.0, None
-            if r.state == StepState.FAILED:
-                tx.advance_later()
-        if r.state == StepState.FAILED and run_advance:
+        r = self.row(step_key)
+        if r.state != StepState.RUNNING:
+            raise Refused(f"step {step_key!r} is {r.state}; no lease to expire")
+        r.lease_expires_at = self.db.clock - 1.0
+        [(_, _, state)] = self.store.expire_leases()
+        if state == StepState.FAILED and run_advance:
             self.advance()
 
     def fire_timer(self, step_key: str) -> None:
@@ -676,12 +556,17 @@ class MemoryStore:
     ``db.clock``: nothing falls due or expires until a test moves it on."""
 
     def __init__(
-        self, db: MemoryDB | None = None, *, queue: str = "saga", dispatch_timeout: float = 30.0
+        self,
+        db: MemoryDB | None = None,
+        *,
+        queue: str = "saga",
+        dispatch_timeout: float = 30.0,
+        transactions: list[MemoryRunTx] | None = None,
     ) -> None:
         self.db = MemoryDB() if db is None else db
         self._queue = queue
         self._dispatch_timeout = dispatch_timeout
-        self.transactions: list[MemoryRunTx] = []
+        self.transactions = [] if transactions is None else transactions  # committed ones
 
     def _view(self, run_id: str) -> RunView:
         r = self.db.runs[run_id]
