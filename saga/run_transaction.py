@@ -301,7 +301,7 @@ class RunTransaction:
         self.wait_over(Wait("event", delivered["step_key"], name, delivered["created_at"]))
         return True
 
-    def reopen(self, state: RunState, kinds: Sequence[StepKind], dispatch_timeout: float) -> None:
+    def reopen(self, state: RunState, kinds: Sequence[StepKind]) -> None:
         """Operator retry: the run back to ``state`` (guarded: from the state it is in now),
         its failed steps of ``kinds`` given new attempts, and the steps its failure cancelled
         reopened; the dispatched ones get their messages."""
@@ -322,7 +322,7 @@ class RunTransaction:
                 {
                     "run_id": self.run.run_id,
                     "kinds": list(kinds),
-                    "dispatch_timeout": dispatch_timeout,
+                    "dispatch_timeout": self._dispatch_timeout,
                 },
             )
             .fetchall()

@@ -4,6 +4,9 @@ One vocabulary for Python and SQL: the schema's CHECK lists and the literals the
 ``saga.queries`` use are checked against these enums by ``tests/unit/test_states.py``. They are
 ``StrEnum``s, so a state read back from Postgres as ``str`` compares equal to its member.
 
+The state machines below are the schema's (first written as the header comment of migration
+0001, which, applied, cannot change): every change is a guarded ``UPDATE ... WHERE state ...``.
+
 Runs::
 
     running -> completed | failed                       (the coordinator finishes it)

@@ -413,7 +413,7 @@ class PostgresStore:
                     f"run {run_id!r} is {tx.run.state}; only failed or "
                     f"compensation_failed runs can be retried"
                 )
-            tx.reopen(state, kinds, self._dispatch_timeout)
+            tx.reopen(state, kinds)
             tx.advance_later()
 
     def fork_run(
