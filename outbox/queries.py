@@ -23,6 +23,9 @@ WHERE id IN (
 
 # -- the relay (saga.outbox.relay) ---------------------------------------------------------------
 
+# Relays wake on saga_outbox_notify (migration 0001) for rows ready now.
+LISTEN_OUTBOX: LiteralString = "LISTEN saga_outbox"
+
 FETCH_BATCH: LiteralString = """
 SELECT id, message_id, destination, task_name, payload, headers, attempts FROM saga_outbox
 WHERE published_at IS NULL AND available_at <= now()

@@ -49,7 +49,7 @@ class Relay:
             self._conn = psycopg.connect(
                 self._conninfo, autocommit=True, application_name="saga-relay"
             )
-            self._conn.execute("LISTEN saga_outbox")
+            self._conn.execute(q.LISTEN_OUTBOX)
         return self._conn
 
     def close(self) -> None:

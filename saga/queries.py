@@ -10,6 +10,15 @@ from typing import LiteralString
 
 # -- the store (saga.store, saga.run_transaction) -----------------------------------------
 
+# A pipelined transaction is opened and committed by statements (not psycopg's transaction()),
+# so that BEGIN ... COMMIT end with one Sync; its commit is synchronous (the pool's is not).
+BEGIN: LiteralString = "BEGIN"
+SYNCHRONOUS_COMMIT_ON: LiteralString = "SET LOCAL synchronous_commit TO on"
+COMMIT: LiteralString = "COMMIT"
+
+# Waiters (wait_for_run) wake on saga_run_finished_notify (migration 0001).
+LISTEN_RUN_FINISHED: LiteralString = "LISTEN saga_run_finished"
+
 INSERT_RUN: LiteralString = """
 INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
                        deadline_at, queue)

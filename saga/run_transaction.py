@@ -61,10 +61,10 @@ def pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Cur
     block that raises is rolled back before the connection goes back to its pool."""
     try:
         with conn.pipeline(), conn.cursor() as cur:
-            cur.execute("BEGIN")
-            cur.execute("SET LOCAL synchronous_commit TO on")
+            cur.execute(q.BEGIN)
+            cur.execute(q.SYNCHRONOUS_COMMIT_ON)
             yield cur
-            cur.execute("COMMIT")
+            cur.execute(q.COMMIT)
     except BaseException:
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             with contextlib.suppress(psycopg.Error):

@@ -179,7 +179,7 @@ class PostgresStore:
             translated(f"waiting for run {run_id!r}"),
             psycopg.connect(str(self._pool.conninfo), autocommit=True) as conn,
         ):
-            conn.execute("LISTEN saga_run_finished")
+            conn.execute(q.LISTEN_RUN_FINISHED)
             while True:
                 run = self.get_run(run_id)
                 if run.finished:
