@@ -52,7 +52,9 @@ def _statements() -> dict[str, str]:
 
 
 def test_schema_check_lists_are_the_enums() -> None:
-    # saga_runs.state, saga_steps.state and saga_steps.kind, in that order in 0001.
+    # saga_runs.state, saga_steps.state and saga_steps.kind as 0001 creates them; a later
+    # migration that changes a list is checked against the database by tests/migration
+    # (test_check_constraints_are_the_state_enums reads pg_constraint).
     run_state = re.search(r"saga_runs \(.*?CHECK \(state IN \((.*?)\)\)", SCHEMA, re.S)
     step_state = re.search(r"saga_steps \(.*?CHECK \(state IN \((.*?)\)\)", SCHEMA, re.S)
     assert run_state and step_state
