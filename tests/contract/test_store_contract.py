@@ -62,6 +62,12 @@ def approval(ctx: WorkflowContext, value: Any) -> dict[str, Any]:
     return {"held": held, "decision": decision}
 
 
+@workflow("contract_nap")
+def nap(ctx: WorkflowContext, value: Any) -> str:
+    ctx.sleep(3600)
+    return "rested"
+
+
 Definition = Saga | Workflow[Any, Any]
 
 
@@ -430,6 +436,22 @@ def test_an_event_sent_before_the_wait_is_kept_for_it(backend: Backend) -> None:
     assert states(backend, run_id)["approval#2"] == StepState.COMPLETED
     with pytest.raises(OperatorError, match="takes no events"):
         backend.store.send_event(run_id, "approval", "late")
+
+
+def test_a_timer_falls_due_and_is_dispatched_then_completed(backend: Backend) -> None:
+    run_id = start(backend, nap, None)
+    [timer] = backend.store.get_steps(run_id)
+    assert (timer.kind, timer.state) == (StepKind.TIMER, StepState.PENDING)
+    assert claim(backend, run_id, timer.step_key) is None  # an hour to go
+    assert backend.store.redispatch_due() == 0
+    backend.fall_due(run_id, timer.step_key)
+    assert backend.store.redispatch_due() == 1
+    assert backend.outbox(run_id) == [(coordinator.STEP_TASK, timer.step_key)]
+    woke = claimed(backend, run_id, timer.step_key)
+    assert woke.kind == StepKind.TIMER
+    complete(backend, nap, woke, None)
+    run = backend.store.get_run(run_id)
+    assert (run.state, run.result) == (RunState.COMPLETED, "rested")
 
 
 def test_a_run_transition_from_a_final_state_is_refused(backend: Backend) -> None:
