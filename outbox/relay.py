@@ -16,37 +16,10 @@ from typing import Any, Protocol
 
 import psycopg
 
+from saga.outbox import queries as q
 from saga.outbox.message import OutboxMessage, StoredMessage
 
 log = logging.getLogger("saga.relay")
-
-_FETCH_BATCH = """
-SELECT id, message_id, destination, task_name, payload, headers, attempts FROM saga_outbox
-WHERE published_at IS NULL AND available_at <= now()
-ORDER BY id
-LIMIT %s
-FOR UPDATE SKIP LOCKED
-"""
-_MARK_PUBLISHED = """
-UPDATE saga_outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY(%s)
-"""
-_RECORD_FAILURE = """
-UPDATE saga_outbox
-SET attempts = attempts + 1, last_error = %s,
-    available_at = now() + least(60, power(2, attempts)) * interval '1 second'
-WHERE id = ANY(%s)
-"""
-_SECONDS_TO_NEXT = """
-SELECT extract(epoch FROM min(available_at) - now()) FROM saga_outbox WHERE published_at IS NULL
-"""
-_PRUNE = """
-DELETE FROM saga_outbox WHERE id IN (
-    SELECT id FROM saga_outbox WHERE published_at < now() - %s * interval '1 second' LIMIT 10000)
-"""
-_OLDEST_UNPUBLISHED_AGE = """
-SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0) FROM saga_outbox
-WHERE published_at IS NULL
-"""
 
 
 class Publisher(Protocol):
@@ -76,7 +49,7 @@ class Relay:
             self._conn = psycopg.connect(
                 self._conninfo, autocommit=True, application_name="saga-relay"
             )
-            self._conn.execute("LISTEN saga_outbox")
+            self._conn.execute(q.LISTEN_OUTBOX)
         return self._conn
 
     def close(self) -> None:
@@ -89,7 +62,7 @@ class Relay:
         conn = self._connection()
         try:
             with conn.transaction():
-                rows = conn.execute(_FETCH_BATCH, (self._batch_size,)).fetchall()
+                rows = conn.execute(q.FETCH_BATCH, (self._batch_size,)).fetchall()
                 if not rows:
                     return 0
                 batch = [
@@ -107,12 +80,12 @@ class Relay:
                     for r in rows
                 ]
                 self._publisher.publish([b.message for b in batch])
-                conn.execute(_MARK_PUBLISHED, ([b.id for b in batch],))
+                conn.execute(q.MARK_BATCH_PUBLISHED, ([b.id for b in batch],))
         except psycopg.Error:
             raise
         except Exception as exc:  # the broker failed: keep the rows, back off, go on
             log.warning("publishing %d outbox rows failed, will retry: %s", len(rows), exc)
-            conn.execute(_RECORD_FAILURE, (str(exc)[:2000], [r[0] for r in rows]))
+            conn.execute(q.RECORD_FAILURE, (str(exc)[:2000], [r[0] for r in rows]))
             return 0
         self.published += len(batch)
         return len(batch)
@@ -126,15 +99,15 @@ class Relay:
         return total
 
     def prune(self) -> int:
-        return self._connection().execute(_PRUNE, (self._retention,)).rowcount
+        return self._connection().execute(q.PRUNE, (self._retention,)).rowcount
 
     def lag_seconds(self) -> float:
         """Age of the oldest unpublished row (0 when none): the relay's backlog."""
-        row = self._connection().execute(_OLDEST_UNPUBLISHED_AGE).fetchone()
+        row = self._connection().execute(q.OLDEST_UNPUBLISHED_AGE).fetchone()
         return float(row[0]) if row else 0.0
 
     def _seconds_to_next(self) -> float | None:
-        row = self._connection().execute(_SECONDS_TO_NEXT).fetchone()
+        row = self._connection().execute(q.SECONDS_TO_NEXT).fetchone()
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
     def run(

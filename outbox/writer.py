@@ -9,12 +9,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from saga.outbox import queries as q
 from saga.outbox.message import OutboxMessage
-
-_INSERT = """
-INSERT INTO saga_outbox (message_id, destination, task_name, payload, headers, available_at)
-VALUES (%s, %s, %s, %s, %s, now() + %s * interval '1 second')
-"""
 
 
 def add_messages(
@@ -28,7 +24,7 @@ def add_messages(
     """
     if messages:
         cur.executemany(
-            _INSERT,
+            q.INSERT_MESSAGE,
             [
                 (
                     m.message_id,
@@ -43,19 +39,9 @@ def add_messages(
         )
 
 
-# Rows a relay has locked are being published by it: skipped, not waited for.
-_MARK_PUBLISHED = """
-UPDATE saga_outbox SET published_at = now(), attempts = attempts + 1
-WHERE id IN (
-    SELECT id FROM saga_outbox WHERE message_id = ANY(%s) AND published_at IS NULL
-    FOR UPDATE SKIP LOCKED
-)
-"""
-
-
 def mark_published(conn: psycopg.Connection[Any], message_ids: Sequence[uuid.UUID]) -> None:
     """Record rows published by a fast path. Run on a connection that commits asynchronously:
     losing this mark in a Postgres crash only means one duplicate publish later, which
     consumers already fence."""
     if message_ids:
-        conn.execute(_MARK_PUBLISHED, (list(message_ids),))
+        conn.execute(q.MARK_PUBLISHED_BY_MESSAGE_ID, (list(message_ids),))

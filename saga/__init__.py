@@ -19,9 +19,9 @@ from saga.errors import (
     WaitTimeoutError,
 )
 from saga.loader import load_definition
+from saga.records import RunRecord, StepRecord
 from saga.retry import RetryPolicy
 from saga.settings import Settings
-from saga.store import RunRecord, StepRecord
 from saga.workflow import (
     EventTimeout,
     NonDeterminismError,

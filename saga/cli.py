@@ -19,6 +19,7 @@ from saga import strict_json
 from saga.agent.llm import ModelSettings
 from saga.errors import ConfigurationError, InputError, SagaError
 from saga.settings import Settings, unknown_variables
+from saga.states import RunState
 
 ENV_HELP = (
     "environment: "
@@ -156,7 +157,7 @@ def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 json.dumps({"state": run.state, "result": run.result, "error": run.error}, indent=2)
             )
-            return 0 if run.state == "completed" else 1
+            return 0 if run.state == RunState.COMPLETED else 1
     return 0
 
 

@@ -13,8 +13,11 @@ from saga.definition import NAME
 from saga.errors import ConfigurationError, InputError, RunFailedError
 from saga.failures import ErrorType, error_record
 from saga.loader import Definition, load_definition
+from saga.records import RunRecord, StepRecord
+from saga.run_transaction import RunTransaction
 from saga.settings import Settings
-from saga.store import PostgresStore, RunRecord, RunTransaction, StepRecord, open_pool
+from saga.states import RunState
+from saga.store import PostgresStore, open_pool
 
 # Run ids are part of idempotency keys ("<run_id>:<step_key>"): no ":" so keys cannot collide.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
@@ -99,7 +102,7 @@ class SagaClient:
     def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         """The run's result once it completes; RunFailedError if it ends any other way."""
         run = self.wait(run_id, timeout=timeout)
-        if run.state != "completed":
+        if run.state != RunState.COMPLETED:
             raise RunFailedError(
                 f"run {run_id!r} of saga {run.saga_name!r} ended {run.state}: {run.error}"
             )

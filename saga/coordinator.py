@@ -20,6 +20,7 @@ from saga.failures import ErrorType, error_record
 from saga.keys import branch_key, compensation_key, idempotency_key, workflow_key
 from saga.loader import Definition
 from saga.retry import RetryPolicy
+from saga.states import INITIAL_STEP_STATE, RunState, StepKind, StepState
 from saga.workflow import (
     Call,
     JournalEntry,
@@ -30,9 +31,6 @@ from saga.workflow import (
 
 COMPENSATION_RETRY = RetryPolicy(
     max_attempts=10, initial_backoff_seconds=1.0, max_backoff_seconds=60.0
-)
-FINAL_RUN_STATES = frozenset(
-    {"completed", "compensated", "failed", "compensation_failed", "cancelled"}
 )
 
 
@@ -54,7 +52,7 @@ class NewStep:
     idempotency_key: str
     compensation_ref: str | None = None
     position: int | None = None
-    state: str = "dispatched"  # dispatched | pending (timer) | waiting (event)
+    state: str = StepState.DISPATCHED  # dispatched | pending (timer) | waiting (event)
     delay_seconds: float | None = None  # when a pending step falls due, or a wait times out
 
 
@@ -102,7 +100,11 @@ class RunTx(Protocol):
     def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]: ...
     def record_event(self, step: NewStep, payload: Any) -> None: ...
     def finish(
-        self, state: str, *, result_json: str | None = None, error: Mapping[str, Any] | None = None
+        self,
+        state: RunState,
+        *,
+        result_json: str | None = None,
+        error: Mapping[str, Any] | None = None,
     ) -> None: ...
     def begin_compensation(self, error: Mapping[str, Any]) -> None: ...
     def step_input(self, step_key: str) -> Any:
@@ -116,10 +118,10 @@ Loader = Callable[[str], Definition]
 def advance(tx: RunTx, load: Loader) -> None:
     """Move the run on as far as the journal allows."""
     run = tx.run
-    if run.state == "compensating":
+    if run.state == RunState.COMPENSATING:
         _advance_compensation(tx)
         return
-    if run.state != "running":
+    if run.state != RunState.RUNNING:
         return
     try:
         definition = load(run.saga_ref)
@@ -130,7 +132,7 @@ def advance(tx: RunTx, load: Loader) -> None:
                 f"Deploy the old version to finish it, or fork it onto the new one"
             )
     except SagaError as exc:
-        tx.finish("failed", error=error_record(exc))
+        tx.finish(RunState.FAILED, error=error_record(exc))
         return
     if isinstance(definition, Workflow):
         _advance_workflow(tx, definition)
@@ -149,7 +151,7 @@ def _graph_step(run_id: str, s: GraphStep, key: str, input_json: str) -> NewStep
     return NewStep(
         step_key=key,
         step_name=s.name,
-        kind="action",
+        kind=StepKind.ACTION,
         fn_ref=s.function.ref,
         input_json=input_json,
         options=s.options.to_json(),
@@ -177,10 +179,11 @@ class _GraphState:
     def done(self, s: GraphStep) -> bool:
         if s.map_over is None:
             row = self.rows.get(s.name)
-            return row is not None and row.state == "completed"
+            return row is not None and row.state == StepState.COMPLETED
         n = self.branches(s)
         return n is not None and all(
-            (r := self.rows.get(branch_key(s.name, i))) is not None and r.state == "completed"
+            (r := self.rows.get(branch_key(s.name, i))) is not None
+            and r.state == StepState.COMPLETED
             for i in range(n)
         )
 
@@ -210,7 +213,7 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
     if _advance_chain(tx, saga):
         return
     rows = tx.journal()
-    failed = [r for r in rows if r.kind == "action" and r.state == "failed"]
+    failed = [r for r in rows if r.kind == StepKind.ACTION and r.state == StepState.FAILED]
     if failed:
         _fail(tx, rows, failed[0].error or {"message": f"step {failed[0].step_name!r} failed"})
         return
@@ -227,7 +230,7 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
         items = state.result(saga.get_step(s.map_over))
         if not isinstance(items, list):
             tx.finish(
-                "failed",
+                RunState.FAILED,
                 error=error_record(
                     ErrorType.TYPE_ERROR,
                     f"step {s.name!r} maps over the result of {s.map_over!r}, "
@@ -246,14 +249,14 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
         result = (
             state.result(sinks[0]) if len(sinks) == 1 else {s.name: state.result(s) for s in sinks}
         )
-        tx.finish("completed", result_json=json.dumps(result))
+        tx.finish(RunState.COMPLETED, result_json=json.dumps(result))
 
 
 def _advance_chain(tx: RunTx, saga: Saga) -> bool:
     """The common case without reading the journal: a step completed whose successors depend
     on it alone. Their input is its result, and nothing else can be ready because of it."""
     done = tx.completed
-    if done is None or done.kind != "action" or done.step_key != done.step_name:
+    if done is None or done.kind != StepKind.ACTION or done.step_key != done.step_name:
         return False
     following = saga.successors(done.step_name)
     if not following or any(s.after != (done.step_name,) or s.map_over for s in following):
@@ -275,11 +278,11 @@ def _call_step(run_id: str, call: Call) -> NewStep:
         fn_ref=None if call.function is None else call.function.ref,
         input_json=call.input_json,
         options=options,
-        max_attempts=call.options.retry.max_attempts if call.kind == "action" else 1,
+        max_attempts=call.options.retry.max_attempts if call.kind == StepKind.ACTION else 1,
         idempotency_key=idempotency_key(run_id, call.step_key),
         compensation_ref=None if call.compensation is None else call.compensation.ref,
         position=call.position,
-        state={"action": "dispatched", "timer": "pending", "event": "waiting"}[call.kind],
+        state=INITIAL_STEP_STATE[StepKind(call.kind)],
         delay_seconds=call.delay_seconds,
     )
 
@@ -314,7 +317,7 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
             NewStep(
                 key,
                 name,
-                "event",
+                StepKind.EVENT,
                 None,
                 "null",
                 {},
@@ -329,7 +332,7 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
         return
     if isinstance(outcome.error, NonDeterminismError):
         # A code problem, not a business failure: leave the journal as it is for the operator.
-        tx.finish("failed", error=error_record(outcome.error))
+        tx.finish(RunState.FAILED, error=error_record(outcome.error))
     elif outcome.error is not None:
         _fail(tx, rows, error_record(outcome.error))
     else:
@@ -337,14 +340,14 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
             result_json = wf.input_info.output_adapter.dump_json(outcome.result).decode()
         except Exception as exc:
             tx.finish(
-                "failed",
+                RunState.FAILED,
                 error=error_record(
                     exc,
                     (f"workflow {wf.name!r} returned a value that is not JSON-serialisable: {exc}"),
                 ),
             )
             return
-        tx.finish("completed", result_json=result_json)
+        tx.finish(RunState.COMPLETED, result_json=result_json)
 
 
 # -- failure and compensation -----------------------------------------------------------------
@@ -355,7 +358,7 @@ def _compensation(tx: RunTx, target: JournalRow) -> NewStep:
     None (its outcome is unknown); ``ctx.undo`` tells it which, with the target's key and input
     (journaled in its options, so the worker needs nothing else)."""
     key = compensation_key(target.step_key)
-    completed = target.state == "completed"
+    completed = target.state == StepState.COMPLETED
     undo = Undo(
         step_key=target.step_key,
         idempotency_key=idempotency_key(tx.run.run_id, target.step_key),
@@ -368,7 +371,7 @@ def _compensation(tx: RunTx, target: JournalRow) -> NewStep:
     return NewStep(
         step_key=key,
         step_name=target.step_name,
-        kind="compensation",
+        kind=StepKind.COMPENSATION,
         fn_ref=target.compensation_ref,
         input_json=json.dumps(target.result if completed else None),
         options=options.to_json(),
@@ -382,7 +385,7 @@ def _attempted(r: JournalRow) -> bool:
     A failed attempt may have raised after the effect (an answer lost on the way back), a
     cut-off one may have got that far, a dead worker's too. Only a step never claimed is known
     to have done nothing."""
-    return r.kind == "action" and r.attempt > 0
+    return r.kind == StepKind.ACTION and r.attempt > 0
 
 
 def _to_undo(rows: Sequence[JournalRow]) -> list[JournalRow]:
@@ -393,11 +396,11 @@ def _to_undo(rows: Sequence[JournalRow]) -> list[JournalRow]:
 
 def _fail(tx: RunTx, rows: list[JournalRow], error: Mapping[str, Any]) -> None:
     """A step failed for good: undo what may have been done, unless the pivot was passed."""
-    if any(r.state == "completed" and r.options.get("pivot") for r in rows):
-        tx.finish("failed", error={**error, "pivot_passed": True})
+    if any(r.state == StepState.COMPLETED and r.options.get("pivot") for r in rows):
+        tx.finish(RunState.FAILED, error={**error, "pivot_passed": True})
         return
     if not _to_undo(rows):
-        tx.finish("failed", error=error)
+        tx.finish(RunState.FAILED, error=error)
         return
     tx.begin_compensation(error)
     _advance_compensation(tx)
@@ -411,30 +414,35 @@ def stop(tx: RunTx, error: Mapping[str, Any]) -> None:
         _advance_compensation(tx)
     else:
         tx.finish(
-            "cancelled" if error.get("type") == ErrorType.CANCELLED else "failed", error=error
+            RunState.CANCELLED if error.get("type") == ErrorType.CANCELLED else RunState.FAILED,
+            error=error,
         )
 
 
 def _advance_compensation(tx: RunTx) -> None:
     rows = tx.journal()
-    if any(r.kind == "action" and r.state == "running" for r in rows):
+    if any(r.kind == StepKind.ACTION and r.state == StepState.RUNNING for r in rows):
         return  # steps in flight finish (or their lease expires) before anything is undone
-    compensations = {r.step_key: r for r in rows if r.kind == "compensation"}
-    if any(c.state == "failed" for c in compensations.values()):
-        tx.finish("compensation_failed")
+    compensations = {r.step_key: r for r in rows if r.kind == StepKind.COMPENSATION}
+    if any(c.state == StepState.FAILED for c in compensations.values()):
+        tx.finish(RunState.COMPENSATION_FAILED)
         return
-    if any(c.state not in ("completed", "cancelled") for c in compensations.values()):
+    if any(
+        c.state not in (StepState.COMPLETED, StepState.CANCELLED) for c in compensations.values()
+    ):
         return  # one at a time, in reverse order of completion
     # Reverse order: steps whose outcome is unknown (the latest to act: they were in flight
     # or retrying when the run failed) newest first, then completed ones newest first.
     todo = [r for r in _to_undo(rows) if compensation_key(r.step_key) not in compensations]
-    uncertain = [r for r in todo if r.state != "completed"]
+    uncertain = [r for r in todo if r.state != StepState.COMPLETED]
     completed = sorted(
-        (r for r in todo if r.state == "completed"), key=lambda r: r.completed_seq or 0
+        (r for r in todo if r.state == StepState.COMPLETED), key=lambda r: r.completed_seq or 0
     )
     if todo:
         target = [*completed, *uncertain][-1]
         tx.schedule([_compensation(tx, target)])
         return
     error = tx.run.error or {}
-    tx.finish("cancelled" if error.get("type") == ErrorType.CANCELLED else "compensated")
+    tx.finish(
+        RunState.CANCELLED if error.get("type") == ErrorType.CANCELLED else RunState.COMPENSATED
+    )

@@ -11,27 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
+from psycopg.rows import dict_row
 
+from saga import queries as q
 from saga.tracing import INSTRUMENTATION, SAGA_NAME, SAGA_RUN_STATE
 
 log = logging.getLogger("saga.metrics")
-
-OUTBOX_LAG = """
-SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8, count(*)
-FROM saga_outbox WHERE published_at IS NULL
-"""
-# Active runs only (served by the partial index); final states are counted as they happen by
-# the saga.runs.finished counter.
-ACTIVE_RUNS = """
-SELECT saga_name, state, count(*) FROM saga_runs
-WHERE state IN ('running', 'compensating')
-GROUP BY saga_name, state
-"""
 
 
 class DatabaseGauges:
@@ -63,7 +53,7 @@ class DatabaseGauges:
         )
         self._unpublished = 0
 
-    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+    def _query(self, sql: LiteralString) -> list[dict[str, Any]]:
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed:
@@ -73,7 +63,7 @@ class DatabaseGauges:
                         application_name="saga-metrics",
                         connect_timeout=5,
                     )
-                return self._conn.execute(sql).fetchall()
+                return self._conn.cursor(row_factory=dict_row).execute(sql).fetchall()
             except psycopg.Error as exc:
                 log.warning("could not read metrics from Postgres: %s", exc)
                 if self._conn is not None:
@@ -82,10 +72,10 @@ class DatabaseGauges:
                 return []
 
     def _outbox_lag(self, options: CallbackOptions) -> Iterable[Observation]:
-        rows = self._query(OUTBOX_LAG)
+        rows = self._query(q.OUTBOX_LAG)
         if not rows:
             return []
-        lag, self._unpublished = float(rows[0][0]), int(rows[0][1])
+        lag, self._unpublished = float(rows[0]["lag_seconds"]), int(rows[0]["unpublished"])
         return [Observation(lag)]
 
     def _outbox_unpublished(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -94,8 +84,8 @@ class DatabaseGauges:
 
     def _active_runs(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(int(n), {SAGA_NAME: name, SAGA_RUN_STATE: state})
-            for name, state, n in self._query(ACTIVE_RUNS)
+            Observation(int(r["runs"]), {SAGA_NAME: r["saga_name"], SAGA_RUN_STATE: r["state"]})
+            for r in self._query(q.ACTIVE_RUNS)
         ]
 
     def close(self) -> None:

@@ -13,20 +13,11 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 
+from saga import queries as q
 from saga.errors import MigrationError
 
-# An arbitrary constant: the advisory lock that serialises migrations of one database.
-_LOCK_KEY = 0x5A6A_0001
-
-_CREATE_VERSION_TABLE = """
-CREATE TABLE IF NOT EXISTS saga_schema_migrations (
-    version    integer PRIMARY KEY,
-    name       text NOT NULL,
-    checksum   text NOT NULL,      -- sha256 of the file: an applied migration must not change
-    applied_at timestamptz NOT NULL DEFAULT now()
-)
-"""
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -56,13 +47,12 @@ def available_migrations() -> list[Migration]:
 
 
 def applied_checksums(conn: psycopg.Connection[Any]) -> dict[int, str]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('saga_schema_migrations') IS NOT NULL")
-        row = cur.fetchone()
-        if not row or not row[0]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(q.VERSION_TABLE_EXISTS).fetchone()
+        if not row or not row["present"]:
             return {}
-        cur.execute("SELECT version, checksum FROM saga_schema_migrations")
-        return {int(r[0]): str(r[1]) for r in cur.fetchall()}
+        rows = cur.execute(q.SELECT_APPLIED_MIGRATIONS).fetchall()
+        return {int(r["version"]): str(r["checksum"]) for r in rows}
 
 
 def applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
@@ -88,16 +78,15 @@ def migrate(database_url: str) -> list[int]:
             for migration in available_migrations():
                 current = migration.version
                 with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                    conn.execute(_CREATE_VERSION_TABLE)
+                    conn.execute(q.LOCK_MIGRATIONS, (q.MIGRATION_LOCK_KEY,))
+                    conn.execute(q.CREATE_VERSION_TABLE)
                     done = applied_checksums(conn)
                     _check_unchanged(migration, done)
                     if migration.version in done:
                         continue
                     conn.execute(migration.sql.encode())
                     conn.execute(
-                        "INSERT INTO saga_schema_migrations (version, name, checksum) "
-                        "VALUES (%s, %s, %s)",
+                        q.RECORD_MIGRATION,
                         (migration.version, migration.name, migration.checksum),
                     )
                     applied.append(migration.version)

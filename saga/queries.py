@@ -1,6 +1,25 @@
-"""Every SQL statement the saga store runs, by name. Call sites never build SQL."""
+"""Every SQL statement the saga package runs, by name. Call sites never build SQL.
 
-INSERT_RUN = """
+Typed ``LiteralString``: a statement is a constant, never text assembled at run time. Statements
+whose rows are read name every column the record they become has (``AS`` where the column's own
+name differs), so the store reads rows by column name (``psycopg.rows.class_row``/``dict_row``).
+State and kind literals are checked against ``saga.states`` by ``tests/unit/test_states.py``.
+"""
+
+from typing import LiteralString
+
+# -- the store (saga.store, saga.run_transaction) -----------------------------------------
+
+# A pipelined transaction is opened and committed by statements (not psycopg's transaction()),
+# so that BEGIN ... COMMIT end with one Sync; its commit is synchronous (the pool's is not).
+BEGIN: LiteralString = "BEGIN"
+SYNCHRONOUS_COMMIT_ON: LiteralString = "SET LOCAL synchronous_commit TO on"
+COMMIT: LiteralString = "COMMIT"
+
+# Waiters (wait_for_run) wake on saga_run_finished_notify (migration 0001).
+LISTEN_RUN_FINISHED: LiteralString = "LISTEN saga_run_finished"
+
+INSERT_RUN: LiteralString = """
 INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
                        deadline_at, queue)
 VALUES (%(run_id)s, %(saga_name)s, %(saga_ref)s, %(saga_version)s, %(input)s::jsonb,
@@ -9,18 +28,18 @@ ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id
 """
 
-SELECT_RUN_IDENTITY = """
+SELECT_RUN_IDENTITY: LiteralString = """
 SELECT saga_name, input FROM saga_runs WHERE run_id = %s
 """
 
 # Taken first in every transaction that changes a run: serialises its outcomes and operators.
-LOCK_RUN = """
+LOCK_RUN: LiteralString = """
 SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context, queue
 FROM saga_runs WHERE run_id = %s FOR UPDATE
 """
 
 # A new step, numbered after the run's last. Callers hold the run's row lock, so seq is safe.
-INSERT_STEP = """
+INSERT_STEP: LiteralString = """
 INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state, fn_ref,
                         compensation_ref, options, max_attempts, idempotency_key, input, due_at)
 VALUES (%(run_id)s, %(step_key)s, %(step_name)s, %(kind)s,
@@ -34,7 +53,7 @@ ON CONFLICT (run_id, step_key) DO NOTHING
 """
 
 # An event that arrived before its wait, journaled as a completed event step.
-INSERT_RECEIVED_EVENT = """
+INSERT_RECEIVED_EVENT: LiteralString = """
 INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state, max_attempts,
                         idempotency_key, result, completed_seq, finished_at)
 VALUES (%(run_id)s, %(step_key)s, %(step_name)s, 'event',
@@ -45,7 +64,7 @@ VALUES (%(run_id)s, %(step_key)s, %(step_name)s, 'event',
 
 # The journal, less the completed rows a process has already read (completed rows never change,
 # and a run's completions are numbered in commit order under its lock).
-SELECT_JOURNAL = """
+SELECT_JOURNAL: LiteralString = """
 SELECT step_key, step_name, kind, state, position, result, error, completed_seq,
        compensation_ref, options, attempt
 FROM saga_steps
@@ -57,7 +76,7 @@ ORDER BY seq
 # pending one whose time has come, can be claimed; a running, completed or failed one cannot,
 # except by the same delivery retrying a claim whose reply it lost (same owner token). Actions
 # run while the run runs, compensations while it compensates.
-CLAIM_STEP = """
+CLAIM_STEP: LiteralString = """
 UPDATE saga_steps s
 SET state = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
     lease_expires_at = now() + %(lease)s * interval '1 second',
@@ -67,31 +86,32 @@ WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND r.run_id = s.run_i
   AND r.state = CASE s.kind WHEN 'compensation' THEN 'compensating' ELSE 'running' END
   AND (s.state = 'dispatched' OR (s.state = 'pending' AND s.due_at <= now())
        OR (s.state = 'running' AND s.lease_owner = %(owner)s))
-RETURNING s.attempt, s.step_name, s.kind, s.max_attempts, s.idempotency_key, s.input,
-          s.fn_ref, s.options, r.input, r.saga_name, r.trace_context, s.created_at, r.saga_ref,
-          s.error->>'failed_at', s.error->>'type'
+RETURNING s.run_id, s.step_key, s.step_name, s.kind, s.attempt, s.max_attempts,
+          s.idempotency_key, s.input, s.fn_ref, s.options, r.input AS run_input, r.saga_name,
+          r.trace_context, s.created_at AS scheduled_at, r.saga_ref,
+          s.error->>'failed_at' AS previous_failed_at, s.error->>'type' AS previous_error_type
 """
 
 # A step's input, for its compensation (read only while a run compensates).
-SELECT_STEP_INPUT = """
+SELECT_STEP_INPUT: LiteralString = """
 SELECT input FROM saga_steps WHERE run_id = %s AND step_key = %s
 """
 
-SELECT_STEP_STATE = """
-SELECT s.state, s.attempt, r.state, s.step_name, s.kind, s.idempotency_key, r.saga_name,
-       r.trace_context
+SELECT_STEP_SNAPSHOT: LiteralString = """
+SELECT s.state, s.attempt, r.state AS run_state, s.step_name, s.kind, s.idempotency_key,
+       r.saga_name, r.trace_context
 FROM saga_steps s JOIN saga_runs r USING (run_id)
 WHERE s.run_id = %s AND s.step_key = %s
 """
 
-RENEW_LEASE = """
+RENEW_LEASE: LiteralString = """
 UPDATE saga_steps SET lease_expires_at = now() + %(lease)s * interval '1 second'
 WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
   AND attempt = %(attempt)s
 RETURNING 1
 """
 
-COMPLETE_STEP = """
+COMPLETE_STEP: LiteralString = """
 UPDATE saga_steps
 SET state = 'completed', result = %(result)s::jsonb, error = NULL, finished_at = now(),
     completed_seq = nextval('saga_completion_seq'), lease_owner = NULL, lease_expires_at = NULL
@@ -102,7 +122,7 @@ RETURNING state
 
 # A failed attempt: back to pending until due_at (retry), or failed for good. Actions of a run
 # that is no longer running (it is being undone) get no new attempt.
-FAIL_ATTEMPT = """
+FAIL_ATTEMPT: LiteralString = """
 UPDATE saga_steps s
 SET state = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
                  THEN 'pending' ELSE 'failed' END,
@@ -116,28 +136,39 @@ WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.state = 'running
 RETURNING s.state
 """
 
-FINISH_RUN = """
-UPDATE saga_runs
-SET state = %(state)s, result = %(result)s::jsonb, error = coalesce(%(error)s, error),
-    finished_at = now(), updated_at = now()
-WHERE run_id = %(run_id)s AND state IN ('running', 'compensating')
-RETURNING 1
+# Run transitions are guarded (WHERE state ...) and raise when no row matched (0003's
+# saga_run_transition_refused, SQLSTATE SG001): their results are never read, so the check costs
+# no round trip, and the error aborts the transaction at its commit.
+FINISH_RUN: LiteralString = """
+WITH changed AS (
+    UPDATE saga_runs
+    SET state = %(state)s, result = %(result)s::jsonb, error = coalesce(%(error)s, error),
+        finished_at = now(), updated_at = now()
+    WHERE run_id = %(run_id)s AND state IN ('running', 'compensating')
+    RETURNING 1
+)
+SELECT CASE WHEN EXISTS (SELECT FROM changed) THEN 1
+            ELSE saga_run_transition_refused(%(run_id)s, %(state)s) END
 """
 
-BEGIN_COMPENSATION = """
-UPDATE saga_runs SET state = 'compensating', error = %(error)s, updated_at = now()
-WHERE run_id = %(run_id)s AND state = 'running'
-RETURNING 1
+BEGIN_COMPENSATION: LiteralString = """
+WITH changed AS (
+    UPDATE saga_runs SET state = 'compensating', error = %(error)s, updated_at = now()
+    WHERE run_id = %(run_id)s AND state = 'running'
+    RETURNING 1
+)
+SELECT CASE WHEN EXISTS (SELECT FROM changed) THEN 1
+            ELSE saga_run_transition_refused(%(run_id)s, 'compensating') END
 """
 
 # Steps that have not started stop when the run stops running; running ones finish or time out.
-CANCEL_OPEN_STEPS = """
+CANCEL_OPEN_STEPS: LiteralString = """
 UPDATE saga_steps SET state = 'cancelled', finished_at = now()
 WHERE run_id = %s AND kind <> 'compensation' AND state IN ('pending', 'dispatched', 'waiting')
 """
 
 # An outside event for a run: completes the oldest step waiting for it, if any.
-DELIVER_EVENT = """
+DELIVER_EVENT: LiteralString = """
 UPDATE saga_steps
 SET state = 'completed', result = %(payload)s, completed_seq = nextval('saga_completion_seq'),
     finished_at = now(), due_at = now()
@@ -148,11 +179,11 @@ WHERE (run_id, step_key) = (
 RETURNING step_key, created_at
 """
 
-STORE_EVENT = """
+STORE_EVENT: LiteralString = """
 INSERT INTO saga_events (run_id, name, payload) VALUES (%s, %s, %s)
 """
 
-CONSUME_EVENT = """
+CONSUME_EVENT: LiteralString = """
 UPDATE saga_events SET consumed_by = %(step_key)s
 WHERE id = (SELECT id FROM saga_events WHERE run_id = %(run_id)s AND name = %(name)s
             AND consumed_by IS NULL ORDER BY id LIMIT 1)
@@ -161,7 +192,7 @@ RETURNING payload
 
 # Steps whose lease ran out: their worker died or hung. Read without locks; each is then handled
 # in its own transaction that takes the run lock first (the same order as outcomes, so no deadlock).
-SELECT_EXPIRED_LEASES = """
+SELECT_EXPIRED_LEASES: LiteralString = """
 SELECT run_id, step_key, attempt FROM saga_steps
 WHERE state = 'running' AND lease_expires_at < now()
 ORDER BY lease_expires_at
@@ -169,7 +200,7 @@ LIMIT %s
 """
 
 # Out of attempts, or an action of a run being undone (it gets no new attempt): failed.
-EXPIRE_LEASE = """
+EXPIRE_LEASE: LiteralString = """
 UPDATE saga_steps
 SET state = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
                  THEN 'failed' ELSE 'pending' END,
@@ -184,7 +215,7 @@ RETURNING state
 # Steps to (re)dispatch: retries and timers whose time has come, event waits that timed out, and
 # dispatched steps whose message was not claimed in time (lost with the broker). Each gets a new
 # outbox row in the same transaction.
-REDISPATCH_DUE = """
+REDISPATCH_DUE: LiteralString = """
 WITH due AS (
     SELECT s.run_id, s.step_key FROM saga_steps s JOIN saga_runs r USING (run_id)
     WHERE s.state IN ('pending', 'dispatched', 'waiting') AND s.due_at <= now()
@@ -197,25 +228,25 @@ UPDATE saga_steps s
 SET state = 'dispatched', due_at = now() + %(dispatch_timeout)s * interval '1 second'
 FROM due, saga_runs r
 WHERE s.run_id = due.run_id AND s.step_key = due.step_key AND r.run_id = s.run_id
-RETURNING s.run_id, s.step_key, r.trace_context, coalesce(s.options->>'queue', r.queue)
+RETURNING s.run_id, s.step_key, r.trace_context, coalesce(s.options->>'queue', r.queue) AS queue
 """
 
-SELECT_TRACE_CONTEXT = """
+SELECT_TRACE_CONTEXT: LiteralString = """
 SELECT saga_name, trace_context FROM saga_runs WHERE run_id = %s
 """
 
-NEXT_DUE = """
-SELECT extract(epoch FROM min(due_at) - now()) FROM saga_steps
+NEXT_DUE: LiteralString = """
+SELECT extract(epoch FROM min(due_at) - now()) AS seconds FROM saga_steps
 WHERE state IN ('pending', 'dispatched', 'waiting')
 """
 
-SELECT_OVERDUE_RUNS = """
+SELECT_OVERDUE_RUNS: LiteralString = """
 SELECT run_id FROM saga_runs WHERE state = 'running' AND deadline_at < now() LIMIT %s
 """
 
 # Operator retry: failed steps get a fresh set of attempts and are dispatched again; steps the
 # failure cancelled before they started are reopened as they were scheduled.
-RETRY_FAILED_STEPS = """
+RETRY_FAILED_STEPS: LiteralString = """
 UPDATE saga_steps
 SET state = CASE WHEN state = 'failed' OR kind = 'action' THEN 'dispatched'
                  WHEN kind = 'timer' THEN 'pending' ELSE 'waiting' END,
@@ -225,24 +256,35 @@ SET state = CASE WHEN state = 'failed' OR kind = 'action' THEN 'dispatched'
                   THEN now() + %(dispatch_timeout)s * interval '1 second' ELSE due_at END
 WHERE run_id = %(run_id)s AND kind = ANY(%(kinds)s)
   AND (state = 'failed' OR (state = 'cancelled' AND kind <> 'compensation'))
-RETURNING step_key, state, options->>'queue'
+RETURNING step_key, state, options->>'queue' AS queue
 """
 
-REOPEN_RUN = """
-UPDATE saga_runs SET state = %(state)s, error = %(error)s, finished_at = NULL, updated_at = now()
-WHERE run_id = %(run_id)s AND state = ANY(%(from_states)s)
-RETURNING 1
+REOPEN_RUN: LiteralString = """
+WITH changed AS (
+    UPDATE saga_runs
+    SET state = %(state)s, error = %(error)s, finished_at = NULL, updated_at = now()
+    WHERE run_id = %(run_id)s AND state = ANY(%(from_states)s)
+    RETURNING 1
+)
+SELECT CASE WHEN EXISTS (SELECT FROM changed) THEN 1
+            ELSE saga_run_transition_refused(%(run_id)s, %(state)s) END
 """
 
 # Fork: a new run with the old run's journal before a step copied as completed.
-FORK_RUN = """
-INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context, queue)
-SELECT %(new_run_id)s, saga_name, saga_ref, %(saga_version)s, input, %(trace_context)s, queue
-FROM saga_runs WHERE run_id = %(run_id)s
-RETURNING 1
+FORK_RUN: LiteralString = """
+WITH forked AS (
+    INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
+                           queue)
+    SELECT %(new_run_id)s, saga_name, saga_ref, %(saga_version)s, input, %(trace_context)s,
+           queue
+    FROM saga_runs WHERE run_id = %(run_id)s
+    RETURNING 1
+)
+SELECT CASE WHEN EXISTS (SELECT FROM forked) THEN 1
+            ELSE saga_run_transition_refused(%(run_id)s, 'forked') END
 """
 
-FORK_STEPS = """
+FORK_STEPS: LiteralString = """
 INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state, attempt,
                         max_attempts, fn_ref, compensation_ref, options, idempotency_key, input,
                         result, completed_seq, created_at, started_at, attempt_started_at,
@@ -255,24 +297,70 @@ WHERE run_id = %(run_id)s AND state = 'completed' AND kind <> 'compensation'
   AND seq < %(before_seq)s
 """
 
-SELECT_STEP_SEQ = """
+SELECT_STEP_SEQ: LiteralString = """
 SELECT seq FROM saga_steps WHERE run_id = %s AND step_key = %s
 """
 
-SELECT_RUN = """
+SELECT_RUN: LiteralString = """
 SELECT run_id, saga_name, saga_ref, saga_version, state, input, result, error,
        created_at, updated_at, finished_at
 FROM saga_runs WHERE run_id = %s
 """
 
-SELECT_STEPS = """
+SELECT_STEPS: LiteralString = """
 SELECT step_key, step_name, kind, seq, state, attempt, max_attempts, idempotency_key,
        result, error, created_at, started_at, attempt_started_at, finished_at
 FROM saga_steps WHERE run_id = %s ORDER BY seq
 """
 
-SELECT_RESULTS = """
+SELECT_RESULTS: LiteralString = """
 SELECT step_key, result FROM saga_steps
 WHERE run_id = %s AND state = 'completed' AND kind = 'action'
 ORDER BY seq
+"""
+
+# -- gauges (saga.metrics) --------------------------------------------------------------------
+
+OUTBOX_LAG: LiteralString = """
+SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS lag_seconds,
+       count(*) AS unpublished
+FROM saga_outbox WHERE published_at IS NULL
+"""
+
+# Active runs only (served by the partial index); final states are counted as they happen by
+# the saga.runs.finished counter.
+ACTIVE_RUNS: LiteralString = """
+SELECT saga_name, state, count(*) AS runs FROM saga_runs
+WHERE state IN ('running', 'compensating')
+GROUP BY saga_name, state
+"""
+
+# -- schema migrations (saga.migrate) ---------------------------------------------------------
+
+# The advisory lock that serialises migrations of one database (an arbitrary constant).
+MIGRATION_LOCK_KEY = 0x5A6A_0001
+
+LOCK_MIGRATIONS: LiteralString = """
+SELECT pg_advisory_xact_lock(%s)
+"""
+
+CREATE_VERSION_TABLE: LiteralString = """
+CREATE TABLE IF NOT EXISTS saga_schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,      -- sha256 of the file: an applied migration must not change
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+VERSION_TABLE_EXISTS: LiteralString = """
+SELECT to_regclass('saga_schema_migrations') IS NOT NULL AS present
+"""
+
+SELECT_APPLIED_MIGRATIONS: LiteralString = """
+SELECT version, checksum FROM saga_schema_migrations
+"""
+
+RECORD_MIGRATION: LiteralString = """
+INSERT INTO saga_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)
 """

@@ -1,172 +1,51 @@
-"""The Postgres seam: runs, the step journal and events. psycopg errors become StoreError here.
+"""The Postgres seam: runs, the step journal and events, as ``PostgresStore``.
 
-Every change to a run happens in one transaction that takes the run's row lock first: a step's
-outcome (its result or error), what the coordinator decides from it (next steps, the run's state
-change) and the outbox rows it causes commit together, or not at all.
+Every change to a run happens in one transaction that takes the run's row lock first
+(``saga.run_transaction``): a step's outcome (its result or error), what the coordinator decides
+from it (next steps, the run's state change) and the outbox rows it causes commit together, or
+not at all. Records it returns are in ``saga.records``; its SQL is in ``saga.queries``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import datetime as dt
 import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from saga import queries as q
-from saga import tracing
-from saga.coordinator import (
-    FINAL_RUN_STATES,
-    JournalRow,
-    NewStep,
-    RunView,
-)
-from saga.errors import RunConflictError, RunNotFoundError, SagaError, StoreError, WaitTimeoutError
+from saga.coordinator import JournalRow, RunView
+from saga.errors import RunConflictError, RunNotFoundError, WaitTimeoutError
 from saga.failures import ErrorType, error_record
-from saga.keys import idempotency_key
-from saga.messages import advance_message, step_message
+from saga.messages import step_message
 from saga.outbox.message import OutboxMessage
 from saga.outbox.writer import add_messages, mark_published
 
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One attempt of a step, owned by this worker until its lease runs out."""
-
-    run_id: str
-    step_key: str
-    step_name: str
-    kind: str
-    attempt: int
-    max_attempts: int
-    idempotency_key: str
-    input: Any
-    fn_ref: str | None
-    options: Mapping[str, Any]
-    run_input: Any
-    saga_name: str
-    trace_context: dict[str, str]
-    scheduled_at: dt.datetime  # when the step's row was made: a timer's or a wait's start
-    saga_ref: str
-    # The previous attempt's journaled failure, if it failed (a lost attempt has no time).
-    previous_failed_at: str | None = None
-    previous_error_type: str | None = None
-
-
-@dataclass(frozen=True)
-class StepState:
-    """A step as a refused claim finds it: enough to explain the refusal and trace it."""
-
-    state: str
-    attempt: int
-    run_state: str
-    step_name: str
-    kind: str
-    idempotency_key: str
-    saga_name: str
-    trace_context: dict[str, str]
-
-
-@dataclass(frozen=True)
-class _Wait:
-    """A durable sleep or event wait that ended in a transaction: traced once it commits."""
-
-    kind: str  # sleep | event
-    step_key: str
-    step: str
-    start: dt.datetime | int
-    end: int | None = None  # None: the commit
-    error_type: str | None = None
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    run_id: str
-    saga_name: str
-    saga_ref: str
-    saga_version: str
-    state: str
-    input: Any
-    result: Any
-    error: Any
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    finished_at: dt.datetime | None
-
-    @property
-    def finished(self) -> bool:
-        return self.state in FINAL_RUN_STATES
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    step_key: str
-    step_name: str
-    kind: str
-    seq: int
-    state: str
-    attempt: int
-    max_attempts: int
-    idempotency_key: str
-    result: Any
-    error: Any
-    created_at: dt.datetime
-    started_at: dt.datetime | None
-    attempt_started_at: dt.datetime | None
-    finished_at: dt.datetime | None
-
-    @property
-    def duration_seconds(self) -> float | None:
-        """Duration of the latest attempt, when it has finished."""
-        if self.attempt_started_at and self.finished_at:
-            return (self.finished_at - self.attempt_started_at).total_seconds()
-        return None
-
-
-class Fenced(Exception):
-    """The attempt no longer owns its step (lease lost) or the run moved on; nothing written."""
-
-
-class OperatorError(SagaError):
-    """An operator action does not fit the run's state."""
-
-
-@contextlib.contextmanager
-def _translated(action: str) -> Iterator[None]:
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise StoreError(f"Postgres failed while {action}: {exc}") from exc
-
-
-@contextlib.contextmanager
-def _pipelined_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Cursor[Any]]:
-    """A transaction with a synchronous commit, sent in pipeline mode: statements whose results
-    are not read cost no round trip, and BEGIN ... COMMIT end with a single Sync. (psycopg's
-    ``conn.transaction()`` syncs at BEGIN, at COMMIT and again on leaving the pipeline.) A
-    block that raises is rolled back before the connection goes back to its pool."""
-    try:
-        with conn.pipeline(), conn.cursor() as cur:
-            cur.execute("BEGIN")
-            cur.execute("SET LOCAL synchronous_commit TO on")
-            yield cur
-            cur.execute("COMMIT")
-    except BaseException:
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            with contextlib.suppress(psycopg.Error):
-                conn.rollback()
-        raise
+# Re-exported (``X as X``): callers written before the records had a module import them here.
+from saga.records import Claim as Claim
+from saga.records import Fenced as Fenced
+from saga.records import OperatorError as OperatorError
+from saga.records import RunRecord as RunRecord
+from saga.records import StepRecord as StepRecord
+from saga.records import StepSnapshot
+from saga.run_transaction import (
+    Advance,
+    JournalCache,
+    RunTransaction,
+    Wait,
+    journal_cursor,
+    lock_run,
+    pipelined_transaction,
+    translated,
+)
+from saga.states import RunState, StepKind, StepState, may_journal_outcome
 
 
 def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
@@ -189,236 +68,6 @@ def open_pool(database_url: str, *, size: int, name: str = "saga") -> Connection
     )
 
 
-class JournalCache:
-    """Completed journal rows by run, per process: a workflow's replay then reads only what is
-    new since this process last advanced the run, so replay cost does not grow with the run's
-    length. Updated only after the reading transaction commits."""
-
-    def __init__(self, max_runs: int = 256) -> None:
-        self._runs: collections.OrderedDict[str, tuple[int, dict[str, JournalRow]]] = (
-            collections.OrderedDict()
-        )
-        self._max_runs = max_runs
-
-    def get(self, run_id: str) -> tuple[int, dict[str, JournalRow]]:
-        seen, rows = self._runs.get(run_id, (0, {}))
-        return seen, dict(rows)
-
-    def seen(self, run_id: str) -> int:
-        return self._runs.get(run_id, (0, {}))[0]
-
-    def put(self, run_id: str, seen: int, rows: dict[str, JournalRow]) -> None:
-        self._runs[run_id] = (seen, rows)
-        self._runs.move_to_end(run_id)
-        while len(self._runs) > self._max_runs:
-            self._runs.popitem(last=False)
-
-
-class RunTransaction:
-    """``coordinator.RunTx`` over an open transaction holding the run's lock."""
-
-    def __init__(
-        self,
-        cur: psycopg.Cursor[Any],
-        run: RunView,
-        queue: str,
-        dispatch_timeout: float,
-        cache: JournalCache | None = None,
-        prefetched: tuple[int, psycopg.Cursor[Any]] | None = None,
-    ) -> None:
-        self._cur = cur
-        self._cache = cache or JournalCache(0)
-        # (seen, cursor) of a journal read sent with the run lock, before the coordinator asks.
-        self._prefetched = prefetched
-        self._cache_update: tuple[int, dict[str, JournalRow]] | None = None
-        self.run = run
-        self._default_queue = queue
-        self._dispatch_timeout = dispatch_timeout
-        self.messages: list[OutboxMessage] = []
-        self._journal: list[JournalRow] | None = None
-        # The step whose completion is being journaled, if any: lets the coordinator move a
-        # chain on without reading the journal.
-        self.completed: JournalRow | None = None
-        self.finished: tuple[str, Mapping[str, Any] | None] | None = None  # final state set
-        # Traced once committed, and only when tracing: workflow steps fetched from Postgres
-        # (not this process's cache), and the waits that ended here.
-        self._replaying = False
-        self._read_back: dict[str, JournalRow] = {}
-        self._waits: list[_Wait] = []
-
-    @property
-    def queue(self) -> str:
-        """Where this run's messages go: its own queue, else this process's."""
-        return self.run.queue or self._default_queue
-
-    def journal(self, *, replay: bool = False) -> list[JournalRow]:
-        self._replaying = self._replaying or replay
-        if self._journal is None:
-            seen, completed = self._cache.get(self.run.run_id)
-            if self._prefetched is not None and self._prefetched[0] == seen:
-                cur = self._prefetched[1]
-            else:
-                cur = self._cur.execute(q.SELECT_JOURNAL, {"run_id": self.run.run_id, "seen": seen})
-            self._prefetched = None  # what the transaction writes next, it must read afresh
-            fresh = [JournalRow(*r) for r in cur.fetchall()]
-            traced = tracing.enabled()
-            for r in fresh:  # kept once (and only if) this transaction commits
-                if r.state == "completed" and r.completed_seq:
-                    completed[r.step_key] = r
-                    if traced and r.kind == "action" and r.position is not None:
-                        self._read_back[r.step_key] = r
-            # Cached rows are at or below ``seen``: only the fresh ones can move it.
-            self._cache_update = (
-                max([seen, *(r.completed_seq or 0 for r in fresh if r.state == "completed")]),
-                completed,
-            )
-            rows = {**completed, **{r.step_key: r for r in fresh}}
-            self._journal = list(rows.values())
-        return self._journal
-
-    def schedule(self, steps: Sequence[NewStep]) -> None:
-        self._journal = None
-        for s in steps:
-            self._cur.execute(
-                q.INSERT_STEP,
-                {
-                    "run_id": self.run.run_id,
-                    "step_key": s.step_key,
-                    "step_name": s.step_name,
-                    "kind": s.kind,
-                    "position": s.position,
-                    "state": s.state,
-                    "fn_ref": s.fn_ref,
-                    "compensation_ref": s.compensation_ref,
-                    "options": Jsonb(dict(s.options)),
-                    "max_attempts": s.max_attempts,
-                    "idempotency_key": s.idempotency_key,
-                    "input": s.input_json,
-                    "delay": s.delay_seconds,
-                    "dispatch_timeout": self._dispatch_timeout,
-                },
-            )
-            # Not read back (no round trip in pipeline mode): were the row there already, its
-            # message is a duplicate, which the claim fences.
-            if s.state == "dispatched":
-                self.messages.append(
-                    step_message(
-                        s.options.get("queue") or self.queue,
-                        self.run.run_id,
-                        s.step_key,
-                        self.run.trace_context,
-                    )
-                )
-
-    def consume_event(self, name: str, step_key: str) -> tuple[bool, Any]:
-        row = self._cur.execute(
-            q.CONSUME_EVENT, {"run_id": self.run.run_id, "name": name, "step_key": step_key}
-        ).fetchone()
-        return (False, None) if row is None else (True, row[0])
-
-    def record_event(self, step: NewStep, payload: Any) -> None:
-        """Journal an event that was sent before the run waited for it: a wait of no length."""
-        self._journal = None
-        now = time.time_ns()
-        self._wait_over(_Wait("event", step.step_key, step.step_name, now, now))
-        self._cur.execute(
-            q.INSERT_RECEIVED_EVENT,
-            {
-                "run_id": self.run.run_id,
-                "step_key": step.step_key,
-                "step_name": step.step_name,
-                "position": step.position,
-                "idempotency_key": step.idempotency_key,
-                "result": Jsonb(payload),
-            },
-        )
-
-    def finish(
-        self, state: str, *, result_json: str | None = None, error: Mapping[str, Any] | None = None
-    ) -> None:
-        self._cur.execute(
-            q.FINISH_RUN,
-            {
-                "run_id": self.run.run_id,
-                "state": state,
-                "result": result_json,
-                "error": None if error is None else Jsonb(dict(error)),
-            },
-        )
-        self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
-        self._journal = None
-        self.finished = (state, error if error is not None else self.run.error)
-
-    def _wait_over(self, wait: _Wait) -> None:
-        if tracing.enabled():
-            self._waits.append(wait)
-
-    def committed(self) -> None:
-        """After commit: keep what was read in the journal cache; trace the steps a replay
-        read back, the waits that ended, a final state."""
-        if self._cache_update is not None:
-            self._cache.put(self.run.run_id, *self._cache_update)
-        if self._replaying and self._read_back:
-            self._trace_read_back()
-        run = self.run
-        for wait in self._waits:
-            failed = {} if wait.error_type is None else {tracing.ERROR_TYPE: wait.error_type}
-            tracing.record_wait(
-                run.trace_context,
-                kind=wait.kind,
-                saga_name=run.saga_name,
-                run_id=run.run_id,
-                start=wait.start,
-                end=wait.end,
-                step=wait.step,
-                attributes={tracing.SAGA_STEP_KEY: wait.step_key, **failed},
-            )
-        if self.finished is not None:
-            state, error = self.finished
-            tracing.run_finished(
-                self.run.trace_context,
-                saga_name=self.run.saga_name,
-                run_id=self.run.run_id,
-                state=state,
-                error=error,
-            )
-
-    def _trace_read_back(self) -> None:
-        """Replayed spans for the workflow steps this process had not read before (the journal
-        cache now holds them: once per step and process), except the one completing here."""
-        run, done = self.run, self.completed
-        for row in self._read_back.values():
-            if done is not None and row.step_key == done.step_key:
-                continue
-            tracing.replayed_step(
-                run.trace_context,
-                saga_name=run.saga_name,
-                run_id=run.run_id,
-                step=row.step_name,
-                attempt=row.attempt,
-                idempotency_key=idempotency_key(run.run_id, row.step_key),
-            )
-
-    def begin_compensation(self, error: Mapping[str, Any]) -> None:
-        self._cur.execute(
-            q.BEGIN_COMPENSATION, {"run_id": self.run.run_id, "error": Jsonb(dict(error))}
-        )
-        self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
-        self.run = RunView(**{**vars(self.run), "state": "compensating", "error": dict(error)})
-        self._journal = None
-
-    def step_input(self, step_key: str) -> Any:
-        row = self._cur.execute(q.SELECT_STEP_INPUT, (self.run.run_id, step_key)).fetchone()
-        return None if row is None else row[0]
-
-    def advance_later(self) -> None:
-        """Have a worker advance the run (it has the definitions; this process may not)."""
-        self.messages.append(advance_message(self.queue, self.run.run_id, self.run.trace_context))
-
-
-Advance = Callable[[RunTransaction], None]
-
-
 class PostgresStore:
     def __init__(self, pool: ConnectionPool, *, queue: str, dispatch_timeout: float) -> None:
         self._pool = pool
@@ -433,16 +82,14 @@ class PostgresStore:
     def _locked_run(self, run_id: str, action: str) -> Iterator[RunTransaction]:
         """A transaction holding the run's lock; commits its outbox messages with it."""
         with (
-            _translated(action),
+            translated(action),
             self._pool.connection() as conn,
-            _pipelined_transaction(conn) as cur,
+            pipelined_transaction(conn) as cur,
         ):
-            row = cur.execute(q.LOCK_RUN, (run_id,)).fetchone()
-            if row is None:
+            run = lock_run(conn, run_id).fetchone()
+            if run is None:
                 raise RunNotFoundError(f"no run has id {run_id!r}")
-            tx = RunTransaction(
-                cur, RunView(*row), self._queue, self._dispatch_timeout, self._journals
-            )
+            tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout, self._journals)
             yield tx
             add_messages(cur, tx.messages)
         tx.committed()
@@ -464,8 +111,8 @@ class PostgresStore:
         """Create a run and let ``start`` schedule its first steps, in one transaction. False
         if the id exists already for the same saga and input (idempotent), RunConflictError if
         it exists otherwise."""
-        with _translated(f"creating run {run_id!r}"), self._pool.connection() as conn:
-            with _pipelined_transaction(conn) as cur:
+        with translated(f"creating run {run_id!r}"), self._pool.connection() as conn:
+            with pipelined_transaction(conn) as cur:
                 created = cur.execute(
                     q.INSERT_RUN,
                     {
@@ -481,15 +128,15 @@ class PostgresStore:
                 ).fetchone()
                 if created:
                     run = RunView(
-                        run_id,
-                        "running",
-                        saga_name,
-                        saga_ref,
-                        saga_version,
-                        json.loads(input_json),
-                        None,
-                        trace_context,
-                        self._queue,
+                        run_id=run_id,
+                        state=RunState.RUNNING,
+                        saga_name=saga_name,
+                        saga_ref=saga_ref,
+                        saga_version=saga_version,
+                        input=json.loads(input_json),
+                        error=None,
+                        trace_context=trace_context,
+                        queue=self._queue,
                     )
                     tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout)
                     start(tx)
@@ -498,39 +145,43 @@ class PostgresStore:
             if created:
                 created_tx.committed()
                 return True
-            row = conn.execute(q.SELECT_RUN_IDENTITY, (run_id,)).fetchone()
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(q.SELECT_RUN_IDENTITY, (run_id,)).fetchone()
         assert row is not None
-        if row[0] != saga_name or row[1] != json.loads(input_json):
+        if row["saga_name"] != saga_name or row["input"] != json.loads(input_json):
             raise RunConflictError(
-                f"run id {run_id!r} is taken by a run of saga {row[0]!r} with another input; "
+                f"run id {run_id!r} is taken by a run of saga {row['saga_name']!r} with another "
+                f"input; "
                 f"choose a new run id, or pass the same saga and input to get the existing run"
             )
         return False
 
     def get_run(self, run_id: str) -> RunRecord:
-        with _translated(f"reading run {run_id!r}"), self._pool.connection() as conn:
-            row = conn.cursor(row_factory=dict_row).execute(q.SELECT_RUN, (run_id,)).fetchone()
+        with translated(f"reading run {run_id!r}"), self._pool.connection() as conn:
+            run = conn.cursor(row_factory=class_row(RunRecord)).execute(q.SELECT_RUN, (run_id,))
+            row = run.fetchone()
         if row is None:
             raise RunNotFoundError(f"no run has id {run_id!r}")
-        return RunRecord(**row)
+        return row
 
     def get_steps(self, run_id: str) -> list[StepRecord]:
-        with _translated(f"reading the steps of run {run_id!r}"), self._pool.connection() as conn:
-            rows = conn.cursor(row_factory=dict_row).execute(q.SELECT_STEPS, (run_id,)).fetchall()
-        return [StepRecord(**r) for r in rows]
+        with translated(f"reading the steps of run {run_id!r}"), self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(StepRecord))
+            return cur.execute(q.SELECT_STEPS, (run_id,)).fetchall()
 
     def completed_results(self, run_id: str) -> dict[str, Any]:
-        with _translated(f"reading results of run {run_id!r}"), self._pool.connection() as conn:
-            return dict(conn.execute(q.SELECT_RESULTS, (run_id,)).fetchall())
+        with translated(f"reading results of run {run_id!r}"), self._pool.connection() as conn:
+            rows = conn.cursor(row_factory=dict_row).execute(q.SELECT_RESULTS, (run_id,))
+            return {r["step_key"]: r["result"] for r in rows.fetchall()}
 
     def wait_for_run(self, run_id: str, timeout: float | None) -> RunRecord:
         """Block until the run reaches a final state (LISTEN/NOTIFY, no polling loop)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with (
-            _translated(f"waiting for run {run_id!r}"),
+            translated(f"waiting for run {run_id!r}"),
             psycopg.connect(str(self._pool.conninfo), autocommit=True) as conn,
         ):
-            conn.execute("LISTEN saga_run_finished")
+            conn.execute(q.LISTEN_RUN_FINISHED)
             while True:
                 run = self.get_run(run_id)
                 if run.finished:
@@ -565,48 +216,26 @@ class PostgresStore:
         trip."""
         params = {"run_id": run_id, "step_key": step_key, "owner": owner, "lease": lease}
         with (
-            _translated(f"claiming step {step_key!r} of run {run_id!r}"),
+            translated(f"claiming step {step_key!r} of run {run_id!r}"),
             self._pool.connection() as conn,
         ):
+            cur = conn.cursor(row_factory=class_row(Claim))
             if published:
                 with conn.pipeline():  # both statements, one Sync; results read after it
                     mark_published(conn, published)
-                    cur = conn.execute(q.CLAIM_STEP, params)
-                row = cur.fetchone()
+                    cur.execute(q.CLAIM_STEP, params)
             else:
-                row = conn.execute(q.CLAIM_STEP, params).fetchone()
-        if row is None:
-            return None
-        attempt, name, kind, max_attempts, key, input_, fn, options = row[:8]
-        run_input, saga, trace, created, ref, failed_at, error_type = row[8:]
-        return Claim(
-            run_id,
-            step_key,
-            name,
-            kind,
-            attempt,
-            max_attempts,
-            key,
-            input_,
-            fn,
-            options or {},
-            run_input,
-            saga,
-            trace or {},
-            created,
-            ref,
-            failed_at,
-            error_type,
-        )
+                cur.execute(q.CLAIM_STEP, params)
+            return cur.fetchone()
 
-    def step_state(self, run_id: str, step_key: str) -> StepState | None:
+    def step_state(self, run_id: str, step_key: str) -> StepSnapshot | None:
         """The step and its run as they are, for explaining why a claim was refused."""
-        with _translated("reading a step's state"), self._pool.connection() as conn:
-            row = conn.execute(q.SELECT_STEP_STATE, (run_id, step_key)).fetchone()
-        return None if row is None else StepState(*row)
+        with translated("reading a step's state"), self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(StepSnapshot))
+            return cur.execute(q.SELECT_STEP_SNAPSHOT, (run_id, step_key)).fetchone()
 
     def renew_lease(self, claim: Claim, lease: float) -> bool:
-        with _translated("renewing a lease"), self._pool.connection() as conn:
+        with translated("renewing a lease"), self._pool.connection() as conn:
             row = conn.execute(
                 q.RENEW_LEASE,
                 {
@@ -635,21 +264,21 @@ class PostgresStore:
 
         def outcome(tx: RunTransaction, state: str) -> None:
             tx.completed = JournalRow(
-                claim.step_key,
-                claim.step_name,
-                claim.kind,
-                "completed",
-                None,
-                json.loads(result_json),
-                None,
-                None,
-                None,
+                step_key=claim.step_key,
+                step_name=claim.step_name,
+                kind=claim.kind,
+                state=StepState.COMPLETED,
+                position=None,
+                result=json.loads(result_json),
+                error=None,
+                completed_seq=None,
+                compensation_ref=None,
                 options=claim.options,
                 attempt=claim.attempt,
                 result_json=result_json,
             )
-            if claim.kind == "timer":  # a durable sleep, over
-                tx._wait_over(_Wait("sleep", claim.step_key, claim.step_name, claim.scheduled_at))
+            if claim.kind == StepKind.TIMER:  # a durable sleep, over
+                tx.wait_over(Wait("sleep", claim.step_key, claim.step_name, claim.scheduled_at))
             advance(tx)
 
         return self._outcome(
@@ -676,10 +305,10 @@ class PostgresStore:
         good, which the coordinator acts on in the same transaction."""
 
         def outcome(tx: RunTransaction, state: str) -> None:
-            if claim.kind == "event":  # dispatched only when the wait timed out
+            if claim.kind == StepKind.EVENT:  # dispatched only when the wait timed out
                 waited = (claim.step_key, claim.step_name, claim.scheduled_at)
-                tx._wait_over(_Wait("event", *waited, error_type=str(error.get("type"))))
-            if state == "failed":
+                tx.wait_over(Wait("event", *waited, error_type=str(error.get("type"))))
+            if state == StepState.FAILED:
                 advance(tx)
 
         return self._outcome(
@@ -700,7 +329,7 @@ class PostgresStore:
         self,
         claim: Claim,
         action: str,
-        fence_query: str,
+        fence_query: LiteralString,
         fence_params: dict[str, Any],
         body: Callable[[RunTransaction, str], None],
         fast_path_delay: float,
@@ -711,36 +340,33 @@ class PostgresStore:
         where = f"{action} step {claim.step_key!r} of run {claim.run_id!r}"
         key = {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt}
         with (
-            _translated(where),
+            translated(where),
             self._pool.connection() as conn,
-            _pipelined_transaction(conn) as run_cur,
-            conn.cursor() as step_cur,
+            pipelined_transaction(conn) as run_cur,
+            conn.cursor(row_factory=dict_row) as step_cur,
         ):
-            run_cur.execute(q.LOCK_RUN, (claim.run_id,))
+            lock_cur = lock_run(conn, claim.run_id)
             step_cur.execute(fence_query, {**key, **fence_params})
             prefetched = None
             if read_journal:  # after the lock and the fence, in the same round trip
                 seen = self._journals.seen(claim.run_id)
-                journal_cur = conn.cursor()
+                journal_cur = journal_cursor(conn)
                 journal_cur.execute(q.SELECT_JOURNAL, {"run_id": claim.run_id, "seen": seen})
                 prefetched = (seen, journal_cur)
-            row, fenced = run_cur.fetchone(), step_cur.fetchone()
-            if row is None or fenced is None:
+            run, fenced = lock_cur.fetchone(), step_cur.fetchone()
+            if run is None or fenced is None:
+                raise Fenced
+            if not may_journal_outcome(claim.kind, run.state):
                 raise Fenced
             tx = RunTransaction(
                 run_cur,
-                RunView(*row),
+                run,
                 self._queue,
                 self._dispatch_timeout,
                 self._journals,
                 prefetched,
             )
-            allowed = (
-                ("compensating",) if claim.kind == "compensation" else ("running", "compensating")
-            )
-            if tx.run.state not in allowed:
-                raise Fenced
-            body(tx, fenced[0])
+            body(tx, fenced["state"])
             add_messages(run_cur, tx.messages, delay_seconds=fast_path_delay)
         tx.committed()
         return tx.messages
@@ -751,7 +377,7 @@ class PostgresStore:
             advance(tx)
 
     def mark_published(self, message_ids: Sequence[uuid.UUID]) -> None:
-        with _translated("marking outbox rows published"), self._pool.connection() as conn:
+        with translated("marking outbox rows published"), self._pool.connection() as conn:
             mark_published(conn, message_ids)
 
     # -- events and operators -----------------------------------------------------------------
@@ -760,22 +386,16 @@ class PostgresStore:
         """Deliver an event: it completes the step waiting for it (True), or is kept until the
         run waits for it (False)."""
         with self._locked_run(run_id, f"sending event {name!r} to run {run_id!r}") as tx:
-            if tx.run.state != "running":
+            if tx.run.state != RunState.RUNNING:
                 raise OperatorError(f"run {run_id!r} is {tx.run.state}; it takes no events")
-            cur = tx._cur
-            delivered = cur.execute(
-                q.DELIVER_EVENT, {"run_id": run_id, "name": name, "payload": Jsonb(payload)}
-            ).fetchone()
+            delivered = tx.deliver_event(name, payload)
             if delivered:
-                tx._wait_over(_Wait("event", delivered[0], name, delivered[1]))
                 tx.advance_later()
-                return True
-            cur.execute(q.STORE_EVENT, (run_id, name, Jsonb(payload)))
-            return False
+            return delivered
 
     def stop_run(self, run_id: str, stop: Advance) -> None:
         with self._locked_run(run_id, f"stopping run {run_id!r}") as tx:
-            if tx.run.state != "running":
+            if tx.run.state != RunState.RUNNING:
                 raise OperatorError(
                     f"run {run_id!r} is {tx.run.state}; only a running run can be cancelled"
                 )
@@ -785,38 +405,17 @@ class PostgresStore:
         """Operator retry: a failed run resumes at its failed steps (or replays, after a code
         fix); a run whose compensation failed retries that compensation."""
         with self._locked_run(run_id, f"retrying run {run_id!r}") as tx:
-            cur = tx._cur
-            if tx.run.state == "failed":
-                kinds, state = ["action", "timer", "event"], "running"
-            elif tx.run.state == "compensation_failed":
-                kinds, state = ["compensation"], "compensating"
+            kinds: tuple[StepKind, ...]
+            if tx.run.state == RunState.FAILED:
+                kinds, state = (StepKind.ACTION, StepKind.TIMER, StepKind.EVENT), RunState.RUNNING
+            elif tx.run.state == RunState.COMPENSATION_FAILED:
+                kinds, state = (StepKind.COMPENSATION,), RunState.COMPENSATING
             else:
                 raise OperatorError(
                     f"run {run_id!r} is {tx.run.state}; only failed or "
                     f"compensation_failed runs can be retried"
                 )
-            error = tx.run.error if state == "compensating" else None
-            cur.execute(
-                q.REOPEN_RUN,
-                {
-                    "run_id": run_id,
-                    "state": state,
-                    "error": None if error is None else Jsonb(error),
-                    "from_states": [tx.run.state],
-                },
-            )
-            for key, state, step_queue in cur.execute(
-                q.RETRY_FAILED_STEPS,
-                {
-                    "run_id": run_id,
-                    "kinds": kinds,
-                    "dispatch_timeout": self._dispatch_timeout,
-                },
-            ).fetchall():
-                if state == "dispatched":
-                    tx.messages.append(
-                        step_message(step_queue or tx.queue, run_id, key, tx.run.trace_context)
-                    )
+            tx.reopen(state, kinds)
             tx.advance_later()
 
     def fork_run(
@@ -826,26 +425,11 @@ class PostgresStore:
         everything after it run again."""
         new_id = new_run_id or uuid.uuid4().hex
         with self._locked_run(run_id, f"forking run {run_id!r}") as tx:
-            cur = tx._cur
-            seq = cur.execute(q.SELECT_STEP_SEQ, (run_id, step_key)).fetchone()
-            if seq is None:
+            if not tx.fork(step_key, new_id, saga_version):
                 raise OperatorError(
                     f"run {run_id!r} has no step {step_key!r} to fork from "
                     f"(`saga show {run_id}` lists its step keys)"
                 )
-            cur.execute(
-                q.FORK_RUN,
-                {
-                    "new_run_id": new_id,
-                    "run_id": run_id,
-                    "saga_version": saga_version,
-                    "trace_context": Jsonb(dict(tx.run.trace_context)),
-                },
-            )
-            cur.execute(
-                q.FORK_STEPS, {"new_run_id": new_id, "run_id": run_id, "before_seq": seq[0]}
-            )
-            tx.messages.append(advance_message(tx.queue, new_id, tx.run.trace_context))
         return new_id
 
     # -- recovery -----------------------------------------------------------------------------
@@ -854,59 +438,68 @@ class PostgresStore:
         """Attempts whose worker died: back to pending (retried now), or failed when out of
         attempts, and then a worker advances the run. Returns (run_id, step_key, new state)."""
         expired: list[tuple[str, str, str]] = []
-        with _translated("reading expired leases"), self._pool.connection() as conn:
-            rows = conn.execute(q.SELECT_EXPIRED_LEASES, (limit,)).fetchall()
-        for run_id, step_key, attempt in rows:
+        with translated("reading expired leases"), self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = cur.execute(q.SELECT_EXPIRED_LEASES, (limit,)).fetchall()
+        for r in rows:
+            run_id, step_key, attempt = r["run_id"], r["step_key"], r["attempt"]
             error = error_record(
                 ErrorType.LEASE_EXPIRED,
                 f"attempt {attempt} of step {step_key!r} lost its worker (lease expired)",
                 attempt=attempt,
             )
             with self._locked_run(run_id, "expiring a lease") as tx:
-                row = tx._cur.execute(
-                    q.EXPIRE_LEASE,
-                    {
-                        "run_id": run_id,
-                        "step_key": step_key,
-                        "attempt": attempt,
-                        "error": Jsonb(error),
-                        "undoing": tx.run.state != "running",
-                    },
-                ).fetchone()
-                if row is None:
+                state = tx.expire_lease(step_key, attempt, error)
+                if state is None:
                     continue  # finished or renewed meanwhile
-                if row[0] == "failed":
+                if state == StepState.FAILED:
                     tx.advance_later()
-                expired.append((run_id, step_key, row[0]))
+                expired.append((run_id, step_key, state))
         return expired
 
     def overdue_runs(self, limit: int = 100) -> list[str]:
-        with _translated("reading overdue runs"), self._pool.connection() as conn:
-            return [r[0] for r in conn.execute(q.SELECT_OVERDUE_RUNS, (limit,)).fetchall()]
+        with translated("reading overdue runs"), self._pool.connection() as conn:
+            rows = conn.cursor(row_factory=dict_row).execute(q.SELECT_OVERDUE_RUNS, (limit,))
+            return [r["run_id"] for r in rows.fetchall()]
 
     def redispatch_due(self, limit: int = 500) -> int:
         """Dispatch steps whose time has come (retries, timers, timed-out waits, lost
         messages); returns how many."""
         with (
-            _translated("dispatching due steps"),
+            translated("dispatching due steps"),
             self._pool.connection() as conn,
-            _pipelined_transaction(conn) as cur,
+            pipelined_transaction(conn) as cur,
         ):
-            rows = cur.execute(
+            due = conn.cursor(row_factory=dict_row).execute(
                 q.REDISPATCH_DUE, {"limit": limit, "dispatch_timeout": self._dispatch_timeout}
-            ).fetchall()
-            add_messages(
-                cur, [step_message(qu or self._queue, r, k, t or {}) for r, k, t, qu in rows]
             )
+            rows = due.fetchall()
+            messages = [
+                step_message(
+                    r["queue"] or self._queue, r["run_id"], r["step_key"], r["trace_context"]
+                )
+                for r in rows
+            ]
+            add_messages(cur, messages)
             return len(rows)
 
     def trace_context(self, run_id: str) -> tuple[str, dict[str, str]] | None:
         """(saga name, trace context) of a run, for tracing a change made without a claim."""
-        with _translated(f"reading run {run_id!r}"), self._pool.connection() as conn:
-            row = conn.execute(q.SELECT_TRACE_CONTEXT, (run_id,)).fetchone()
-        return None if row is None else (row[0], row[1] or {})
+        with translated(f"reading run {run_id!r}"), self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(q.SELECT_TRACE_CONTEXT, (run_id,)).fetchone()
+        return None if row is None else (row["saga_name"], row["trace_context"])
 
     def seconds_until_next_due(self) -> float | None:
-        with _translated("reading the next due step"), self._pool.connection() as conn:
-            row = conn.execute(q.NEXT_DUE).fetchone()
-        return None if row is None or row[0] is None else max(0.0, float(row[0]))
+        with translated("reading the next due step"), self._pool.connection() as conn:
+            row = conn.cursor(row_factory=dict_row).execute(q.NEXT_DUE).fetchone()
+        if row is None or row["seconds"] is None:
+            return None
+        return max(0.0, float(row["seconds"]))
+
+
+if TYPE_CHECKING:  # mypy checks here that PostgresStore is a store_protocol.Store
+    from saga.store_protocol import Store
+
+    def _is_a_store(store: PostgresStore) -> Store:
+        return store

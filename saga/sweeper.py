@@ -10,6 +10,7 @@ import logging
 from saga import coordinator, tracing
 from saga.errors import SagaError, StoreError
 from saga.failures import ErrorType, error_record
+from saga.states import StepKind, StepState
 from saga.store import PostgresStore
 
 log = logging.getLogger("saga.sweeper")
@@ -49,7 +50,7 @@ class Sweeper:
         step = next((s for s in self._store.get_steps(run_id) if s.step_key == step_key), None)
         if found is None or step is None or step.attempt_started_at is None:
             return
-        if step.state not in ("pending", "failed"):
+        if step.state not in (StepState.PENDING, StepState.FAILED):
             return  # already claimed again: the lost attempt's start time is overwritten
         tracing.lost_attempt(
             found[1],
@@ -59,5 +60,5 @@ class Sweeper:
             attempt=step.attempt,
             idempotency_key=step.idempotency_key,
             started=step.attempt_started_at,
-            compensation=step.kind == "compensation",
+            compensation=step.kind == StepKind.COMPENSATION,
         )

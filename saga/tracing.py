@@ -53,9 +53,11 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TraceFlags
 
+from saga.states import RunState, StepKind
+
 if TYPE_CHECKING:
     from saga.outbox.message import OutboxMessage
-    from saga.store import Claim
+    from saga.records import Claim
 
 INSTRUMENTATION = "durable-saga"
 
@@ -293,7 +295,7 @@ def attempt(
     """The CONSUMER span of one delivery that claimed a step attempt (from the message's
     delivery on), and the attempt's metrics. The parent is the publishing span carried in the
     message headers when it belongs to the run's trace, else the run's root."""
-    compensation = claim.kind == "compensation"
+    compensation = claim.kind == StepKind.COMPENSATION
     metric_attrs = {SAGA_NAME: claim.saga_name, SAGA_STEP: claim.step_name}
     sent_at = (headers or {}).get(SENT_AT)
     if sent_at is not None:
@@ -610,6 +612,6 @@ def run_finished(
         )
         span.set_status(Status(StatusCode.ERROR, f"{kind}: {message}"[:500]))
         span.set_attribute(ERROR_TYPE, kind)
-    elif state != "completed":
+    elif state != RunState.COMPLETED:
         span.set_status(Status(StatusCode.ERROR, f"run ended {state}"))
     span.end()

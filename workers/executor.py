@@ -28,8 +28,10 @@ from saga.failures import ErrorRecord, ErrorType, error_record
 from saga.loader import load_definition
 from saga.messages import AdvanceMessage, StepMessage, parse
 from saga.outbox.message import OutboxMessage
+from saga.records import Claim, Fenced
 from saga.settings import Settings
-from saga.store import Claim, Fenced, PostgresStore, open_pool
+from saga.states import StepKind, StepState
+from saga.store import PostgresStore, open_pool
 from saga.workers.lease import LeaseKeeper
 from saga.workers.publish import CeleryPublisher, PendingMarks
 from saga.workflow import Workflow
@@ -141,10 +143,10 @@ class StepExecutor:
     # -- one attempt --------------------------------------------------------------------------
 
     def _run(self, claim: Claim) -> None:
-        if claim.kind == "timer":
+        if claim.kind == StepKind.TIMER:
             self._complete(claim, "null")
             return
-        if claim.kind == "event":  # dispatched only when its wait timed out
+        if claim.kind == StepKind.EVENT:  # dispatched only when its wait timed out
             timed_out = f"no event {claim.step_name!r} arrived in time"
             self._fail(claim, ErrorType.EVENT_TIMEOUT, timed_out, None)
             return
@@ -181,7 +183,7 @@ class StepExecutor:
                     step=claim.step_name,
                     attempt=claim.attempt,
                     idempotency_key=claim.idempotency_key,
-                    compensation=claim.kind == "compensation",
+                    compensation=claim.kind == StepKind.COMPENSATION,
                 ),
                 _time_limit(options.timeout_seconds, f"step {claim.step_key!r}"),
             ):
@@ -317,7 +319,11 @@ class StepExecutor:
 
     def _committed_by_us(self, claim: Claim) -> bool:
         state = self.store.step_state(claim.run_id, claim.step_key)
-        return state is not None and state.attempt == claim.attempt and state.state != "running"
+        return (
+            state is not None
+            and state.attempt == claim.attempt
+            and state.state != StepState.RUNNING
+        )
 
     def _explain_refusal(
         self, msg: StepMessage, task_id: str | None, headers: Mapping[str, Any] | None
@@ -340,7 +346,9 @@ class StepExecutor:
             state.attempt,
             state.run_state,
         )
-        if state.state == "completed":  # a duplicate: its result is read back, not made again
+        if (
+            state.state == StepState.COMPLETED
+        ):  # a duplicate: its result is read back, not made again
             tracing.replayed_step(
                 state.trace_context,
                 saga_name=state.saga_name,
@@ -348,6 +356,6 @@ class StepExecutor:
                 step=state.step_name,
                 attempt=state.attempt,
                 idempotency_key=state.idempotency_key,
-                compensation=state.kind == "compensation",
+                compensation=state.kind == StepKind.COMPENSATION,
                 headers=headers,
             )

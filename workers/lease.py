@@ -6,7 +6,8 @@ import logging
 import threading
 
 from saga.errors import StoreError
-from saga.store import Claim, PostgresStore
+from saga.records import Claim
+from saga.store import PostgresStore
 
 log = logging.getLogger("saga.worker")
 

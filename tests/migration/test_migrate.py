@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -16,6 +17,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 import saga.migrate
+import saga.queries
 from saga.errors import MigrationError
 from saga.migrate import (
     Migration,
@@ -24,6 +26,8 @@ from saga.migrate import (
     check_schema,
     migrate,
 )
+from saga.run_transaction import TRANSITION_REFUSED
+from saga.states import RunState, StepKind, StepState
 
 Conn = psycopg.Connection[Any]
 
@@ -385,3 +389,40 @@ def test_worker_and_relay_refuse_a_database_behind_the_code(
     )
     assert done.returncode == 2, done.stderr
     assert f"lacks migrations [{last}]: run `saga migrate` first" in done.stderr
+
+
+def check_values(conn: Conn, table: str, column: str) -> set[str]:
+    """The values a CHECK (column IN (...)) constraint allows, as Postgres holds it."""
+    rows = conn.execute(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = %s::regclass AND contype = 'c'",
+        (table,),
+    ).fetchall()
+    defs = [d for (d,) in rows if f"({column} = ANY" in d or f"(({column} = ANY" in d]
+    assert len(defs) == 1, f"one CHECK on {table}.{column}, found {defs}"
+    return set(re.findall(r"'([a-z_]+)'::text", defs[0]))
+
+
+def test_check_constraints_are_the_state_enums(schema: Conn) -> None:
+    assert check_values(schema, "saga_runs", "state") == set(RunState)
+    assert check_values(schema, "saga_steps", "state") == set(StepState)
+    assert check_values(schema, "saga_steps", "kind") == set(StepKind)
+    assert set(RUN_STATES) == set(RunState) and set(STEP_STATES) == set(StepState)
+    assert set(STEP_KINDS) == set(StepKind)
+
+
+def test_a_refused_run_transition_raises_its_own_sqlstate(schema: Conn) -> None:
+    run_id = new_id()
+    insert_run(schema, run_id, state="completed")
+    with pytest.raises(psycopg.Error) as info:
+        schema.execute(
+            saga.queries.FINISH_RUN,
+            {"run_id": run_id, "state": "failed", "result": None, "error": None},
+        )
+    assert info.value.sqlstate == TRANSITION_REFUSED
+    assert (
+        info.value.diag.message_primary == f"run '{run_id}' is completed; it cannot become failed"
+    )
+    missing = new_id()
+    with pytest.raises(psycopg.Error, match=f"run '{missing}' is missing"):
+        schema.execute(saga.queries.BEGIN_COMPENSATION, {"run_id": missing, "error": None})

@@ -20,7 +20,7 @@ from saga.definition import Saga, StepContext, step
 from saga.errors import DefinitionError
 from saga.failures import ErrorType, error_record
 from saga.keys import idempotency_key
-from saga.store import Fenced, OperatorError
+from saga.records import Fenced, OperatorError
 from saga.workflow import EventTimeout, StepFailed, WorkflowContext, workflow
 from tests import coordinator_sagas as cs
 from tests import sagas
@@ -1171,7 +1171,7 @@ def test_a_lease_expiring_while_compensating_does_not_stall_the_compensation() -
 
 def test_workflow_code_mutating_a_result_does_not_change_the_journal() -> None:
     from saga.coordinator import JournalRow
-    from saga.store import JournalCache
+    from saga.run_transaction import JournalCache
 
     cache = JournalCache()
     row = JournalRow("s#1", "s", "action", "completed", 1, {"items": [1]}, None, 1, None, {})

@@ -1,0 +1,100 @@
+"""The store as the code that drives the coordinator sees it: what the client, the workers and
+the sweeper call. ``PostgresStore`` is the store; ``tests/unit/memory_run.MemoryStore`` is its
+in-memory twin, and ``tests/contract/test_store_contract.py`` runs the same cases on both."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from saga.coordinator import RunTx
+from saga.outbox.message import OutboxMessage
+from saga.records import Claim, RunRecord, StepRecord
+
+# What a store runs inside a run's transaction: coordinator.advance, coordinator.stop, ...
+Decide = Callable[[RunTx], None]
+
+
+class Store(Protocol):
+    def create_run(
+        self,
+        *,
+        run_id: str,
+        saga_name: str,
+        saga_ref: str,
+        saga_version: str,
+        input_json: str,
+        trace_context: Mapping[str, str],
+        timeout: float | None,
+        start: Decide,
+    ) -> bool:
+        """Create the run and let ``start`` schedule its first steps, in one transaction;
+        False if it exists already with the same saga and input."""
+        ...
+
+    def claim_step(
+        self,
+        run_id: str,
+        step_key: str,
+        *,
+        owner: str,
+        lease: float,
+        published: Sequence[uuid.UUID] = (),
+    ) -> Claim | None:
+        """One attempt of the step (its number is the fencing token), or None if the step is
+        not claimable now."""
+        ...
+
+    def complete_step(
+        self,
+        claim: Claim,
+        result_json: str,
+        advance: Decide,
+        *,
+        fast_path_delay: float,
+        read_journal: bool = False,
+    ) -> list[OutboxMessage]:
+        """Journal the result and what ``advance`` decides, together; Fenced if the attempt
+        no longer owns its step."""
+        ...
+
+    def fail_attempt(
+        self,
+        claim: Claim,
+        error: Mapping[str, Any],
+        *,
+        retry_in: float | None,
+        advance: Decide,
+        fast_path_delay: float = 0.0,
+        read_journal: bool = False,
+    ) -> list[OutboxMessage]:
+        """A failed attempt: retried after ``retry_in`` seconds, or (None) failed for good and
+        the run advanced."""
+        ...
+
+    def expire_leases(self, limit: int = 100) -> list[tuple[str, str, str]]:
+        """Attempts whose lease ran out: (run_id, step_key, new state) of each."""
+        ...
+
+    def redispatch_due(self, limit: int = 500) -> int:
+        """Dispatch the open steps whose time has come; returns how many."""
+        ...
+
+    def advance_run(self, run_id: str, advance: Decide) -> None: ...
+
+    def send_event(self, run_id: str, name: str, payload: Any) -> bool:
+        """True: it completed the step waiting for it; False: it is kept for a later wait."""
+        ...
+
+    def stop_run(self, run_id: str, stop: Decide) -> None:
+        """Run ``stop`` on a running run (cancel, or out of time); OperatorError otherwise."""
+        ...
+
+    def retry_run(self, run_id: str) -> None:
+        """Operator retry of a failed (or compensation_failed) run; OperatorError otherwise."""
+        ...
+
+    def get_run(self, run_id: str) -> RunRecord: ...
+
+    def get_steps(self, run_id: str) -> list[StepRecord]: ...
