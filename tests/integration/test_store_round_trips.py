@@ -92,11 +92,12 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     traced(pool, lambda: store.complete_step(b, '"x"', advance, fast_path_delay=0.0))
     c = claim("c")
     # Failed for good: the journal is read, compensation begins (a guarded run transition,
-    # whose check costs nothing), open steps are cancelled, the compensation is scheduled.
+    # whose check costs nothing), open steps are cancelled, the compensation is scheduled with
+    # the undone step's input read for its ctx.undo (a wait of its own, on this path only).
     _, sent = traced(
         pool, lambda: store.fail_attempt(c, {"type": "E"}, retry_in=None, advance=advance)
     )
-    assert sent == {"Sync": 1, "Flush": 4, "Bind": 11}
+    assert sent == {"Sync": 1, "Flush": 5, "Bind": 12}
     undo_a = claim("compensate:a")
     # The last compensation: the run finishes (FINISH_RUN, guarded in SQL) in the same trips.
     _, sent = traced(pool, lambda: store.complete_step(undo_a, "null", advance, fast_path_delay=0))
