@@ -59,6 +59,11 @@ class StoreError(SagaError):
     """Postgres failed underneath the store (the driver's error is the ``__cause__``)."""
 
 
+class StoreRejectedError(StoreError):
+    """Postgres refused the data or the statement itself (a value it cannot store, a broken
+    constraint): unlike an outage, retrying fails the same way."""
+
+
 class MigrationError(SagaError):
     """The schema could not be brought up to date."""
 

@@ -51,12 +51,17 @@ def error_record(
         text = str(cause) if message is None else message
     else:
         kind, text = str(cause), message or str(cause)
-    record: ErrorRecord = {"type": kind, "message": text[:MAX_ERROR_TEXT]}
+    record: ErrorRecord = {"type": kind, "message": _storable(text)[:MAX_ERROR_TEXT]}
     if attempt is not None:
         record["attempt"] = attempt
         record["failed_at"] = dt.datetime.now(dt.UTC).isoformat()
     if retryable is not None:
         record["retryable"] = retryable
     if traceback and isinstance(cause, BaseException):
-        record["traceback"] = "".join(tb.format_exception(cause))[-MAX_ERROR_TEXT:]
+        record["traceback"] = _storable("".join(tb.format_exception(cause)))[-MAX_ERROR_TEXT:]
     return record
+
+
+def _storable(text: str) -> str:
+    """Postgres stores no NUL in JSON: a message quoting one (a bad value) shows it escaped."""
+    return text.replace("\x00", "\\x00")

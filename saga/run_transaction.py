@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 from saga import queries as q
 from saga import tracing
 from saga.coordinator import JournalRow, NewStep, RunView
-from saga.errors import StoreError
+from saga.errors import StoreError, StoreRejectedError
 from saga.keys import idempotency_key
 from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
@@ -36,7 +36,8 @@ TRANSITION_REFUSED = "SG001"
 
 @contextlib.contextmanager
 def translated(action: str) -> Iterator[None]:
-    """The seam: psycopg errors become StoreError, a refused run transition RunTransitionError."""
+    """The seam: psycopg errors become StoreError (an outage: retry), StoreRejectedError (the
+    data or statement refused: retrying cannot help), or RunTransitionError."""
     try:
         yield
     except psycopg.Error as exc:
@@ -45,7 +46,13 @@ def translated(action: str) -> Iterator[None]:
             raise RunTransitionError(
                 f"{exc.diag.message_primary} (while {action}); {hint}"
             ) from exc
-        raise StoreError(f"Postgres failed while {action}: {exc}") from exc
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            # The connection or the server went away, a serialization failure, a deadlock, a
+            # pool timeout: another try may succeed.
+            raise StoreError(f"Postgres failed while {action}: {exc}") from exc
+        raise StoreRejectedError(
+            f"Postgres refused what was written while {action}: {exc}"
+        ) from exc
 
 
 @contextlib.contextmanager

@@ -283,3 +283,13 @@ def returns_nul(ctx: StepContext, value: Any) -> str:
 
 
 nul_result = Saga("nul_result", [step(returns_nul, retry=RetryPolicy(max_attempts=3))])
+
+
+def returns_refused(ctx: StepContext, value: Any) -> dict[str, Any]:
+    record(ctx)
+    return {"note": "refuse-me"}  # the test's trigger makes Postgres refuse this result
+
+
+refused_result = Saga(
+    "refused_result", [step(returns_refused, retry=RetryPolicy(max_attempts=3), compensate=release)]
+)

@@ -23,14 +23,14 @@ from pydantic import ValidationError
 
 from saga import coordinator, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref
-from saga.errors import StepTimeoutError, StoreError, UnknownSagaError
+from saga.errors import StepTimeoutError, StoreError, StoreRejectedError, UnknownSagaError
 from saga.failures import ErrorRecord, ErrorType, error_record
 from saga.loader import load_definition
 from saga.messages import AdvanceMessage, StepMessage, parse
 from saga.outbox.message import OutboxMessage
 from saga.records import Claim, Fenced
 from saga.settings import Settings
-from saga.states import StepKind, StepState
+from saga.states import RunState, StepKind, StepState
 from saga.store import PostgresStore, open_pool
 from saga.workers.lease import LeaseKeeper
 from saga.workers.publish import CeleryPublisher, PendingMarks
@@ -202,20 +202,49 @@ class StepExecutor:
         self._complete(claim, result_json)
 
     def _complete(self, claim: Claim, result_json: str) -> None:
-        done = self._durably(
-            "journaling the result",
-            lambda: self.store.complete_step(
+        try:
+            done = self._durably(
+                "journaling the result",
+                lambda: self.store.complete_step(
+                    claim,
+                    result_json,
+                    self._advance,
+                    fast_path_delay=self.settings.fast_path_grace_seconds,
+                    read_journal=self._replays(claim),
+                ),
                 claim,
-                result_json,
-                self._advance,
-                fast_path_delay=self.settings.fast_path_grace_seconds,
-                read_journal=self._replays(claim),
-            ),
-            claim,
-        )
+            )
+        except (Fenced, StoreError) as exc:
+            if not isinstance(exc, StoreRejectedError):
+                raise  # the fence, or an outage that outlasted the lease: the sweeper takes over
+            self._not_journaled(claim, exc)
+            return
+        except Exception as exc:  # e.g. the coordinator failing on this outcome: every time
+            self._not_journaled(claim, exc)
+            return
         tracing.attempt_completed()
         if done is not None:
             self._publish_now(done)
+
+    def _not_journaled(self, claim: Claim, exc: Exception) -> None:
+        """The step ran, but its outcome cannot be written, and writing it again would fail the
+        same way. It must not run again for want of a journal row: its attempt is journaled as
+        failed for good, naming the cause, and the run goes on as for any such failure (the
+        step's outcome is unknown: compensated if it has a compensation)."""
+        log.error(
+            "step %r of run %r ran, but its outcome cannot be journaled: %s",
+            claim.step_key,
+            claim.run_id,
+            exc,
+        )
+        message = (
+            f"step {claim.step_key!r} of run {claim.run_id!r} ran on attempt {claim.attempt}, "
+            f"but its outcome could not be journaled ({type(exc).__name__}: {exc}); the step is "
+            f"not run again"
+        )
+        error = error_record(exc, message, attempt=claim.attempt, retryable=False, traceback=True)
+        tracing.attempt_failed(exc, will_retry=False, record=True)
+        self._record_failure(claim, error, None)
 
     def _fail_with(
         self, claim: Claim, exc: BaseException, retry_in: float | None, *, recorded: bool = False
@@ -242,20 +271,38 @@ class StepExecutor:
         self._record_failure(claim, error_record(type_, message, attempt=claim.attempt), retry_in)
 
     def _record_failure(self, claim: Claim, error: ErrorRecord, retry_in: float | None) -> None:
-        done = self._durably(
-            "journaling a failure",
-            lambda: self.store.fail_attempt(
+        def journal(advance: Callable[[Any], None]) -> list[OutboxMessage] | None:
+            return self._durably(
+                "journaling a failure",
+                lambda: self.store.fail_attempt(
+                    claim,
+                    error,
+                    retry_in=retry_in,
+                    advance=advance,
+                    fast_path_delay=self.settings.fast_path_grace_seconds,
+                    read_journal=self._replays(claim),
+                ),
                 claim,
-                error,
-                retry_in=retry_in,
-                advance=self._advance,
-                fast_path_delay=self.settings.fast_path_grace_seconds,
-                read_journal=self._replays(claim),
-            ),
-            claim,
-        )
+            )
+
+        try:
+            done = journal(self._advance)
+        except (Fenced, StoreError) as exc:
+            if not isinstance(exc, StoreRejectedError):
+                raise
+            done = journal(self._fail_run(error, exc))
+        except Exception as exc:  # advancing the run fails on this outcome, every time
+            done = journal(self._fail_run(error, exc))
         if done is not None:
             self._publish_now(done)
+
+    @staticmethod
+    def _fail_run(error: ErrorRecord, exc: Exception) -> Callable[[Any], None]:
+        """When the run cannot be advanced past a failure: journal the failure and end the run
+        ``failed`` with both causes, for an operator to fix and ``saga retry``."""
+        why = f"{error['message']}; the run could not advance past it ({type(exc).__name__}: {exc})"
+        stuck = error_record(exc, why, traceback=True)
+        return lambda tx: tx.finish(RunState.FAILED, error=stuck)
 
     @staticmethod
     def _replays(claim: Claim) -> bool:
@@ -310,6 +357,8 @@ class StepExecutor:
                 if retried and claim is not None and self._committed_by_us(claim):
                     return None
                 raise
+            except StoreRejectedError:
+                raise  # refused as written: another try fails the same way
             except StoreError as exc:
                 if time.monotonic() + delay > deadline:
                     raise

@@ -98,3 +98,36 @@ def test_a_result_postgres_cannot_store_fails_the_attempt_once_naming_the_cause(
     [journaled] = client.steps(run_id)
     rows = db.execute("SELECT attempt FROM test_calls WHERE run_id = %s", (run_id,)).fetchall()
     assert [r[0] for r in rows] == [1] == [journaled.attempt], "one call per journaled attempt"
+
+
+REFUSE_RESULTS = """
+CREATE FUNCTION refuse_marked_results() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'check_violation';
+END;
+$$;
+CREATE TRIGGER refuse_marked_results BEFORE UPDATE ON saga_steps FOR EACH ROW
+    WHEN (NEW.result::text LIKE '%refuse-me%') EXECUTE FUNCTION refuse_marked_results();
+"""
+
+
+def test_an_outcome_postgres_refuses_is_journaled_as_a_failure_and_not_run_again(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    db.execute(REFUSE_RESULTS)  # Postgres itself refuses the step's result at commit
+    procs.relay(settings)
+    procs.worker(settings, "w1")
+    run_id = client.start(cs.refused_result, None)
+    run = client.wait(run_id, timeout=60)
+    # The step's outcome is unknown (it ran, its result is lost): it is compensated.
+    assert run.state == "compensated", run
+    steps = {s.step_key: s for s in client.steps(run_id)}
+    failed = steps["returns_refused"]
+    assert (failed.state, failed.attempt) == ("failed", 1)
+    assert "could not be journaled" in failed.error["message"]
+    assert "refused by the test" in failed.error["message"]
+    assert steps["compensate:returns_refused"].state == "completed"
+    rows = db.execute(
+        "SELECT step FROM test_calls WHERE run_id = %s ORDER BY id", (run_id,)
+    ).fetchall()
+    assert [r[0] for r in rows] == ["returns_refused", "compensate:returns_refused"]
