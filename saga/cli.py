@@ -128,7 +128,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         queue=settings.queue,
         dispatch_timeout=settings.dispatch_timeout_seconds,
     )
-    sweeper = None if args.no_sweeper else Sweeper(store)
+    sweeper = None if args.no_sweeper else Sweeper(store, worker_silence=settings.lease_seconds)
     logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
     try:
         relay.run(stop, also=sweeper.tick if sweeper else None)

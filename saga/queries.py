@@ -364,3 +364,34 @@ SELECT version, checksum FROM saga_schema_migrations
 RECORD_MIGRATION: LiteralString = """
 INSERT INTO saga_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)
 """
+
+
+# -- the worker registry (0004): live workers, and the unclaimed steps of dead ones ----------
+
+REGISTER_WORKER: LiteralString = """
+INSERT INTO saga_workers (owner, queues) VALUES (%(owner)s, %(queues)s)
+ON CONFLICT (owner) DO UPDATE SET queues = excluded.queues, started_at = now(), seen_at = now()
+"""
+
+WORKER_HEARTBEAT: LiteralString = """
+UPDATE saga_workers SET seen_at = now() WHERE owner = %s
+"""
+
+DEREGISTER_WORKER: LiteralString = """
+DELETE FROM saga_workers WHERE owner = %s
+"""
+
+# Workers whose heart stopped, removed; the queues they consumed, for the recovery below.
+REMOVE_DEAD_WORKERS: LiteralString = """
+DELETE FROM saga_workers WHERE seen_at < now() - %s * interval '1 second'
+RETURNING owner, queues
+"""
+
+# Dispatched steps of those queues not yet due again: due now, so the sweep dispatches them
+# again. One of them may be the message the dead worker took and never claimed.
+RECOVER_UNCLAIMED: LiteralString = """
+UPDATE saga_steps s SET due_at = now()
+FROM saga_runs r
+WHERE r.run_id = s.run_id AND s.state = 'dispatched' AND s.due_at > now()
+  AND coalesce(s.options->>'queue', r.queue, %(default_queue)s) = ANY(%(queues)s)
+"""

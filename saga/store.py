@@ -483,6 +483,37 @@ class PostgresStore:
             add_messages(cur, messages)
             return len(rows)
 
+    # -- the worker registry ------------------------------------------------------------------
+
+    def register_worker(self, owner: str, queues: Sequence[str]) -> None:
+        """A worker process that will take messages from ``queues`` is alive."""
+        with translated("registering a worker"), self._pool.connection() as conn:
+            conn.execute(q.REGISTER_WORKER, {"owner": owner, "queues": list(queues)})
+
+    def worker_heartbeat(self, owner: str) -> None:
+        with translated("recording a worker's heartbeat"), self._pool.connection() as conn:
+            conn.execute(q.WORKER_HEARTBEAT, (owner,))
+
+    def deregister_worker(self, owner: str) -> None:
+        """A worker process stops cleanly: it holds no message any more."""
+        with translated("deregistering a worker"), self._pool.connection() as conn:
+            conn.execute(q.DEREGISTER_WORKER, (owner,))
+
+    def recover_dead_workers(self, silent_for: float) -> list[str]:
+        """Workers silent for ``silent_for`` seconds are dead: removed, and the unclaimed steps
+        of their queues made due now (one may be a message a dead worker took). Returns their
+        owners."""
+        with (
+            translated("recovering from dead workers"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            dead = conn.execute(q.REMOVE_DEAD_WORKERS, (silent_for,)).fetchall()
+            queues = sorted({queue for _, qs in dead for queue in qs})
+            if queues:
+                conn.execute(q.RECOVER_UNCLAIMED, {"queues": queues, "default_queue": self._queue})
+        return [owner for owner, _ in dead]
+
     def trace_context(self, run_id: str) -> tuple[str, dict[str, str]] | None:
         """(saga name, trace context) of a run, for tracing a change made without a claim."""
         with translated(f"reading run {run_id!r}"), self._pool.connection() as conn:

@@ -17,12 +17,17 @@ log = logging.getLogger("saga.sweeper")
 
 
 class Sweeper:
-    def __init__(self, store: PostgresStore, *, max_wait: float = 5.0) -> None:
+    def __init__(
+        self, store: PostgresStore, *, max_wait: float = 5.0, worker_silence: float = 30.0
+    ) -> None:
         self._store = store
         self._max_wait = max_wait
+        self._worker_silence = worker_silence  # a worker this long silent is dead
 
     def tick(self) -> float | None:
         """One pass; returns the seconds until the next step falls due (capped)."""
+        for owner in self._store.recover_dead_workers(self._worker_silence):
+            log.warning("worker %s stopped beating: its queues' unclaimed steps go again", owner)
         for run_id, step_key, state in self._store.expire_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)
             try:

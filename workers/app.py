@@ -34,9 +34,10 @@ class SagaCelery(Celery):  # type: ignore[misc]
 
     def flush_marks(self, **_: Any) -> None:
         """At process shutdown: mark the fast path's last publishes, so no relay sends them
-        again (which would cost a fenced duplicate)."""
+        again (which would cost a fenced duplicate), and leave the worker registry."""
         if self._executor is not None and self._executor_pid == os.getpid():
             self._executor.marks.flush()
+            self._executor.leases.stop()
 
 
 def broker_options(broker_url: str, settings: Settings) -> dict[str, Any]:

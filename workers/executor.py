@@ -77,7 +77,8 @@ class StepExecutor:
             self.store.mark_published, flush_after=settings.fast_path_grace_seconds / 5
         )
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        self.leases = LeaseKeeper(self.store, settings.lease_seconds)
+        self.leases = LeaseKeeper(self.store, settings.lease_seconds, self.owner, [settings.queue])
+        self.leases.start()
         self._advance = functools.partial(coordinator.advance, load=load_definition)
         self._system = tracing.messaging_system(app.conf.broker_url)
 

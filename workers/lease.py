@@ -1,9 +1,10 @@
-"""Keeps the lease of the step this process is running, so a long step is not taken over."""
+"""The worker process's heartbeat and the lease of the step it is running."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
 from saga.errors import StoreError
 from saga.records import Claim
@@ -13,31 +14,52 @@ log = logging.getLogger("saga.worker")
 
 
 class LeaseKeeper:
-    """One daemon thread per process; renews the current claim every third of the lease.
+    """One daemon thread per worker process. Every third of the lease it beats the process's
+    heart in the worker registry (a silent worker is dead: the sweeper re-dispatches the
+    unclaimed steps of its queues, one of which it may have taken), and renews the current
+    claim's lease, so a long step is not taken over.
 
     Steps shorter than a third of the lease never cause a renewal, so the hot path pays nothing
     beyond setting an attribute.
     """
 
-    def __init__(self, store: PostgresStore, lease_seconds: float) -> None:
+    def __init__(
+        self, store: PostgresStore, lease_seconds: float, owner: str, queues: Sequence[str]
+    ) -> None:
         self._store = store
         self._lease = lease_seconds
+        self._owner = owner
+        self._queues = list(queues)
         self._current: Claim | None = None
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def start(self) -> None:
+        """Register the process (before it claims anything) and start beating."""
+        self._store.register_worker(self._owner, self._queues)
+        self._thread = threading.Thread(target=self._run, name="saga-lease", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """At a clean exit: the process holds no message, nothing to recover."""
+        try:
+            self._store.deregister_worker(self._owner)
+        except StoreError as exc:  # its heart stops anyway: a needless recovery at worst
+            log.warning("could not deregister worker %s: %s", self._owner, exc)
+
     def hold(self, claim: Claim | None) -> None:
         """Set (or, with None, clear) the claim being run."""
         self._current = claim
-        if claim is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="saga-lease", daemon=True)
-            self._thread.start()
 
     def _run(self) -> None:
         interval = self._lease / 3
         while True:
             claim = self._current
             self._wake.wait(interval)
+            try:
+                self._store.worker_heartbeat(self._owner)
+            except StoreError as exc:
+                log.warning("could not record this worker's heartbeat: %s", exc)
             # Renew only a claim that has been held for a whole interval.
             if claim is None or claim is not self._current:
                 continue

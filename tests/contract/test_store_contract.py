@@ -79,6 +79,9 @@ class Backend(Protocol):
     def expire_lease(self, run_id: str, step_key: str) -> None: ...
     def fall_due(self, run_id: str, step_key: str) -> None: ...
     def outbox(self, run_id: str) -> list[tuple[str, str | None]]: ...
+    def silence(self, owner: str, seconds: float) -> None:
+        """Make a worker's last heartbeat ``seconds`` old."""
+        ...
 
 
 @dataclass
@@ -106,6 +109,14 @@ class PostgresBackend:
             step_key,
         )
 
+    def silence(self, owner: str, seconds: float) -> None:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE saga_workers SET seen_at = now() - %s * interval '1 second' "
+                "WHERE owner = %s",
+                (seconds, owner),
+            )
+
     def outbox(self, run_id: str) -> list[tuple[str, str | None]]:
         with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
             rows = conn.execute(
@@ -127,6 +138,10 @@ class MemoryBackend:
 
     def fall_due(self, run_id: str, step_key: str) -> None:
         self.store.db.steps[(run_id, step_key)].due_at = self.store.db.clock - 1.0
+
+    def silence(self, owner: str, seconds: float) -> None:
+        queues = self.store.db.workers[owner][0]
+        self.store.db.workers[owner] = (queues, self.store.db.clock - seconds)
 
     def outbox(self, run_id: str) -> list[tuple[str, str | None]]:
         return [
@@ -473,3 +488,32 @@ def test_unknown_runs(backend: Backend) -> None:
     with pytest.raises(RunNotFoundError, match="nope"):
         backend.store.send_event("nope", "approval", None)
     assert backend.store.get_steps("nope") == []
+
+
+# -- the worker registry -------------------------------------------------------------------------
+
+
+def test_a_silent_workers_unclaimed_steps_are_dispatched_again(backend: Backend) -> None:
+    run_id = start(backend, booking)
+    backend.store.register_worker("host:1", [QUEUE])  # may have taken reserve's message
+    backend.store.register_worker("host:2", ["elsewhere"])
+    backend.store.register_worker("host:3", [QUEUE])
+    assert backend.store.recover_dead_workers(10.0) == []
+    assert backend.store.redispatch_due() == 0  # not due: its dispatch timeout is far off
+    backend.silence("host:1", 60.0)
+    backend.silence("host:2", 60.0)
+    backend.store.worker_heartbeat("host:3")
+    assert sorted(backend.store.recover_dead_workers(10.0)) == ["host:1", "host:2"]
+    assert backend.store.redispatch_due() == 1
+    assert backend.outbox(run_id) == [(STEP_TASK, "reserve"), (STEP_TASK, "reserve")]
+    assert backend.store.recover_dead_workers(10.0) == []  # recovered once
+    claimed(backend, run_id, "reserve")
+    assert claim(backend, run_id, "reserve", owner="w2") is None  # the duplicate is fenced
+
+
+def test_a_worker_that_stops_cleanly_is_not_recovered(backend: Backend) -> None:
+    run_id = start(backend, booking)
+    backend.store.register_worker("host:1", [QUEUE])
+    backend.store.deregister_worker("host:1")
+    assert backend.store.recover_dead_workers(0.0) == []
+    assert backend.outbox(run_id) == [(STEP_TASK, "reserve")]

@@ -169,7 +169,8 @@ class EventRow:
 
 @dataclass
 class MemoryDB:
-    """The tables: saga_runs, saga_steps, saga_events, saga_outbox and saga_completion_seq."""
+    """The tables: saga_runs, saga_steps, saga_events, saga_outbox, saga_workers and
+    saga_completion_seq."""
 
     runs: dict[str, RunRow] = field(default_factory=dict)
     steps: dict[tuple[str, str], StepRow] = field(default_factory=dict)
@@ -177,6 +178,7 @@ class MemoryDB:
     outbox: list[OutboxMessage] = field(default_factory=list)
     completion_seq: int = 0
     clock: float = 0.0  # seconds; what now() is to the twin (tests move it on explicitly)
+    workers: dict[str, tuple[list[str], float]] = field(default_factory=dict)  # queues, seen
 
     def next_completion(self) -> int:
         self.completion_seq += 1
@@ -904,6 +906,26 @@ class MemoryStore:
                     tx.advance_later()
                 expired.append((run_id, step_key, r.state))
         return expired
+
+    def register_worker(self, owner: str, queues: Sequence[str]) -> None:
+        self.db.workers[owner] = (list(queues), self.db.clock)
+
+    def worker_heartbeat(self, owner: str) -> None:
+        if owner in self.db.workers:
+            self.db.workers[owner] = (self.db.workers[owner][0], self.db.clock)
+
+    def deregister_worker(self, owner: str) -> None:
+        self.db.workers.pop(owner, None)
+
+    def recover_dead_workers(self, silent_for: float) -> list[str]:
+        """REMOVE_DEAD_WORKERS, then RECOVER_UNCLAIMED for their queues."""
+        dead = [o for o, (_, seen) in self.db.workers.items() if seen < self.db.clock - silent_for]
+        queues = {q for o in dead for q in self.db.workers.pop(o)[0]}
+        for r in self.db.steps.values():
+            queue = r.options.get("queue") or self._queue
+            if r.state == StepState.DISPATCHED and r.due_at > self.db.clock and queue in queues:
+                r.due_at = self.db.clock
+        return dead
 
     def redispatch_due(self, limit: int = 500) -> int:
         """REDISPATCH_DUE: open steps whose time has come, of a kind their run's state runs."""
