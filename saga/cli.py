@@ -60,11 +60,12 @@ def _require_schema(database_url: str | None) -> None:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from saga.workers import telemetry
-    from saga.workers.app import assert_safe, create_app, install_shutdown_hooks
+    from saga.workers.app import assert_safe, create_app, install_shutdown_hooks, load_transport
 
     _require_schema(settings.database_url)
     app = create_app(settings)
     assert_safe(app)
+    load_transport(app)
     install_shutdown_hooks(app)
     telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
     if args.pool == "threads":
@@ -93,11 +94,13 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
     from saga.workers import telemetry
-    from saga.workers.app import create_app
+    from saga.workers.app import create_app, load_transport
     from saga.workers.publish import CeleryPublisher
 
     assert settings.database_url
     _require_schema(settings.database_url)
+    app = create_app(settings)
+    load_transport(app)
     _, metrics_on = telemetry.configure_sdk("saga-relay")
     if metrics_on:
         from saga.metrics import DatabaseGauges
@@ -108,7 +111,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     relay = Relay(
         settings.database_url,
-        CeleryPublisher(create_app(settings)),
+        CeleryPublisher(app),
         batch_size=settings.relay_batch_size,
         poll_seconds=settings.relay_poll_seconds,
         retention_seconds=settings.outbox_retention_seconds,

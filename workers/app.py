@@ -81,6 +81,37 @@ def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
     return app
 
 
+def transport_error(broker_url: str, exc: ImportError) -> ConfigurationError:
+    """What to do when kombu's transport for ``broker_url`` cannot be imported: no retry fixes
+    a missing module (kombu's Redis transport needs ``redis`` and ``packaging``, its
+    ``kombu[redis]`` extra)."""
+    scheme = broker_url.split(":", 1)[0] or "?"
+    missing = f"the missing module {exc.name!r}" if exc.name else "what it needs"
+    return ConfigurationError(
+        f"the broker transport for {scheme}:// (SAGA_BROKER_URL) cannot be loaded: {exc}. "
+        f"Retrying cannot fix this: install {missing} into this Python environment "
+        f"(for kombu's {scheme} transport: pip install 'kombu[{scheme}]'; durable-saga's own "
+        f"dependencies bring the redis and amqp transports) and start again"
+    )
+
+
+def load_transport(app: Celery) -> None:
+    """Import the broker's kombu transport now (no connection is made), so that a missing module
+    or an unknown scheme stops a worker or relay at start-up, saying what to do, instead of
+    failing at its first message."""
+    url = str(app.conf.broker_url)
+    try:
+        with app.connection_for_write() as conn:
+            conn.transport  # noqa: B018 - resolves and imports the transport class
+    except ImportError as exc:
+        raise transport_error(url, exc) from exc
+    except KeyError as exc:  # kombu: "No such transport: ..."
+        raise ConfigurationError(
+            f"SAGA_BROKER_URL names no broker transport kombu knows ({exc.args[0]}): "
+            f"use redis://HOST:PORT/DB or amqp://USER:PASSWORD@HOST:PORT/VHOST"
+        ) from None
+
+
 def install_shutdown_hooks(app: SagaCelery) -> None:
     """For the worker process only (signals are process-wide)."""
     signals.worker_process_shutdown.connect(app.flush_marks, weak=False)  # a prefork child

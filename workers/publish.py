@@ -29,6 +29,15 @@ class CeleryPublisher:
     def publish(self, messages: Sequence[OutboxMessage]) -> None:
         if not messages:
             return
+        try:
+            self._send(messages)
+        except ImportError as exc:  # a transport missing a module: the relay stops on this
+            from saga.workers.app import transport_error
+
+            raise transport_error(str(self._app.conf.broker_url), exc) from exc
+        tracing.published(messages)
+
+    def _send(self, messages: Sequence[OutboxMessage]) -> None:
         with self._app.producer_or_acquire() as producer:
             for m in messages:
                 with tracing.send_span(m, self._system) as headers:
@@ -42,7 +51,6 @@ class CeleryPublisher:
                         add_to_parent=False,
                         ignore_result=True,
                     )
-        tracing.published(messages)
 
 
 class PendingMarks:

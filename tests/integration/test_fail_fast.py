@@ -1,0 +1,99 @@
+"""Errors no retry can fix stop the relay and the worker, saying why; broker outages do not.
+
+A broker transport whose module is missing is a real one: kombu's ``mongodb://`` transport needs
+``pymongo``, which nothing here installs (the same failure as the Redis transport without
+``packaging``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from saga.client import SagaClient
+from saga.errors import ConfigurationError
+from saga.outbox.relay import Relay
+from saga.settings import Settings
+from saga.workers.app import create_app
+from saga.workers.publish import CeleryPublisher
+from tests import sagas
+from tests.processes import ProcessGroup, wait_until
+
+Conn = psycopg.Connection[Any]
+MISSING_TRANSPORT = "mongodb://127.0.0.1:27017/saga"
+REFUSED = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused
+
+
+@pytest.fixture(autouse=True)
+def _no_pymongo() -> None:
+    try:
+        import pymongo  # noqa: F401
+    except ImportError:
+        return
+    pytest.skip("pymongo is installed: mongodb:// is no missing transport here")
+
+
+def outbox_rows(db: Conn) -> list[tuple[int, str | None, bool]]:
+    rows = db.execute(
+        "SELECT attempts, last_error, published_at IS NOT NULL FROM saga_outbox ORDER BY id"
+    ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+@pytest.mark.parametrize("role", ["relay", "worker"])
+def test_a_missing_transport_module_stops_the_process_naming_it(
+    role: str, settings: Settings, procs: ProcessGroup
+) -> None:
+    broken = settings.model_copy(update={"broker_url": MISSING_TRANSPORT})
+    process = procs.relay(broken) if role == "relay" else procs.worker(broken, "w1")
+    wait_until(lambda: not process.alive(), 60, f"the {role} to stop")
+    assert process.popen.returncode == 2
+    log = process.log()
+    assert "No module named 'pymongo'" in log
+    assert "pip install 'kombu[mongodb]'" in log
+    assert "Traceback" not in log
+
+
+def test_an_unknown_broker_scheme_stops_the_relay(settings: Settings, procs: ProcessGroup) -> None:
+    process = procs.relay(settings.model_copy(update={"broker_url": "reddis://127.0.0.1:6379/0"}))
+    wait_until(lambda: not process.alive(), 60, "the relay to stop")
+    assert process.popen.returncode == 2
+    assert "names no broker transport kombu knows" in process.log()
+
+
+def test_a_publish_that_cannot_import_its_transport_stops_the_relay_leaving_the_rows(
+    settings: Settings, client: SagaClient, db: Conn
+) -> None:
+    """The publish path itself (a process checks its transport at start-up first): the error
+    ends ``Relay.run`` instead of being recorded on the rows and retried forever."""
+    client.start(sagas.ten, {"n": 1})
+    before = outbox_rows(db)
+    assert before and not any(published for _, _, published in before)
+    assert settings.database_url
+    relay = Relay(
+        settings.database_url,
+        CeleryPublisher(create_app(settings, broker_url=MISSING_TRANSPORT)),
+        poll_seconds=0.2,
+    )
+    with pytest.raises(ConfigurationError, match=r"No module named 'pymongo'.*kombu\[mongodb\]"):
+        relay.run(threading.Event())
+    assert outbox_rows(db) == before  # not published, no failure recorded, no backoff
+
+
+def test_a_refused_broker_is_retried_and_the_relay_keeps_running(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    process = procs.relay(settings.model_copy(update={"broker_url": REFUSED}))
+    client.start(sagas.ten, {"n": 1})
+
+    def retried() -> bool:
+        return any(attempts >= 2 for attempts, _, _ in outbox_rows(db))
+
+    wait_until(retried, 60, "the relay to fail a publish twice")
+    assert process.alive()
+    (_, error, published), *_ = outbox_rows(db)
+    assert error and not published
+    assert "refused" in error.lower() or "connect" in error.lower(), error
