@@ -24,11 +24,10 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from tests.conftest import BROKER_URL, unavailable
+from tests.conftest import AMQP_URL, BROKER_URL, unavailable
 from tests.processes import ProcessGroup
 
 REPO = Path(__file__).resolve().parents[2]
-AMQP_URL = os.environ.get("SAGA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 # What the wheel is built from: the engine and its two linked folders (as deploy/Dockerfile).
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "saga", "workers", "outbox")
 
