@@ -311,6 +311,19 @@ COMMANDS = {
 }
 
 
+def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"SAGA_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems} (saga --help lists them)") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -326,8 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in unknown_variables(os.environ):
         logging.getLogger("saga").warning("ignored: %s", problem)
     try:
-        settings = Settings()
-        settings = resolve(settings)
+        settings = resolve(_settings())
         handler: Any = COMMANDS[args.command]
         return int(handler(settings, args))
     except SagaError as exc:

@@ -25,7 +25,7 @@ import pytest
 from kombu import Connection
 
 from tests.conftest import AMQP_URL, BROKER_URL, unavailable
-from tests.processes import ProcessGroup
+from tests.processes import ProcessGroup, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 # What the wheel is built from: the engine and its two linked folders (as deploy/Dockerfile).
@@ -148,21 +148,28 @@ def test_the_wheel_without_extras_runs_a_saga_outside_the_clone(
     worker = procs.command(
         "worker", [saga, "worker", "--pool", "solo", "--loglevel", "INFO"], env, cwd=app
     )
+    start = procs.command(
+        "start",
+        [saga, "start", f"{module}:greeting", "--input", '"world"', "--wait", "120"],
+        env,
+        cwd=app,
+    )
+
+    def finished() -> bool:
+        for p in (relay, worker):  # one that dies (a missing module) fails the test at once
+            assert p.alive(), f"saga {p.name} exited {p.popen.returncode}:\n{p.log()}"
+        return not start.alive()
+
     try:
-        out = run(
-            [saga, "start", f"{module}:greeting", "--input", '"world"', "--wait", "120"],
-            cwd=app,
-            env=env,
-            timeout=180,
-        )
-        assert relay.alive(), relay.log()
-        assert worker.alive(), worker.log()
+        wait_until(finished, 180, "saga start --wait to return")
     finally:
         if broker_url.startswith("amqp"):  # a durable queue outlives the test otherwise
             procs.stop_all()
             with Connection(broker_url) as conn:
                 conn.default_channel.queue_delete(queue)
-    outcome = json.loads(out.split("\n", 1)[1])
+    out = start.log()
+    assert start.popen.returncode == 0, out
+    outcome = json.loads(out[out.index("{") :])  # after the run id
     assert outcome == {"state": "completed", "result": "HELLO WORLD!", "error": None}
 
 

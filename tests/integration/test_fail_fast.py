@@ -57,6 +57,18 @@ def test_a_missing_transport_module_stops_the_process_naming_it(
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize("role", ["relay", "worker"])
+def test_an_invalid_setting_stops_the_process_naming_it(
+    role: str, settings: Settings, procs: ProcessGroup
+) -> None:
+    process = procs.spawn(role, settings, role, env={"SAGA_LEASE_SECONDS": "soon"})
+    wait_until(lambda: not process.alive(), 60, f"the {role} to stop")
+    assert process.popen.returncode == 2
+    assert "invalid settings: SAGA_LEASE_SECONDS='soon': Input should be a valid number" in (
+        process.log()
+    )
+
+
 def test_an_unknown_broker_scheme_stops_the_relay(settings: Settings, procs: ProcessGroup) -> None:
     process = procs.relay(settings.model_copy(update={"broker_url": "reddis://127.0.0.1:6379/0"}))
     wait_until(lambda: not process.alive(), 60, "the relay to stop")
