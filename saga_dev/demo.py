@@ -254,6 +254,7 @@ def run_demo(settings: Settings, stall_seconds: float = STALL_SECONDS) -> int:
         )
         return 128 + exc.signum
     finally:
+        _Signals.holding = False
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
@@ -292,6 +293,9 @@ def _serve(settings: Settings, log: Path, trip: str, stall_seconds: float) -> in
             with SagaClient(settings) as client:
                 return _run(client, children, log, model, service, trip, stall_seconds)
         finally:
+            # From here the clean-up runs to its end (the servers' too, as the with-block
+            # exits): a first Ctrl-C now is noted, not raised in the middle of it.
+            _Signals.holding = True
             children.stop_all()
 
 

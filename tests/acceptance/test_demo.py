@@ -103,6 +103,21 @@ def running(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+def started_for(queue: str) -> list[int]:
+    """Live processes started with this demo's queue in their environment (its relay and every
+    worker, a restarted one too), whoever their parent is now."""
+    marker = f"SAGA_QUEUE={queue}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and running(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -124,10 +139,12 @@ def test_an_interrupted_demo_leaves_nothing_running_and_the_next_reports_its_own
         assert role in roles, roles
     interrupted = re.search(r"started run (demo-\w+)", first.output())
     assert interrupted
+    assert len(started_for(interrupted[1])) >= 2  # the relay and the worker: the check sees them
     first.popen.send_signal(signum)
     assert first.finish() == 128 + signum, first.output()
     assert f"interrupted ({signum.name})" in first.output()
     assert [pid for pid in children if running(pid)] == []
+    assert started_for(interrupted[1]) == []
 
     second = Demo(env, tmp_path / "second.out")
     assert second.finish() == 0, second.output()
