@@ -41,6 +41,7 @@ from saga_dev.travel_agent import TravelTask, travel_agent
 KILL_AT = "decide#7"  # the fourth completion
 STALL_SECONDS = 30.0  # no step changed for this long: stop and say what is stuck
 LOG_TAIL = 30
+LOCK = "saga-demo:"  # + run id: the advisory lock a running demo holds on its run
 
 
 class Interrupted(Exception):
@@ -139,20 +140,23 @@ def _tail(log: Path, lines: int = LOG_TAIL) -> str:
 
 
 def _forget_earlier_demos(settings: Settings) -> list[str]:
-    """Remove the runs an interrupted demo left unfinished, with their unpublished messages and
-    their broker queue.
+    """Remove the runs that interrupted demos left unfinished, with their unpublished messages
+    and their broker queues.
 
     Each demo runs on a queue of its own (see run_demo), so an earlier run is never resumed by
     this demo's worker; but this demo's relay would still re-dispatch its steps, to a queue no
     worker reads, for as long as it runs. A demo run is worth nothing once its demo is gone: it
-    is deleted, not cancelled (its compensations would call servers that no longer exist).
+    is deleted, not cancelled (its compensations would call servers that no longer exist). A
+    demo still running holds an advisory lock on its run (released when its process ends, even
+    killed): its run is left alone.
     """
     assert settings.database_url
     with psycopg.connect(settings.database_url, autocommit=True) as conn, conn.transaction():
         rows = conn.execute(
             "SELECT run_id, queue FROM saga_runs WHERE saga_name = %s AND run_id LIKE 'demo-%%' "
-            "AND state <> ALL(%s) FOR UPDATE",
-            (travel_agent.name, list(FINAL_RUN_STATES)),
+            "AND state <> ALL(%s) AND pg_try_advisory_xact_lock(hashtext(%s || run_id)) "
+            "FOR UPDATE",
+            (travel_agent.name, list(FINAL_RUN_STATES), LOCK),
         ).fetchall()
         run_ids = [r[0] for r in rows]
         queues = sorted({r[1] for r in rows if r[1] and r[1].startswith("demo-")})
@@ -239,6 +243,16 @@ def run_demo(settings: Settings, stall_seconds: float = STALL_SECONDS) -> int:
     migrate(settings.database_url)
     log = state / "demo.log"
     print(f"Postgres: {settings.database_url}\nBroker:   {settings.broker_url}\nLogs:     {log}")
+    # Held while this demo runs: a demo started meanwhile leaves this run alone.
+    owner = psycopg.connect(settings.database_url, autocommit=True)
+    owner.execute("SELECT pg_advisory_lock(hashtext(%s))", (LOCK + trip,))
+    try:
+        return _demo(settings, log, trip, stall_seconds)
+    finally:
+        owner.close()
+
+
+def _demo(settings: Settings, log: Path, trip: str, stall_seconds: float) -> int:
     forgotten = _forget_earlier_demos(settings)
     if forgotten:
         print(

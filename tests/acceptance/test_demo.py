@@ -157,6 +157,20 @@ def test_an_interrupted_demo_leaves_nothing_running_and_the_next_reports_its_own
 
 
 @pytest.mark.timeout(300)
+def test_a_demo_leaves_the_run_of_a_demo_still_running_alone(
+    demo_database: str, tmp_path: Path
+) -> None:
+    env = demo_env(demo_database, tmp_path)
+    first = Demo(env, tmp_path / "first.out")
+    first.wait_for("decide#1 ")
+    second = Demo(env, tmp_path / "second.out")
+    for demo in (first, second):
+        assert demo.finish() == 0, demo.output()
+        assert CLOSING.search(demo.output()), demo.output()
+    assert "earlier demos" not in second.output()
+
+
+@pytest.mark.timeout(300)
 def test_a_demo_that_stops_progressing_says_what_is_stuck(
     demo_database: str, tmp_path: Path
 ) -> None:
@@ -177,6 +191,12 @@ def test_a_demo_that_stops_progressing_says_what_is_stuck(
 def test_a_demo_whose_relay_exits_stops_with_its_message(
     demo_database: str, tmp_path: Path
 ) -> None:
+    try:
+        import pymongo  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("pymongo is installed: mongodb:// is no missing transport here")
     env = {**demo_env(demo_database, tmp_path), "SAGA_BROKER_URL": "mongodb://127.0.0.1:1/x"}
     demo = Demo(env, tmp_path / "demo.out")
     assert demo.finish() == 1, demo.output()
