@@ -60,12 +60,12 @@ def _require_schema(database_url: str | None) -> None:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from saga.workers import telemetry
-    from saga.workers.app import assert_safe, create_app, install_shutdown_hooks, load_transport
+    from saga.workers.app import assert_safe, check_broker, create_app, install_shutdown_hooks
 
     _require_schema(settings.database_url)
     app = create_app(settings)
     assert_safe(app)
-    load_transport(app)
+    check_broker(app)
     install_shutdown_hooks(app)
     telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
     if args.pool == "threads":
@@ -94,13 +94,13 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
     from saga.workers import telemetry
-    from saga.workers.app import create_app, load_transport
+    from saga.workers.app import check_broker, create_app
     from saga.workers.publish import CeleryPublisher
 
     assert settings.database_url
     _require_schema(settings.database_url)
     app = create_app(settings)
-    load_transport(app)
+    check_broker(app)
     _, metrics_on = telemetry.configure_sdk("saga-relay")
     if metrics_on:
         from saga.metrics import DatabaseGauges

@@ -95,14 +95,33 @@ def transport_error(broker_url: str, exc: ImportError) -> ConfigurationError:
     )
 
 
-def load_transport(app: Celery) -> None:
-    """Import the broker's kombu transport now (no connection is made), so that a missing module
-    or an unknown scheme stops a worker or relay at start-up, saying what to do, instead of
-    failing at its first message."""
+def check_broker(app: Celery, connect_timeout: float = 5.0) -> None:
+    """Import the broker's kombu transport and connect once, at start-up, so that what no retry
+    fixes stops a worker or relay saying what to do: a missing module, an unknown scheme, a
+    refused login or a missing vhost. A broker that is down or slow is left to the usual
+    retries (it may come up later)."""
+    import amqp.exceptions
+    import redis.exceptions
+
     url = str(app.conf.broker_url)
     try:
-        with app.connection_for_write() as conn:
+        with app.connection_for_write(connect_timeout=connect_timeout) as conn:
             conn.transport  # noqa: B018 - resolves and imports the transport class
+            try:
+                conn.connect()
+            except (
+                amqp.exceptions.IrrecoverableConnectionError,  # vhost not found, not allowed
+                amqp.exceptions.IrrecoverableChannelError,  # login refused
+                redis.exceptions.AuthenticationError,
+                redis.exceptions.ResponseError,  # e.g. a database index out of range
+            ) as exc:
+                raise ConfigurationError(
+                    f"the broker at {conn.as_uri()} (SAGA_BROKER_URL) refused this client: "
+                    f"{str(exc).rstrip('.')}. Retrying cannot fix this: check the user, "
+                    f"password and vhost or database in SAGA_BROKER_URL"
+                ) from None
+            except Exception as exc:  # down or unreachable: the usual retries take over
+                log.warning("the broker does not answer yet (%s); retrying as usual", exc)
     except ImportError as exc:
         raise transport_error(url, exc) from exc
     except KeyError as exc:  # kombu: "No such transport: ..."

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import threading
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from kombu import Connection
 
 from saga.client import SagaClient
 from saga.errors import ConfigurationError
@@ -20,6 +22,7 @@ from saga.settings import Settings
 from saga.workers.app import create_app
 from saga.workers.publish import CeleryPublisher
 from tests import sagas
+from tests.conftest import AMQP_URL, BROKER_URL, unavailable
 from tests.processes import ProcessGroup, wait_until
 
 Conn = psycopg.Connection[Any]
@@ -67,6 +70,36 @@ def test_an_invalid_setting_stops_the_process_naming_it(
     assert "invalid settings: SAGA_LEASE_SECONDS='soon': Input should be a valid number" in (
         process.log()
     )
+
+
+@pytest.mark.parametrize("role", ["relay", "worker"])
+def test_a_broker_refusing_the_login_stops_the_process(
+    role: str, settings: Settings, procs: ProcessGroup
+) -> None:
+    try:
+        with Connection(AMQP_URL, connect_timeout=3) as conn:
+            conn.connect()
+    except Exception as exc:  # kombu raises the socket's or py-amqp's own errors
+        unavailable("RabbitMQ", exc)
+    wrong = urlsplit(AMQP_URL)._replace(netloc=f"saga-nobody:wrong@{urlsplit(AMQP_URL).hostname}")
+    broken = settings.model_copy(update={"broker_url": urlunsplit(wrong)})
+    process = procs.relay(broken) if role == "relay" else procs.worker(broken, "w1")
+    wait_until(lambda: not process.alive(), 60, f"the {role} to stop")
+    assert process.popen.returncode == 2
+    assert "ACCESS_REFUSED" in process.log()
+    assert "check the user, password and vhost" in process.log()
+
+
+def test_a_redis_database_out_of_range_stops_the_relay(
+    settings: Settings, procs: ProcessGroup
+) -> None:
+    if not BROKER_URL.startswith("redis://"):
+        pytest.skip(f"a Redis database number in a redis:// URL is the point; not {BROKER_URL}")
+    url = urlunsplit(urlsplit(BROKER_URL)._replace(path="/9999"))
+    process = procs.relay(settings.model_copy(update={"broker_url": url}))
+    wait_until(lambda: not process.alive(), 60, "the relay to stop")
+    assert process.popen.returncode == 2
+    assert "DB index is out of range" in process.log()
 
 
 def test_an_unknown_broker_scheme_stops_the_relay(settings: Settings, procs: ProcessGroup) -> None:
