@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,14 +222,17 @@ def test_scripts_demo_in_a_fresh_clone_runs_to_its_end(
     env = {k: v for k, v in demo_env(demo_database, tmp_path).items() if k != "SAGA_STATE_DIR"}
     env.pop("VIRTUAL_ENV", None)
     started = time.monotonic()
-    proc = subprocess.run(
-        [str(clone / "scripts" / "demo")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=840,
-    )
+    try:
+        proc = subprocess.run(
+            [str(clone / "scripts" / "demo")],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=840,
+        )
+    finally:
+        shutil.rmtree(clone, ignore_errors=True)  # pytest keeps its last temp folders: no venvs
     with capsys.disabled():  # how long a user waits: reported, not judged
         print(f"\nscripts/demo in a fresh clone took {time.monotonic() - started:.0f} s")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -68,7 +68,7 @@ def clean_env(**saga: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def venv_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def venv_bin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh venv holding the wheel of this tree and its dependencies, no extras."""
     work = tmp_path_factory.mktemp("install")
     # Built from a copy: an in-tree build leaves build/ behind, whose stale files a later build
@@ -91,7 +91,8 @@ def venv_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run([sys.executable, "-m", "venv", str(work / "venv")], cwd=work, env=clean_env())
     python = work / "venv" / "bin" / "python"
     run([str(python), *pip, "install", str(wheel)], cwd=work, env=clean_env())
-    return python.parent
+    yield python.parent
+    shutil.rmtree(work, ignore_errors=True)  # pytest keeps its last temp folders: not venvs
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])
