@@ -3,7 +3,8 @@
 Several relays may run: each claims a batch with ``FOR UPDATE SKIP LOCKED``. A relay wakes on
 ``NOTIFY saga_outbox`` and polls as a fallback, so a missed notification only delays a message.
 Publishing is at-least-once (a crash between publish and mark publishes again); consumers fence
-duplicates by the journal.
+duplicates by the journal. A broker that fails (refused, timed out) is retried with backoff, per
+row; an error no retry can fix (a missing module, a bad configuration) stops the relay with it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from saga.outbox import queries as q
 from saga.outbox.message import OutboxMessage, StoredMessage
 
 log = logging.getLogger("saga.relay")
+
+
+class PublishingImpossible(Exception):
+    """Publishing cannot succeed until someone acts (a missing module, a bad configuration):
+    the relay stops and says why, instead of retrying forever."""
 
 
 class Publisher(Protocol):
@@ -83,6 +89,14 @@ class Relay:
                 conn.execute(q.MARK_BATCH_PUBLISHED, ([b.id for b in batch],))
         except psycopg.Error:
             raise
+        except PublishingImpossible:
+            raise  # the transaction rolls back: the rows stay as they were for the next relay
+        except ImportError as exc:
+            missing = f"the missing module {exc.name!r}" if exc.name else "what it names"
+            raise PublishingImpossible(
+                f"publishing the outbox failed with an error no retry can fix: {exc}. Install "
+                f"{missing} into the relay's Python environment and start it again"
+            ) from exc
         except Exception as exc:  # the broker failed: keep the rows, back off, go on
             log.warning("publishing %d outbox rows failed, will retry: %s", len(rows), exc)
             conn.execute(q.RECORD_FAILURE, (str(exc)[:2000], [r[0] for r in rows]))
@@ -117,7 +131,16 @@ class Relay:
         prune_every: float = 60.0,
     ) -> None:
         """Publish until ``stop`` is set. ``also`` runs after each wake-up (the sweeper) and
-        returns the seconds until it wants to run again."""
+        returns the seconds until it wants to run again. Raises ``PublishingImpossible`` when
+        publishing cannot succeed until someone acts (a missing module, a bad configuration)."""
+        try:
+            self._run(stop, also, prune_every)
+        finally:
+            self.close()
+
+    def _run(
+        self, stop: threading.Event, also: Callable[[], float | None] | None, prune_every: float
+    ) -> None:
         next_prune = time.monotonic()
         while not stop.is_set():
             try:
@@ -132,8 +155,9 @@ class Relay:
                 if timeout > 0:
                     for _ in self._connection().notifies(timeout=timeout, stop_after=1):
                         pass
+            except PublishingImpossible:
+                raise  # retrying cannot help: stop, and say why
             except Exception as exc:  # keep relaying through any outage; log and reconnect
                 log.warning("relay loop failed, reconnecting: %s", exc)
                 self.close()
                 stop.wait(self._poll)
-        self.close()

@@ -71,10 +71,12 @@ def _require_schema(database_url: str | None) -> None:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from saga.workers import telemetry
     from saga.workers.app import assert_safe, create_app, install_shutdown_hooks
+    from saga.workers.broker import check_broker
 
     _require_schema(settings.database_url)
     app = create_app(settings)
     assert_safe(app)
+    check_broker(app)
     install_shutdown_hooks(app)
     telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
     if args.pool == "threads":
@@ -99,15 +101,18 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
-    from saga.outbox.relay import Relay
+    from saga.outbox.relay import PublishingImpossible, Relay
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
     from saga.workers import telemetry
     from saga.workers.app import create_app
+    from saga.workers.broker import check_broker
     from saga.workers.publish import CeleryPublisher
 
     assert settings.database_url
     _require_schema(settings.database_url)
+    app = create_app(settings)
+    check_broker(app)
     _, metrics_on = telemetry.configure_sdk("saga-relay")
     if metrics_on:
         from saga.metrics import DatabaseGauges
@@ -118,7 +123,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     relay = Relay(
         settings.database_url,
-        CeleryPublisher(create_app(settings)),
+        CeleryPublisher(app),
         batch_size=settings.relay_batch_size,
         poll_seconds=settings.relay_poll_seconds,
         retention_seconds=settings.outbox_retention_seconds,
@@ -132,6 +137,8 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
     try:
         relay.run(stop, also=sweeper.tick if sweeper else None)
+    except PublishingImpossible as exc:
+        raise ConfigurationError(str(exc)) from exc
     finally:
         store.close()
         telemetry.shutdown_sdk()
@@ -319,6 +326,17 @@ COMMANDS = {
 }
 
 
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"SAGA_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems} (saga --help lists them)") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -334,11 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in unknown_variables(os.environ):
         logging.getLogger("saga").warning("ignored: %s", problem)
     try:
-        try:
-            settings = Settings()
-        except ValidationError as exc:
-            raise ConfigurationError(f"bad settings (SAGA_* variables): {exc}") from None
-        settings = resolve(settings)
+        settings = resolve(_settings())
         handler: Any = COMMANDS[args.command]
         return int(handler(settings, args))
     except SagaError as exc:

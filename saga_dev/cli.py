@@ -13,10 +13,17 @@ BENCH_DEFAULTS = {"core": {"steps": 20, "runs": 2000}, "agent": {"steps": 10, "r
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    d = argparse.ArgumentParser(
         prog="saga demo",
         description="The travel agent on real workers, with model faults and a killed worker.",
     )
+    d.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=30.0,
+        help="stop, saying what is stuck, when no step changes for this long (default 30)",
+    )
+    return d
 
 
 def bench_parser() -> argparse.ArgumentParser:
@@ -70,10 +77,10 @@ def run_bench(settings: Settings, args: argparse.Namespace) -> int:
 def main(command: str, argv: Sequence[str], settings: Settings) -> int:
     """Run ``saga COMMAND ARGV...`` with these (resolved) settings."""
     if command == "demo":
-        demo_parser().parse_args(argv)
+        args = demo_parser().parse_args(argv)
         from saga_dev.demo import run_demo
 
-        return run_demo(settings)
+        return run_demo(settings, stall_seconds=args.stall_seconds)
     if command == "bench":
         return run_bench(settings, bench_parser().parse_args(argv))
     raise ConfigurationError(f"no development tool is called {command!r}")

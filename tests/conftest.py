@@ -1,7 +1,8 @@
 """Shared fixtures: a migrated template database cloned per test, a Redis broker, processes.
 
 Services come from SAGA_TEST_DATABASE_URL / SAGA_TEST_REDIS_URL / SAGA_TEST_BROKER_URL
-(`scripts/test` sets them, starting embedded servers when the configured ones do not answer).
+(`scripts/test` sets them, starting embedded servers when the configured ones do not answer) and
+SAGA_TEST_AMQP_URL (RabbitMQ, for the tests that run on it too; nothing starts one).
 A missing service skips on a laptop and fails in CI (CI=true).
 """
 
@@ -24,6 +25,7 @@ from tests.processes import ProcessGroup
 ADMIN_URL = os.environ.get("SAGA_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SAGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 BROKER_URL = os.environ.get("SAGA_TEST_BROKER_URL", REDIS_URL)
+AMQP_URL = os.environ.get("SAGA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 TEST_TABLES = """
 CREATE TABLE test_calls (

@@ -16,14 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Process:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path = ROOT,
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             argv,
             env=env,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -69,7 +76,11 @@ class ProcessGroup:
     ) -> Process:
         env = {**settings.child_env(), **(env or {})}
         argv = [sys.executable, "-m", "saga", "--log-level", "INFO", *args]
-        process = Process(name, argv, env, self.log_dir / f"{name}.log")
+        return self.command(name, argv, env)
+
+    def command(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = ROOT) -> Process:
+        """Any command, with exactly this environment, stopped with the others."""
+        process = Process(name, argv, env, self.log_dir / f"{name}.log", cwd)
         self.processes.append(process)
         return process
 

@@ -12,6 +12,8 @@ from celery import Celery
 
 from saga import tracing
 from saga.outbox.message import OutboxMessage
+from saga.outbox.relay import PublishingImpossible
+from saga.workers.broker import missing_transport
 
 log = logging.getLogger("saga.worker")
 
@@ -29,6 +31,14 @@ class CeleryPublisher:
     def publish(self, messages: Sequence[OutboxMessage]) -> None:
         if not messages:
             return
+        try:
+            self._send(messages)
+        except ImportError as exc:  # a transport missing a module: the relay stops on this
+            url = str(self._app.conf.broker_url)
+            raise PublishingImpossible(missing_transport(url, exc)) from exc
+        tracing.published(messages)
+
+    def _send(self, messages: Sequence[OutboxMessage]) -> None:
         with self._app.producer_or_acquire() as producer:
             for m in messages:
                 with tracing.send_span(m, self._system) as headers:
@@ -42,7 +52,6 @@ class CeleryPublisher:
                         add_to_parent=False,
                         ignore_result=True,
                     )
-        tracing.published(messages)
 
 
 class PendingMarks:

@@ -229,8 +229,12 @@ class ServerProcess:
             start_new_session=True,
         )
         assert self.popen.stdout is not None
-        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
-        line = self.popen.stdout.readline().decode() if ready else ""
+        try:
+            ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
+            line = self.popen.stdout.readline().decode() if ready else ""
+        except BaseException:  # interrupted while it starts: no server is left behind
+            self.stop()
+            raise
         if not line.startswith(READY):
             self.stop()
             raise RuntimeError(f"{module} did not start (said {line!r})")

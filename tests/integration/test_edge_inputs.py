@@ -69,7 +69,7 @@ def test_saga_start_with_an_input_that_does_not_fit_exits_2(settings: Settings, 
 def test_a_bad_setting_exits_2_with_the_setting_named(settings: Settings) -> None:
     done = saga_cli(settings, "show", "nope", SAGA_LEASE_SECONDS="-1")
     assert done.returncode == 2, done.stderr
-    assert "bad settings" in done.stderr and "lease_seconds" in done.stderr
+    assert "invalid settings" in done.stderr and "SAGA_LEASE_SECONDS" in done.stderr
     assert "Traceback" not in done.stderr
 
 
