@@ -74,6 +74,8 @@ def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
         worker_enable_remote_control=False,
         # The engine retries through Postgres, never through broker-side ETA messages.
         task_track_started=False,
+        # Every message is vetted before Celery acts on it (saga/workers/intake.py).
+        worker_consumer="saga.workers.intake:GuardedConsumer",
     )
     app.task(name=STEP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(run_step)
     app.task(name=ADVANCE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(advance_run)

@@ -1,0 +1,247 @@
+"""The worker's intake: every delivered message is vetted before Celery acts on any of it.
+
+Celery and kombu act on many fields of a task message: a body of the wrong shape raises out of
+the consumer and stops the worker, ``eta`` holds a message in memory past the prefetch limit,
+``timelimit`` has a pool child killed, ``callbacks``/``chain`` publish further messages, and
+any registered task (Celery's built-ins too) runs by name. The engine sends none of that: only
+``saga.step``/``saga.advance``, JSON, keyword arguments naming a step. Anything else is rejected
+without requeue (gone from the queue), with one log line naming its task id and the cause, and
+the worker goes on with the next message.
+
+Two depths: ``GuardedConsumer`` (Celery's ``worker_consumer``) vets each task message before
+Celery's strategy sees it; ``GuardedRedisTransport`` drops Redis list items that are not a
+kombu envelope at all (not JSON, not an object, a body that is not base64), which fail inside
+kombu before any Celery callback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from celery import signals
+from celery.worker.consumer import Consumer
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import Message as VirtualMessage
+from pydantic import BaseModel
+
+from saga.errors import MalformedMessageError
+from saga.messages import ADVANCE_TASK, STEP_TASK, AdvanceMessage, StepMessage, parse
+
+log = logging.getLogger("saga.worker")
+
+MODELS: dict[str, type[BaseModel]] = {STEP_TASK: StepMessage, ADVANCE_TASK: AdvanceMessage}
+
+# The engine's bodies are well under 1 KiB (a run id and a step key); headers carry a trace
+# context. Far above both, far below what would strain a worker.
+MAX_BODY_BYTES = 16 * 1024
+MAX_HEADERS_BYTES = 16 * 1024
+
+# Header fields through which a message makes Celery schedule it later, expire it, limit its
+# time (the engine sets step timeouts from the journal), rename it, or start other work.
+SIDE_DOORS = (
+    "eta",
+    "countdown",
+    "expires",
+    "timelimit",
+    "time_limit",
+    "soft_time_limit",
+    "shadow",
+    "group",
+    "group_index",
+    "chord",
+    "chain",
+    "callbacks",
+    "errbacks",
+    "link",
+    "link_error",
+)
+
+
+def _unset(value: Any) -> bool:
+    """None, empty, or all None (Celery sends ``timelimit: [null, null]``)."""
+    if isinstance(value, list | tuple):
+        return all(v is None for v in value)
+    return value is None or value == {} or value == ""
+
+
+def task_id_of(headers: Any) -> str:
+    """The message's task id, fit for one log line (a forged id may hold anything)."""
+    task_id = headers.get("id") if isinstance(headers, Mapping) else None
+    if isinstance(task_id, str) and 0 < len(task_id) <= 200 and task_id.isprintable():
+        return task_id
+    return "(no task id)" if task_id is None else f"(bad task id {task_id!r:.60})"
+
+
+def vet(message: Any) -> None:
+    """Raise MalformedMessageError naming the cause unless ``message`` is a task message the
+    engine could have sent: a protocol 2 JSON message of one of its tasks, keyword arguments
+    only, that fit the task's model, and no side-door field set."""
+    headers = message.headers
+    if not isinstance(headers, Mapping) or "task" not in headers:
+        raise MalformedMessageError("not a Celery protocol 2 task message (no task header)")
+    name = headers["task"]
+    if name not in MODELS:
+        raise MalformedMessageError(
+            f"unknown task {name!r:.100}: this worker runs only {STEP_TASK} and {ADVANCE_TASK}"
+        )
+    if task_id_of(headers).startswith("("):
+        raise MalformedMessageError("the task id is missing or not a short printable string")
+    if message.content_type != "application/json" or message.content_encoding != "utf-8":
+        raise MalformedMessageError(
+            f"content type {message.content_type!r:.60} ({message.content_encoding!r:.30}) is "
+            "refused: only application/json in utf-8 is accepted (pickle runs code from messages)"
+        )
+    for field in SIDE_DOORS:
+        if not _unset(headers.get(field)):
+            raise MalformedMessageError(
+                f"sets {field}={headers[field]!r:.60}, which the engine never sends"
+            )
+    if len(json.dumps(headers, default=str)) > MAX_HEADERS_BYTES:
+        raise MalformedMessageError(f"its headers exceed {MAX_HEADERS_BYTES} bytes")
+    body = message.body
+    if not isinstance(body, bytes | str):
+        raise MalformedMessageError(f"the body is a {type(body).__name__}, not bytes")
+    if len(body) > MAX_BODY_BYTES:
+        raise MalformedMessageError(f"the body has {len(body)} bytes, over {MAX_BODY_BYTES}")
+    try:
+        decoded = message.decode()
+    except Exception as exc:  # kombu wraps the serializer's error types, but not all of them
+        raise MalformedMessageError(f"the body is not JSON: {exc!s:.200}") from None
+    if not isinstance(decoded, list) or len(decoded) != 3:
+        raise MalformedMessageError(
+            f"the body is {decoded!r:.80}, not [args, kwargs, embed] (Celery protocol 2)"
+        )
+    args, kwargs, embed = decoded
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise MalformedMessageError("the body's args are not a list or its kwargs not an object")
+    if embed is not None and not isinstance(embed, dict):
+        raise MalformedMessageError(f"the body's embed is {embed!r:.60}, not an object")
+    for field, value in (embed or {}).items():
+        if not _unset(value):
+            raise MalformedMessageError(
+                f"embeds {field}={value!r:.60}: the engine never sends other work in a message"
+            )
+    parse(MODELS[name], args, kwargs)
+
+
+class GuardedConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, vetting each message first (``worker_consumer`` names it)."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> None:
+            try:
+                vet(message)
+            except MalformedMessageError as exc:
+                self.refuse(message, exc)
+                return
+            try:
+                handle(message)
+            except Exception as exc:
+                if self._connection_error(exc):
+                    raise  # the consumer reconnects; the broker redelivers
+                # Celery failed on a message that passed the vetting: still no reason to stop.
+                self.refuse(message, exc)
+
+        return on_task_received
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        """kombu could not read the message (an AMQP message kombu refuses, say): one line, not
+        Celery's traceback, and rejected like the rest."""
+        self.refuse(message, MalformedMessageError(f"cannot decode it: {exc!s:.200}"))
+
+    def refuse(self, message: Any, exc: Exception) -> None:
+        log.error(
+            "rejected malformed task message %s: %s",
+            task_id_of(getattr(message, "headers", None)),
+            exc,
+        )
+        if not message.acknowledged:
+            message.reject_log_error(log, self.connection_errors, requeue=False)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+    def _connection_error(self, exc: Exception) -> bool:
+        # kombu's Redis transport counts KeyError among connection errors (a stale poller fd);
+        # raised from here it is Celery failing on a field, not the connection.
+        return isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
+
+    def connection_for_read(self, heartbeat: float | None = None) -> Any:
+        if self._uses_kombu_redis():
+            return self.ensure_connected(
+                self.app.connection_for_read(heartbeat=heartbeat, transport=GuardedRedisTransport)
+            )
+        return super().connection_for_read(heartbeat)
+
+    def _uses_kombu_redis(self) -> bool:
+        url = str(self.app.conf.broker_read_url or self.app.conf.broker_url or "")
+        return not self.app.conf.broker_transport and url.startswith(("redis://", "rediss://"))
+
+
+class UnreadableMessageError(MalformedMessageError):
+    """A Redis list item kombu cannot make a message of."""
+
+
+class _GuardedMessage(VirtualMessage):
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        problem = _envelope_problem(payload)
+        if problem is None:
+            try:
+                super().__init__(payload, channel, **kwargs)  # type: ignore[no-untyped-call]
+                return
+            except Exception as exc:  # the base64 codec, an unknown body encoding
+                problem = f"kombu cannot read it: {type(exc).__name__}: {exc!s:.120}"
+        raise UnreadableMessageError(
+            f"rejected malformed task message "
+            f"{task_id_of(payload.get('headers') if isinstance(payload, dict) else None)}: "
+            f"{problem}"
+        )
+
+
+def _envelope_problem(payload: Any) -> str | None:
+    """What keeps kombu's Redis transport from reading ``payload``, if anything (it would raise
+    out of the consumer and stop the worker, or be taken for a lost connection)."""
+    if not isinstance(payload, dict):
+        return f"the Redis envelope is a JSON {type(payload).__name__}, not an object"
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        return "the Redis envelope has no properties object"
+    if not isinstance(properties.get("delivery_tag"), str):
+        return "the Redis envelope has no delivery tag"
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
+        return "the Redis envelope has no delivery_info with exchange and routing_key"
+    if not isinstance(payload.get("headers") or {}, dict):
+        return "the Redis envelope's headers are not an object"
+    return None
+
+
+class _GuardedChannel(kombu_redis.Channel):
+    Message = _GuardedMessage
+
+    def _brpop_read(self, **options: Any) -> Any:
+        # By now BRPOP has taken the item off the list: logging and returning drops it.
+        try:
+            return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
+        except UnreadableMessageError as exc:
+            log.error("%s", exc)
+            return True
+        except (ValueError, TypeError, AttributeError, ArithmeticError, KeyError) as exc:
+            # kombu's loads() of the item: not UTF-8, not JSON, or a bad kombu type marker.
+            # What runs after it (the consumer) lets only connection errors out.
+            log.error(
+                "rejected malformed task message (no task id): a Redis list item that is not "
+                "a kombu envelope: %s: %.200s",
+                type(exc).__name__,
+                exc,
+            )
+            return True
+
+
+class GuardedRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport for consuming, dropping what is not a kombu envelope."""
+
+    Channel = _GuardedChannel
