@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from saga.client import SagaClient
 from saga.settings import Settings
 from tests import sagas
 from tests.conftest import ADMIN_URL, BROKER_URL, unavailable
-from tests.processes import Process, ProcessGroup, wait_until
+from tests.processes import ROOT, Process, ProcessGroup, wait_until
 
 AMQP_URL = os.environ.get("SAGA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -205,6 +207,11 @@ KINDS = [
         "over 16384",
     ),
     Kind(
+        "oversized_headers",
+        lambda s, t: s.publish(body(ghost(t)), headers(t, kwargsrepr="x" * 50_000)),
+        "headers exceed 16384 bytes",
+    ),
+    Kind(
         "unknown_task",
         lambda s, t: s.publish(body(ghost(t)), headers(t, task="nope.nothing")),
         "unknown task 'nope.nothing'",
@@ -367,6 +374,7 @@ def stack(
             # visible without its management API).
             assert worker.alive(), "the worker died"
             worker.stop()
+            assert worker.popen.returncode == 0, "a worker asked to stop exits 0"
             assert s.ready(s.queue) == 0, "the worker held a message unacked until it stopped"
         finally:
             procs.stop_all()
@@ -444,3 +452,18 @@ def test_a_forged_callback_publishes_nothing(stack: Stack) -> None:
     finally:
         if stack.redis is None:
             stack.connection.default_channel.queue_delete(other)
+
+
+def test_a_worker_stopped_by_an_unrecoverable_error_exits_non_zero(settings: Settings) -> None:
+    # Celery's worker_main dropped the status: such a worker exited 0, and a supervisor that
+    # restarts on failure left it down.
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.failing_worker"],
+        env=settings.child_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Unrecoverable error" in done.stderr + done.stdout
+    assert done.returncode == 1, done.stderr[-2000:]
