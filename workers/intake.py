@@ -9,20 +9,23 @@ without requeue (gone from the queue), with one log line naming its task id and 
 the worker goes on with the next message.
 
 Two depths: ``GuardedConsumer`` (Celery's ``worker_consumer``) vets each task message before
-Celery's strategy sees it; ``GuardedRedisTransport`` drops Redis list items that are not a
-kombu envelope at all (not JSON, not an object, a body that is not base64), which fail inside
-kombu before any Celery callback.
+Celery's strategy sees it; the consumer's connection uses transports whose messages refuse a
+``compression`` header before kombu decompresses (a small body can inflate to gigabytes), and
+on Redis drops list items that are not a kombu envelope at all (not JSON, not an object, a body
+that is not base64), which fail inside kombu before any Celery callback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from celery import signals
 from celery.worker.consumer import Consumer
+from kombu.transport import pyamqp as kombu_amqp
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Message as VirtualMessage
 from pydantic import BaseModel
@@ -170,15 +173,40 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         return isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
-        if self._uses_kombu_redis():
-            return self.ensure_connected(
-                self.app.connection_for_read(heartbeat=heartbeat, transport=GuardedRedisTransport)
-            )
-        return super().connection_for_read(heartbeat)
+        transport = self._guarded_transport()
+        if transport is None:  # another transport: vetted by the consumer only
+            return super().connection_for_read(heartbeat)
+        return self.ensure_connected(
+            self.app.connection_for_read(heartbeat=heartbeat, transport=transport)
+        )
 
-    def _uses_kombu_redis(self) -> bool:
+    def _guarded_transport(self) -> type[Any] | None:
+        if self.app.conf.broker_transport:
+            return None
         url = str(self.app.conf.broker_read_url or self.app.conf.broker_url or "")
-        return not self.app.conf.broker_transport and url.startswith(("redis://", "rediss://"))
+        if url.startswith(("redis://", "rediss://")):
+            return GuardedRedisTransport
+        if url.startswith(("amqp://", "pyamqp://")):
+            return GuardedAMQPTransport
+        return None
+
+
+COMPRESSED = (
+    "compressed ({!r:.40}): the engine sends no compressed messages, and a small one can "
+    "inflate to gigabytes when kombu decompresses it"
+)
+
+
+def _refused_compression(headers: Any) -> list[Any]:
+    """kombu's ``Message.errors`` for a compressed message: kombu then skips decompressing and
+    hands it to the consumer's ``on_decode_error``, which rejects it."""
+    compression = headers.get("compression") if isinstance(headers, Mapping) else None
+    if not compression:
+        return []
+    try:
+        raise MalformedMessageError(COMPRESSED.format(compression))
+    except MalformedMessageError:
+        return [sys.exc_info()]
 
 
 class UnreadableMessageError(MalformedMessageError):
@@ -214,8 +242,11 @@ def _envelope_problem(payload: Any) -> str | None:
     info = properties.get("delivery_info")
     if not isinstance(info, dict) or "exchange" not in info or "routing_key" not in info:
         return "the Redis envelope has no delivery_info with exchange and routing_key"
-    if not isinstance(payload.get("headers") or {}, dict):
+    headers = payload.get("headers") or {}
+    if not isinstance(headers, dict):
         return "the Redis envelope's headers are not an object"
+    if headers.get("compression"):
+        return COMPRESSED.format(headers["compression"])
     return None
 
 
@@ -245,3 +276,23 @@ class GuardedRedisTransport(kombu_redis.Transport):
     """kombu's Redis transport for consuming, dropping what is not a kombu envelope."""
 
     Channel = _GuardedChannel
+
+
+class _GuardedAMQPMessage(kombu_amqp.Message):
+    def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
+        self.errors = _refused_compression(msg.properties.get("application_headers"))
+        super().__init__(msg, channel, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class _GuardedAMQPChannel(kombu_amqp.Channel):
+    Message = _GuardedAMQPMessage
+
+
+class _GuardedAMQPConnection(kombu_amqp.Connection):
+    Channel = _GuardedAMQPChannel
+
+
+class GuardedAMQPTransport(kombu_amqp.Transport):
+    """kombu's py-amqp transport for consuming, refusing compressed messages undecompressed."""
+
+    Connection = _GuardedAMQPConnection

@@ -15,6 +15,7 @@ import pickle
 import subprocess
 import sys
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -210,6 +211,14 @@ KINDS = [
         "oversized_headers",
         lambda s, t: s.publish(body(ghost(t)), headers(t, kwargsrepr="x" * 50_000)),
         "headers exceed 16384 bytes",
+    ),
+    Kind(
+        "compressed",
+        lambda s, t: s.publish(
+            zlib.compress(body(ghost(t)).encode() + b" " * 20_000_000),
+            headers(t, compression="application/x-gzip"),
+        ),
+        "compressed ('application/x-gzip')",
     ),
     Kind(
         "unknown_task",
