@@ -163,7 +163,10 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
             task_id_of(getattr(message, "headers", None)),
             exc,
         )
-        if not message.acknowledged:
+        if not hasattr(message, "reject_log_error"):
+            # A raw py-amqp frame: kombu failed to make a message of it (on_decode_error).
+            message.channel.basic_reject(message.delivery_tag, requeue=False)
+        elif not message.acknowledged:
             message.reject_log_error(log, self.connection_errors, requeue=False)
         signals.task_rejected.send(sender=self, message=message, exc=exc)
 
