@@ -45,6 +45,14 @@ class Stack:
     client: SagaClient
     connection: kombu.Connection
     redis: redis.Redis | None
+    child_pid: int = 0  # the pool child that ran the first run's steps
+
+    def pids(self, run_id: str) -> set[int]:
+        """The processes that ran the run's steps (the test sagas record their pid)."""
+        assert self.settings.database_url
+        with psycopg.connect(self.settings.database_url) as conn:
+            rows = conn.execute("SELECT pid FROM test_calls WHERE run_id = %s", (run_id,))
+            return {int(row[0]) for row in rows.fetchall()}
 
     @property
     def queue(self) -> str:
@@ -376,7 +384,9 @@ def stack(
         s = Stack(broker, settings, worker, saga_client, connection, client)
         try:
             # A first run: the worker has declared its queue and consumes.
-            assert saga_client.result(saga_client.start(sagas.two, {}), timeout=60)
+            first = saga_client.start(sagas.two, {})
+            assert saga_client.result(first, timeout=60)
+            (s.child_pid,) = s.pids(first)
             yield s
             # Whatever the worker still held unacked (an ETA message, say) goes back to the
             # queue when it stops: none may be left (RabbitMQ's unacked count is not otherwise
@@ -408,6 +418,8 @@ def run_step_behind(stack: Stack) -> None:
     )
     assert stack.worker.alive(), f"the worker exited with status {stack.worker.popen.poll()}"
     assert stack.client.result(run_id, timeout=5)["trail"] == [1, 2]
+    # A forged time limit had Celery kill the pool child; it is the first run's still.
+    assert stack.pids(run_id) == {stack.child_pid}, "the pool child was replaced"
 
 
 def new_log(worker: Process, since: int) -> list[str]:
