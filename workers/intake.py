@@ -86,7 +86,7 @@ def vet(message: Any) -> None:
     if not isinstance(headers, Mapping) or "task" not in headers:
         raise MalformedMessageError("not a Celery protocol 2 task message (no task header)")
     name = headers["task"]
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise MalformedMessageError(
             f"unknown task {name!r:.100}: this worker runs only {STEP_TASK} and {ADVANCE_TASK}"
         )
@@ -141,6 +141,10 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
                 vet(message)
             except MalformedMessageError as exc:
                 self.refuse(message, exc)
+                return
+            except Exception as exc:  # a field the vetting did not foresee: refused all the same
+                cause = f"cannot vet it: {type(exc).__name__}: {exc!s:.200}"
+                self.refuse(message, MalformedMessageError(cause))
                 return
             try:
                 handle(message)

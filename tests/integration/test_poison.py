@@ -234,6 +234,11 @@ KINDS = [
         "unknown task 'nope.nothing'",
     ),
     Kind(
+        "task_name_not_a_string",
+        lambda s, t: s.publish(body(ghost(t)), headers(t, task=["saga.step"])),
+        "unknown task ['saga.step']",
+    ),
+    Kind(
         "celery_builtin_map",
         lambda s, t: s.publish(
             json.dumps([[signature("saga.step", s.queue, **ghost(t)), [[]]], {}, NO_EMBED]),
