@@ -143,8 +143,8 @@ def signature(task: str, queue: str, **kwargs: Any) -> dict[str, Any]:
     }
 
 
-def envelope(task_id: str, queue: str, encoded_body: str) -> dict[str, Any]:
-    """kombu's Redis list item for a message."""
+def envelope(task_id: str, queue: str, encoded_body: Any, **properties: Any) -> dict[str, Any]:
+    """kombu's Redis list item for a message (``properties`` replace kombu's)."""
     return {
         "body": encoded_body,
         "content-encoding": "utf-8",
@@ -157,6 +157,7 @@ def envelope(task_id: str, queue: str, encoded_body: str) -> dict[str, Any]:
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
+            **properties,
         },
     }
 
@@ -260,6 +261,13 @@ KINDS = [
         "task id is missing",
     ),
     Kind(
+        "binary_content",
+        lambda s, t: s.publish(
+            body(ghost(t)).encode(), headers(t), content_type="application/data"
+        ),
+        "only application/json",
+    ),
+    Kind(
         "pickle",
         lambda s, t: s.publish(
             pickle.dumps(([], ghost(t), NO_EMBED)),
@@ -343,6 +351,24 @@ KINDS = [
         lambda s, t: s.push_raw(json.dumps(envelope(t, s.queue, "a"))),
         "kombu cannot read it: Error",
         redis_only="the base64 body encoding is kombu's for Redis",
+    ),
+    Kind(
+        "redis_body_not_a_string",
+        lambda s, t: s.push_raw(json.dumps(envelope(t, s.queue, 123))),
+        "kombu cannot read it: TypeError",
+        redis_only="the base64 body encoding is kombu's for Redis",
+    ),
+    Kind(
+        "redis_unknown_body_encoding",
+        lambda s, t: s.push_raw(json.dumps(envelope(t, s.queue, "W10=", body_encoding="rot13"))),
+        "kombu cannot read it: AttributeError",
+        redis_only="the body encoding is kombu's for Redis",
+    ),
+    Kind(
+        "redis_delivery_tag_not_a_string",
+        lambda s, t: s.push_raw(json.dumps(envelope(t, s.queue, "W10=", delivery_tag=[1]))),
+        "no delivery tag",
+        redis_only="the delivery tag of a Redis message is kombu's",
     ),
     Kind(
         "redis_envelope_without_properties",
