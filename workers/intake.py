@@ -70,6 +70,11 @@ def _unset(value: Any) -> bool:
     return value is None or value == {} or value == ""
 
 
+def one_line(text: object) -> str:
+    """``text`` kept to one log line: a forged field may carry line breaks."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def task_id_of(headers: Any) -> str:
     """The message's task id, fit for one log line (a forged id may hold anything)."""
     task_id = headers.get("id") if isinstance(headers, Mapping) else None
@@ -156,6 +161,13 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
 
         return on_task_received
 
+    def update_strategies(self) -> None:
+        """Strategies for the engine's tasks only: no other registered task (Celery's built-ins
+        included) is runnable by a message, whatever the vetting lets through."""
+        super().update_strategies()
+        for name in [n for n in self.strategies if n not in MODELS]:
+            del self.strategies[name]
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """kombu could not read the message (an AMQP message kombu refuses, say): one line, not
         Celery's traceback, and rejected like the rest."""
@@ -165,7 +177,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         log.error(
             "rejected malformed task message %s: %s",
             task_id_of(getattr(message, "headers", None)),
-            exc,
+            one_line(exc),
         )
         if not hasattr(message, "reject_log_error"):
             # A raw py-amqp frame: kombu failed to make a message of it (on_decode_error).
@@ -265,7 +277,7 @@ class _GuardedChannel(kombu_redis.Channel):
         try:
             return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
         except UnreadableMessageError as exc:
-            log.error("%s", exc)
+            log.error("%s", one_line(exc))
             return True
         except (ValueError, TypeError, AttributeError, ArithmeticError, KeyError) as exc:
             # kombu's loads() of the item: not UTF-8, not JSON, or a bad kombu type marker.
@@ -274,7 +286,7 @@ class _GuardedChannel(kombu_redis.Channel):
                 "rejected malformed task message (no task id): a Redis list item that is not "
                 "a kombu envelope: %s: %.200s",
                 type(exc).__name__,
-                exc,
+                one_line(exc),
             )
             return True
 

@@ -187,6 +187,11 @@ KINDS = [
         "bad task arguments",
     ),
     Kind(
+        "line_break_in_a_field",
+        lambda s, t: s.publish(body({**ghost(t), "x\nFAKE LOG LINE": 1}), headers(t)),
+        "x\\nFAKE LOG LINE",  # escaped: the log line stays one line
+    ),
+    Kind(
         "kwargs_not_object",
         lambda s, t: s.publish(json.dumps([[], [1], {}]), headers(t)),
         "kwargs not an object",
