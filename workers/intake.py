@@ -20,9 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import defaultdict
 from collections.abc import Mapping
+from struct import unpack_from
 from typing import Any
 
+from amqp import spec
+from amqp.basic_message import Message as AMQPMessage
+from amqp.exceptions import UnexpectedFrame
 from celery import signals
 from celery.worker.consumer import Consumer
 from kombu.transport import pyamqp as kombu_amqp
@@ -220,12 +225,7 @@ def _refused_compression(headers: Any) -> list[Any]:
     """kombu's ``Message.errors`` for a compressed message: kombu then skips decompressing and
     hands it to the consumer's ``on_decode_error``, which rejects it."""
     compression = headers.get("compression") if isinstance(headers, Mapping) else None
-    if not compression:
-        return []
-    try:
-        raise MalformedMessageError(COMPRESSED.format(compression))
-    except MalformedMessageError:
-        return [sys.exc_info()]
+    return _refused(COMPRESSED.format(compression)) if compression else []
 
 
 class UnreadableMessageError(MalformedMessageError):
@@ -299,8 +299,74 @@ class GuardedRedisTransport(kombu_redis.Transport):
 
 class _GuardedAMQPMessage(kombu_amqp.Message):
     def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
-        self.errors = _refused_compression(msg.properties.get("application_headers"))
+        unreadable = getattr(msg, "saga_unreadable", None)  # set by guarded_frame_handler
+        if unreadable:
+            self.errors = _refused(unreadable)
+        else:
+            self.errors = _refused_compression(msg.properties.get("application_headers"))
         super().__init__(msg, channel, **kwargs)  # type: ignore[no-untyped-call]
+
+
+def _refused(cause: str) -> list[Any]:
+    try:
+        raise MalformedMessageError(cause)
+    except MalformedMessageError:
+        return [sys.exc_info()]
+
+
+_CONTENT_METHODS = frozenset([spec.Basic.Return, spec.Basic.Deliver, spec.Basic.GetOk])
+
+
+def guarded_frame_handler(connection: Any, callback: Any) -> Any:
+    """py-amqp's ``frame_handler`` (amqp/method_framing.py, 5.x), except that a message whose
+    properties cannot be decoded (a content type that is not UTF-8, say) is delivered without
+    them, marked unreadable, for the consumer to reject. py-amqp's own raises out of the
+    connection with the message unacked: the worker stops, and so does each one it is
+    redelivered to."""
+    expected_types: defaultdict[int, int] = defaultdict(lambda: 1)
+    partial_messages: dict[int, Any] = {}
+
+    def on_frame(frame: tuple[int, int, Any]) -> bool:
+        frame_type, channel, buf = frame
+        connection.bytes_recv += 1
+        if frame_type not in (expected_types[channel], 8):
+            raise UnexpectedFrame(
+                f"Received frame {frame_type} while expecting type: {expected_types[channel]}"
+            )
+        if frame_type == 1:
+            method_sig = unpack_from(">HH", buf, 0)
+            if method_sig in _CONTENT_METHODS:
+                partial_messages[channel] = AMQPMessage(frame_method=method_sig, frame_args=buf)
+                expected_types[channel] = 2
+                return False
+            callback(channel, method_sig, buf, None)
+        elif frame_type == 2:
+            msg = partial_messages[channel]
+            try:
+                msg.inbound_header(buf)
+            except Exception as exc:  # the properties; the body size before them was read
+                msg.properties = {}
+                msg.saga_unreadable = f"its AMQP properties cannot be decoded: {exc!s:.120}"
+                msg.ready = not msg.body_size
+            if not msg.ready:
+                expected_types[channel] = 3
+                return False
+            expected_types[channel] = 1
+            partial_messages.pop(channel, None)
+            callback(channel, msg.frame_method, msg.frame_args, msg)
+        elif frame_type == 3:
+            msg = partial_messages[channel]
+            msg.inbound_body(buf)
+            if not msg.ready:
+                return False
+            expected_types[channel] = 1
+            partial_messages.pop(channel, None)
+            callback(channel, msg.frame_method, msg.frame_args, msg)
+        elif frame_type == 8:
+            return False
+        return True
+
+    return on_frame
 
 
 class _GuardedAMQPChannel(kombu_amqp.Channel):
@@ -309,6 +375,10 @@ class _GuardedAMQPChannel(kombu_amqp.Channel):
 
 class _GuardedAMQPConnection(kombu_amqp.Connection):
     Channel = _GuardedAMQPChannel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("frame_handler", guarded_frame_handler)
+        super().__init__(*args, **kwargs)
 
 
 class GuardedAMQPTransport(kombu_amqp.Transport):

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import amqp
 import kombu
 import psycopg
 import pytest
@@ -90,10 +91,34 @@ class Stack:
                 retry=False,
             )
 
+    def publish_not_utf8_content_type(self, task_id: str) -> None:
+        """An AMQP message whose content type is not UTF-8 (py-amqp could not decode its
+        properties and stopped the worker, which stopped each one it was redelivered to)."""
+        channel = self.connection.default_channel
+        channel.basic_publish(
+            NotUtf8ContentType(
+                body(ghost(task_id)), content_type=NOT_UTF8, headers=headers(task_id)
+            ),
+            exchange="",
+            routing_key=self.queue,
+        )
+
     def push_raw(self, item: str) -> None:
         """A raw item on the Redis list that is the queue: what kombu reads and parses."""
         assert self.redis is not None
         self.redis.lpush(self.queue, item)
+
+
+NOT_UTF8 = "NOT-UTF8/json"
+
+
+class NotUtf8ContentType(amqp.Message):
+    """py-amqp encodes only valid UTF-8: the encoded properties are edited instead."""
+
+    def _serialize_properties(self) -> bytes:
+        raw: bytes = super()._serialize_properties()
+        assert raw.count(NOT_UTF8.encode()) == 1
+        return raw.replace(b"NOT-", b"\xff\xfe\xff\xfe")  # same length: the frame stays whole
 
 
 def headers(task_id: str, task: str = "saga.step", **fields: Any) -> dict[str, Any]:
@@ -169,6 +194,7 @@ class Kind:
     cause: str  # a fragment of the log line's cause
     named: bool = True  # the log line names the task id (not so for an unreadable list item)
     redis_only: str | None = None  # why the kind exists only on Redis
+    amqp_only: str | None = None  # why the kind exists only on RabbitMQ
 
 
 def later(hours: float) -> str:
@@ -338,6 +364,13 @@ KINDS = [
         "embed is [1]",
     ),
     Kind(
+        "amqp_content_type_not_utf8",
+        lambda s, t: s.publish_not_utf8_content_type(t),
+        "its AMQP properties cannot be decoded",
+        named=False,
+        amqp_only="AMQP frame properties; a Redis envelope is JSON (see redis_not_json_item)",
+    ),
+    Kind(
         "redis_not_json_item",
         lambda s, t: s.push_raw(f"not json {t}"),
         "not a kombu envelope: JSONDecodeError",
@@ -468,6 +501,8 @@ def test_a_poison_message_is_rejected_and_the_worker_runs_the_next_step(
 ) -> None:
     if kind.redis_only and stack.broker != "redis":
         pytest.skip(f"Redis only: {kind.redis_only}")
+    if kind.amqp_only and stack.broker != "amqp":
+        pytest.skip(f"RabbitMQ only: {kind.amqp_only}")
     task_id = f"poison-{kind.name}-{uuid.uuid4().hex[:8]}"
     since = len(stack.worker.log())
     kind.send(stack, task_id)
