@@ -212,6 +212,8 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
             return GuardedRedisTransport
         if url.startswith(("amqp://", "pyamqp://")):
             return GuardedAMQPTransport
+        if url.startswith("amqps://"):
+            return GuardedAMQPSSLTransport
         return None
 
 
@@ -383,5 +385,11 @@ class _GuardedAMQPConnection(kombu_amqp.Connection):
 
 class GuardedAMQPTransport(kombu_amqp.Transport):
     """kombu's py-amqp transport for consuming, refusing compressed messages undecompressed."""
+
+    Connection = _GuardedAMQPConnection
+
+
+class GuardedAMQPSSLTransport(kombu_amqp.SSLTransport):
+    """The same, over TLS (``amqps://``)."""
 
     Connection = _GuardedAMQPConnection

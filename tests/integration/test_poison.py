@@ -473,6 +473,7 @@ def stack(
                 client.close()
             else:
                 connection.default_channel.queue_delete(s.queue)
+                connection.default_channel.exchange_delete(s.queue)  # Celery declared it
             connection.release()
             admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -544,6 +545,8 @@ def test_a_forged_callback_publishes_nothing(stack: Stack) -> None:
     finally:
         if stack.redis is None:
             stack.connection.default_channel.queue_delete(other)
+        else:
+            stack.redis.delete(other)
 
 
 def test_a_worker_stopped_by_an_unrecoverable_error_exits_non_zero(settings: Settings) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +18,14 @@ from saga.errors import MalformedMessageError
 from saga.messages import ADVANCE_TASK, STEP_TASK, StepMessage, parse
 from saga.settings import Settings
 from saga.workers.app import create_app
-from saga.workers.intake import MAX_BODY_BYTES, vet
+from saga.workers.intake import (
+    MAX_BODY_BYTES,
+    GuardedAMQPSSLTransport,
+    GuardedAMQPTransport,
+    GuardedConsumer,
+    GuardedRedisTransport,
+    vet,
+)
 
 APP = create_app(Settings(broker_url="memory://", database_url="postgresql://x/y"))
 STEP = {"run_id": "r-1", "step_key": "step1"}
@@ -85,3 +93,18 @@ def test_a_refusal_is_one_line() -> None:
         parse(StepMessage, [], {"run_id": 1, "step_key": None, "more": "x"})
     assert "\n" not in str(refused.value)
     assert "run_id" in str(refused.value) and "more" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [
+        ("redis://127.0.0.1:6379/0", GuardedRedisTransport),
+        ("rediss://127.0.0.1:6380/0", GuardedRedisTransport),
+        ("amqp://guest:guest@127.0.0.1:5672//", GuardedAMQPTransport),
+        ("amqps://guest:guest@127.0.0.1:5671//", GuardedAMQPSSLTransport),
+        ("sentinel://127.0.0.1:26379", None),  # vetted by the consumer only
+    ],
+)
+def test_the_consumer_reads_through_a_guarded_transport(url: str, transport: Any) -> None:
+    app = create_app(Settings(broker_url=url, database_url="postgresql://x/y"))
+    assert GuardedConsumer._guarded_transport(SimpleNamespace(app=app)) is transport
