@@ -9,10 +9,11 @@ without requeue (gone from the queue), with one log line naming its task id and 
 the worker goes on with the next message.
 
 Two depths: ``GuardedConsumer`` (Celery's ``worker_consumer``) vets each task message before
-Celery's strategy sees it; the consumer's connection uses transports whose messages refuse a
-``compression`` header before kombu decompresses (a small body can inflate to gigabytes), and
-on Redis drops list items that are not a kombu envelope at all (not JSON, not an object, a body
-that is not base64), which fail inside kombu before any Celery callback.
+Celery's strategy sees it. Below it, the consumer's connection uses kombu transports that fail
+no message inside kombu or py-amqp, before any Celery callback: they refuse a ``compression``
+header before decompressing (a small body can inflate to gigabytes), drop Redis list items that
+are not a kombu envelope (not JSON, not an object, a body that is not base64), and deliver a
+RabbitMQ message whose properties py-amqp cannot decode (not UTF-8) marked for rejection.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def _refused_compression(headers: Any) -> list[Any]:
 
 
 class UnreadableMessageError(MalformedMessageError):
-    """A Redis list item kombu cannot make a message of."""
+    """A Redis list item kombu cannot make a message of: ``<task id>: <cause>``."""
 
 
 class _GuardedMessage(VirtualMessage):
@@ -243,11 +244,8 @@ class _GuardedMessage(VirtualMessage):
                 return
             except Exception as exc:  # the base64 codec, an unknown body encoding
                 problem = f"kombu cannot read it: {type(exc).__name__}: {exc!s:.120}"
-        raise UnreadableMessageError(
-            f"rejected malformed task message "
-            f"{task_id_of(payload.get('headers') if isinstance(payload, dict) else None)}: "
-            f"{problem}"
-        )
+        headers = payload.get("headers") if isinstance(payload, dict) else None
+        raise UnreadableMessageError(f"{task_id_of(headers)}: {problem}")
 
 
 def _envelope_problem(payload: Any) -> str | None:
@@ -279,7 +277,7 @@ class _GuardedChannel(kombu_redis.Channel):
         try:
             return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
         except UnreadableMessageError as exc:
-            log.error("%s", one_line(exc))
+            log.error("rejected malformed task message %s", one_line(exc))
             return True
         except (ValueError, TypeError, AttributeError, ArithmeticError, KeyError) as exc:
             # kombu's loads() of the item: not UTF-8, not JSON, or a bad kombu type marker.
