@@ -163,7 +163,18 @@ class FunctionInfo:
                 f"the limit of {limit} bytes (SAGA_MAX_RESULT_BYTES); store large data elsewhere "
                 f"and return a reference"
             )
+        if _NUL_ESCAPE.search(data):
+            # Else journaling it fails as a store error, retried as an outage for a lease.
+            raise StepResultError(
+                f"step {step!r} of run {run_id!r} returned text with a NUL character, which "
+                f"Postgres cannot store (jsonb refuses \\u0000); remove it or encode the data"
+            )
         return data.decode()
+
+
+# JSON's escape of a NUL character: \u0000 after an even number of backslashes (an odd number
+# makes it the text "\u0000").
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def function_info(fn: Callable[..., Any], where: str) -> FunctionInfo:
