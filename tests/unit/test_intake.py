@@ -49,6 +49,11 @@ def test_the_engines_own_messages_pass() -> None:
     vet(built(ADVANCE_TASK, {"run_id": "r-1"}))
 
 
+def test_the_largest_message_the_engine_can_send_passes() -> None:
+    # The longest run id and step key, in characters JSON escapes to six bytes each.
+    vet(built(kwargs={"run_id": "\u2603" * 200, "step_key": "\U0001f600" * 500}))
+
+
 SIGNATURE = {"task": "saga.step", "args": [], "kwargs": STEP, "options": {}, "immutable": True}
 
 
