@@ -198,24 +198,16 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         return isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
-        transport = self._guarded_transport()
-        if transport is None:  # another transport: vetted by the consumer only
-            return super().connection_for_read(heartbeat)
-        return self.ensure_connected(
-            self.app.connection_for_read(heartbeat=heartbeat, transport=transport)
-        )
+        return self.ensure_connected(guard(self.app.connection_for_read(heartbeat=heartbeat)))
 
-    def _guarded_transport(self) -> type[Any] | None:
-        if self.app.conf.broker_transport:
-            return None
-        url = str(self.app.conf.broker_read_url or self.app.conf.broker_url or "")
-        if url.startswith(("redis://", "rediss://")):
-            return GuardedRedisTransport
-        if url.startswith(("amqp://", "pyamqp://")):
-            return GuardedAMQPTransport
-        if url.startswith("amqps://"):
-            return GuardedAMQPSSLTransport
-        return None
+
+def guard(connection: Any) -> Any:
+    """``connection``, set to consume through the guarded subclass of its kombu transport if
+    there is one (another transport, Redis Sentinel say, gets the consumer's vetting only)."""
+    guarded = GUARDED_TRANSPORTS.get(connection.get_transport_cls())
+    if guarded is not None:
+        connection.transport_cls = guarded  # read when the transport is made, on connecting
+    return connection
 
 
 COMPRESSED = (
@@ -391,3 +383,10 @@ class GuardedAMQPSSLTransport(kombu_amqp.SSLTransport):
     """The same, over TLS (``amqps://``)."""
 
     Connection = _GuardedAMQPConnection
+
+
+GUARDED_TRANSPORTS: dict[type[Any], type[Any]] = {
+    kombu_redis.Transport: GuardedRedisTransport,
+    kombu_amqp.Transport: GuardedAMQPTransport,
+    kombu_amqp.SSLTransport: GuardedAMQPSSLTransport,
+}

@@ -32,7 +32,7 @@ from psycopg.conninfo import make_conninfo
 from saga.client import SagaClient
 from saga.settings import Settings
 from tests import sagas
-from tests.conftest import ADMIN_URL, BROKER_URL, unavailable
+from tests.conftest import ADMIN_URL, BROKER_URL, REDIS_URL, unavailable
 from tests.processes import ROOT, Process, ProcessGroup, wait_until
 
 AMQP_URL = os.environ.get("SAGA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -432,7 +432,8 @@ def stack(
     except Exception as exc:  # kombu raises the transport's own error types
         connection.release()
         unavailable("Redis" if broker == "redis" else "RabbitMQ", exc)
-    client: redis.Redis | None = redis.Redis.from_url(url) if broker == "redis" else None
+    # redis-py's form of the same server (kombu spells a unix socket redis+socket://)
+    client: redis.Redis | None = redis.Redis.from_url(REDIS_URL) if broker == "redis" else None
     name = f"saga_poison_{uuid.uuid4().hex[:10]}"
     admin_conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     tmp = tmp_path_factory.mktemp(f"poison-{broker}")

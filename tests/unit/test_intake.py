@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from types import SimpleNamespace
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from kombu import Message
@@ -22,8 +22,8 @@ from saga.workers.intake import (
     MAX_BODY_BYTES,
     GuardedAMQPSSLTransport,
     GuardedAMQPTransport,
-    GuardedConsumer,
     GuardedRedisTransport,
+    guard,
     vet,
 )
 
@@ -101,15 +101,21 @@ def test_a_refusal_is_one_line() -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "transport"),
+    ("url", "guarded"),
     [
         ("redis://127.0.0.1:6379/0", GuardedRedisTransport),
-        ("rediss://127.0.0.1:6380/0", GuardedRedisTransport),
-        ("amqp://guest:guest@127.0.0.1:5672//", GuardedAMQPTransport),
-        ("amqps://guest:guest@127.0.0.1:5671//", GuardedAMQPSSLTransport),
+        ("rediss://h:6380/0", GuardedRedisTransport),
+        ("redis+socket:///tmp/r.sock", GuardedRedisTransport),  # the embedded servers' form
+        ("amqp://u:p@h:5672//", GuardedAMQPTransport),
+        ("amqps://u:p@h:5671//", GuardedAMQPSSLTransport),
         ("sentinel://127.0.0.1:26379", None),  # vetted by the consumer only
+        ("memory://", None),
     ],
 )
-def test_the_consumer_reads_through_a_guarded_transport(url: str, transport: Any) -> None:
+def test_the_consumer_reads_through_a_guarded_transport(url: str, guarded: Any) -> None:
     app = create_app(Settings(broker_url=url, database_url="postgresql://x/y"))
-    assert GuardedConsumer._guarded_transport(SimpleNamespace(app=app)) is transport
+    connection = guard(app.connection_for_read())
+    expected = guarded or connection.get_transport_cls()
+    assert connection.get_transport_cls() is expected
+    if guarded is not None:  # kombu's own reading of the URL is kept
+        assert connection.info() == {**app.connection_for_read().info(), "transport": ANY}
