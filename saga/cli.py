@@ -96,8 +96,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         argv.append(f"--hostname={args.hostname}")
     if args.max_tasks_per_child:
         argv.append(f"--max-tasks-per-child={args.max_tasks_per_child}")
-    app.worker_main(argv)
-    return 0
+    return app.start(argv)  # the worker's exit status: non-zero after an unrecoverable error
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:

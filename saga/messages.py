@@ -8,9 +8,9 @@ parses them here, so both sides share one format.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from saga.errors import MalformedMessageError
 from saga.outbox.message import OutboxMessage
@@ -21,12 +21,25 @@ ADVANCE_TASK = "saga.advance"
 M = TypeVar("M", bound=BaseModel)
 
 
+def storable(value: str) -> str:
+    """Refuse text Postgres cannot store, so a message carrying it fails at parse time and not
+    as a StoreError (which the worker would take for an outage and retry for a whole lease).
+    Pydantic itself refuses the other such text, a string with unpaired surrogates."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character, which Postgres cannot store")
+    return value
+
+
+RunId = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(storable)]
+StepKey = Annotated[str, Field(min_length=1, max_length=500), AfterValidator(storable)]
+
+
 class StepMessage(BaseModel):
     """Run one attempt of a step: the only keyword arguments a step task accepts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    run_id: str = Field(min_length=1, max_length=200)
-    step_key: str = Field(min_length=1, max_length=500)
+    run_id: RunId
+    step_key: StepKey
 
 
 class AdvanceMessage(BaseModel):
@@ -34,7 +47,7 @@ class AdvanceMessage(BaseModel):
     accepts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    run_id: str = Field(min_length=1, max_length=200)
+    run_id: RunId
 
 
 def step_message(
@@ -58,4 +71,12 @@ def parse(model: type[M], args: Sequence[Any], kwargs: Mapping[str, Any]) -> M:
     try:
         return model.model_validate(kwargs)
     except ValidationError as exc:
-        raise MalformedMessageError(f"bad task arguments: {exc}") from None
+        raise MalformedMessageError(f"bad task arguments: {_one_line(exc)}") from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    """Pydantic's report on one line (a log line per refused message), inputs shortened."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']} (got {e['input']!r:.80})"
+        for e in exc.errors()
+    )

@@ -32,6 +32,19 @@ class SagaCelery(Celery):  # type: ignore[misc]
             self._executor_pid = os.getpid()
         return self._executor
 
+    def start(self, argv: list[str] | None = None) -> int:
+        """Run the ``celery`` command; returns its exit status, which Celery's own ``start`` and
+        ``worker_main`` drop (a worker stopped by an unrecoverable error would exit 0, and a
+        supervisor restarting on failure would leave it down)."""
+        from celery.bin.celery import celery
+
+        celery.params[0].default = self  # as Celery.start: the command runs this app
+        try:
+            code = celery.main(args=argv, standalone_mode=False)
+        finally:
+            celery.params[0].default = None
+        return 0 if code is None else int(code)
+
     def flush_marks(self, **_: Any) -> None:
         """At process shutdown: mark the fast path's last publishes, so no relay sends them
         again (which would cost a fenced duplicate), and leave the worker registry."""
@@ -75,6 +88,8 @@ def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
         worker_enable_remote_control=False,
         # The engine retries through Postgres, never through broker-side ETA messages.
         task_track_started=False,
+        # Every message is vetted before Celery acts on it (saga/workers/intake.py).
+        worker_consumer="saga.workers.intake:GuardedConsumer",
     )
     app.task(name=STEP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(run_step)
     app.task(name=ADVANCE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)(advance_run)

@@ -429,6 +429,20 @@ def test_encode_plain_json_data() -> None:
     assert json.loads(info.encode_result(value, limit=1000, run_id="r", step="fetch")) == value
 
 
+@pytest.mark.parametrize("text", ["a\x00b", "\\\x00", "\x00"])
+def test_a_result_with_a_nul_character_is_refused(text: str) -> None:
+    # Postgres' jsonb refuses \u0000: journaling it would fail as a store error.
+    info = Saga("plain", [fetch]).steps[0].function
+    with pytest.raises(StepResultError, match=r"step 'fetch' of run 'r' .* NUL character"):
+        info.encode_result({"text": text}, limit=1000, run_id="r", step="fetch")
+
+
+def test_a_result_with_the_text_of_a_nul_escape_is_accepted() -> None:
+    info = Saga("plain", [fetch]).steps[0].function
+    value = {"text": "\\u0000 and \\\\u0000"}
+    assert json.loads(info.encode_result(value, limit=1000, run_id="r", step="fetch")) == value
+
+
 def test_result_at_the_limit_is_accepted_and_one_byte_over_is_refused() -> None:
     info = Saga("sized", [fetch]).steps[0].function
     assert info.encode_result("x" * 8, limit=10, run_id="r", step="fetch") == '"xxxxxxxx"'
