@@ -175,14 +175,16 @@ def test_a_demo_leaves_the_run_of_a_demo_still_running_alone(
 def test_a_demo_that_stops_progressing_says_what_is_stuck(
     demo_database: str, tmp_path: Path
 ) -> None:
-    demo = Demo(demo_env(demo_database, tmp_path), tmp_path / "demo.out", "--stall-seconds", "3")
+    # Long enough for its worker to start on a busy machine (the first step waits for it).
+    stall = "8"
+    demo = Demo(demo_env(demo_database, tmp_path), tmp_path / "demo.out", "--stall-seconds", stall)
     demo.wait_for("decide#1 ")
     children = descendants(demo.popen.pid)
     (worker,) = [pid for pid in children if "saga worker" in cmdline(pid)]
     os.kill(worker, signal.SIGSTOP)  # alive, holding its lease, doing nothing
     assert demo.finish() == 1, demo.output()
     out = demo.output()
-    assert "the demo stops: no step changed for 3 s" in out
+    assert f"the demo stops: no step changed for {stall} s" in out
     assert re.search(r"its unfinished steps:\n  \S+#\d+ +\w+ +attempt \d", out), out
     assert "the last 30 lines of" in out
     assert [pid for pid in children if running(pid)] == []  # the stopped worker too
