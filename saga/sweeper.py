@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 from saga import coordinator, tracing
 from saga.errors import SagaError, StoreError
@@ -23,11 +24,16 @@ class Sweeper:
         self._store = store
         self._max_wait = max_wait
         self._worker_silence = worker_silence  # a worker this long silent is dead
+        self._next_worker_check = 0.0
 
     def tick(self) -> float | None:
         """One pass; returns the seconds until the next step falls due (capped)."""
-        for owner in self._store.recover_dead_workers(self._worker_silence):
-            log.warning("worker %s stopped beating: its queues' unclaimed steps go again", owner)
+        # Workers beat every third of their silence limit: looking more often finds nothing new,
+        # and a relay woken by every commit would pay a statement each time.
+        if time.monotonic() >= self._next_worker_check:
+            self._next_worker_check = time.monotonic() + self._worker_silence / 3
+            for owner in self._store.recover_dead_workers(self._worker_silence):
+                log.warning("worker %s stopped beating: its queues' unclaimed steps go again", owner)
         for run_id, step_key, state in self._store.expire_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)
             try:
