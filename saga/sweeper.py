@@ -33,7 +33,7 @@ class Sweeper:
         if time.monotonic() >= self._next_worker_check:
             self._next_worker_check = time.monotonic() + self._worker_silence / 3
             for owner in self._store.recover_dead_workers(self._worker_silence):
-                log.warning("worker %s stopped beating: its queues' unclaimed steps go again", owner)
+                log.warning("worker %s stopped beating: its queues' steps go again", owner)
         for run_id, step_key, state in self._store.expire_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)
             try:
