@@ -231,6 +231,34 @@ WHERE s.run_id = due.run_id AND s.step_key = due.step_key AND r.run_id = s.run_i
 RETURNING s.run_id, s.step_key, r.trace_context, coalesce(s.options->>'queue', r.queue) AS queue
 """
 
+# An advance task is on its way to this run: due again after the dispatch timeout (0005).
+ADVANCE_REQUESTED: LiteralString = """
+UPDATE saga_runs SET advance_due_at = now() + %(dispatch_timeout)s * interval '1 second'
+WHERE run_id = %(run_id)s
+"""
+
+# The advance task ran (under the run's lock): nothing is owed any more.
+ADVANCE_DONE: LiteralString = """
+UPDATE saga_runs SET advance_due_at = NULL WHERE run_id = %s AND advance_due_at IS NOT NULL
+"""
+
+# Advance tasks owed for longer than the dispatch timeout, lost with the broker perhaps: sent
+# again (a duplicate advance changes nothing), and due again after another timeout.
+REDISPATCH_ADVANCES: LiteralString = """
+WITH due AS (
+    SELECT run_id FROM saga_runs
+    WHERE advance_due_at <= now() AND state IN ('running', 'compensating')
+    ORDER BY advance_due_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE saga_runs r
+SET advance_due_at = now() + %(dispatch_timeout)s * interval '1 second'
+FROM due
+WHERE r.run_id = due.run_id
+RETURNING r.run_id, r.trace_context, r.queue
+"""
+
 SELECT_TRACE_CONTEXT: LiteralString = """
 SELECT saga_name, trace_context FROM saga_runs WHERE run_id = %s
 """

@@ -287,9 +287,18 @@ class RunTransaction:
         row = self._cur.execute(q.SELECT_STEP_INPUT, (self.run.run_id, step_key)).fetchone()
         return None if row is None else row[0]
 
-    def advance_later(self) -> None:
-        """Have a worker advance the run (it has the definitions; this process may not)."""
-        self.messages.append(advance_message(self.queue, self.run.run_id, self.run.trace_context))
+    def advance_later(self, run_id: str | None = None) -> None:
+        """Have a worker advance the run (it has the definitions; this process may not). The
+        request is recorded on the run too: a lost task is sent again by the sweeper."""
+        run_id = run_id or self.run.run_id
+        self._cur.execute(
+            q.ADVANCE_REQUESTED, {"run_id": run_id, "dispatch_timeout": self._dispatch_timeout}
+        )
+        self.messages.append(advance_message(self.queue, run_id, self.run.trace_context))
+
+    def advancing(self) -> None:
+        """An advance task runs in this transaction: no advance is owed any more."""
+        self._cur.execute(q.ADVANCE_DONE, (self.run.run_id,))
 
     def wait_over(self, wait: Wait) -> None:
         """A sleep or an event wait ended in this transaction: traced once it commits."""
@@ -363,7 +372,7 @@ class RunTransaction:
         self._cur.execute(
             q.FORK_STEPS, {"new_run_id": new_run_id, "run_id": run_id, "before_seq": seq["seq"]}
         )
-        self.messages.append(advance_message(self.queue, new_run_id, self.run.trace_context))
+        self.advance_later(new_run_id)
         return True
 
     def expire_lease(self, step_key: str, attempt: int, error: Mapping[str, Any]) -> str | None:

@@ -24,7 +24,7 @@ from saga import queries as q
 from saga.coordinator import JournalRow, RunView
 from saga.errors import RunConflictError, RunNotFoundError, WaitTimeoutError
 from saga.failures import ErrorType, error_record
-from saga.messages import step_message
+from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.outbox.writer import add_messages, mark_published
 
@@ -374,6 +374,7 @@ class PostgresStore:
     def advance_run(self, run_id: str, advance: Advance) -> None:
         """Advance a run outside any step outcome (an advance task)."""
         with self._locked_run(run_id, f"advancing run {run_id!r}") as tx:
+            tx.advancing()
             advance(tx)
 
     def mark_published(self, message_ids: Sequence[uuid.UUID]) -> None:
@@ -464,7 +465,8 @@ class PostgresStore:
 
     def redispatch_due(self, limit: int = 500) -> int:
         """Dispatch steps whose time has come (retries, timers, timed-out waits, lost
-        messages); returns how many."""
+        messages), and advance tasks owed for longer than the dispatch timeout (lost with the
+        broker, perhaps); returns how many messages."""
         with (
             translated("dispatching due steps"),
             self._pool.connection() as conn,
@@ -474,14 +476,22 @@ class PostgresStore:
                 q.REDISPATCH_DUE, {"limit": limit, "dispatch_timeout": self._dispatch_timeout}
             )
             rows = due.fetchall()
+            owed = conn.cursor(row_factory=dict_row).execute(
+                q.REDISPATCH_ADVANCES,
+                {"limit": limit, "dispatch_timeout": self._dispatch_timeout},
+            )
+            advances = owed.fetchall()
             messages = [
                 step_message(
                     r["queue"] or self._queue, r["run_id"], r["step_key"], r["trace_context"]
                 )
                 for r in rows
+            ] + [
+                advance_message(r["queue"] or self._queue, r["run_id"], r["trace_context"])
+                for r in advances
             ]
             add_messages(cur, messages)
-            return len(rows)
+            return len(messages)
 
     # -- the worker registry ------------------------------------------------------------------
 

@@ -51,7 +51,8 @@ class Sweeper:
         dispatched = self._store.redispatch_due()
         if dispatched:
             log.info(
-                "dispatched %d due steps (retries, timers, timeouts, lost messages)", dispatched
+                "dispatched %d due steps and advances (retries, timers, timeouts, lost messages)",
+                dispatched,
             )
         nxt = self._store.seconds_until_next_due()
         return self._max_wait if nxt is None else min(nxt, self._max_wait)

@@ -83,6 +83,10 @@ class Backend(Protocol):
         """Make a worker's last heartbeat ``seconds`` old."""
         ...
 
+    def advance_falls_due(self, run_id: str) -> None:
+        """Let the dispatch timeout of the advance owed to the run pass."""
+        ...
+
 
 @dataclass
 class PostgresBackend:
@@ -108,6 +112,14 @@ class PostgresBackend:
             run_id,
             step_key,
         )
+
+    def advance_falls_due(self, run_id: str) -> None:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE saga_runs SET advance_due_at = now() - interval '1 second' "
+                "WHERE run_id = %s AND advance_due_at IS NOT NULL",
+                (run_id,),
+            )
 
     def silence(self, owner: str, seconds: float) -> None:
         with psycopg.connect(self.database_url, autocommit=True) as conn:
@@ -138,6 +150,11 @@ class MemoryBackend:
 
     def fall_due(self, run_id: str, step_key: str) -> None:
         self.store.db.steps[(run_id, step_key)].due_at = self.store.db.clock - 1.0
+
+    def advance_falls_due(self, run_id: str) -> None:
+        run = self.store.db.runs[run_id]
+        if run.advance_due_at is not None:
+            run.advance_due_at = self.store.db.clock - 1.0
 
     def silence(self, owner: str, seconds: float) -> None:
         queues = self.store.db.workers[owner][0]
@@ -517,3 +534,30 @@ def test_a_worker_that_stops_cleanly_is_not_recovered(backend: Backend) -> None:
     backend.store.deregister_worker("host:1")
     assert backend.store.recover_dead_workers(0.0) == []
     assert backend.outbox(run_id) == [(STEP_TASK, "reserve")]
+
+
+# -- advance tasks are owed in Postgres, not only sent -----------------------------------------
+
+
+def test_an_advance_task_lost_with_the_broker_is_sent_again(backend: Backend) -> None:
+    run_id = start(backend, approval, {"item": 1})
+    complete(backend, approval, claimed(backend, run_id, "reserve#1"), "held")
+    assert backend.store.send_event(run_id, "approval", {"ok": True}) is True
+    assert backend.outbox(run_id)[-1] == (ADVANCE_TASK, None)
+    backend.advance_falls_due(run_id)  # its message was lost: nobody advanced the run
+    assert backend.store.redispatch_due() == 1
+    assert backend.outbox(run_id)[-2:] == [(ADVANCE_TASK, None), (ADVANCE_TASK, None)]
+    advance(backend, approval, run_id)  # the second one arrives
+    assert backend.store.get_run(run_id).state == RunState.COMPLETED
+    backend.advance_falls_due(run_id)
+    assert backend.store.redispatch_due() == 0  # nothing owed any more
+
+
+def test_an_advance_that_ran_is_not_sent_again(backend: Backend) -> None:
+    run_id = start(backend, approval, {"item": 1})
+    complete(backend, approval, claimed(backend, run_id, "reserve#1"), "held")
+    backend.store.send_event(run_id, "other", 1)  # kept: nothing owed
+    assert backend.store.send_event(run_id, "approval", {"ok": True}) is True
+    advance(backend, approval, run_id)
+    backend.advance_falls_due(run_id)
+    assert backend.store.redispatch_due() == 0

@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from saga import SagaClient, Settings
+from tests import coordinator_sagas as cs
 from tests import sagas
 from tests.processes import ProcessGroup, wait_until
 
@@ -50,3 +51,35 @@ def test_a_message_taken_by_a_worker_killed_before_its_claim_is_dispatched_again
         assert client.wait(run_id, timeout=60).state == "completed"
     relay_log = procs.processes[0].log()
     assert "stopped beating" in relay_log
+
+
+def test_an_advance_task_lost_with_the_broker_is_sent_again(
+    settings: Settings, procs: ProcessGroup, db: Conn, redis_client: Any
+) -> None:
+    procs.relay(settings)
+    worker = procs.worker(settings, "w1")
+    with SagaClient(settings) as client:
+        run_id = client.start(cs.approval, {"item": "x"})
+        wait_until(
+            lambda: db.execute(
+                "SELECT 1 FROM saga_steps WHERE run_id = %s AND state = 'waiting'", (run_id,)
+            ).fetchone(),
+            60,
+            "the workflow to wait for its event",
+        )
+        worker.stop()  # no one takes the advance task before the broker loses it
+        assert client.send_event(run_id, "approval", {"ok": True}) is True
+        wait_until(
+            lambda: db.execute(
+                "SELECT 1 FROM saga_outbox WHERE task_name = 'saga.advance' "
+                "AND payload->>'run_id' = %s AND published_at IS NOT NULL",
+                (run_id,),
+            ).fetchone(),
+            60,
+            "the advance task to be published",
+        )
+        redis_client.flushdb()  # the broker restarted empty
+        procs.worker(settings, "w2")
+        run = client.wait(run_id, timeout=60)
+    assert run.state == "completed", run
+    assert run.result["decision"] == {"ok": True}

@@ -109,6 +109,7 @@ class RunRow:
     result: Any = None
     error: Any = None
     trace_context: dict[str, str] = field(default_factory=dict)
+    advance_due_at: float | None = None  # an advance task owed, due again then
 
     @property
     def finished(self) -> bool:
@@ -318,7 +319,14 @@ class MemoryRunTx:
         return _jsonb(self._db.steps[(self.run.run_id, step_key)].input)
 
     def advance_later(self) -> None:
+        """ADVANCE_REQUESTED, and the task's message."""
+        run = self._db.runs[self.run.run_id]
+        run.advance_due_at = self._db.clock + self._dispatch_timeout
         self.messages.append(advance_message(self._queue, self.run.run_id, self.run.trace_context))
+
+    def advancing(self) -> None:
+        """ADVANCE_DONE."""
+        self._db.runs[self.run.run_id].advance_due_at = None
 
 
 class Sim:
@@ -803,6 +811,7 @@ class MemoryStore:
 
     def advance_run(self, run_id: str, advance: Callable[[Any], None]) -> None:
         with self._locked(run_id) as tx:
+            tx.advancing()
             advance(tx)
 
     # -- events and operators -------------------------------------------------------------------
@@ -947,4 +956,14 @@ class MemoryStore:
                     r.options.get("queue") or self._queue, r.run_id, r.step_key, run.trace_context
                 )
             )
-        return len(due)
+        owed = [
+            run
+            for run in self.db.runs.values()
+            if run.advance_due_at is not None
+            and run.advance_due_at <= self.db.clock
+            and run.state in (RunState.RUNNING, RunState.COMPENSATING)
+        ][:limit]
+        for run in owed:  # REDISPATCH_ADVANCES
+            run.advance_due_at = self.db.clock + self._dispatch_timeout
+            self.db.outbox.append(advance_message(self._queue, run.run_id, run.trace_context))
+        return len(due) + len(owed)
