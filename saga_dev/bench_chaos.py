@@ -51,7 +51,7 @@ import redis
 
 from saga.client import SagaClient
 from saga.embedded import _package_dir, _start_redis, _stop_redis, start_embedded, stop_embedded
-from saga.errors import ConfigurationError
+from saga.errors import ConfigurationError, StoreError
 from saga.migrate import migrate
 from saga.settings import Settings
 from saga_dev.bench import run_and_print
@@ -84,7 +84,7 @@ class ChaosConfig:
     workers: int = 3  # solo workers, plus one prefork worker with two processes
     fault_rate: float = 0.05  # effects server, per request
     fail_rate: float = 0.3  # runs failing for good on purpose
-    cancel_rate: float = 0.03  # runs the bench cancels right after starting them
+    cancel_rate: float = 0.05  # runs the bench cancels right after starting them
     chaos_every: float = 1.0
     duration_limit: float = 900.0  # the chaos phase, starting included
     settle_seconds: float = 180.0
@@ -93,6 +93,7 @@ class ChaosConfig:
     max_broker_flushes: int = 20
     max_pg_restarts: int = 10
     lease_seconds: float = 2.0
+    step_seconds: float = 0.1  # each step's work: long enough for kills to land mid-step
 
 
 @dataclass
@@ -211,6 +212,7 @@ class Chaos:
     stopped: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     began: float = field(default_factory=time.time)
+    tried: set[str] = field(default_factory=set)
 
     def log(self, what: str) -> None:
         self.events.append((round(time.time() - self.began, 2), what))
@@ -229,6 +231,16 @@ class Chaos:
 
     def draw(self) -> Callable[[], None] | None:
         c, cfg = self.counts, self.cfg
+        # Each kind of fault once first (a short run still meets them all), then at random.
+        for done, budget, action in (
+            ("worker_kills", cfg.max_worker_kills, self.kill_worker),
+            ("pg_restarts", cfg.max_pg_restarts, self.restart_postgres),
+            ("relay_kills", cfg.max_relay_kills, self.kill_relay),
+            ("broker_flushes", cfg.max_broker_flushes, self.flush_broker),
+        ):
+            if not c[done] and budget and done not in self.tried:
+                self.tried.add(done)
+                return action
         options: list[tuple[float, Callable[[], None]]] = []
         if c["worker_kills"] < cfg.max_worker_kills:
             options.append((0.6, self.kill_worker))
@@ -618,10 +630,12 @@ def _bench(
         str(cfg.seed),
         log=log_dir / "effects-server.log",
     )
+    service.control(count_trips=[prefix])  # its counts per prefix: requests, faults
     env = {
         **chaos_settings.child_env(),
         "TRAVEL_SERVICE_URL": service.url,
         "TRAVEL_SERVICE_TIMEOUT": "5",
+        "CHAOS_STEP_SECONDS": str(cfg.step_seconds),
     }
     spawned = Counter[str]()
     workers = [f"worker-{i}" for i in range(cfg.workers)] + ["prefork-0"]
@@ -656,6 +670,11 @@ def _bench(
         thread = threading.Thread(target=chaos.run, name="chaos", daemon=True)
         thread.start()
         tracker.start()
+        # Before the children are stopped, however this ends (the stack unwinds in reverse).
+        stack.callback(tracker.join)
+        stack.callback(tracker.stopped.set)
+        stack.callback(thread.join)
+        stack.callback(chaos.stopped.set)
         deadline = began + cfg.duration_limit
         say(f"{len(planned)} runs, prefix {prefix}; logs in {log_dir}")
         started_all = _start_runs(chaos_settings, planned, servers.database_url, deadline, say)
@@ -747,7 +766,7 @@ def _start_runs(
                     if started % 100 == 0:
                         say(f"{started} runs started")
                     break
-                except psycopg.Error:
+                except (psycopg.Error, StoreError):  # Postgres restarting: start it again
                     if client is not None:
                         client.close()
                     client = None
@@ -814,6 +833,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=d.workers, help="solo workers (+1 prefork)")
     p.add_argument("--fault-rate", type=float, default=d.fault_rate, help="effects server")
     p.add_argument("--fail-rate", type=float, default=d.fail_rate, help="runs failing on purpose")
+    p.add_argument("--step-seconds", type=float, default=d.step_seconds, help="work per step")
     p.add_argument("--chaos-every", type=float, default=d.chaos_every, help="seconds")
     p.add_argument("--duration-limit", type=float, default=d.duration_limit, help="seconds")
     p.add_argument("--settle-seconds", type=float, default=d.settle_seconds)
@@ -836,6 +856,7 @@ def main(argv: Sequence[str], settings: Settings) -> int:
         fault_rate=args.fault_rate,
         fail_rate=args.fail_rate,
         chaos_every=args.chaos_every,
+        step_seconds=args.step_seconds,
         duration_limit=args.duration_limit,
         settle_seconds=args.settle_seconds,
         max_worker_kills=args.max_worker_kills,

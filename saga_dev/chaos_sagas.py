@@ -18,6 +18,8 @@ seed): ``Refused`` is non-retryable. Where it is raised decides what the contrac
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 from saga import RetryPolicy, Saga, StepContext, WorkflowContext, workflow
@@ -50,9 +52,18 @@ def _fail(ctx: StepContext) -> str:
     return str((ctx.run_input or {}).get("fail", ""))
 
 
+def _work() -> None:
+    """Half the step's own work (a model call, say), before and after its effect: a kill lands
+    before the effect or after it, before its outcome is journaled."""
+    time.sleep(float(os.environ.get("CHAOS_STEP_SECONDS", "0")) / 2)
+
+
 def _book(ctx: StepContext, kind: str, item: str) -> dict[str, Any]:
+    _work()
     body = {"kind": kind, "item": item, "trip": ctx.run_id}
-    return service("book", body, ctx.idempotency_key)
+    booked = service("book", body, ctx.idempotency_key)
+    _work()
+    return booked
 
 
 def cancel_booking(ctx: StepContext, booking: dict[str, Any] | None) -> dict[str, Any]:
@@ -68,8 +79,11 @@ def cancel_booking(ctx: StepContext, booking: dict[str, Any] | None) -> dict[str
 
 
 def _email(ctx: StepContext, subject: str) -> dict[str, Any]:
+    _work()
     body = {"to": EMAIL_TO, "subject": subject, "body": "see you there", "trip": ctx.run_id}
-    return service("send_email", body, ctx.idempotency_key)
+    sent = service("send_email", body, ctx.idempotency_key)
+    _work()
+    return sent
 
 
 def correct_email(ctx: StepContext, sent: dict[str, Any] | None) -> dict[str, Any]:
