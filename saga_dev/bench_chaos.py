@@ -73,7 +73,11 @@ METHOD = (
     "attempt_started_at. Resumption = attempt_started_at - kill time. A step whose attempt a "
     "ended with an outcome (it finished just before the kill) is not counted as interrupted; "
     "one whose run stopped it without a new claim (compensating) is counted apart; one seen "
-    "only after a later claim (attempt > a + 1) is counted as unmeasured."
+    "only after a later claim (attempt > a + 1) is counted as unmeasured. The time includes "
+    "the rest of the lease (lease_seconds), the sweep, the relay's publish and the wait in the "
+    "broker queue behind the other runs' steps (about IN_FLIGHT runs are kept going); "
+    "kill_to_redispatch_* stops at the first outbox row naming the step after the kill (the "
+    "engine's recovery alone, before queueing)."
 )
 
 
@@ -258,7 +262,12 @@ class Chaos:
         """A child that died by itself is a finding: noted, and started again."""
         for name, proc in list(self.group.procs.items()):
             if proc.poll() is not None:
-                self.exits.append(f"{name} exited with code {proc.returncode}")
+                try:
+                    text = (self.group.log_dir / f"{name}.log").read_text(errors="replace")
+                except OSError:
+                    text = ""
+                tail = " | ".join(text.strip().splitlines()[-3:])[-600:]
+                self.exits.append(f"{name} exited with code {proc.returncode}: {tail}")
                 self.log(f"{name} exited by itself ({proc.returncode}); restarted")
                 self._restart(name)
 
@@ -343,6 +352,7 @@ class Tracker(threading.Thread):
         self.chaos, self.url = chaos, database_url
         self.stopped = threading.Event()
         self.latencies: list[float] = []
+        self.resumed: list[Interrupted] = []
         self.outcomes: Counter[str] = Counter()
         self.examples: list[dict[str, Any]] = []
 
@@ -373,6 +383,7 @@ class Tracker(threading.Thread):
             attempt, started, state = now.get((p.run_id, p.step_key), (p.attempt, None, "gone"))
             if attempt == p.attempt + 1 and started is not None:
                 self.latencies.append(started - p.killed_at)
+                self.resumed.append(p)
                 self.outcomes["resumed"] += 1
             elif attempt > p.attempt + 1:
                 self.outcomes["resumed_unmeasured"] += 1
@@ -620,8 +631,10 @@ def _bench(
             "fast_path_grace_seconds": 1.0,
         }
     )
-    log_dir = root / "logs"
-    log_dir.mkdir()
+    # Kept after the run (the private servers are not): the processes' logs, the chaos and,
+    # for each run in violation, its journal rows.
+    log_dir = settings.state_dir.resolve() / "bench-chaos" / prefix.rstrip("-")
+    log_dir.mkdir(parents=True, exist_ok=True)
     service = ServerProcess(
         "saga_dev.testing.effects_server",
         "--fault-rate",
@@ -690,8 +703,12 @@ def _bench(
         tracker.stopped.set()
         tracker.join()
         tracker.poll()
+        tracker.outcomes["unresolved"] += len(chaos.interrupted)
         say("checking the invariants")
         violations, found = check(planned, servers.database_url, service, prefix)
+        redispatch = redispatch_delays(servers.database_url, tracker.resumed)
+        journals = _dump_journals(servers.database_url, violations, log_dir)
+        (log_dir / "chaos-events.json").write_text(json.dumps(chaos.events))
         faults = service.stats(detail="0")["faults"]
     lat = tracker.latencies
     return {
@@ -707,6 +724,8 @@ def _bench(
         "violations": violations.total,
         "violations_by_kind": dict(violations.counts),
         "violation_examples": violations.examples,
+        "journal_of_runs_in_violation": journals,
+        "logs": str(log_dir),
         "worker_kills": chaos.counts["worker_kills"],
         "relay_kills": chaos.counts["relay_kills"],
         "broker_flushes": chaos.counts["broker_flushes"],
@@ -722,17 +741,60 @@ def _bench(
         "elapsed_seconds": round(time.monotonic() - began, 1),
         "resumption": {
             "method": METHOD,
-            "interrupted_steps": len(lat)
-            + sum(tracker.outcomes.values())
-            - tracker.outcomes["resumed"],
+            "interrupted_steps": sum(tracker.outcomes.values())
+            - tracker.outcomes["finished_before_the_kill"],
             "outcomes": dict(tracker.outcomes),
             "p50_seconds": None if not lat else round(statistics.median(lat), 3),
             "p99_seconds": p99(lat),
             "max_seconds": None if not lat else round(max(lat), 3),
+            "kill_to_redispatch_p50_seconds": None
+            if not redispatch
+            else round(statistics.median(redispatch), 3),
+            "kill_to_redispatch_p99_seconds": p99(redispatch),
             "lease_seconds": cfg.lease_seconds,
         },
         "chaos_events": chaos.events[-400:],
     }
+
+
+def redispatch_delays(url: str, resumed: list[Interrupted]) -> list[float]:
+    """For each resumed step, kill -> the first outbox row naming it after the kill: the
+    engine's own recovery (lease expiry, sweep, new message), before any queueing."""
+    if not resumed:
+        return []
+    rows = sql(
+        url,
+        "SELECT (SELECT extract(epoch FROM min(o.created_at))::float8 FROM saga_outbox o "
+        "        WHERE o.payload->>'run_id' = k.r AND o.payload->>'step_key' = k.s "
+        "        AND o.created_at > to_timestamp(k.t)) - k.t "
+        "FROM jsonb_to_recordset(%s::jsonb) AS k(r text, s text, t float8)",
+        (json.dumps([{"r": p.run_id, "s": p.step_key, "t": p.killed_at} for p in resumed]),),
+    )
+    return [float(r[0]) for r in rows if r[0] is not None]
+
+
+def _dump_journals(url: str, v: Violations, log_dir: Path) -> str | None:
+    """The journal rows (run, steps) of every run named in the examples, to a file."""
+    runs = sorted(
+        {str(e["run"]) for examples in v.examples.values() for e in examples
+         if isinstance(e, dict) and "run" in e}
+    )  # fmt: skip
+    if not runs:
+        return None
+    dump = {
+        run: {
+            "run": sql(url, "SELECT to_jsonb(r) FROM saga_runs r WHERE run_id = %s", (run,)),
+            "steps": sql(
+                url,
+                "SELECT to_jsonb(s) FROM saga_steps s WHERE run_id = %s ORDER BY seq",
+                (run,),
+            ),
+        }
+        for run in runs
+    }
+    path = log_dir / "journal-of-runs-in-violation.json"
+    path.write_text(json.dumps(dump, indent=1, default=str))
+    return str(path)
 
 
 def _start_runs(
@@ -815,7 +877,9 @@ def print_table(report: dict[str, Any], out: IO[str]) -> None:
         f"chaos phase {report['chaos_seconds']} s, settle {report['settle_seconds']} s; "
         f"unexpected exits {len(report['unexpected_process_exits'])}",
         f"kill -> resumption: p50 {r['p50_seconds']} s, p99 {r['p99_seconds']} s, max "
-        f"{r['max_seconds']} s over {r['outcomes'].get('resumed', 0)} steps ({r['outcomes']})",
+        f"{r['max_seconds']} s over {r['outcomes'].get('resumed', 0)} steps ({r['outcomes']}); "
+        f"kill -> re-dispatch p50 {r['kill_to_redispatch_p50_seconds']} s, p99 "
+        f"{r['kill_to_redispatch_p99_seconds']} s (lease {r['lease_seconds']} s)",
         f"violations: {report['violations']} {report['violations_by_kind']}",
     ]
     for kind, examples in report["violation_examples"].items():
