@@ -62,7 +62,8 @@ from saga_dev.testing import ServerProcess
 TERMINAL = ("completed", "compensated", "failed", "compensation_failed", "cancelled")
 WORKER_GRACE = 3.0  # a worker younger than this is not killed again (it is still importing)
 RELAY_PAUSE = (0.2, 2.0)  # seconds the relay stays dead
-IN_FLIGHT = 80  # runs started ahead of the finished ones: the chaos meets a steady load
+IN_FLIGHT = 80  # at most this many unfinished runs (a tenth of them, at least 10): the chaos
+# meets a steady load, at every stage of the runs, from the first to the last but a few
 EXAMPLES = 5  # examples kept per kind of violation
 
 METHOD = (
@@ -474,6 +475,7 @@ def check(
         state, error = runs.get(p.run_id, ("missing", None))
         states[state] += 1
         mine = steps.get(p.run_id, [])
+        by_key = {s["step_key"]: s for s in mine}
         trip = record.get(p.run_id, {"effects": {}, "bookings": {}, "answers": {}})
         if state not in TERMINAL:
             open_steps = [
@@ -510,7 +512,6 @@ def check(
             if not pivot_done and compensable:
                 v.add("failed_not_allowed", {"run": p.run_id, "steps": [_brief(s) for s in mine]})
         if state in ("compensated", "cancelled"):
-            by_key = {s["step_key"]: s for s in mine}
             for s in mine:
                 if s["kind"] == "action" and s["started"] and s["compensation_ref"]:
                     undo = by_key.get(f"compensate:{s['step_key']}")
@@ -532,12 +533,22 @@ def check(
                         {"run": p.run_id, "step": s["step_key"], "journal": s["result"],
                          "service": answer},
                     )  # fmt: skip
-        # Impossible rows: an outcome without a claim, or more claims than allowed.
+        # Impossible rows: an outcome without a claim, more claims than allowed, an undo of a
+        # step that never started (a never-claimed step is cancelled, not compensated).
         for s in mine:
             ended = s["state"] in ("completed", "failed")
             claimed = s["attempt"] >= 1 and s["started"]
             if ended and s["kind"] in ("action", "compensation") and not claimed:
                 v.add("outcome_without_claim", {"run": p.run_id, **_brief(s)})
+            if s["attempt"] > s["max_attempts"]:
+                v.add("more_attempts_than_allowed", {"run": p.run_id, **_brief(s)})
+            if s["kind"] == "compensation":
+                undone = by_key.get(s["step_key"].removeprefix("compensate:"))
+                if undone is None or not undone["started"]:
+                    v.add(
+                        "compensated_a_step_never_started",
+                        {"run": p.run_id, "undo": _brief(s), "step": undone and _brief(undone)},
+                    )
     unknown = [t for t in record if t not in by_id]
     if unknown:
         v.add("effects_of_unknown_runs", unknown[:EXAMPLES], len(unknown))
@@ -691,7 +702,9 @@ def _bench(
         deadline = began + cfg.duration_limit
         say(f"{len(planned)} runs, prefix {prefix}; logs in {log_dir}")
         started_all = _start_runs(chaos_settings, planned, servers.database_url, deadline, say)
-        chaos_end = _wait_finished(servers.database_url, prefix, deadline, say)
+        # The chaos goes on while runs are being started (about IN_FLIGHT at a time, so it meets
+        # every stage of them); the settle time is then the recovery from the last faults.
+        chaos_end = time.monotonic()
         chaos.stopped.set()
         thread.join()
         chaos.revive()  # all up for the settling
@@ -808,16 +821,15 @@ def _start_runs(
     with its run id is idempotent: retried until it lands)."""
     client: SagaClient | None = None
     started = 0
+    cap = max(10, min(IN_FLIGHT, len(planned) // 10))
     try:
         for p in planned:
             while time.monotonic() < deadline:
                 try:
                     if client is None:
                         client = SagaClient(settings)
-                    if started % 20 == 0:
-                        while (
-                            _active_runs(database_url) >= IN_FLIGHT and time.monotonic() < deadline
-                        ):
+                    if started % 5 == 0:
+                        while _active_runs(database_url) >= cap and time.monotonic() < deadline:
                             time.sleep(0.2)
                     definition = chaos_trip if p.kind == "graph" else chaos_order
                     client.start(definition, p.input, run_id=p.run_id)
