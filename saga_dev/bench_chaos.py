@@ -64,6 +64,7 @@ WORKER_GRACE = 3.0  # a worker younger than this is not killed again (it is stil
 RELAY_PAUSE = (0.2, 2.0)  # seconds the relay stays dead
 IN_FLIGHT = 80  # at most this many unfinished runs (a tenth of them, at least 10): the chaos
 # meets a steady load, at every stage of the runs, from the first to the last but a few
+STALL_SECONDS = 60.0  # no step finishing this long while runs wait: stuck, stop starting more
 EXAMPLES = 5  # examples kept per kind of violation
 
 METHOD = (
@@ -593,10 +594,14 @@ def p99(values: list[float]) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)
 
 
-def _active_runs(url: str) -> int:
-    return int(
-        sql(url, "SELECT count(*) FROM saga_runs WHERE state IN ('running', 'compensating')")[0][0]
-    )
+def _progress(url: str) -> tuple[int, int]:
+    """(unfinished runs, steps finished so far): the second moving is a sign of life."""
+    row = sql(
+        url,
+        "SELECT (SELECT count(*) FROM saga_runs WHERE state IN ('running', 'compensating')), "
+        "(SELECT count(*) FROM saga_steps WHERE finished_at IS NOT NULL)",
+    )[0]
+    return int(row[0]), int(row[1])
 
 
 def bench_chaos(settings: Settings, cfg: ChaosConfig, log: IO[str] | None = None) -> dict[str, Any]:
@@ -822,6 +827,7 @@ def _start_runs(
     client: SagaClient | None = None
     started = 0
     cap = max(10, min(IN_FLIGHT, len(planned) // 10))
+    last_done, moved = -1, time.monotonic()
     try:
         for p in planned:
             while time.monotonic() < deadline:
@@ -829,8 +835,16 @@ def _start_runs(
                     if client is None:
                         client = SagaClient(settings)
                     if started % 5 == 0:
-                        while _active_runs(database_url) >= cap and time.monotonic() < deadline:
+                        active, done = _progress(database_url)
+                        while active >= cap and time.monotonic() < deadline:
+                            if done != last_done:
+                                last_done, moved = done, time.monotonic()
+                            elif time.monotonic() - moved > STALL_SECONDS:
+                                say(f"no step finished for {STALL_SECONDS:.0f} s with {active} "
+                                    "runs unfinished: no more runs started")  # fmt: skip
+                                return started
                             time.sleep(0.2)
+                            active, done = _progress(database_url)
                     definition = chaos_trip if p.kind == "graph" else chaos_order
                     client.start(definition, p.input, run_id=p.run_id)
                     if p.cancel:

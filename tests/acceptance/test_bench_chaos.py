@@ -7,6 +7,7 @@ other test's), so this needs nothing from the suite's servers.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ from saga_dev.bench_chaos import TERMINAL, ChaosConfig, bench_chaos
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)  # the bench's own limits (chaos 200 s, settle 90 s) come first
 def test_200_runs_under_chaos_break_no_invariant(tmp_path: Path) -> None:
-    cfg = ChaosConfig(runs=200, seed=7, chaos_every=0.7, settle_seconds=240.0)
-    report = bench_chaos(Settings(state_dir=tmp_path / "state"), cfg)
+    cfg = ChaosConfig(runs=200, seed=7, chaos_every=0.7, duration_limit=200.0, settle_seconds=90.0)
+    report = bench_chaos(Settings(state_dir=tmp_path / "state"), cfg, log=sys.stderr)
     shown = json.dumps({k: v for k, v in report.items() if k != "chaos_events"}, indent=1)
 
     assert report["runs_started"] == 200, shown
