@@ -74,7 +74,8 @@ METHOD = (
     "every 0.2 s: the step resumed when its attempt becomes a + 1, at that claim's "
     "attempt_started_at. Resumption = attempt_started_at - kill time. A step whose attempt a "
     "ended with an outcome (it finished just before the kill) is not counted as interrupted; "
-    "one whose run stopped it without a new claim (compensating) is counted apart; one seen "
+    "one whose run stopped it without a new claim (the run was compensating: the lost attempt "
+    "fails, LeaseExpired, or a waiting step is cancelled) is counted apart; one seen "
     "only after a later claim (attempt > a + 1) is counted as unmeasured. The time includes "
     "the rest of the lease (lease_seconds), the sweep, the relay's publish and the wait in the "
     "broker queue behind the other runs' steps (about IN_FLIGHT runs are kept going); "
@@ -375,23 +376,26 @@ class Tracker(threading.Thread):
             rows = sql(
                 self.url,
                 "SELECT s.run_id, s.step_key, s.attempt, "
-                "extract(epoch FROM s.attempt_started_at)::float8, s.state "
+                "extract(epoch FROM s.attempt_started_at)::float8, s.state, s.error->>'type' "
                 "FROM saga_steps s JOIN jsonb_to_recordset(%s::jsonb) AS k(r text, s text) "
                 "ON s.run_id = k.r AND s.step_key = k.s",
                 (json.dumps([{"r": r, "s": s} for r, s in keys]),),
             )
         except psycopg.Error:
             return  # Postgres is restarting: next time
-        now = {(r, k): (a, started, state) for r, k, a, started, state in rows}
+        now = {(r, k): (a, started, state, error) for r, k, a, started, state, error in rows}
         done = []
         for p in pending:
-            attempt, started, state = now.get((p.run_id, p.step_key), (p.attempt, None, "gone"))
+            gone = (p.attempt, None, "gone", None)
+            attempt, started, state, error = now.get((p.run_id, p.step_key), gone)
             if attempt == p.attempt + 1 and started is not None:
                 self.latencies.append(started - p.killed_at)
                 self.resumed.append(p)
                 self.outcomes["resumed"] += 1
             elif attempt > p.attempt + 1:
                 self.outcomes["resumed_unmeasured"] += 1
+            elif state == "failed" and error == "LeaseExpired":
+                self.outcomes["lost_while_its_run_was_undoing"] += 1  # no new attempt, by design
             elif state in ("completed", "failed") and attempt == p.attempt:
                 self.outcomes["finished_before_the_kill"] += 1
             elif state in ("cancelled", "gone"):
@@ -488,7 +492,10 @@ def check(
                 if s["state"] not in ("completed", "cancelled", "failed")
             ]
             stuck.append(p.run_id)
-            v.add("stuck", {"run": p.run_id, "state": state, "open_steps": open_steps})
+            # With no step open, nothing is due for the sweeper: the run waits for a
+            # saga.advance message (see the outbox rows in the journal dump).
+            v.add("stuck", {"run": p.run_id, "state": state, "open_steps": open_steps,
+                            "steps": [_brief(s) for s in mine]})  # fmt: skip
             continue
         if state not in expected_states(p):
             failed = [
@@ -515,6 +522,12 @@ def check(
             compensable = any(s["started"] and s["compensation_ref"] for s in mine)
             if not pivot_done and compensable:
                 v.add("failed_not_allowed", {"run": p.run_id, "steps": [_brief(s) for s in mine]})
+            # Past the pivot nothing is undone: no cancellation, no compensation step.
+            cancels = [e for e in trip["effects"] if e.startswith("cancel:")]
+            undos = [s["step_key"] for s in mine if s["kind"] == "compensation"]
+            if pivot_done and (cancels or undos):
+                example = {"run": p.run_id, "cancels": cancels, "undos": undos}
+                v.add("undone_past_the_pivot", example)
         if state in ("compensated", "cancelled"):
             for s in mine:
                 if s["kind"] == "action" and s["started"] and s["compensation_ref"]:
@@ -809,6 +822,11 @@ def _dump_journals(url: str, v: Violations, log_dir: Path) -> str | None:
             "steps": sql(
                 url,
                 "SELECT to_jsonb(s) FROM saga_steps s WHERE run_id = %s ORDER BY seq",
+                (run,),
+            ),
+            "outbox": sql(
+                url,
+                "SELECT to_jsonb(o) FROM saga_outbox o WHERE payload->>'run_id' = %s ORDER BY id",
                 (run,),
             ),
         }
