@@ -731,7 +731,7 @@ def _bench(
         chaos.revive()  # all up for the settling
         settle_began = time.monotonic()
         say(f"chaos stopped after {chaos_end - began:.0f} s: {dict(chaos.counts)}; settling")
-        settled_at = _wait_finished(
+        settled_at, last_finish = _wait_finished(
             servers.database_url, prefix, settle_began + cfg.settle_seconds, say
         )
         tracker.stopped.set()
@@ -773,6 +773,9 @@ def _bench(
         "unexpected_process_exits": chaos.exits,
         "chaos_seconds": round(chaos_end - began, 1),
         "settle_seconds": round(settled_at - settle_began, 1),
+        # Where runs are stuck, settle_seconds is the whole allowance: this is when the rest
+        # had finished.
+        "last_finished_run_after_seconds": round(last_finish - settle_began, 1),
         "elapsed_seconds": round(time.monotonic() - began, 1),
         "resumption": {
             "method": METHOD,
@@ -889,9 +892,12 @@ def _start_runs(
     return started
 
 
-def _wait_finished(url: str, prefix: str, deadline: float, say: Callable[[str], None]) -> float:
-    """Polls until no run of the bench is unfinished, or the deadline; returns when."""
-    last = 0.0
+def _wait_finished(
+    url: str, prefix: str, deadline: float, say: Callable[[str], None]
+) -> tuple[float, float]:
+    """Polls until no run of the bench is unfinished, or the deadline; returns when, and when
+    the last run that did finish was seen finished (the settle time of all but stuck runs)."""
+    last, left_before, last_finish = 0.0, -1, time.monotonic()
     while time.monotonic() < deadline:
         try:
             left = sql(
@@ -902,13 +908,15 @@ def _wait_finished(url: str, prefix: str, deadline: float, say: Callable[[str], 
             )[0][0]
         except psycopg.Error:
             left = -1
+        if left >= 0 and left != left_before:
+            left_before, last_finish = left, time.monotonic()
         if left == 0:
             break
         if time.monotonic() - last > 15:
             say(f"{left} runs unfinished")
             last = time.monotonic()
         time.sleep(0.5)
-    return time.monotonic()
+    return time.monotonic(), last_finish
 
 
 def print_table(report: dict[str, Any], out: IO[str]) -> None:
@@ -922,7 +930,8 @@ def print_table(report: dict[str, Any], out: IO[str]) -> None:
         f"chaos: {report['worker_kills']} worker kills, {report['relay_kills']} relay kills, "
         f"{report['broker_flushes']} broker flushes, {report['pg_restarts']} Postgres restarts "
         f"{report['pg_restarts_by_mode']}, service faults {report['service_faults']}",
-        f"chaos phase {report['chaos_seconds']} s, settle {report['settle_seconds']} s; "
+        f"chaos phase {report['chaos_seconds']} s, settle {report['settle_seconds']} s (the "
+        f"last run that finished: after {report['last_finished_run_after_seconds']} s); "
         f"unexpected exits {len(report['unexpected_process_exits'])}, chaos errors "
         f"{report['chaos_errors']} {report['chaos_error_examples']}",
         f"kill -> resumption: p50 {r['p50_seconds']} s, p99 {r['p99_seconds']} s, max "
