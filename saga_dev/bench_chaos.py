@@ -219,7 +219,7 @@ class Chaos:
     stopped: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     began: float = field(default_factory=time.time)
-    tried: set[str] = field(default_factory=set)
+    tried: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
 
     def log(self, what: str) -> None:
@@ -241,15 +241,16 @@ class Chaos:
 
     def draw(self) -> Callable[[], None] | None:
         c, cfg = self.counts, self.cfg
-        # Each kind of fault once first (a short run still meets them all), then at random.
+        # Each kind of fault once first (a short run still meets them all), then at random. A
+        # worker kill waits for a worker old enough; a kind that keeps failing is given up.
         for done, budget, action in (
-            ("worker_kills", cfg.max_worker_kills, self.kill_worker),
             ("pg_restarts", cfg.max_pg_restarts, self.restart_postgres),
             ("relay_kills", cfg.max_relay_kills, self.kill_relay),
             ("broker_flushes", cfg.max_broker_flushes, self.flush_broker),
+            ("worker_kills", cfg.max_worker_kills, self.kill_worker),
         ):
-            if not c[done] and budget and done not in self.tried:
-                self.tried.add(done)
+            if not c[done] and budget and self.tried[done] < 5:
+                self.tried[done] += 1
                 return action
         options: list[tuple[float, Callable[[], None]]] = []
         if c["worker_kills"] < cfg.max_worker_kills:
