@@ -10,8 +10,8 @@ It keeps its own record, independent of the engine, of every request and its
   booking, cancellation or email body), not by key. This is the number that must stay 0: a
   client that retries without a key, or with a new key, is caught here.
 
-``/stats?trips=PREFIX`` gives the record of each trip whose name starts with PREFIX (an empty
-PREFIX: every trip): its effects and how often each was applied, its bookings and their state,
+``/stats?trips=PREFIX`` gives the record of each trip whose name starts with PREFIX (not
+empty): its effects and how often each was applied, its bookings and their state,
 and the first answer under each key, for checks per run.
 
 Faults, drawn per request with probability ``fault_rate`` among ``faults``:
