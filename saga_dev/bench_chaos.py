@@ -495,8 +495,16 @@ def check(
             stuck.append(p.run_id)
             # With no step open, nothing is due for the sweeper: the run waits for a
             # saga.advance message (see the outbox rows in the journal dump).
+            last = sql(
+                database_url,
+                "SELECT task_name, payload->>'step_key', published_at IS NOT NULL, "
+                "to_char(created_at, 'HH24:MI:SS.MS') FROM saga_outbox "
+                "WHERE payload->>'run_id' = %s ORDER BY id DESC LIMIT 1",
+                (p.run_id,),
+            )
             v.add("stuck", {"run": p.run_id, "state": state, "open_steps": open_steps,
-                            "steps": [_brief(s) for s in mine]})  # fmt: skip
+                            "steps": [_brief(s) for s in mine],
+                            "last_message": last[0] if last else None})  # fmt: skip
             continue
         if state not in expected_states(p):
             failed = [
