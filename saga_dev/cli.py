@@ -27,7 +27,9 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    b = argparse.ArgumentParser(prog="saga bench", description="Benchmarks against raw Celery.")
+    b = argparse.ArgumentParser(
+        prog="saga bench", description="Benchmarks against raw Celery (and `saga bench chaos -h`)."
+    )
     b.add_argument("suite", choices=["core", "coordinator", "agent"])
     b.add_argument(
         "--tracing",
@@ -81,6 +83,10 @@ def main(command: str, argv: Sequence[str], settings: Settings) -> int:
         from saga_dev.demo import run_demo
 
         return run_demo(settings, stall_seconds=args.stall_seconds)
+    if command == "bench" and list(argv[:1]) == ["chaos"]:  # its own flags: saga bench chaos -h
+        from saga_dev.bench_chaos import main as chaos_main
+
+        return chaos_main(argv[1:], settings)
     if command == "bench":
         return run_bench(settings, bench_parser().parse_args(argv))
     raise ConfigurationError(f"no development tool is called {command!r}")

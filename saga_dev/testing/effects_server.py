@@ -10,6 +10,10 @@ It keeps its own record, independent of the engine, of every request and its
   booking, cancellation or email body), not by key. This is the number that must stay 0: a
   client that retries without a key, or with a new key, is caught here.
 
+``/stats?trips=PREFIX`` gives the record of each trip whose name starts with PREFIX (not
+empty): its effects and how often each was applied, its bookings and their state,
+and the first answer under each key, for checks per run.
+
 Faults, drawn per request with probability ``fault_rate`` among ``faults``:
 
 * ``error``  a 500 before anything is applied
@@ -78,6 +82,7 @@ class EffectsServer(FaultyApp):
         self.bookings: dict[str, JSON] = {}
         self.emails: list[JSON] = []
         self.trips: dict[str, str] = {}  # canonical effect -> its trip
+        self.key_trips: dict[str, str] = {}  # idempotency key -> the trip it was applied for
         self.prefixes: set[str] = set()  # trip prefixes whose requests are counted apart
         self.trip_counts: Counter[tuple[str, str]] = Counter()
 
@@ -88,6 +93,8 @@ class EffectsServer(FaultyApp):
     def stats(self, query: Mapping[str, list[str]]) -> JSON:
         detail = query.get("detail", ["1"])[0] != "0"
         prefix = query.get("prefix", [""])[0]
+        if "trips" in query:
+            return self._trips(query["trips"][0])
         if prefix:
             return self._stats_of(prefix)
         repeated = {k: n for k, n in self.key_requests.items() if n > 1}
@@ -125,6 +132,24 @@ class EffectsServer(FaultyApp):
             "failed_attempts": self.trip_counts[prefix, "faults"],
             "duplicate_key_requests": self.trip_counts[prefix, "duplicate_key_requests"],
         }
+
+    def _trips(self, prefix: str) -> JSON:
+        """Per trip: effects applied (by what they are), bookings, first answers by key."""
+        out: dict[str, JSON] = {}
+
+        def trip(name: str) -> JSON:
+            return out.setdefault(name, {"effects": {}, "bookings": {}, "answers": {}})
+
+        for canonical, n in self.applied.items():
+            if self.trips[canonical].startswith(prefix):
+                trip(self.trips[canonical])["effects"][canonical] = n
+        for booking_id, booking in self.bookings.items():
+            if booking["trip"].startswith(prefix):
+                trip(booking["trip"])["bookings"][booking_id] = dict(booking)
+        for key, name in self.key_trips.items():
+            if name.startswith(prefix):
+                trip(name)["answers"][key] = self.answers[key][1]
+        return {"prefix": prefix, "trips": out}
 
     def _count_trip(self, body: Mapping[str, Any], what: str) -> None:
         trip = str(body.get("trip", ""))
@@ -168,6 +193,7 @@ class EffectsServer(FaultyApp):
                 return 400, {"error": f"bad {op} request: {exc}"}, {}
             if key is not None:
                 self.answers[key] = (canonical, answer)
+                self.key_trips[key] = str(body.get("trip", ""))
             if fault == "lost":
                 self.fault_counts[fault] += 1
                 return 502, {"error": "injected fault: applied, but the answer was lost"}, {}
