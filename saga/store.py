@@ -51,8 +51,9 @@ from saga.states import RunState, StepKind, StepState, may_journal_outcome
 def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
     """A connection pool whose connections commit asynchronously unless a transaction says not.
 
-    Claims, lease renewals and publish marks need no fsync (losing one in a Postgres crash only
-    re-runs an unjournaled attempt); every step outcome sets ``synchronous_commit`` back on.
+    Lease renewals and publish marks need no fsync (losing one in a Postgres crash costs at most
+    a duplicate message or an earlier lease expiry); claims and step outcomes set
+    ``synchronous_commit`` back on: a claim lost in a crash would hide an attempt that started.
     """
     return ConnectionPool(
         database_url,
@@ -220,11 +221,13 @@ class PostgresStore:
             self._pool.connection() as conn,
         ):
             cur = conn.cursor(row_factory=class_row(Claim))
-            if published:
-                with conn.pipeline():  # both statements, one Sync; results read after it
+            # A synchronous commit: the claim is on disk before the step runs. A claim lost in
+            # a database crash would hide a started attempt, whose effect the run must then undo
+            # (a step never claimed is known to have done nothing). One Sync: the result is read
+            # after the commit.
+            with pipelined_transaction(conn):
+                if published:
                     mark_published(conn, published)
-                    cur.execute(q.CLAIM_STEP, params)
-            else:
                 cur.execute(q.CLAIM_STEP, params)
             return cur.fetchone()
 
