@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,11 +62,44 @@ def _require_schema(database_url: str | None) -> None:
     from saga.migrate import check_schema
 
     assert database_url, "resolve() fills it"
-    try:
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            check_schema(conn)
-    except psycopg.Error as exc:
-        raise SagaError(f"cannot check the database schema: {exc}") from exc
+    # Postgres restarting or not up yet is waited for, as a broker that is down is; anything
+    # else (a refused login, a missing database, a schema behind) stops the process at once.
+    delay, deadline = 0.5, time.monotonic() + _WAIT_FOR_POSTGRES
+    while True:
+        try:
+            with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+                check_schema(conn)
+            return
+        except psycopg.OperationalError as exc:
+            if not _still_starting(exc) or time.monotonic() + delay > deadline:
+                raise SagaError(f"cannot check the database schema: {exc}") from exc
+            logging.getLogger("saga").warning("Postgres does not answer yet (%s); waiting", exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        except psycopg.Error as exc:
+            raise SagaError(f"cannot check the database schema: {exc}") from exc
+
+
+_WAIT_FOR_POSTGRES = 120.0  # seconds a starting worker or relay waits for Postgres to answer
+
+
+def _still_starting(exc: Exception) -> bool:
+    """A connection refused, or a server starting up or shutting down: it may answer soon."""
+    if getattr(exc, "sqlstate", None) == "57P03":  # cannot_connect_now
+        return True
+    text = str(exc)
+    return any(
+        hint in text
+        for hint in (
+            "Connection refused",
+            "No such file or directory",  # its Unix socket is not there yet
+            "the database system is starting up",
+            "the database system is shutting down",
+            "the database system is in recovery mode",
+            "server closed the connection unexpectedly",
+            "timeout expired",
+        )
+    )
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:

@@ -141,3 +141,20 @@ def test_a_refused_broker_is_retried_and_the_relay_keeps_running(
     (_, error, published), *_ = outbox_rows(db)
     assert error and not published
     assert "refused" in error.lower() or "connect" in error.lower(), error
+
+
+def test_a_worker_waits_for_a_postgres_not_up_yet_but_not_for_a_wrong_database(
+    admin_conn: Any,
+) -> None:
+    import psycopg
+
+    from saga.cli import _still_starting
+
+    with pytest.raises(psycopg.OperationalError) as refused:
+        psycopg.connect("postgresql://postgres@127.0.0.1:1/test", connect_timeout=2)
+    assert _still_starting(refused.value)  # nothing listens yet: wait for it
+    with pytest.raises(psycopg.OperationalError) as missing:
+        psycopg.connect(
+            "postgresql://postgres@127.0.0.1:5432/no_such_database_here", connect_timeout=2
+        )
+    assert not _still_starting(missing.value)  # no wait fixes a wrong name: exit 2 at once
