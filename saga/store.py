@@ -49,21 +49,17 @@ from saga.states import RunState, StepKind, StepState, may_journal_outcome
 
 
 def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
-    """A connection pool whose connections commit asynchronously unless a transaction says not.
+    """A pool of autocommit connections that commit synchronously, as Postgres does by default.
 
-    Lease renewals and publish marks need no fsync (losing one in a Postgres crash costs at most
-    a duplicate message or an earlier lease expiry); claims and step outcomes set
-    ``synchronous_commit`` back on: a claim lost in a crash would hide an attempt that started.
-    """
+    A claim must be on disk before its step runs: a claim lost in a crash would hide an attempt
+    that started, whose effect a compensating run must undo. Lease renewals and publish marks
+    could do without the fsync, but they are few (a renewal every third of a lease, marks ride
+    on the next claim); step outcomes say so themselves (``SET LOCAL synchronous_commit``)."""
     return ConnectionPool(
         database_url,
         min_size=1,
         max_size=max(1, size),
-        kwargs={
-            "autocommit": True,
-            "options": "-c synchronous_commit=off",
-            "application_name": name,
-        },
+        kwargs={"autocommit": True, "application_name": name},
         name=name,
         open=True,
     )
@@ -220,14 +216,14 @@ class PostgresStore:
             translated(f"claiming step {step_key!r} of run {run_id!r}"),
             self._pool.connection() as conn,
         ):
+            # Committed synchronously (the pool's connections do): the claim is on disk before
+            # the step runs.
             cur = conn.cursor(row_factory=class_row(Claim))
-            # A synchronous commit: the claim is on disk before the step runs. A claim lost in
-            # a database crash would hide a started attempt, whose effect the run must then undo
-            # (a step never claimed is known to have done nothing). One Sync: the result is read
-            # after the commit.
-            with pipelined_transaction(conn):
-                if published:
+            if published:
+                with conn.pipeline():  # both statements, one Sync; results read after it
                     mark_published(conn, published)
+                    cur.execute(q.CLAIM_STEP, params)
+            else:
                 cur.execute(q.CLAIM_STEP, params)
             return cur.fetchone()
 

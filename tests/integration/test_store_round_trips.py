@@ -79,10 +79,9 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     )
 
     def claim(key: str) -> Claim:
-        # BEGIN, a synchronous commit (the claim must survive a crash), the claim and COMMIT,
-        # sent together and answered at one Sync.
+        # One statement, committed synchronously (the claim must survive a crash).
         got, sent = traced(pool, lambda: store.claim_step("r1", key, owner="w", lease=30.0))
-        assert sent == {"Sync": 1, "Flush": 1, "Bind": 4}, key
+        assert sent == {"Sync": 1, "Flush": 0, "Bind": 1}, key
         assert got is not None
         return got
 
