@@ -107,6 +107,9 @@ class RunTx(Protocol):
         error: Mapping[str, Any] | None = None,
     ) -> None: ...
     def begin_compensation(self, error: Mapping[str, Any]) -> None: ...
+    def cancel_open_steps(self) -> None:
+        """Cancel the run's steps not yet claimed; the journal is read afresh after it."""
+        ...
     def step_input(self, step_key: str) -> Any:
         """The input a step of this run was given (for its compensation)."""
         ...
@@ -399,17 +402,25 @@ def _fail(tx: RunTx, rows: list[JournalRow], error: Mapping[str, Any]) -> None:
     if any(r.state == StepState.COMPLETED and r.options.get("pivot") for r in rows):
         tx.finish(RunState.FAILED, error={**error, "pivot_passed": True})
         return
-    if not _to_undo(rows):
+    if not _to_undo(_settled(tx)):
         tx.finish(RunState.FAILED, error=error)
         return
     tx.begin_compensation(error)
     _advance_compensation(tx)
 
 
+def _settled(tx: RunTx) -> list[JournalRow]:
+    """The journal once no step can start any more: open steps are cancelled first, then read
+    again. A claim is not held off by the run's lock, so one may have taken a step since the
+    journal was read; deciding on the older read would finish the run past a started step."""
+    tx.cancel_open_steps()
+    return tx.journal()
+
+
 def stop(tx: RunTx, error: Mapping[str, Any]) -> None:
     """Stop a running run from outside (cancelled, or out of time): its open steps stop, what
     its steps may have done is undone, even past the pivot."""
-    if _to_undo(tx.journal()):
+    if _to_undo(_settled(tx)):
         tx.begin_compensation(error)
         _advance_compensation(tx)
     else:

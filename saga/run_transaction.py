@@ -270,6 +270,10 @@ class RunTransaction:
         self._journal = None
         self.finished = (state, error if error is not None else self.run.error)
 
+    def cancel_open_steps(self) -> None:
+        self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
+        self._journal = None  # what it cancelled, and what a claim took first, read afresh
+
     def begin_compensation(self, error: Mapping[str, Any]) -> None:
         # Guarded in SQL, as finish.
         self._cur.execute(

@@ -53,6 +53,14 @@ TWICE = RetryPolicy(max_attempts=2, initial_backoff_seconds=1.0, max_backoff_sec
 ONCE = RetryPolicy(max_attempts=1)
 # reserve (undone by release) -> charge (two attempts).
 booking = Saga("contract_booking", [step(reserve, compensate=release), step(charge, retry=TWICE)])
+# hold (undone by release) and pay (one attempt) in parallel.
+pair = Saga(
+    "contract_pair",
+    [
+        step(reserve, name="hold", compensate=release, after=()),
+        step(charge, name="pay", retry=ONCE, after=()),
+    ],
+)
 # charge alone, one attempt, nothing to undo: a failure fails the run.
 single = Saga("contract_single", [step(charge, retry=ONCE)])
 
@@ -561,3 +569,31 @@ def test_an_advance_that_ran_is_not_sent_again(backend: Backend) -> None:
     advance(backend, approval, run_id)
     backend.advance_falls_due(run_id)
     assert backend.store.redispatch_due() == 0
+
+
+# -- a claim is not held off by the run's lock -----------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["failure", "cancel"])
+def test_a_step_claimed_while_the_run_decides_to_stop_is_undone(backend: Backend, how: str) -> None:
+    run_id = start(backend, pair)
+    pay = claimed(backend, run_id, "pay")
+
+    def racing(decide: Any) -> Any:
+        def run(tx: Any) -> None:
+            tx.journal()  # the coordinator's first read: hold dispatched, never claimed
+            claimed(backend, run_id, "hold")  # a worker takes it meanwhile, and may book
+            decide(tx)
+
+        return run
+
+    advance_pair = racing(lambda tx: coordinator.advance(tx, _advance(pair)))
+    if how == "failure":
+        error = {"type": "Boom", "message": "boom", "attempt": pay.attempt}
+        backend.store.fail_attempt(pay, error, retry_in=None, advance=advance_pair)
+    else:
+        error = error_record(ErrorType.CANCELLED, "cancelled by the contract")
+        backend.store.stop_run(run_id, racing(lambda tx: coordinator.stop(tx, error)))
+    # Not finished past a started step: the run compensates, waiting for hold's attempt.
+    assert backend.store.get_run(run_id).state == RunState.COMPENSATING
+    assert states(backend, run_id)["hold"] == StepState.RUNNING

@@ -305,6 +305,10 @@ class MemoryRunTx:
         self._db.cancel_open_steps(self.run.run_id)
         self._journal = None
 
+    def cancel_open_steps(self) -> None:
+        self._db.cancel_open_steps(self.run.run_id)
+        self._journal = None
+
     def begin_compensation(self, error: Mapping[str, Any]) -> None:
         run = self._db.runs[self.run.run_id]
         _transition(run, RunState.COMPENSATING)  # BEGIN_COMPENSATION
