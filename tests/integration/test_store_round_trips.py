@@ -95,10 +95,12 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     # Failed for good: the journal is read, compensation begins (a guarded run transition,
     # whose check costs nothing), open steps are cancelled, the compensation is scheduled with
     # the undone step's input read for its ctx.undo (a wait of its own, on this path only).
+    # Open steps are cancelled and the journal read again before deciding: a claim taken in
+    # between must not be missed (one more wait, on this path only).
     _, sent = traced(
         pool, lambda: store.fail_attempt(c, {"type": "E"}, retry_in=None, advance=advance)
     )
-    assert sent == {"Sync": 1, "Flush": 5, "Bind": 12}
+    assert sent == {"Sync": 1, "Flush": 6, "Bind": 14}
     undo_a = claim("compensate:a")
     # The last compensation: the run finishes (FINISH_RUN, guarded in SQL) in the same trips.
     _, sent = traced(pool, lambda: store.complete_step(undo_a, "null", advance, fast_path_delay=0))
