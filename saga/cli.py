@@ -166,7 +166,9 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         queue=settings.queue,
         dispatch_timeout=settings.dispatch_timeout_seconds,
     )
-    sweeper = None if args.no_sweeper else Sweeper(store, worker_silence=settings.lease_seconds)
+    sweeper = (
+        None if args.no_sweeper else Sweeper(store, worker_check_every=settings.lease_seconds / 3)
+    )
     logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
     try:
         relay.run(stop, also=sweeper.tick if sweeper else None)

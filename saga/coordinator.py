@@ -110,6 +110,7 @@ class RunTx(Protocol):
     def cancel_open_steps(self) -> None:
         """Cancel the run's steps not yet claimed; the journal is read afresh after it."""
         ...
+
     def step_input(self, step_key: str) -> Any:
         """The input a step of this run was given (for its compensation)."""
         ...

@@ -63,5 +63,6 @@ def error_record(
 
 
 def _storable(text: str) -> str:
-    """Postgres stores no NUL in JSON: a message quoting one (a bad value) shows it escaped."""
-    return text.replace("\x00", "\\x00")
+    """Postgres stores no NUL and no lone surrogate in JSON: a message quoting one (a bad value,
+    bytes decoded with surrogateescape) shows it escaped instead."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

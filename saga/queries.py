@@ -396,22 +396,21 @@ INSERT INTO saga_schema_migrations (version, name, checksum) VALUES (%s, %s, %s)
 
 # -- the worker registry (0004): live workers, and the unclaimed steps of dead ones ----------
 
-REGISTER_WORKER: LiteralString = """
-INSERT INTO saga_workers (owner, queues) VALUES (%(owner)s, %(queues)s)
-ON CONFLICT (owner) DO UPDATE SET queues = excluded.queues, started_at = now(), seen_at = now()
-"""
-
+# Registering and beating are one statement: a worker taken for dead by mistake (its beats
+# held up by a long Postgres outage) is back on its next beat.
 WORKER_HEARTBEAT: LiteralString = """
-UPDATE saga_workers SET seen_at = now() WHERE owner = %s
+INSERT INTO saga_workers (owner, queues, silence_seconds)
+VALUES (%(owner)s, %(queues)s, %(silence)s)
+ON CONFLICT (owner) DO UPDATE SET seen_at = now()
 """
 
 DEREGISTER_WORKER: LiteralString = """
 DELETE FROM saga_workers WHERE owner = %s
 """
 
-# Workers whose heart stopped, removed; the queues they consumed, for the recovery below.
+# Workers whose heart stopped (each by its own lease), removed; the queues they consumed.
 REMOVE_DEAD_WORKERS: LiteralString = """
-DELETE FROM saga_workers WHERE seen_at < now() - %s * interval '1 second'
+DELETE FROM saga_workers WHERE seen_at < now() - silence_seconds * interval '1 second'
 RETURNING owner, queues
 """
 

@@ -34,6 +34,17 @@ from saga.states import RunState, StepKind, StepState
 TRANSITION_REFUSED = "SG001"
 
 
+# Errors another try may cure: the connection or server went away, a serialization failure or
+# deadlock, a pool timeout (all OperationalError), a connection that reached a primary demoted
+# to read-only in a failover, or a session the server timed out.
+_OUTAGES = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.IdleInTransactionSessionTimeout,
+)
+
+
 @contextlib.contextmanager
 def translated(action: str) -> Iterator[None]:
     """The seam: psycopg errors become StoreError (an outage: retry), StoreRejectedError (the
@@ -46,7 +57,7 @@ def translated(action: str) -> Iterator[None]:
             raise RunTransitionError(
                 f"{exc.diag.message_primary} (while {action}); {hint}"
             ) from exc
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        if isinstance(exc, _OUTAGES):
             # The connection or the server went away, a serialization failure, a deadlock, a
             # pool timeout: another try may succeed.
             raise StoreError(f"Postgres failed while {action}: {exc}") from exc

@@ -59,7 +59,13 @@ def open_pool(database_url: str, *, size: int, name: str = "saga") -> Connection
         database_url,
         min_size=1,
         max_size=max(1, size),
-        kwargs={"autocommit": True, "application_name": name},
+        # Said explicitly: a database or role set to commit asynchronously must not make claims
+        # so.
+        kwargs={
+            "autocommit": True,
+            "application_name": name,
+            "options": "-c synchronous_commit=on",
+        },
         name=name,
         open=True,
     )
@@ -494,30 +500,29 @@ class PostgresStore:
 
     # -- the worker registry ------------------------------------------------------------------
 
-    def register_worker(self, owner: str, queues: Sequence[str]) -> None:
-        """A worker process that will take messages from ``queues`` is alive."""
-        with translated("registering a worker"), self._pool.connection() as conn:
-            conn.execute(q.REGISTER_WORKER, {"owner": owner, "queues": list(queues)})
-
-    def worker_heartbeat(self, owner: str) -> None:
+    def worker_heartbeat(self, owner: str, queues: Sequence[str], silence: float) -> None:
+        """A worker process taking messages from ``queues`` is alive (registered at its first
+        beat); silent for ``silence`` seconds, it is dead."""
         with translated("recording a worker's heartbeat"), self._pool.connection() as conn:
-            conn.execute(q.WORKER_HEARTBEAT, (owner,))
+            conn.execute(
+                q.WORKER_HEARTBEAT, {"owner": owner, "queues": list(queues), "silence": silence}
+            )
 
     def deregister_worker(self, owner: str) -> None:
         """A worker process stops cleanly: it holds no message any more."""
         with translated("deregistering a worker"), self._pool.connection() as conn:
             conn.execute(q.DEREGISTER_WORKER, (owner,))
 
-    def recover_dead_workers(self, silent_for: float) -> list[str]:
-        """Workers silent for ``silent_for`` seconds are dead: removed, and the unclaimed steps
-        of their queues made due now (one may be a message a dead worker took). Returns their
-        owners."""
+    def recover_dead_workers(self) -> list[str]:
+        """Workers silent for longer than they said they would be are dead: removed, and the
+        unclaimed steps of their queues made due now (one may be a message a dead worker took).
+        Returns their owners."""
         with (
             translated("recovering from dead workers"),
             self._pool.connection() as conn,
             conn.transaction(),
         ):
-            dead = conn.execute(q.REMOVE_DEAD_WORKERS, (silent_for,)).fetchall()
+            dead = conn.execute(q.REMOVE_DEAD_WORKERS).fetchall()
             queues = sorted({queue for _, qs in dead for queue in qs})
             if queues:
                 conn.execute(q.RECOVER_UNCLAIMED, {"queues": queues, "default_queue": self._queue})

@@ -19,20 +19,20 @@ log = logging.getLogger("saga.sweeper")
 
 class Sweeper:
     def __init__(
-        self, store: PostgresStore, *, max_wait: float = 5.0, worker_silence: float = 30.0
+        self, store: PostgresStore, *, max_wait: float = 5.0, worker_check_every: float = 10.0
     ) -> None:
         self._store = store
         self._max_wait = max_wait
-        self._worker_silence = worker_silence  # a worker this long silent is dead
+        self._worker_check_every = worker_check_every
         self._next_worker_check = 0.0
 
     def tick(self) -> float | None:
         """One pass; returns the seconds until the next step falls due (capped)."""
-        # Workers beat every third of their silence limit: looking more often finds nothing new,
-        # and a relay woken by every commit would pay a statement each time.
+        # Workers beat every third of a lease: looking more often finds nothing new, and a relay
+        # woken by every commit would pay a statement each time.
         if time.monotonic() >= self._next_worker_check:
-            self._next_worker_check = time.monotonic() + self._worker_silence / 3
-            for owner in self._store.recover_dead_workers(self._worker_silence):
+            self._next_worker_check = time.monotonic() + self._worker_check_every
+            for owner in self._store.recover_dead_workers():
                 log.warning("worker %s stopped beating: its queues' steps go again", owner)
         for run_id, step_key, state in self._store.expire_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)

@@ -498,7 +498,7 @@ class Bench:
                     "AND run_id LIKE %s AND lease_owner IS NOT NULL",
                     (prefix + "%",),
                 ).fetchall()
-                return {int(r[0].split(":")[-2]) for r in rows}
+                return {int(r[0].split(":")[1]) for r in rows}  # host:pid:boot:delivery
 
             prefix = self.prefix(system)
             killer = Killer(group, names, worker, busy, self.kill_every, random.Random(self.seed))

@@ -69,7 +69,7 @@ EXAMPLES = 5  # examples kept per kind of violation
 
 METHOD = (
     "Before each worker kill the bench reads the steps whose lease the worker's processes hold "
-    "(state running, lease_owner host:pid:token) with their attempt number a, and notes the "
+    "(state running, lease_owner host:pid:boot:delivery) with their attempt number a, and notes the "
     "kill time (wall clock; Postgres runs on the same host). A tracker then polls those steps "
     "every 0.2 s: the step resumed when its attempt becomes a + 1, at that claim's "
     "attempt_started_at. Resumption = attempt_started_at - kill time. A step whose attempt a "
@@ -310,7 +310,7 @@ class Chaos:
         held: dict[str, list[tuple[str, str, int]]] = {}
         pids = {n: self._pids(n) for n in ready}
         for run_id, step_key, attempt, owner in leases:
-            pid = int(str(owner).split(":")[-2])
+            pid = int(str(owner).split(":")[1])  # host:pid:boot:delivery
             for n in ready:
                 if pid in pids[n]:
                     held.setdefault(n, []).append((run_id, step_key, attempt))

@@ -76,7 +76,9 @@ class StepExecutor:
         self.marks = PendingMarks(
             self.store.mark_published, flush_after=settings.fast_path_grace_seconds / 5
         )
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # host:pid, and a token of this boot: a restarted container with the same host name and
+        # pid is another worker (the registry must see the old one die).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.leases = LeaseKeeper(self.store, settings.lease_seconds, self.owner, [settings.queue])
         self.leases.start()
         self._advance = functools.partial(coordinator.advance, load=load_definition)
@@ -299,11 +301,19 @@ class StepExecutor:
 
     @staticmethod
     def _fail_run(error: ErrorRecord, exc: Exception) -> Callable[[Any], None]:
-        """When the run cannot be advanced past a failure: journal the failure and end the run
-        ``failed`` with both causes, for an operator to fix and ``saga retry``."""
+        """When the run cannot be advanced past a failure: journal the failure and stop the run
+        with both causes, for an operator to fix and ``saga retry``: a compensating run ends
+        ``compensation_failed`` (a retry goes on undoing), a running one ``failed``."""
         why = f"{error['message']}; the run could not advance past it ({type(exc).__name__}: {exc})"
         stuck = error_record(exc, why, traceback=True)
-        return lambda tx: tx.finish(RunState.FAILED, error=stuck)
+
+        def stop(tx: Any) -> None:
+            if tx.run.state == RunState.COMPENSATING:
+                tx.finish(RunState.COMPENSATION_FAILED)  # keeps the run's original error
+            else:
+                tx.finish(RunState.FAILED, error=stuck)
+
+        return stop
 
     @staticmethod
     def _replays(claim: Claim) -> bool:

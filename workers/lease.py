@@ -36,7 +36,7 @@ class LeaseKeeper:
 
     def start(self) -> None:
         """Register the process (before it claims anything) and start beating."""
-        self._store.register_worker(self._owner, self._queues)
+        self._beat()
         self._thread = threading.Thread(target=self._run, name="saga-lease", daemon=True)
         self._thread.start()
 
@@ -56,21 +56,26 @@ class LeaseKeeper:
         while True:
             claim = self._current
             self._wake.wait(interval)
+            # The lease first: a slow heartbeat must not let a running step's lease run out.
+            if claim is not None and claim is self._current:  # held for a whole interval
+                self._renew(claim)
             try:
-                self._store.worker_heartbeat(self._owner)
+                self._beat()
             except StoreError as exc:
                 log.warning("could not record this worker's heartbeat: %s", exc)
-            # Renew only a claim that has been held for a whole interval.
-            if claim is None or claim is not self._current:
-                continue
-            try:
-                if not self._store.renew_lease(claim, self._lease):
-                    log.warning(
-                        "step %r of run %r (attempt %d) lost its lease: another attempt may "
-                        "run; this one's outcome will be discarded",
-                        claim.step_key,
-                        claim.run_id,
-                        claim.attempt,
-                    )
-            except StoreError as exc:
-                log.warning("could not renew a lease: %s", exc)
+
+    def _beat(self) -> None:
+        self._store.worker_heartbeat(self._owner, self._queues, self._lease)
+
+    def _renew(self, claim: Claim) -> None:
+        try:
+            if not self._store.renew_lease(claim, self._lease):
+                log.warning(
+                    "step %r of run %r (attempt %d) lost its lease: another attempt may run; "
+                    "this one's outcome will be discarded",
+                    claim.step_key,
+                    claim.run_id,
+                    claim.attempt,
+                )
+        except StoreError as exc:
+            log.warning("could not renew a lease: %s", exc)

@@ -5,8 +5,9 @@
 -- unclaimed steps of its queues at once instead of after the dispatch timeout. Duplicates are
 -- harmless: the claim fences them.
 CREATE TABLE saga_workers (
-    owner       text PRIMARY KEY,               -- host:pid, as saga_steps.lease_owner starts
+    owner       text PRIMARY KEY,               -- host:pid:boot, as saga_steps.lease_owner starts
     queues      text[] NOT NULL,
+    silence_seconds double precision NOT NULL,  -- its lease: silent that long, it is dead
     started_at  timestamptz NOT NULL DEFAULT now(),
     seen_at     timestamptz NOT NULL DEFAULT now()
 );

@@ -91,6 +91,10 @@ class Backend(Protocol):
         """Make a worker's last heartbeat ``seconds`` old."""
         ...
 
+    def silence_all(self) -> None:
+        """Make every worker's last heartbeat an hour old."""
+        ...
+
     def advance_falls_due(self, run_id: str) -> None:
         """Let the dispatch timeout of the advance owed to the run pass."""
         ...
@@ -137,6 +141,10 @@ class PostgresBackend:
                 (seconds, owner),
             )
 
+    def silence_all(self) -> None:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute("UPDATE saga_workers SET seen_at = now() - interval '1 hour'")
+
     def outbox(self, run_id: str) -> list[tuple[str, str | None]]:
         with psycopg.connect(self.database_url, row_factory=dict_row) as conn:
             rows = conn.execute(
@@ -165,8 +173,12 @@ class MemoryBackend:
             run.advance_due_at = self.store.db.clock - 1.0
 
     def silence(self, owner: str, seconds: float) -> None:
-        queues = self.store.db.workers[owner][0]
-        self.store.db.workers[owner] = (queues, self.store.db.clock - seconds)
+        queues, _, limit = self.store.db.workers[owner]
+        self.store.db.workers[owner] = (queues, self.store.db.clock - seconds, limit)
+
+    def silence_all(self) -> None:
+        for owner in list(self.store.db.workers):
+            self.silence(owner, 3600.0)
 
     def outbox(self, run_id: str) -> list[tuple[str, str | None]]:
         return [
@@ -520,27 +532,38 @@ def test_unknown_runs(backend: Backend) -> None:
 
 def test_a_silent_workers_unclaimed_steps_are_dispatched_again(backend: Backend) -> None:
     run_id = start(backend, booking)
-    backend.store.register_worker("host:1", [QUEUE])  # may have taken reserve's message
-    backend.store.register_worker("host:2", ["elsewhere"])
-    backend.store.register_worker("host:3", [QUEUE])
-    assert backend.store.recover_dead_workers(10.0) == []
+    backend.store.worker_heartbeat("host:1:a", [QUEUE], 10.0)  # may have taken reserve's message
+    backend.store.worker_heartbeat("host:2:a", ["elsewhere"], 10.0)
+    backend.store.worker_heartbeat("host:3:a", [QUEUE], 10.0)
+    backend.store.worker_heartbeat("host:4:a", [QUEUE], 120.0)  # a long lease, beats seldom
+    assert backend.store.recover_dead_workers() == []
     assert backend.store.redispatch_due() == 0  # not due: its dispatch timeout is far off
-    backend.silence("host:1", 60.0)
-    backend.silence("host:2", 60.0)
-    backend.store.worker_heartbeat("host:3")
-    assert sorted(backend.store.recover_dead_workers(10.0)) == ["host:1", "host:2"]
+    for owner in ("host:1:a", "host:2:a", "host:4:a"):
+        backend.silence(owner, 60.0)
+    backend.store.worker_heartbeat("host:3:a", [QUEUE], 10.0)
+    assert sorted(backend.store.recover_dead_workers()) == ["host:1:a", "host:2:a"]
     assert backend.store.redispatch_due() == 1
     assert backend.outbox(run_id) == [(STEP_TASK, "reserve"), (STEP_TASK, "reserve")]
-    assert backend.store.recover_dead_workers(10.0) == []  # recovered once
+    assert backend.store.recover_dead_workers() == []  # recovered once
     claimed(backend, run_id, "reserve")
     assert claim(backend, run_id, "reserve", owner="w2") is None  # the duplicate is fenced
 
 
+def test_a_worker_taken_for_dead_is_back_at_its_next_beat(backend: Backend) -> None:
+    backend.store.worker_heartbeat("host:1:a", [QUEUE], 10.0)
+    backend.silence("host:1:a", 60.0)  # its beats held up, by a long Postgres outage say
+    assert backend.store.recover_dead_workers() == ["host:1:a"]
+    backend.store.worker_heartbeat("host:1:a", [QUEUE], 10.0)
+    backend.silence("host:1:a", 60.0)
+    assert backend.store.recover_dead_workers() == ["host:1:a"]  # registered again: seen again
+
+
 def test_a_worker_that_stops_cleanly_is_not_recovered(backend: Backend) -> None:
     run_id = start(backend, booking)
-    backend.store.register_worker("host:1", [QUEUE])
-    backend.store.deregister_worker("host:1")
-    assert backend.store.recover_dead_workers(0.0) == []
+    backend.store.worker_heartbeat("host:1:a", [QUEUE], 10.0)
+    backend.store.deregister_worker("host:1:a")
+    backend.silence_all()
+    assert backend.store.recover_dead_workers() == []
     assert backend.outbox(run_id) == [(STEP_TASK, "reserve")]
 
 

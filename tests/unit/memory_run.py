@@ -179,7 +179,8 @@ class MemoryDB:
     outbox: list[OutboxMessage] = field(default_factory=list)
     completion_seq: int = 0
     clock: float = 0.0  # seconds; what now() is to the twin (tests move it on explicitly)
-    workers: dict[str, tuple[list[str], float]] = field(default_factory=dict)  # queues, seen
+    # owner -> queues, seen at, silence limit
+    workers: dict[str, tuple[list[str], float, float]] = field(default_factory=dict)
 
     def next_completion(self) -> int:
         self.completion_seq += 1
@@ -920,19 +921,18 @@ class MemoryStore:
                 expired.append((run_id, step_key, r.state))
         return expired
 
-    def register_worker(self, owner: str, queues: Sequence[str]) -> None:
-        self.db.workers[owner] = (list(queues), self.db.clock)
-
-    def worker_heartbeat(self, owner: str) -> None:
-        if owner in self.db.workers:
-            self.db.workers[owner] = (self.db.workers[owner][0], self.db.clock)
+    def worker_heartbeat(self, owner: str, queues: Sequence[str], silence: float) -> None:
+        """WORKER_HEARTBEAT: registered at the first beat, kept alive by the next ones."""
+        self.db.workers[owner] = (list(queues), self.db.clock, silence)
 
     def deregister_worker(self, owner: str) -> None:
         self.db.workers.pop(owner, None)
 
-    def recover_dead_workers(self, silent_for: float) -> list[str]:
+    def recover_dead_workers(self) -> list[str]:
         """REMOVE_DEAD_WORKERS, then RECOVER_UNCLAIMED for their queues."""
-        dead = [o for o, (_, seen) in self.db.workers.items() if seen < self.db.clock - silent_for]
+        dead = [
+            o for o, (_, seen, limit) in self.db.workers.items() if seen < self.db.clock - limit
+        ]
         queues = {q for o in dead for q in self.db.workers.pop(o)[0]}
         for r in self.db.steps.values():
             queue = r.options.get("queue") or self._queue

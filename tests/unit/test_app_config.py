@@ -288,3 +288,32 @@ def test_error_record_is_json_serialisable() -> None:
         raised(OSError(5, "I/O error: é")), attempt=1, retryable=True, traceback=True
     )
     assert json.loads(json.dumps(record)) == record
+
+
+def test_an_error_record_escapes_what_postgres_cannot_store() -> None:
+    text = b"\xff".decode("utf-8", "surrogateescape") + "x\x00"  # a lone surrogate, a NUL
+    record = error_record(ValueError(text), attempt=1, traceback=True)
+    assert record["message"] == "\\udcffx\\x00"
+    assert "\x00" not in record["traceback"]
+    record["traceback"].encode("utf-8")  # no lone surrogate left: it encodes
+
+
+def test_a_run_that_cannot_advance_past_a_failure_stops_in_the_state_that_fits() -> None:
+    from saga.workers.executor import StepExecutor
+    from tests import coordinator_sagas as cs
+    from tests.unit.memory_run import Sim
+
+    error = error_record("Boom", "boom", attempt=1)
+    running = Sim(cs.trip, {"city": "Oslo"}).start()
+    running.store.advance_run(running.run_id, StepExecutor._fail_run(error, KeyError("bug")))
+    assert running.run.state == "failed"
+    assert "could not advance past it (KeyError" in running.run.error["message"]
+
+    undoing = Sim(cs.trip, {"city": "Oslo"}).start()
+    undoing.complete("quote", {"city": "Oslo", "price": 1})
+    undoing.complete("flight", {"kind": "flight", "ref": "f"})
+    undoing.fail("hotel", "Boom", "no rooms")
+    assert undoing.run.state == "compensating"
+    undoing.store.advance_run(undoing.run_id, StepExecutor._fail_run(error, KeyError("bug")))
+    assert undoing.run.state == "compensation_failed"  # a retry goes on undoing
+    assert undoing.run.error["message"] == "no rooms"
