@@ -69,7 +69,8 @@ EXAMPLES = 5  # examples kept per kind of violation
 
 METHOD = (
     "Before each worker kill the bench reads the steps whose lease the worker's processes hold "
-    "(state running, lease_owner host:pid:boot:delivery) with their attempt number a, and notes the "
+    "(state running, lease_owner host:pid:boot:delivery) with their attempt number a, and "
+    "notes the "
     "kill time (wall clock; Postgres runs on the same host). A tracker then polls those steps "
     "every 0.2 s: the step resumed when its attempt becomes a + 1, at that claim's "
     "attempt_started_at. Resumption = attempt_started_at - kill time. A step whose attempt a "
