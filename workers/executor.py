@@ -406,9 +406,8 @@ class StepExecutor:
             state.attempt,
             state.run_state,
         )
-        if (
-            state.state == StepState.COMPLETED
-        ):  # a duplicate: its result is read back, not made again
+        # A duplicate of a completed step: its result is read back, not made again.
+        if state.state == StepState.COMPLETED:
             tracing.replayed_step(
                 state.trace_context,
                 saga_name=state.saga_name,

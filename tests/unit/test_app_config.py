@@ -317,3 +317,14 @@ def test_a_run_that_cannot_advance_past_a_failure_stops_in_the_state_that_fits()
     undoing.store.advance_run(undoing.run_id, StepExecutor._fail_run(error, KeyError("bug")))
     assert undoing.run.state == "compensation_failed"  # a retry goes on undoing
     assert undoing.run.error["message"] == "no rooms"
+
+
+def test_what_the_sender_builds_is_what_the_worker_parses() -> None:
+    from saga.messages import advance_message, parse, step_message
+
+    step = step_message("q", "r-1", "charge#2", {"traceparent": "t"})
+    assert parse(StepMessage, [], step.payload) == StepMessage(run_id="r-1", step_key="charge#2")
+    advance = advance_message("q", "r-1", {})
+    assert parse(AdvanceMessage, [], advance.payload) == AdvanceMessage(run_id="r-1")
+    assert set(step.payload) == set(StepMessage.model_fields)
+    assert set(advance.payload) == set(AdvanceMessage.model_fields)
