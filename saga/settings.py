@@ -6,6 +6,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,32 @@ class Settings(BaseSettings):
         default=4,
         description="Most Postgres connections of each pool (one per worker process, client "
         "and relay sweeper), opened as needed; a threads-pool worker wants one per thread.",
+    )
+
+    # Celery-native (issue 11): broker security and scale, Celery's own tools.
+    broker_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle that verifies the broker's TLS certificate (rediss://, amqps://); "
+        "unset: the system's CAs. Verification is always on for those schemes.",
+    )
+    broker_cert_file: Path | None = Field(
+        default=None, description="Client certificate for a TLS broker that asks for one."
+    )
+    broker_key_file: Path | None = Field(
+        default=None, description="Private key of SAGA_BROKER_CERT_FILE."
+    )
+    broker_sentinel_master: str | None = Field(
+        default=None,
+        description="Redis Sentinel master name, for a sentinel:// broker URL (required there).",
+    )
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="RabbitMQ type of the queues the engine declares; quorum needs Celery 5.5+.",
+    )
+    task_events: bool = Field(
+        default=False,
+        description="Workers send Celery task events (Flower, `celery events`), one task per "
+        "step attempt, named saga.step[<step>].",
     )
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:

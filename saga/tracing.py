@@ -279,6 +279,7 @@ class AttemptTrace:
     claim: Claim
     started_ns: int
     outcome: str = "completed"
+    error: str = ""  # "<type>: <message>" of a failed attempt, for Celery's task events
     metric_attrs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -501,6 +502,7 @@ def attempt_failed(exc: BaseException, *, will_retry: bool, record: bool = True)
     if state is None:
         return
     state.outcome = "retry" if will_retry else "failed"
+    state.error = f"{type(exc).__name__}: {exc}"[:500]
     span = state.span
     if record:
         span.record_exception(exc)

@@ -63,7 +63,9 @@ def _time_limit(seconds: float | None, what: str) -> Iterator[None]:
 class StepExecutor:
     """Per-process: owns this process's Postgres pool, publisher and lease keeper."""
 
-    def __init__(self, settings: Settings, app: Celery) -> None:
+    def __init__(
+        self, settings: Settings, app: Celery, queues: Sequence[str] | None = None
+    ) -> None:
         assert settings.database_url, "the worker entry point checks this"
         self.settings = settings
         self.store = PostgresStore(
@@ -79,7 +81,9 @@ class StepExecutor:
         # host:pid, and a token of this boot: a restarted container with the same host name and
         # pid is another worker (the registry must see the old one die).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.leases = LeaseKeeper(self.store, settings.lease_seconds, self.owner, [settings.queue])
+        # The registry recovers the queues this worker reads (``-Q a,b``) when it dies.
+        queues = list(queues or [settings.queue])
+        self.leases = LeaseKeeper(self.store, settings.lease_seconds, self.owner, queues)
         self.leases.start()
         self._advance = functools.partial(coordinator.advance, load=load_definition)
         self._system = tracing.messaging_system(app.conf.broker_url)
@@ -92,7 +96,9 @@ class StepExecutor:
         kwargs: Mapping[str, Any],
         task_id: str | None,
         headers: Mapping[str, Any] | None = None,
-    ) -> None:
+    ) -> tracing.AttemptTrace | None:
+        """Run the attempt the message names; its trace (``outcome``: completed, retry,
+        failed, fenced), or None when there was nothing to run (a duplicate, a stale one)."""
         received_ns = time.time_ns()
         msg = parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
@@ -110,7 +116,7 @@ class StepExecutor:
         )
         if claim is None:
             self._explain_refusal(msg, task_id, headers)
-            return
+            return None
         with tracing.attempt(
             claim,
             headers,
@@ -118,8 +124,9 @@ class StepExecutor:
             system=self._system,
             message_id=task_id,
             received_ns=received_ns,
-        ):
+        ) as trace:
             self._execute_claimed(claim)
+        return trace
 
     def _execute_claimed(self, claim: Claim) -> None:
         if claim.attempt > 1 and tracing.recording():

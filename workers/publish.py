@@ -47,6 +47,7 @@ class CeleryPublisher:
                         kwargs=m.payload,
                         task_id=str(m.message_id),
                         queue=m.destination,
+                        serializer="json",  # whatever the app's task_serializer is
                         headers=headers,
                         producer=producer,
                         add_to_parent=False,

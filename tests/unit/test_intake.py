@@ -113,7 +113,8 @@ def test_a_refusal_is_one_line() -> None:
     ],
 )
 def test_the_consumer_reads_through_a_guarded_transport(url: str, guarded: Any) -> None:
-    app = create_app(Settings(broker_url=url, database_url="postgresql://x/y"))
+    settings = Settings(broker_url=url, database_url="postgresql://x/y", broker_sentinel_master="m")
+    app = create_app(settings)
     connection = guard(app.connection_for_read())
     expected = guarded or connection.get_transport_cls()
     assert connection.get_transport_cls() is expected
