@@ -5,6 +5,8 @@ attempt under its own name with its real outcome, and beat-style starts are idem
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,18 +161,43 @@ def _runs(settings: Settings, saga_name: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+@pytest.mark.parametrize("command", ["celery -A", "saga worker"])
 def test_one_worker_reads_several_queues(
-    settings: Settings, procs: ProcessGroup, client: SagaClient, project: Path
+    settings: Settings, procs: ProcessGroup, client: SagaClient, project: Path, command: str
 ) -> None:
     queue_a = settings.queue
     env = project_env(settings)
     start_relay(procs, project, env)
     # Runs go to the client's queue (a); the second step is routed to qb by its queue= option.
-    start_worker(procs, project, env, "ab", "--pool=solo", "-Q", f"{queue_a},qb")
+    queues = f"{queue_a},qb"
+    if command == "celery -A":
+        worker = start_worker(procs, project, env, "ab", "--pool=solo", "-Q", queues)
+    else:
+        argv = [sys.executable, "-m", "saga", "worker", "--pool", "solo", "-Q", queues]
+        # The engine's own app, on the same broker, run from the project's folder.
+        saga_env = {**env, "SAGA_BROKER_URL": env["PROJ_BROKER_URL"]}
+        worker = procs.command("ab", argv, saga_env, cwd=project)
     run_id = client.start("proj.sagas:routed", 4)
     assert client.result(run_id, timeout=60) == 50
-    with_queues = _registered_queues(settings)
-    assert {queue_a, "qb"} <= with_queues
+    assert _registered_queues(settings) == {queue_a, "qb"}
+    worker.stop()  # SIGTERM: the shutdown hook leaves the worker registry
+    assert _registered_queues(settings) == set()
+
+
+def test_celery_a_worker_refuses_to_start_on_a_database_behind_the_code(
+    settings: Settings, project: Path, empty_database_url: str
+) -> None:
+    env = project_env(settings, SAGA_DATABASE_URL=empty_database_url)
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "proj.celery_app", "worker", "--pool=solo"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "saga: error:" in done.stderr and "saga migrate" in done.stderr
 
 
 def _registered_queues(settings: Settings) -> set[str]:
