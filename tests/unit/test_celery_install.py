@@ -225,9 +225,18 @@ class _Node:
         return kwargs
 
 
+class _Box:
+    def __init__(self) -> None:
+        self.node = _Node()
+        self.received: list[Any] = []
+
+    def on_message(self, body: Any, message: Any) -> None:
+        self.received.append(body)
+
+
 class _Step:
     def __init__(self) -> None:
-        self.box = type("Box", (), {"node": _Node()})()
+        self.box = _Box()
 
 
 def test_remote_control_runs_inspection_commands_only() -> None:
@@ -243,3 +252,23 @@ def test_remote_control_runs_inspection_commands_only() -> None:
     }
     assert node.ran == ["ping"]
     assert node.Consumer()["accept"] == ["json"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ["a", "list"],
+        {"arguments": {}},
+        {"method": {"nested": 1}},
+        {"method": "ping", "arguments": "text"},
+        {"method": "ping", "destination": "host"},
+        {"method": "ping", "reply_to": {"exchange": 1}},
+    ],
+)
+def test_a_malformed_broadcast_is_dropped_before_celery_sees_it(body: Any) -> None:
+    step = _Step()
+    consumer = type("C", (), {"blueprint": type("B", (), {"steps": {"control": step}})()})()
+    control.restrict(consumer)
+    step.box.on_message(body, None)
+    step.box.on_message({"method": "ping", "arguments": {}, "reply_to": None}, None)
+    assert step.box.received == [{"method": "ping", "arguments": {}, "reply_to": None}]
