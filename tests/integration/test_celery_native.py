@@ -17,6 +17,7 @@ from celery import Celery
 
 from saga.client import SagaClient
 from saga.settings import Settings
+from saga_dev.otlp_receiver import OTLPReceiver
 from tests.conftest import BROKER_URL
 from tests.integration.celery_project import (
     celery,
@@ -207,3 +208,24 @@ def _registered_queues(settings: Settings) -> set[str]:
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute("SELECT queues FROM saga_workers").fetchall()
     return {q for r in rows for q in r[0]}
+
+
+def test_celery_a_prefork_worker_exports_each_steps_span(
+    settings: Settings,
+    procs: ProcessGroup,
+    client: SagaClient,
+    project: Path,
+    receiver: OTLPReceiver,
+) -> None:
+    """Telemetry as under `saga worker`: set up in each pool process after fork, from the
+    standard OTEL_* variables (the receiver fixture sets them)."""
+    env = project_env(settings)
+    start_relay(procs, project, env)
+    start_worker(procs, project, env, "otel", "--pool=prefork", "--concurrency=1")
+    run_id = client.start("proj.sagas:flow", 1)
+    assert client.result(run_id, timeout=60) == 4
+    wait_until(
+        lambda: {s.name for s in receiver.spans()} >= {"step double", "process " + settings.queue},
+        30,
+        "the worker's spans",
+    )
