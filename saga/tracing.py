@@ -299,11 +299,17 @@ def send_span(message: OutboxMessage, system: str) -> Iterator[dict[str, str]]:
             SAGA_RUN_ID: str(payload.get("run_id", "")),
             SAGA_STEP_KEY: str(payload.get("step_key", "")),
         },
+        record_exception=False,  # a broker error may quote its URL: recorded redacted below
+        set_status_on_exception=False,
     ) as span:
         ctx = span.get_span_context()
         if span.is_recording() and ctx.is_valid:
             headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01"
-        yield headers
+        try:
+            yield headers
+        except BaseException as exc:
+            _record_exception(span, exc)
+            raise
 
 
 def published(messages: Sequence[OutboxMessage]) -> None:

@@ -24,7 +24,7 @@ from saga.tracing import REDACTED
 from saga_dev.otlp_receiver import OTLPReceiver
 from tests import sagas
 from tests import security_sagas as ss
-from tests.conftest import BROKER_URL
+from tests.conftest import AMQP_URL, BROKER_URL, unavailable
 from tests.integration.test_poison import body, headers
 from tests.processes import ROOT, ProcessGroup, wait_until
 from tests.traces import run_spans, wait_for_trace
@@ -131,6 +131,25 @@ def test_an_unsigned_engine_is_refused_by_a_signing_worker(
         wait_until(lambda: rejections(worker.log()), 30, "the relay's message refused")
         assert client.steps(run_id)[0].attempt == 0
     assert worker.alive()
+
+
+def test_signed_messages_run_on_rabbitmq(settings: Settings, procs: ProcessGroup) -> None:
+    """AMQP carries the signature in its application headers: relay, fast path and worker
+    agree there as on Redis."""
+    connection = kombu.Connection(AMQP_URL, connect_timeout=3)
+    try:
+        connection.ensure_connection(max_retries=1)
+    except Exception as exc:  # kombu raises the transport's own error types
+        unavailable("RabbitMQ", exc)
+    finally:
+        connection.release()
+    signed = signed_settings(settings).model_copy(update={"broker_url": AMQP_URL})
+    procs.relay(signed)
+    worker = procs.worker(signed, "w1")
+    with SagaClient(signed) as client:
+        run_id = client.start(sagas.two, {})
+        assert client.result(run_id, timeout=60)["trail"] == [1, 2]
+    assert not rejections(worker.log())
 
 
 # -- redaction ------------------------------------------------------------------------------------
