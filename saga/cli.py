@@ -134,6 +134,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
+    from saga import tracing
     from saga.outbox.relay import PublishingImpossible, Relay
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
@@ -147,6 +148,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     app = create_app(settings)
     check_broker(app)
     _, metrics_on = telemetry.configure_sdk("saga-relay")
+    tracing.export_exception_details(settings.trace_exception_details)
     if metrics_on:
         from saga.metrics import DatabaseGauges
 
@@ -165,6 +167,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         open_pool(settings.database_url, size=settings.pool_size, name="saga-sweeper"),
         queue=settings.queue,
         dispatch_timeout=settings.dispatch_timeout_seconds,
+        key_prefix=settings.key_prefix,
     )
     sweeper = (
         None if args.no_sweeper else Sweeper(store, worker_check_every=settings.lease_seconds / 3)
@@ -361,14 +364,23 @@ COMMANDS = {
 }
 
 
+def _setting_problem(error: Any) -> str:
+    """One invalid setting, its value shown unless it is (or may hold) a secret."""
+    loc = error["loc"]
+    if not loc:  # a check across settings: its input is all of them
+        return str(error["msg"])
+    name = f"SAGA_{'_'.join(map(str, loc)).upper()}"
+    field = Settings.model_fields.get(str(loc[0]))
+    if field is not None and "SecretStr" in str(field.annotation):
+        return f"{name}: {error['msg']}"
+    return f"{name}={error.get('input')!r}: {error['msg']}"
+
+
 def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"SAGA_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_setting_problem(e) for e in exc.errors())
         raise ConfigurationError(f"invalid settings: {problems} (saga --help lists them)") from None
 
 

@@ -47,10 +47,13 @@ class SagaClient:
                 "embedded servers)"
             )
         self.settings = settings
+        if settings.trace_exception_details:  # asked for; never switched off for the process
+            tracing.export_exception_details(True)
         self.store = PostgresStore(
             open_pool(settings.database_url, size=settings.pool_size, name="saga-client"),
             queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
+            key_prefix=settings.key_prefix,
         )
 
     def __enter__(self) -> SagaClient:

@@ -72,9 +72,12 @@ def open_pool(database_url: str, *, size: int, name: str = "saga") -> Connection
 
 
 class PostgresStore:
-    def __init__(self, pool: ConnectionPool, *, queue: str, dispatch_timeout: float) -> None:
+    def __init__(
+        self, pool: ConnectionPool, *, queue: str, dispatch_timeout: float, key_prefix: str = ""
+    ) -> None:
         self._pool = pool
         self._queue = queue
+        self._key_prefix = key_prefix  # for the runs this process creates (start, fork)
         self._dispatch_timeout = dispatch_timeout
         self._journals = JournalCache()
 
@@ -92,7 +95,14 @@ class PostgresStore:
             run = lock_run(conn, run_id).fetchone()
             if run is None:
                 raise RunNotFoundError(f"no run has id {run_id!r}")
-            tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout, self._journals)
+            tx = RunTransaction(
+                cur,
+                run,
+                self._queue,
+                self._dispatch_timeout,
+                self._journals,
+                key_prefix=self._key_prefix,
+            )
             yield tx
             add_messages(cur, tx.messages)
         tx.committed()
@@ -127,6 +137,7 @@ class PostgresStore:
                         "trace_context": Jsonb(dict(trace_context)),
                         "timeout": timeout,
                         "queue": self._queue,
+                        "key_prefix": self._key_prefix,
                     },
                 ).fetchone()
                 if created:
@@ -140,6 +151,7 @@ class PostgresStore:
                         error=None,
                         trace_context=trace_context,
                         queue=self._queue,
+                        key_prefix=self._key_prefix,
                     )
                     tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout)
                     start(tx)

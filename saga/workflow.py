@@ -31,7 +31,7 @@ from saga.definition import (
     step_name,
 )
 from saga.errors import DefinitionError, SagaError
-from saga.failures import ErrorType
+from saga.failures import ErrorType, exception_text
 from saga.keys import workflow_key
 
 P = ParamSpec("P")
@@ -199,8 +199,8 @@ class WorkflowContext:
                 NonDeterminismError(
                     f"workflow {self.workflow!r} of run {self.run_id!r}: the journaled result of "
                     f"step {entry.name!r} (call {entry.position}) no longer fits the return type "
-                    f"of {function.ref}: {exc}. Deploy the code the run started with and retry "
-                    f"it, or fork the run from an earlier step"
+                    f"of {function.ref}: {exception_text(exc)}. Deploy the code the run started "
+                    f"with and retry it, or fork the run from an earlier step"
                 )
             ) from None
 

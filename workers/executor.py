@@ -66,11 +66,13 @@ class StepExecutor:
     def __init__(self, settings: Settings, app: Celery) -> None:
         assert settings.database_url, "the worker entry point checks this"
         self.settings = settings
+        tracing.export_exception_details(settings.trace_exception_details)
         self.store = PostgresStore(
             # The task, the lease keeper and the publish-mark flusher each may hold one.
             open_pool(settings.database_url, size=settings.pool_size, name="saga-worker"),
             queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
+            key_prefix=settings.key_prefix,
         )
         self.publisher = CeleryPublisher(app)
         self.marks = PendingMarks(

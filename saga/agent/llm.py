@@ -32,6 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.definition import StepContext
 from saga.errors import ConfigurationError
+from saga.failures import exception_text
 from saga.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -356,7 +357,9 @@ def parse_completion(response: Any, request: ChatRequest) -> Completion:
             finish_reason=choices[0].finish_reason,
         )
     except ValidationError as exc:
-        raise MalformedCompletion(f"model {model!r} sent an unusable completion: {exc}") from None
+        raise MalformedCompletion(
+            f"model {model!r} sent an unusable completion: {exception_text(exc)}"
+        ) from None
 
 
 def complete(ctx: StepContext, request: ChatRequest) -> Completion:
