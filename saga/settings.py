@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -69,6 +69,36 @@ class Settings(BaseSettings):
         default=4,
         description="Most Postgres connections of each pool (one per worker process, client "
         "and relay sweeper), opened as needed; a threads-pool worker wants one per thread.",
+    )
+
+    # -- retention: finished runs (steps, events, history) deleted after a per-state age --------
+    retention_completed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Completed runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_compensated_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Compensated runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_cancelled_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Cancelled runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_failed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Failed runs (an operator may still `saga retry` them) are deleted this long "
+        "after they failed; unset keeps them.",
+    )
+    retention_compensation_failed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Runs whose compensation failed (effects may remain; an operator may retry "
+        "it) are deleted this long after; unset keeps them.",
+    )
+    retention_batch_size: PositiveInt = Field(
+        default=200, description="Runs deleted per short transaction when pruning."
+    )
+    retention_interval_seconds: PositiveFloat = Field(
+        default=60.0, description="How often a relay prunes finished runs (when any is set)."
     )
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
