@@ -326,7 +326,8 @@ def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
 # the installed package, found by name only when asked for.
 DEV_COMMANDS = {
     "demo": "run the travel agent demo on the embedded servers",
-    "bench": "benchmarks: core, coordinator, agent (against raw Celery), chaos (under faults)",
+    "bench": "benchmarks: core, coordinator, agent (against raw Celery), chaos (under faults), "
+    "retention (journal size)",
 }
 
 
