@@ -173,11 +173,15 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     pruner = Pruner.from_settings(settings)
     # The outbox module knows nothing of runs: recovery and retention ride on its loop as
     # callbacks, each saying when it wants to run again.
-    ticks = [t for t in (sweeper and sweeper.tick, pruner.enabled and pruner.tick) if t]
+    ticks: list[Callable[[], float | None]] = []
+    if sweeper is not None:
+        ticks.append(sweeper.tick)
+    if pruner.enabled:
+        ticks.append(pruner.tick)
     logging.getLogger("saga").info(
         "relay running (sweeper %s, retention %s)",
         "off" if sweeper is None else "on",
-        policy(settings) if pruner.enabled else "off",
+        {state.value: age for state, age in policy(settings).items()} or "off",
     )
     try:
         relay.run(stop, also=_soonest(ticks) if ticks else None)
