@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -136,6 +136,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from saga import tracing
     from saga.outbox.relay import PublishingImpossible, Relay
+    from saga.retention import Pruner, policy
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
     from saga.workers import telemetry
@@ -172,14 +173,66 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     sweeper = (
         None if args.no_sweeper else Sweeper(store, worker_check_every=settings.lease_seconds / 3)
     )
-    logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
+    pruner = Pruner.from_settings(settings)
+    # The outbox module knows nothing of runs: recovery and retention ride on its loop as
+    # callbacks, each saying when it wants to run again.
+    ticks: list[Callable[[], float | None]] = []
+    if sweeper is not None:
+        ticks.append(sweeper.tick)
+    if pruner.enabled:
+        ticks.append(pruner.tick)
+    logging.getLogger("saga").info(
+        "relay running (sweeper %s, retention %s)",
+        "off" if sweeper is None else "on",
+        {state.value: age for state, age in policy(settings).items()} or "off",
+    )
     try:
-        relay.run(stop, also=sweeper.tick if sweeper else None)
+        relay.run(stop, also=_soonest(ticks) if ticks else None)
     except PublishingImpossible as exc:
         raise ConfigurationError(str(exc)) from exc
     finally:
+        pruner.close()
         store.close()
         telemetry.shutdown_sdk()
+    return 0
+
+
+def _soonest(ticks: Sequence[Callable[[], float | None]]) -> Callable[[], float | None]:
+    """One callback for the relay's loop that runs each of ``ticks`` and wants to run again as
+    soon as the soonest of them."""
+
+    def tick() -> float | None:
+        waits = [w for w in (t() for t in ticks) if w is not None]
+        return min(waits, default=None)
+
+    return tick
+
+
+def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.retention import Pruner
+
+    pruner = Pruner.from_settings(settings)
+    if not pruner.enabled:
+        print(
+            "no retention is set (SAGA_RETENTION_<STATE>_SECONDS, e.g. "
+            "SAGA_RETENTION_COMPLETED_SECONDS=604800): every run is kept",
+            file=sys.stderr,
+        )
+    try:
+        report = pruner.count() if args.dry_run else pruner.prune()
+    finally:
+        pruner.close()
+    if args.json:
+        print(json.dumps(report.as_json()))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for state, seconds in report.policy.items():
+        steps = "" if report.steps is None else f" ({report.steps.get(state, 0)} steps)"
+        print(
+            f"{state:<20} kept {seconds:g} s after finishing: {verb} "
+            f"{report.runs.get(state, 0)} runs{steps}"
+        )
+    print(f"{verb} {report.total_runs} finished runs in all")
     return 0
 
 
@@ -280,7 +333,8 @@ def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
 # the installed package, found by name only when asked for.
 DEV_COMMANDS = {
     "demo": "run the travel agent demo on the embedded servers",
-    "bench": "benchmarks: core, coordinator, agent (against raw Celery), chaos (under faults)",
+    "bench": "benchmarks: core, coordinator, agent (against raw Celery), chaos (under faults), "
+    "retention (journal size)",
 }
 
 
@@ -315,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
         "relay", help="publish the outbox and re-dispatch due steps", epilog=ENV_HELP
     )
     r.add_argument("--no-sweeper", action="store_true", help="publish only; no recovery sweeps")
+    p = sub.add_parser(
+        "prune",
+        help="delete finished runs past their retention (SAGA_RETENTION_<STATE>_SECONDS)",
+        epilog=ENV_HELP,
+    )
+    p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    p.add_argument("--json", action="store_true")
     s = sub.add_parser("start", help="start a run of MODULE:SAGA", epilog=ENV_HELP)
     s.add_argument("saga", metavar="MODULE:SAGA")
     s.add_argument("--input", default="null", help="the run's input as JSON")
@@ -355,6 +416,7 @@ COMMANDS = {
     "relay": cmd_relay,
     "start": cmd_start,
     "show": cmd_show,
+    "prune": cmd_prune,
     "demo": cmd_dev_tool,
     "bench": cmd_dev_tool,
     "cancel": cmd_operate,

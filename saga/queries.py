@@ -434,3 +434,37 @@ FROM saga_runs r
 WHERE r.run_id = s.run_id AND s.state = 'dispatched' AND s.due_at > now()
   AND coalesce(s.options->>'queue', r.queue, %(default_queue)s) = ANY(%(queues)s)
 """
+
+
+# -- retention (saga.retention, migration 0009) -----------------------------------------------
+
+# One batch of finished runs of one state older than its retention, deleted with their steps,
+# events and history (ON DELETE CASCADE). The runs are locked first and locked ones skipped: a
+# run an operator is retrying, or a late outcome is touching, is left for the next pass, and no
+# worker waits on a pruning transaction for more than one short batch. The state is checked
+# again against the final states: a run that is not finished is never deleted, whatever the
+# caller passes. A run reopened after the snapshot (failed -> running) is re-checked under the
+# lock by Postgres and left alone.
+PRUNE_RUNS: LiteralString = """
+DELETE FROM saga_runs WHERE run_id IN (
+    SELECT run_id FROM saga_runs
+    WHERE state = %(state)s
+      AND state IN ('completed', 'compensated', 'failed', 'compensation_failed', 'cancelled')
+      AND finished_at < now() - %(seconds)s * interval '1 second'
+    ORDER BY finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+# What PRUNE_RUNS would delete now, for ``saga prune --dry-run``: runs and their steps.
+COUNT_PRUNABLE: LiteralString = """
+WITH doomed AS (
+    SELECT run_id FROM saga_runs
+    WHERE state = %(state)s
+      AND state IN ('completed', 'compensated', 'failed', 'compensation_failed', 'cancelled')
+      AND finished_at < now() - %(seconds)s * interval '1 second'
+)
+SELECT (SELECT count(*) FROM doomed) AS runs,
+       (SELECT count(*) FROM saga_steps JOIN doomed USING (run_id)) AS steps
+"""

@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -129,6 +136,36 @@ class Settings(BaseSettings):
                 f"key and a verification key): give the new key a new id"
             )
         return self
+
+    # -- retention: finished runs (steps, events, history) deleted after a per-state age --------
+    retention_completed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Completed runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_compensated_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Compensated runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_cancelled_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Cancelled runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_failed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Failed runs (an operator may still `saga retry` them) are deleted this long "
+        "after they failed; unset keeps them.",
+    )
+    retention_compensation_failed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Runs whose compensation failed (effects may remain; an operator may retry "
+        "it) are deleted this long after; unset keeps them.",
+    )
+    retention_batch_size: PositiveInt = Field(
+        default=200, description="Runs deleted per short transaction when pruning."
+    )
+    retention_interval_seconds: PositiveFloat = Field(
+        default=60.0, description="How often a relay prunes finished runs (when any is set)."
+    )
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child process that should use exactly these settings: ``base``

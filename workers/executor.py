@@ -23,7 +23,13 @@ from pydantic import ValidationError
 
 from saga import coordinator, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref
-from saga.errors import StepTimeoutError, StoreError, StoreRejectedError, UnknownSagaError
+from saga.errors import (
+    RunNotFoundError,
+    StepTimeoutError,
+    StoreError,
+    StoreRejectedError,
+    UnknownSagaError,
+)
 from saga.failures import ErrorRecord, ErrorType, error_record
 from saga.loader import load_definition
 from saga.messages import AdvanceMessage, StepMessage, parse
@@ -143,7 +149,12 @@ class StepExecutor:
 
     def advance(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
         msg = parse(AdvanceMessage, args, kwargs)
-        self._durably("advancing", lambda: self.store.advance_run(msg.run_id, self._advance))
+        try:
+            self._durably("advancing", lambda: self.store.advance_run(msg.run_id, self._advance))
+        except RunNotFoundError:  # a late duplicate for a run deleted by retention
+            log.warning(
+                "task %s advances run %r, which does not exist; dropped", task_id, msg.run_id
+            )
 
     # -- one attempt --------------------------------------------------------------------------
 
