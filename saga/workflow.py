@@ -16,7 +16,7 @@ import inspect
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar, Unpack
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from pydantic import ValidationError
 
@@ -38,6 +38,8 @@ from saga.keys import workflow_key
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+AsyncStep = Callable[[Any, Any], Coroutine[Any, Any, R]]  # an ``async def`` step function
 
 
 class StepFailed(SagaError):
@@ -126,15 +128,30 @@ class WorkflowContext:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def step(self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]) -> R:
+    # An async step (``async def``) returns what its coroutine returns: the overloads say so.
+    @overload
+    def step(self, fn: AsyncStep[R], arg: Any = None, **options: Unpack[StepArgs]) -> R: ...
+    @overload
+    def step(
+        self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> R: ...
+    def step(
+        self, fn: Callable[[Any, Any], Any], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Any:
         """Run ``fn(step_ctx, arg)`` as a journaled step and return its result."""
-        handle: Handle[R] = self.start(fn, arg, **options)
-        result: R = self.gather(handle)[0]
-        return result
+        return self.gather(self.start(fn, arg, **options))[0]
 
+    @overload
+    def start(
+        self, fn: AsyncStep[R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[R]: ...
+    @overload
     def start(
         self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
-    ) -> Handle[R]:
+    ) -> Handle[R]: ...
+    def start(
+        self, fn: Callable[[Any, Any], Any], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[Any]:
         """Start a step without waiting for it; several started steps run in parallel."""
         name = step_name(fn, options)
         where = f"workflow {self.workflow!r}, step {name!r}"
@@ -164,9 +181,17 @@ class WorkflowContext:
         )
         return Handle(position, function)
 
+    @overload
+    def map(
+        self, fn: AsyncStep[R], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[R]: ...
+    @overload
     def map(
         self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Unpack[StepArgs]
-    ) -> list[R]:
+    ) -> list[R]: ...
+    def map(
+        self, fn: Callable[[Any, Any], Any], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[Any]:
         """Run ``fn`` over each item in parallel (fan-out) and return the results in order."""
         return self.gather(*[self.start(fn, item, **options) for item in items])
 
@@ -288,16 +313,38 @@ class AsyncWorkflowContext:
         self.sync = ctx
         self.run_id, self.workflow, self.input = ctx.run_id, ctx.workflow, ctx.input
 
+    @overload
+    async def step(self, fn: AsyncStep[R], arg: Any = None, **options: Unpack[StepArgs]) -> R: ...
+    @overload
+    async def step(
+        self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> R: ...
     async def step(
         self, fn: Callable[[Any, Any], Any], arg: Any = None, **options: Unpack[StepArgs]
     ) -> Any:
         return self.sync.step(fn, arg, **options)
 
+    @overload
+    async def start(
+        self, fn: AsyncStep[R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[R]: ...
+    @overload
     async def start(
         self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
-    ) -> Handle[R]:
+    ) -> Handle[R]: ...
+    async def start(
+        self, fn: Callable[[Any, Any], Any], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[Any]:
         return self.sync.start(fn, arg, **options)
 
+    @overload
+    async def map(
+        self, fn: AsyncStep[R], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[R]: ...
+    @overload
+    async def map(
+        self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[R]: ...
     async def map(
         self, fn: Callable[[Any, Any], Any], items: Iterable[Any], **options: Unpack[StepArgs]
     ) -> list[Any]:
