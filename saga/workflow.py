@@ -363,15 +363,20 @@ class AsyncWorkflowContext:
 def _drive(coroutine: Coroutine[Any, Any, Any], workflow: str) -> Any:
     """Run an async workflow's replay to its end: it never suspends on the journal, so one
     ``send`` finishes it (or raises Suspend where the journal ends)."""
+    refused = DefinitionError(
+        f"workflow {workflow!r} awaited something other than its context's methods; workflow "
+        f"code must not do I/O or wait on clocks: do it in a step (async steps may await)"
+    )
     try:
         coroutine.send(None)
     except StopIteration as done:
         return done.value
+    except RuntimeError as exc:  # asyncio's own awaitables, with no loop running the replay
+        if "no running event loop" in str(exc):
+            raise refused from exc
+        raise
     coroutine.close()
-    raise DefinitionError(
-        f"workflow {workflow!r} awaited something other than its context's methods; workflow "
-        f"code must not do I/O or wait on clocks: do it in a step (async steps may await)"
-    )
+    raise refused
 
 
 @dataclass(frozen=True)
