@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
@@ -21,29 +22,38 @@ from psycopg_pool import AsyncConnectionPool
 
 from saga.errors import ConfigurationError
 
-try:
-    import greenlet
-except ImportError as exc:  # pragma: no cover - the extra is missing
-    raise ConfigurationError(
-        "AsyncSagaClient needs greenlet, which comes with the async extra: "
-        "pip install 'durable-saga[async]'"
-    ) from exc
-
 T = TypeVar("T")
 
 
-class _Bridge(greenlet.greenlet):  # type: ignore[misc]
-    """A greenlet running sync code whose I/O its parent (the event loop's task) awaits."""
+@functools.cache
+def greenlets() -> Any:
+    """The ``greenlet`` module, an optional dependency (``import saga`` works without it)."""
+    try:
+        import greenlet
+    except ModuleNotFoundError:
+        raise ConfigurationError(
+            "AsyncSagaClient needs greenlet, which comes with the async extra: "
+            "pip install 'durable-saga[async]'"
+        ) from None
+    return greenlet
 
-    def __init__(self, fn: Callable[..., Any], driver: Any) -> None:
-        super().__init__(fn, driver)
-        self.driver = driver
+
+@functools.cache
+def _bridge_class() -> type[Any]:
+    class Bridge(greenlets().greenlet):  # type: ignore[misc]
+        """A greenlet running sync code whose I/O its parent (the loop's task) awaits."""
+
+        def __init__(self, fn: Callable[..., Any], driver: Any) -> None:
+            super().__init__(fn, driver)
+            self.driver = driver
+
+    return Bridge
 
 
 def await_(awaitable: Awaitable[T]) -> T:
     """From sync code inside ``run_sync``: the result of ``awaitable``, awaited by the loop."""
-    current = greenlet.getcurrent()
-    if not isinstance(current, _Bridge):
+    current = greenlets().getcurrent()
+    if not isinstance(current, _bridge_class()):
         raise RuntimeError("await_ is only for code run by saga.async_bridge.run_sync")
     result: T = current.driver.switch(awaitable)
     return result
@@ -51,7 +61,7 @@ def await_(awaitable: Awaitable[T]) -> T:
 
 async def run_sync(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` run in a greenlet on this task; its awaits happen here."""
-    bridge = _Bridge(fn, greenlet.getcurrent())
+    bridge = _bridge_class()(fn, greenlets().getcurrent())
     bridge.gr_context = contextvars.copy_context()  # the caller's current span, for instance
     step = bridge.switch(*args, **kwargs)
     while not bridge.dead:

@@ -18,7 +18,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from saga import queries as q
-from saga.async_bridge import BridgedPool, run_sync
+from saga.async_bridge import BridgedPool, greenlets, run_sync
 from saga.client import APPLICATION_NAME, SagaClient, database_url, result_of
 from saga.errors import RunNotFoundError
 from saga.loader import Definition
@@ -37,6 +37,7 @@ class AsyncSagaClient:
     """
 
     def __init__(self, settings: Settings) -> None:
+        greenlets()  # the async extra, or a clear error now rather than at the first call
         self.settings = settings
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             database_url(settings, "AsyncSagaClient"),
