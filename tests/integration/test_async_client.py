@@ -179,3 +179,24 @@ def test_sync_wait_listens_on_a_pooled_connection(
         waiter.join(60)
         assert outcome and outcome[0].state == "completed"
         assert client.run(run_id).state == "completed"  # the pool's one connection is free
+
+
+def test_many_calls_at_once_share_a_small_pool_without_threads(
+    settings: Settings, procs: ProcessGroup
+) -> None:
+    settings = settings.model_copy(update={"pool_size": 2})
+    procs.relay(settings)
+    procs.worker(settings, "w1")
+
+    async def body(client: AsyncSagaClient) -> None:
+        threads = threading.active_count()
+        run_ids = await asyncio.gather(*(client.start(sagas.two, {"n": i}) for i in range(20)))
+        assert len(set(run_ids)) == 20
+        results = await asyncio.gather(*(client.result(r, timeout=120) for r in run_ids[:2]))
+        assert [r["n"] for r in results] == [0, 1]
+        records = await asyncio.gather(*(client.run(r) for r in run_ids))
+        assert [r.run_id for r in records] == run_ids
+        assert threading.active_count() == threads  # no thread per call (nor a thread pool)
+        assert client.pool.get_stats()["pool_size"] <= 2
+
+    run(settings, body)

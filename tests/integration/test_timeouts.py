@@ -100,3 +100,21 @@ def test_a_stopping_prefork_worker_kills_its_busy_child_after_the_grace(
     procs.worker(settings, "survivor")
     assert client.result(run_id, timeout=60)["trail"] == [1, 2]
     assert calls(db, run_id) == Counter({"step1": 1, "step2": 2})
+
+
+def test_on_the_threads_pool_each_running_steps_lease_is_renewed(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+) -> None:
+    # Steps longer than the lease (2 s), two at once: each thread's claim must be renewed, or
+    # the sweeper takes the other over and it runs twice.
+    procs.relay(settings)
+    procs.spawn("threads", settings, "worker", *POOLS["threads"])
+    run_ids = [client.start(sagas.two, {"sleep": 4}) for _ in range(2)]
+    for run_id in run_ids:
+        assert client.result(run_id, timeout=120)["trail"] == [1, 2]
+        assert calls(db, run_id) == Counter({"step1": 1, "step2": 1})
+    pairs = db.execute(
+        "SELECT count(*) FROM test_calls a JOIN test_calls b ON a.id < b.id "
+        "AND a.run_id <> b.run_id AND a.step = b.step AND a.pid = b.pid"
+    ).fetchone()
+    assert pairs is not None and pairs[0] >= 1  # the same worker ran both runs' steps
