@@ -158,16 +158,15 @@ class StepExecutor:
             self._fail_with(claim, exc, None)  # the same input fails the same way every time
             return
         try:
-            with (
-                tracing.step_span(
-                    saga_name=claim.saga_name,
-                    run_id=claim.run_id,
-                    step=claim.step_name,
-                    attempt=claim.attempt,
-                    idempotency_key=claim.idempotency_key,
-                    compensation=claim.kind == StepKind.COMPENSATION,
-                ),
+            with tracing.step_span(
+                saga_name=claim.saga_name,
+                run_id=claim.run_id,
+                step=claim.step_name,
+                attempt=claim.attempt,
+                idempotency_key=claim.idempotency_key,
+                compensation=claim.kind == StepKind.COMPENSATION,
             ):
+                # Async steps on this thread's event loop; the timeout held on every pool.
                 result = call_step(
                     function.fn, ctx, value, options.timeout_seconds, f"step {claim.step_key!r}"
                 )
