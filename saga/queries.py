@@ -18,6 +18,8 @@ COMMIT: LiteralString = "COMMIT"
 
 # Waiters (wait_for_run) wake on saga_run_finished_notify (migration 0001).
 LISTEN_RUN_FINISHED: LiteralString = "LISTEN saga_run_finished"
+# Before a listening connection goes back to its pool.
+UNLISTEN_RUN_FINISHED: LiteralString = "UNLISTEN saga_run_finished"
 
 INSERT_RUN: LiteralString = """
 INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,

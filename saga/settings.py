@@ -167,6 +167,14 @@ class Settings(BaseSettings):
         default=60.0, description="How often a relay prunes finished runs (when any is set)."
     )
 
+    # asyncio and timeouts (issue 11, items 5-6)
+    shutdown_grace_seconds: PositiveFloat = Field(
+        default=25.0,
+        description="How long a stopping worker (SIGTERM, warm shutdown) waits for its running "
+        "steps before it kills them and exits 1; their leases then run out and other workers "
+        "take them over. Keep it under your orchestrator's own grace (Kubernetes: 30 s).",
+    )
+
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child process that should use exactly these settings: ``base``
         (this process's environment by default) with every set field as its ``SAGA_*``

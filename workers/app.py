@@ -97,7 +97,12 @@ def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
 
 
 def install_shutdown_hooks(app: SagaCelery) -> None:
-    """For the worker process only (signals are process-wide)."""
+    """For the worker process only (signals are process-wide). Also refuses pools where step
+    timeouts cannot hold, and bounds how long a warm shutdown waits (``workers/pools.py``)."""
+    from saga.workers.pools import bound_shutdown, refuse_unsupported_pool
+
+    signals.worker_init.connect(refuse_unsupported_pool, weak=False)
+    bound_shutdown(app.saga_settings.shutdown_grace_seconds)
     signals.worker_process_shutdown.connect(app.flush_marks, weak=False)  # a prefork child
     signals.worker_shutdown.connect(app.flush_marks, weak=False)  # solo and threads pools
 
