@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -95,7 +95,9 @@ def _user_app(ref: str) -> Any:
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
+    from saga import tracing
     from saga.outbox.relay import PublishingImpossible, Relay
+    from saga.retention import Pruner, policy
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
     from saga.workers import telemetry
@@ -109,6 +111,7 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     app = _user_app(args.app) if args.app else create_app(settings)
     check_broker(app)
     _, metrics_on = telemetry.configure_sdk("saga-relay")
+    tracing.export_exception_details(settings.trace_exception_details)
     if metrics_on:
         from saga.metrics import DatabaseGauges
 
@@ -127,18 +130,71 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         open_pool(settings.database_url, size=settings.pool_size, name="saga-sweeper"),
         queue=settings.queue,
         dispatch_timeout=settings.dispatch_timeout_seconds,
+        key_prefix=settings.key_prefix,
     )
     sweeper = (
         None if args.no_sweeper else Sweeper(store, worker_check_every=settings.lease_seconds / 3)
     )
-    logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
+    pruner = Pruner.from_settings(settings)
+    # The outbox module knows nothing of runs: recovery and retention ride on its loop as
+    # callbacks, each saying when it wants to run again.
+    ticks: list[Callable[[], float | None]] = []
+    if sweeper is not None:
+        ticks.append(sweeper.tick)
+    if pruner.enabled:
+        ticks.append(pruner.tick)
+    logging.getLogger("saga").info(
+        "relay running (sweeper %s, retention %s)",
+        "off" if sweeper is None else "on",
+        {state.value: age for state, age in policy(settings).items()} or "off",
+    )
     try:
-        relay.run(stop, also=sweeper.tick if sweeper else None)
+        relay.run(stop, also=_soonest(ticks) if ticks else None)
     except PublishingImpossible as exc:
         raise ConfigurationError(str(exc)) from exc
     finally:
+        pruner.close()
         store.close()
         telemetry.shutdown_sdk()
+    return 0
+
+
+def _soonest(ticks: Sequence[Callable[[], float | None]]) -> Callable[[], float | None]:
+    """One callback for the relay's loop that runs each of ``ticks`` and wants to run again as
+    soon as the soonest of them."""
+
+    def tick() -> float | None:
+        waits = [w for w in (t() for t in ticks) if w is not None]
+        return min(waits, default=None)
+
+    return tick
+
+
+def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.retention import Pruner
+
+    pruner = Pruner.from_settings(settings)
+    if not pruner.enabled:
+        print(
+            "no retention is set (SAGA_RETENTION_<STATE>_SECONDS, e.g. "
+            "SAGA_RETENTION_COMPLETED_SECONDS=604800): every run is kept",
+            file=sys.stderr,
+        )
+    try:
+        report = pruner.count() if args.dry_run else pruner.prune()
+    finally:
+        pruner.close()
+    if args.json:
+        print(json.dumps(report.as_json()))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for state, seconds in report.policy.items():
+        steps = "" if report.steps is None else f" ({report.steps.get(state, 0)} steps)"
+        print(
+            f"{state:<20} kept {seconds:g} s after finishing: {verb} "
+            f"{report.runs.get(state, 0)} runs{steps}"
+        )
+    print(f"{verb} {report.total_runs} finished runs in all")
     return 0
 
 
@@ -239,7 +295,8 @@ def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
 # the installed package, found by name only when asked for.
 DEV_COMMANDS = {
     "demo": "run the travel agent demo on the embedded servers",
-    "bench": "benchmarks: core, coordinator, agent (against raw Celery), chaos (under faults)",
+    "bench": "benchmarks: core, coordinator, agent (against raw Celery), chaos (under faults), "
+    "retention (journal size)",
 }
 
 
@@ -285,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish through your Celery app MODULE[:APP] (saga.celery.install called on it), "
         "with its broker and options; SAGA_BROKER_URL is then not needed",
     )
+    p = sub.add_parser(
+        "prune",
+        help="delete finished runs past their retention (SAGA_RETENTION_<STATE>_SECONDS)",
+        epilog=ENV_HELP,
+    )
+    p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    p.add_argument("--json", action="store_true")
     s = sub.add_parser("start", help="start a run of MODULE:SAGA", epilog=ENV_HELP)
     s.add_argument("saga", metavar="MODULE:SAGA")
     s.add_argument("--input", default="null", help="the run's input as JSON")
@@ -325,6 +389,7 @@ COMMANDS = {
     "relay": cmd_relay,
     "start": cmd_start,
     "show": cmd_show,
+    "prune": cmd_prune,
     "demo": cmd_dev_tool,
     "bench": cmd_dev_tool,
     "cancel": cmd_operate,
@@ -334,14 +399,23 @@ COMMANDS = {
 }
 
 
+def _setting_problem(error: Any) -> str:
+    """One invalid setting, its value shown unless it is (or may hold) a secret."""
+    loc = error["loc"]
+    if not loc:  # a check across settings: its input is all of them
+        return str(error["msg"])
+    name = f"SAGA_{'_'.join(map(str, loc)).upper()}"
+    field = Settings.model_fields.get(str(loc[0]))
+    if field is not None and "SecretStr" in str(field.annotation):
+        return f"{name}: {error['msg']}"
+    return f"{name}={error.get('input')!r}: {error['msg']}"
+
+
 def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"SAGA_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_setting_problem(e) for e in exc.errors())
         raise ConfigurationError(f"invalid settings: {problems} (saga --help lists them)") from None
 
 

@@ -1,4 +1,5 @@
-"""Gauges read from Postgres: outbox lag and active runs. Registered by the relay process only.
+"""Gauges read from Postgres (outbox lag, active runs; registered by the relay process only),
+and the count of task messages workers reject.
 
 The step, compensation, queue-wait and finished-run instruments live in ``saga.tracing``, where
 the work they measure happens. These two describe the whole system, so one process (the relay)
@@ -22,6 +23,19 @@ from saga import queries as q
 from saga.tracing import INSTRUMENTATION, SAGA_NAME, SAGA_RUN_STATE
 
 log = logging.getLogger("saga.metrics")
+
+MESSAGES_REJECTED = metrics.get_meter(INSTRUMENTATION).create_counter(
+    "saga.messages.rejected",
+    unit="{message}",
+    description="Task messages a worker dropped before claiming anything, by reason: "
+    "unsigned (no valid signature while signing is on) or malformed.",
+)
+REJECTION_REASON = "saga.rejection.reason"
+
+
+def message_rejected(unsigned: bool) -> None:
+    """Count one task message a worker's intake dropped."""
+    MESSAGES_REJECTED.add(1, {REJECTION_REASON: "unsigned" if unsigned else "malformed"})
 
 
 class DatabaseGauges:

@@ -18,12 +18,14 @@ COMMIT: LiteralString = "COMMIT"
 
 # Waiters (wait_for_run) wake on saga_run_finished_notify (migration 0001).
 LISTEN_RUN_FINISHED: LiteralString = "LISTEN saga_run_finished"
+# Before a listening connection goes back to its pool.
+UNLISTEN_RUN_FINISHED: LiteralString = "UNLISTEN saga_run_finished"
 
 INSERT_RUN: LiteralString = """
 INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
-                       deadline_at, queue)
+                       deadline_at, queue, key_prefix)
 VALUES (%(run_id)s, %(saga_name)s, %(saga_ref)s, %(saga_version)s, %(input)s::jsonb,
-        %(trace_context)s, now() + %(timeout)s * interval '1 second', %(queue)s)
+        %(trace_context)s, now() + %(timeout)s * interval '1 second', %(queue)s, %(key_prefix)s)
 ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id
 """
@@ -34,7 +36,8 @@ SELECT saga_name, input FROM saga_runs WHERE run_id = %s
 
 # Taken first in every transaction that changes a run: serialises its outcomes and operators.
 LOCK_RUN: LiteralString = """
-SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context, queue
+SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context, queue,
+       key_prefix
 FROM saga_runs WHERE run_id = %s FOR UPDATE
 """
 
@@ -298,13 +301,15 @@ SELECT CASE WHEN EXISTS (SELECT FROM changed) THEN 1
             ELSE saga_run_transition_refused(%(run_id)s, %(state)s) END
 """
 
-# Fork: a new run with the old run's journal before a step copied as completed.
+# Fork: a new run with the old run's journal before a step copied as completed. Like any new
+# run it takes the forking process's key prefix; ``key_head`` is its keys' beginning
+# (saga.keys.idempotency_key with an empty step key).
 FORK_RUN: LiteralString = """
 WITH forked AS (
     INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
-                           queue)
+                           queue, key_prefix)
     SELECT %(new_run_id)s, saga_name, saga_ref, %(saga_version)s, input, %(trace_context)s,
-           queue
+           queue, %(key_prefix)s
     FROM saga_runs WHERE run_id = %(run_id)s
     RETURNING 1
 )
@@ -318,7 +323,7 @@ INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state,
                         result, completed_seq, created_at, started_at, attempt_started_at,
                         finished_at)
 SELECT %(new_run_id)s, step_key, step_name, kind, seq, position, state, attempt, max_attempts,
-       fn_ref, compensation_ref, options, %(new_run_id)s || ':' || step_key, input, result,
+       fn_ref, compensation_ref, options, %(key_head)s || step_key, input, result,
        completed_seq, created_at, started_at, attempt_started_at, finished_at
 FROM saga_steps
 WHERE run_id = %(run_id)s AND state = 'completed' AND kind <> 'compensation'
@@ -385,6 +390,15 @@ VERSION_TABLE_EXISTS: LiteralString = """
 SELECT to_regclass('saga_schema_migrations') IS NOT NULL AS present
 """
 
+# Migrations after the one that made the roles (0007) run as saga_migrator when the migrating
+# user may act as it: what they create is the migrator's, and its default privileges grant it to
+# saga_engine and saga_readonly. SET LOCAL: the role ends with the migration's transaction.
+ACT_AS_MIGRATOR: LiteralString = """
+SELECT set_config('role', 'saga_migrator', true)
+WHERE CASE WHEN EXISTS (SELECT FROM pg_roles WHERE rolname = 'saga_migrator')
+           THEN pg_has_role(current_user, 'saga_migrator', 'MEMBER') ELSE false END
+"""
+
 SELECT_APPLIED_MIGRATIONS: LiteralString = """
 SELECT version, checksum FROM saga_schema_migrations
 """
@@ -421,4 +435,38 @@ UPDATE saga_steps s SET due_at = now()
 FROM saga_runs r
 WHERE r.run_id = s.run_id AND s.state = 'dispatched' AND s.due_at > now()
   AND coalesce(s.options->>'queue', r.queue, %(default_queue)s) = ANY(%(queues)s)
+"""
+
+
+# -- retention (saga.retention, migration 0009) -----------------------------------------------
+
+# One batch of finished runs of one state older than its retention, deleted with their steps,
+# events and history (ON DELETE CASCADE). The runs are locked first and locked ones skipped: a
+# run an operator is retrying, or a late outcome is touching, is left for the next pass, and no
+# worker waits on a pruning transaction for more than one short batch. The state is checked
+# again against the final states: a run that is not finished is never deleted, whatever the
+# caller passes. A run reopened after the snapshot (failed -> running) is re-checked under the
+# lock by Postgres and left alone.
+PRUNE_RUNS: LiteralString = """
+DELETE FROM saga_runs WHERE run_id IN (
+    SELECT run_id FROM saga_runs
+    WHERE state = %(state)s
+      AND state IN ('completed', 'compensated', 'failed', 'compensation_failed', 'cancelled')
+      AND finished_at < now() - %(seconds)s * interval '1 second'
+    ORDER BY finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+# What PRUNE_RUNS would delete now, for ``saga prune --dry-run``: runs and their steps.
+COUNT_PRUNABLE: LiteralString = """
+WITH doomed AS (
+    SELECT run_id FROM saga_runs
+    WHERE state = %(state)s
+      AND state IN ('completed', 'compensated', 'failed', 'compensation_failed', 'cancelled')
+      AND finished_at < now() - %(seconds)s * interval '1 second'
+)
+SELECT (SELECT count(*) FROM doomed) AS runs,
+       (SELECT count(*) FROM saga_steps JOIN doomed USING (run_id)) AS steps
 """

@@ -48,33 +48,54 @@ from saga.run_transaction import (
 from saga.states import RunState, StepKind, StepState, may_journal_outcome
 
 
-def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
-    """A pool of autocommit connections that commit synchronously, as Postgres does by default.
+def pool_options(size: int, name: str) -> dict[str, Any]:
+    """A pool of autocommit connections that commit synchronously, as Postgres does by default
+    (the same for the sync pool and the async client's).
 
     A claim must be on disk before its step runs: a claim lost in a crash would hide an attempt
     that started, whose effect a compensating run must undo. Lease renewals and publish marks
     could do without the fsync, but they are few (a renewal every third of a lease, marks ride
     on the next claim); step outcomes say so themselves (``SET LOCAL synchronous_commit``)."""
-    return ConnectionPool(
-        database_url,
-        min_size=1,
-        max_size=max(1, size),
+    return {
+        "min_size": 1,
+        "max_size": max(1, size),
         # Said explicitly: a database or role set to commit asynchronously must not make claims
         # so.
-        kwargs={
+        "kwargs": {
             "autocommit": True,
             "application_name": name,
             "options": "-c synchronous_commit=on",
         },
-        name=name,
-        open=True,
-    )
+        "name": name,
+    }
+
+
+def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
+    return ConnectionPool(database_url, open=True, **pool_options(size, name))
+
+
+def listen_for(run: RunRecord, deadline: float | None, timeout: float | None) -> float | None:
+    """For a wait on ``run`` (as just read): None if it has finished, else how long to listen
+    for its end before reading it again (at least every few seconds, in case a NOTIFY was
+    missed while reconnecting); WaitTimeoutError once ``deadline`` (monotonic) has passed."""
+    if run.finished:
+        return None
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        raise WaitTimeoutError(
+            f"run {run.run_id!r} is still {run.state} after {timeout} s; it keeps running "
+            f"(`saga show {run.run_id}` shows where it is)"
+        )
+    return 5.0 if remaining is None else min(5.0, remaining)
 
 
 class PostgresStore:
-    def __init__(self, pool: ConnectionPool, *, queue: str, dispatch_timeout: float) -> None:
+    def __init__(
+        self, pool: ConnectionPool, *, queue: str, dispatch_timeout: float, key_prefix: str = ""
+    ) -> None:
         self._pool = pool
         self._queue = queue
+        self._key_prefix = key_prefix  # for the runs this process creates (start, fork)
         self._dispatch_timeout = dispatch_timeout
         self._journals = JournalCache()
 
@@ -92,7 +113,14 @@ class PostgresStore:
             run = lock_run(conn, run_id).fetchone()
             if run is None:
                 raise RunNotFoundError(f"no run has id {run_id!r}")
-            tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout, self._journals)
+            tx = RunTransaction(
+                cur,
+                run,
+                self._queue,
+                self._dispatch_timeout,
+                self._journals,
+                key_prefix=self._key_prefix,
+            )
             yield tx
             add_messages(cur, tx.messages)
         tx.committed()
@@ -127,6 +155,7 @@ class PostgresStore:
                         "trace_context": Jsonb(dict(trace_context)),
                         "timeout": timeout,
                         "queue": self._queue,
+                        "key_prefix": self._key_prefix,
                     },
                 ).fetchone()
                 if created:
@@ -140,6 +169,7 @@ class PostgresStore:
                         error=None,
                         trace_context=trace_context,
                         queue=self._queue,
+                        key_prefix=self._key_prefix,
                     )
                     tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout)
                     start(tx)
@@ -161,11 +191,15 @@ class PostgresStore:
 
     def get_run(self, run_id: str) -> RunRecord:
         with translated(f"reading run {run_id!r}"), self._pool.connection() as conn:
-            run = conn.cursor(row_factory=class_row(RunRecord)).execute(q.SELECT_RUN, (run_id,))
-            row = run.fetchone()
-        if row is None:
+            return self._read_run(conn, run_id)
+
+    @staticmethod
+    def _read_run(conn: psycopg.Connection[Any], run_id: str) -> RunRecord:
+        row = conn.cursor(row_factory=class_row(RunRecord)).execute(q.SELECT_RUN, (run_id,))
+        run = row.fetchone()
+        if run is None:
             raise RunNotFoundError(f"no run has id {run_id!r}")
-        return row
+        return run
 
     def get_steps(self, run_id: str) -> list[StepRecord]:
         with translated(f"reading the steps of run {run_id!r}"), self._pool.connection() as conn:
@@ -178,29 +212,23 @@ class PostgresStore:
             return {r["step_key"]: r["result"] for r in rows.fetchall()}
 
     def wait_for_run(self, run_id: str, timeout: float | None) -> RunRecord:
-        """Block until the run reaches a final state (LISTEN/NOTIFY, no polling loop)."""
+        """Block until the run reaches a final state (LISTEN/NOTIFY, no polling loop), on one
+        pooled connection: it listens, and reads the run."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with (
-            translated(f"waiting for run {run_id!r}"),
-            psycopg.connect(str(self._pool.conninfo), autocommit=True) as conn,
-        ):
+        with translated(f"waiting for run {run_id!r}"), self._pool.connection() as conn:
             conn.execute(q.LISTEN_RUN_FINISHED)
-            while True:
-                run = self.get_run(run_id)
-                if run.finished:
-                    return run
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise WaitTimeoutError(
-                        f"run {run_id!r} is still {run.state} after {timeout} s; it keeps running "
-                        f"(`saga show {run_id}` shows where it is)"
-                    )
-                # Wake on any finished run, and at least every few seconds in case a NOTIFY was
-                # missed while reconnecting.
-                wait = 5.0 if remaining is None else min(5.0, remaining)
-                for notify in conn.notifies(timeout=wait):
-                    if notify.payload == run_id:
-                        break
+            try:
+                while True:
+                    run = self._read_run(conn, run_id)
+                    wait = listen_for(run, deadline, timeout)
+                    if wait is None:
+                        return run
+                    for notify in conn.notifies(timeout=wait):
+                        if notify.payload == run_id:
+                            break
+            finally:
+                with contextlib.suppress(psycopg.Error):  # a broken one leaves the pool anyway
+                    conn.execute(q.UNLISTEN_RUN_FINISHED)  # back to the pool not listening
 
     # -- steps --------------------------------------------------------------------------------
 

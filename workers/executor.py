@@ -6,16 +6,13 @@ finds the step completed or claimed and is acked without calling anything.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -23,7 +20,7 @@ from pydantic import ValidationError
 
 from saga import coordinator, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref
-from saga.errors import StepTimeoutError, StoreError, StoreRejectedError, UnknownSagaError
+from saga.errors import RunNotFoundError, StoreError, StoreRejectedError, UnknownSagaError
 from saga.failures import ErrorRecord, ErrorType, error_record
 from saga.loader import load_definition
 from saga.messages import AdvanceMessage, StepMessage, parse
@@ -32,6 +29,7 @@ from saga.records import Claim, Fenced
 from saga.settings import Settings
 from saga.states import RunState, StepKind, StepState
 from saga.store import PostgresStore, open_pool
+from saga.workers.calling import call_step
 from saga.workers.lease import LeaseKeeper
 from saga.workers.publish import CeleryPublisher, PendingMarks
 from saga.workflow import Workflow
@@ -39,25 +37,6 @@ from saga.workflow import Workflow
 log = logging.getLogger("saga.worker")
 
 T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float | None, what: str) -> Iterator[None]:
-    """Interrupt the step after ``seconds`` (SIGALRM: main thread of solo and prefork pools)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expired(signum: int, frame: Any) -> None:
-        raise StepTimeoutError(f"{what} ran longer than its timeout of {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class StepExecutor:
@@ -68,11 +47,13 @@ class StepExecutor:
     ) -> None:
         assert settings.database_url, "the worker entry point checks this"
         self.settings = settings
+        tracing.export_exception_details(settings.trace_exception_details)
         self.store = PostgresStore(
             # The task, the lease keeper and the publish-mark flusher each may hold one.
             open_pool(settings.database_url, size=settings.pool_size, name="saga-worker"),
             queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
+            key_prefix=settings.key_prefix,
         )
         self.publisher = CeleryPublisher(app)
         self.marks = PendingMarks(
@@ -148,7 +129,12 @@ class StepExecutor:
 
     def advance(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
         msg = parse(AdvanceMessage, args, kwargs)
-        self._durably("advancing", lambda: self.store.advance_run(msg.run_id, self._advance))
+        try:
+            self._durably("advancing", lambda: self.store.advance_run(msg.run_id, self._advance))
+        except RunNotFoundError:  # a late duplicate for a run deleted by retention
+            log.warning(
+                "task %s advances run %r, which does not exist; dropped", task_id, msg.run_id
+            )
 
     # -- one attempt --------------------------------------------------------------------------
 
@@ -186,18 +172,18 @@ class StepExecutor:
             self._fail_with(claim, exc, None)  # the same input fails the same way every time
             return
         try:
-            with (
-                tracing.step_span(
-                    saga_name=claim.saga_name,
-                    run_id=claim.run_id,
-                    step=claim.step_name,
-                    attempt=claim.attempt,
-                    idempotency_key=claim.idempotency_key,
-                    compensation=claim.kind == StepKind.COMPENSATION,
-                ),
-                _time_limit(options.timeout_seconds, f"step {claim.step_key!r}"),
+            with tracing.step_span(
+                saga_name=claim.saga_name,
+                run_id=claim.run_id,
+                step=claim.step_name,
+                attempt=claim.attempt,
+                idempotency_key=claim.idempotency_key,
+                compensation=claim.kind == StepKind.COMPENSATION,
             ):
-                result = function.fn(ctx, value)
+                # Async steps on this thread's event loop; the timeout held on every pool.
+                result = call_step(
+                    function.fn, ctx, value, options.timeout_seconds, f"step {claim.step_key!r}"
+                )
                 result_json = function.encode_result(
                     result,
                     limit=self.settings.max_result_bytes,

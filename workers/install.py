@@ -88,6 +88,49 @@ def _use_one_broker(app: Celery, settings: Settings) -> None:
         )
 
 
+# -- what each process makes --------------------------------------------------------------------
+
+
+def executor_for(app: Celery) -> Any:
+    """This process's step executor for ``app`` (its Postgres pool, lease keeper, publisher)."""
+    from saga.workers.executor import StepExecutor
+
+    install_ = installation(app)
+    settings = install_.settings
+    return install_.per_process(
+        "executor", lambda: StepExecutor(settings, app, consumed_queues(app, settings))
+    )
+
+
+def client_for(app: Celery) -> Any:
+    """This process's client for ``app``, which starts scheduled runs."""
+    from saga.client import SagaClient
+
+    install_ = installation(app)
+    return install_.per_process("client", lambda: SagaClient(install_.settings))
+
+
+def _close(made: dict[str, Any]) -> None:
+    """At process exit: mark the fast path's last publishes (else a relay sends them again, a
+    fenced duplicate), leave the worker registry, close the client's pool."""
+    executor, client = made.get("executor"), made.get("client")
+    if executor is not None:
+        executor.marks.flush()
+        executor.leases.stop()
+    if client is not None:
+        client.close()
+
+
+def consumed_queues(app: Celery, settings: Settings) -> list[str]:
+    """The queues this worker reads (``-Q a,b``): the worker registry recovers their steps
+    when it dies."""
+    try:
+        names = [str(name) for name in app.amqp.queues.consume_from]
+    except Exception:  # not a worker, or no queues configured yet
+        names = []
+    return names or [settings.queue]
+
+
 # -- tasks ----------------------------------------------------------------------------------------
 
 TASK_OPTIONS: dict[str, Any] = {
@@ -114,7 +157,7 @@ def run_step(self: Task, *args: Any, **kwargs: Any) -> str:
     """Run one attempt of a saga step. The message only names the step; all else is in Postgres.
     Celery sees the attempt's real outcome: a failed attempt fails the task (or retries it, when
     the journal schedules another attempt), so its events and Flower count it."""
-    executor = installation(self.app).executor(self.app)
+    executor = executor_for(self.app)
     try:
         trace = executor.execute(args, kwargs, self.request.id, self.request.headers)
     except MalformedMessageError as exc:
@@ -146,7 +189,7 @@ _OUTCOMES = {
 def advance_run(self: Task, *args: Any, **kwargs: Any) -> None:
     """Advance a run after an outside change (an event arrived, an operator acted)."""
     try:
-        installation(self.app).executor(self.app).advance(args, kwargs, self.request.id)
+        executor_for(self.app).advance(args, kwargs, self.request.id)
     except MalformedMessageError as exc:
         log.error("rejected malformed task message %s: %s", self.request.id, exc)
         raise Reject(str(exc), requeue=False) from None
@@ -173,7 +216,7 @@ def start_run(self: Task, *args: Any, **kwargs: Any) -> str:
             f"{START_TASK} needs schedule= (the beat entry's name, one run per tick) or run_id=: "
             f"without either a message sent twice would start two runs"
         )
-    client = installation(self.app).client()
+    client = client_for(self.app)
     deadline, delay = time.monotonic() + START_RETRY_SECONDS, 0.1
     while True:  # a tick is sent once: ride out a short Postgres outage instead of losing it
         try:
@@ -203,7 +246,7 @@ def _connect_signals(app: Celery) -> None:
     def on_process_exit(**_: Any) -> None:
         install_ = installed(app)
         if install_ is not None:
-            install_.shutdown()
+            _close(install_.release())
 
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid=uid)
     signals.worker_process_shutdown.connect(on_process_exit, weak=False, dispatch_uid=uid)
@@ -222,12 +265,18 @@ def start_checks(app: Celery, worker: Any = None) -> None:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     from saga.workers import telemetry
+    from saga.workers.pools import bound_shutdown, pool_name, refuse_unsupported_pool
 
     telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
     if worker is not None:
+        refuse_unsupported_pool(sender=worker)  # timeouts hold on prefork, solo, threads only
         _consume_engine_queue(app, install_.settings)
-        if _pool_name(worker) == "threads":
+        if pool_name(getattr(worker, "pool_cls", None)) == "threads":
             telemetry.configure_sdk("saga-worker")  # the threads pool has no process init
+    # Bound the warm shutdown: always on the engine's own app; on yours only when asked, as it
+    # bounds your own tasks too.
+    if install_.exclusive or "shutdown_grace_seconds" in install_.settings.model_fields_set:
+        bound_shutdown(install_.settings.shutdown_grace_seconds)
     if install_.checked:
         return
     try:
@@ -265,12 +314,6 @@ def _consume_engine_queue(app: Celery, settings: Settings) -> None:
     queues = app.amqp.queues
     if queues._consume_from is None and settings.queue not in queues.consume_from:
         queues.select_add(settings.queue)
-
-
-def _pool_name(worker: Any) -> str:
-    pool = getattr(worker, "pool_cls", None)
-    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-    return "threads" if "thread" in str(name) else str(name)
 
 
 def assert_safe(app: Celery, *, whole_app: bool = True) -> None:

@@ -37,7 +37,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Message as VirtualMessage
 from pydantic import BaseModel
 
-from saga.errors import MalformedMessageError
+from saga.errors import MalformedMessageError, UnsignedMessageError
 from saga.keys import COMPENSATION_PREFIX
 from saga.messages import (
     ADVANCE_TASK,
@@ -48,6 +48,9 @@ from saga.messages import (
     StepMessage,
     parse,
 )
+from saga.metrics import message_rejected
+from saga.signing import MessageKeys
+from saga.workers.registry import installed
 
 log = logging.getLogger("saga.worker")
 
@@ -103,10 +106,11 @@ def task_id_of(headers: Any) -> str:
     return "(no task id)" if task_id is None else f"(bad task id {task_id!r:.60})"
 
 
-def vet(message: Any, *, strict: bool = True) -> BaseModel | None:
+def vet(message: Any, keys: MessageKeys | None = None, *, strict: bool = True) -> BaseModel | None:
     """Raise MalformedMessageError naming the cause unless ``message`` is a task message the
     engine could have sent: a protocol 2 JSON message of one of its tasks, keyword arguments
-    only, that fit the task's model, and no side-door field set. Returns its arguments.
+    only, that fit the task's model, and no side-door field set; with ``keys`` (signing on),
+    signed by one of them (UnsignedMessageError otherwise). Returns its arguments.
 
     Not ``strict`` (the engine on the user's own app): a message naming another task is the
     app's own business, and goes to Celery as it came (None)."""
@@ -159,6 +163,8 @@ def vet(message: Any, *, strict: bool = True) -> BaseModel | None:
             raise MalformedMessageError(
                 f"embeds {field}={value!r:.60}: the engine never sends other work in a message"
             )
+    if keys is not None:
+        keys.verify(name, headers["id"], args, kwargs, headers)
     return parse(MODELS[name], args, kwargs)
 
 
@@ -193,7 +199,6 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         from saga.workers import control
-        from saga.workers.registry import installed
 
         install = installed(self.app)
         self.strict = install is None or install.exclusive
@@ -201,10 +206,12 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
+        install = installed(self.app)
+        keys = None if install is None else MessageKeys.from_settings(install.settings)
 
         def on_task_received(message: Any) -> None:
             try:
-                arguments = vet(message, strict=self.strict)
+                arguments = vet(message, keys, strict=self.strict)
                 shadow = None if arguments is None else shadow_name(arguments)
                 if shadow is not None:
                     message.headers["shadow"] = shadow  # read by Celery's request: events, logs
@@ -240,11 +247,14 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         self.refuse(message, MalformedMessageError(f"cannot decode it: {exc!s:.200}"))
 
     def refuse(self, message: Any, exc: Exception) -> None:
-        log.error(
-            "rejected malformed task message %s: %s",
+        unsigned = isinstance(exc, UnsignedMessageError)
+        log.error(  # never the body: a forged message may carry anything
+            "rejected %s task message %s: %s",
+            "unsigned" if unsigned else "malformed",
             task_id_of(getattr(message, "headers", None)),
             one_line(exc),
         )
+        message_rejected(unsigned)
         if not hasattr(message, "reject_log_error"):
             # A raw py-amqp frame: kombu failed to make a message of it (on_decode_error).
             message.channel.basic_reject(message.delivery_tag, requeue=False)
@@ -345,6 +355,7 @@ class _GuardedChannel(kombu_redis.Channel):
             return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
         except UnreadableMessageError as exc:
             log.error("rejected malformed task message %s", one_line(exc))
+            message_rejected(False)
             return True
         except (ValueError, TypeError, AttributeError, ArithmeticError, KeyError) as exc:
             # kombu's loads() of the item: not UTF-8, not JSON, or a bad kombu type marker.
@@ -355,6 +366,7 @@ class _GuardedChannel(kombu_redis.Channel):
                 type(exc).__name__,
                 one_line(exc),
             )
+            message_rejected(False)
             return True
 
 

@@ -13,7 +13,9 @@ from celery import Celery
 from saga import tracing
 from saga.outbox.message import OutboxMessage
 from saga.outbox.relay import PublishingImpossible
+from saga.signing import SIGNATURE, MessageKeys
 from saga.workers.broker import missing_transport
+from saga.workers.registry import installed
 
 log = logging.getLogger("saga.worker")
 
@@ -22,11 +24,15 @@ class CeleryPublisher:
     """Sends outbox messages through a Celery app's producer pool.
 
     The task id is the outbox message id, so a row published twice is recognisably one message.
+    With message signing on (in the settings the engine was installed with), every message is
+    signed (``saga.signing``).
     """
 
     def __init__(self, app: Celery) -> None:
         self._app = app
         self._system = tracing.messaging_system(app.conf.broker_url)
+        install = installed(app)
+        self._keys = None if install is None else MessageKeys.from_settings(install.settings)
 
     def publish(self, messages: Sequence[OutboxMessage]) -> None:
         if not messages:
@@ -42,6 +48,11 @@ class CeleryPublisher:
         with self._app.producer_or_acquire() as producer:
             for m in messages:
                 with tracing.send_span(m, self._system) as headers:
+                    if self._keys is not None:
+                        task_id = str(m.message_id)
+                        headers[SIGNATURE] = self._keys.sign(
+                            m.task_name, task_id, [], m.payload, headers
+                        )
                     self._app.send_task(
                         m.task_name,
                         kwargs=m.payload,

@@ -10,70 +10,47 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 
 from saga.errors import ConfigurationError
 from saga.settings import Settings
 
+T = TypeVar("T")
+
 
 @dataclass
 class Installation:
-    """The engine on one app: its settings and this process's executor and client."""
+    """The engine on one app: its settings, and what this process made for it (its executor,
+    a client for scheduled starts), made once per process and dropped after fork."""
 
     settings: Settings
     exclusive: bool  # the app runs the engine's tasks only (``saga worker``)
     checked: bool = False  # start-up checks done (``saga worker`` runs them before Celery)
-    _executor: Any = None
-    _client: Any = None
+    _made: dict[str, Any] = field(default_factory=dict)
     _pid: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _fresh(self) -> None:
-        # Connections and threads do not survive fork: a child makes its own.
-        if self._pid != os.getpid():
-            self._executor = self._client = None
-            self._pid = os.getpid()
-
-    def executor(self, app: Celery) -> Any:
+    def per_process(self, name: str, make: Callable[[], T]) -> T:
+        """This process's ``name``, made by ``make`` on first use."""
         with self._lock:
-            self._fresh()
-            if self._executor is None:
-                from saga.workers.executor import StepExecutor
+            if self._pid != os.getpid():  # connections and threads do not survive fork
+                self._made, self._pid = {}, os.getpid()
+            if name not in self._made:
+                self._made[name] = make()
+            made: T = self._made[name]
+            return made
 
-                self._executor = StepExecutor(
-                    self.settings, app, consumed_queues(app, self.settings)
-                )
-            return self._executor
-
-    def client(self) -> Any:
-        with self._lock:
-            self._fresh()
-            if self._client is None:
-                from saga.client import SagaClient
-
-                self._client = SagaClient(self.settings)
-            return self._client
-
-    def shutdown(self) -> None:
-        """At process exit: mark the fast path's last publishes (else a relay sends them again,
-        a fenced duplicate) and leave the worker registry."""
+    def release(self) -> dict[str, Any]:
+        """What this process made, for closing at its exit (nothing made before a fork)."""
         with self._lock:
             if self._pid != os.getpid():
-                return
-            executor, client, self._executor, self._client = (
-                self._executor,
-                self._client,
-                None,
-                None,
-            )
-        if executor is not None:
-            executor.marks.flush()
-            executor.leases.stop()
-        if client is not None:
-            client.close()
+                return {}
+            made, self._made = self._made, {}
+            return made
 
 
 _INSTALLED: weakref.WeakKeyDictionary[Celery, Installation] = weakref.WeakKeyDictionary()
@@ -96,13 +73,3 @@ def installation(app: Celery) -> Installation:
             f"the engine is not installed on Celery app {app.main!r}: call "
             f"saga.celery.install(app) where the app is made"
         ) from None
-
-
-def consumed_queues(app: Celery, settings: Settings) -> list[str]:
-    """The queues this worker reads (``-Q a,b``): the worker registry recovers their steps
-    when it dies."""
-    try:
-        names = [str(name) for name in app.amqp.queues.consume_from]
-    except Exception:  # not a worker, or no queues configured yet
-        names = []
-    return names or [settings.queue]

@@ -110,6 +110,7 @@ class RunRow:
     error: Any = None
     trace_context: dict[str, str] = field(default_factory=dict)
     advance_due_at: float | None = None  # an advance task owed, due again then
+    key_prefix: str = ""  # of the process that started it
 
     @property
     def finished(self) -> bool:
@@ -350,7 +351,9 @@ class Sim:
         saga_version: str | None = None,
         fast_path: bool = True,
         db: MemoryDB | None = None,
+        key_prefix: str = "",
     ) -> None:
+        self.key_prefix = key_prefix  # SAGA_KEY_PREFIX of the process starting the run
         self.definition = definition  # what the "workers" load; replace it to model a deploy
         self.input = input
         self.run_id = run_id or uuid.uuid4().hex
@@ -403,7 +406,7 @@ class Sim:
 
     @property
     def store(self) -> MemoryStore:
-        return MemoryStore(self.db, transactions=self.transactions)
+        return MemoryStore(self.db, transactions=self.transactions, key_prefix=self.key_prefix)
 
     def _load(self, ref: str) -> Definition:
         return self.definition
@@ -419,6 +422,7 @@ class Sim:
             copy.deepcopy(r.input),
             copy.deepcopy(r.error),
             dict(r.trace_context),
+            key_prefix=r.key_prefix,
         )
 
     def _advance(self, tx: MemoryRunTx) -> None:
@@ -579,8 +583,10 @@ class MemoryStore:
         queue: str = "saga",
         dispatch_timeout: float = 30.0,
         transactions: list[MemoryRunTx] | None = None,
+        key_prefix: str = "",
     ) -> None:
         self.db = MemoryDB() if db is None else db
+        self._key_prefix = key_prefix
         self._queue = queue
         self._dispatch_timeout = dispatch_timeout
         self.transactions = [] if transactions is None else transactions  # committed ones
@@ -596,6 +602,7 @@ class MemoryStore:
             copy.deepcopy(r.input),
             copy.deepcopy(r.error),
             dict(r.trace_context),
+            key_prefix=r.key_prefix,
         )
 
     @contextmanager
@@ -641,7 +648,7 @@ class MemoryStore:
             return False
         self.db.runs[run_id] = RunRow(
             run_id, saga_name, saga_ref, saga_version, json.loads(input_json),
-            trace_context=dict(trace_context),
+            trace_context=dict(trace_context), key_prefix=self._key_prefix,
         )  # fmt: skip
         try:
             with self._locked(run_id) as tx:

@@ -1123,6 +1123,24 @@ def test_idempotency_keys_are_run_id_and_step_key_and_stable_across_attempts() -
     assert [r.idempotency_key for r in wf.rows()] == ["run-8:a#1", "run-8:b#2", "run-8:c#3"]
 
 
+def test_keys_carry_the_runs_prefix_for_its_steps_and_compensations() -> None:
+    assert idempotency_key("r1", "flight", "prod") == "prod:r1:flight"
+    sim = trip_to_branches(run_id="run-7", key_prefix="prod")
+    sim.complete("flight", booked("flight"))
+    sim.complete("hotel", booked("hotel"))
+    sim.fail("car", "Boom", "no")
+    sim.complete("compensate:car")
+    sim.complete("compensate:hotel")
+    undo = sim.row("compensate:flight").options["undo"]
+    assert undo["idempotency_key"] == "prod:run-7:flight"  # what the compensation undoes by
+    keys = ["quote", "flight", "hotel", "car", "compensate:car", "compensate:hotel"]
+    assert {r.idempotency_key for r in sim.rows()} == {
+        f"prod:run-7:{key}" for key in [*keys, "compensate:flight"]
+    }
+    wf = Sim(parallel, None, run_id="run-8", key_prefix="prod").start()
+    assert [r.idempotency_key for r in wf.rows()][:1] == ["prod:run-8:a#1"]
+
+
 def test_the_same_steps_of_two_runs_get_distinct_keys() -> None:
     db = MemoryDB()
     one = Sim(sagas.two, {}, run_id="one", db=db).start()
