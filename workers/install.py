@@ -251,9 +251,22 @@ def _connect_signals(app: Celery) -> None:
     signals.worker_init.connect(on_worker_init, weak=False, dispatch_uid=uid)
     signals.worker_process_shutdown.connect(on_process_exit, weak=False, dispatch_uid=uid)
     signals.worker_shutdown.connect(on_process_exit, weak=False, dispatch_uid=uid)
+    from saga.signing import SIGNATURE, MessageKeys
     from saga.workers.schedule import stamp_fired_at
 
-    signals.before_task_publish.connect(stamp_fired_at, weak=False, dispatch_uid="saga-schedule")
+    keys = MessageKeys.from_settings(installation(app).settings)
+
+    def on_publish(sender: Any = None, body: Any = None, headers: Any = None, **_: Any) -> None:
+        # In the process that sends saga.start (beat): the time it fired, and, with message
+        # signing on, the signature workers require (after the stamp, which it covers).
+        if sender != START_TASK:
+            return
+        stamp_fired_at(sender=sender, body=body)
+        if keys is not None and isinstance(headers, dict) and SIGNATURE not in headers:
+            args, kwargs = body[0], body[1]
+            headers[SIGNATURE] = keys.sign(sender, headers["id"], list(args), kwargs, headers)
+
+    signals.before_task_publish.connect(on_publish, weak=False, dispatch_uid=uid)
 
 
 def start_checks(app: Celery, worker: Any = None) -> None:

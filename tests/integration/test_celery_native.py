@@ -124,10 +124,14 @@ def test_celery_a_worker_runs_sagas_the_apps_own_tasks_and_answers_celery_tools(
     assert "UnknownSagaError" not in log and "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.parametrize("signing", ["off", "on"])
 def test_a_beat_tick_sent_twice_starts_one_run(
-    settings: Settings, procs: ProcessGroup, client: SagaClient, project: Path
+    settings: Settings, procs: ProcessGroup, client: SagaClient, project: Path, signing: str
 ) -> None:
-    env = project_env(settings)
+    """With message signing on, beat's process signs what it sends (the worker drops anything
+    unsigned), as the relay does."""
+    key = {"SAGA_MESSAGE_SIGNING_KEY": "k" * 40} if signing == "on" else {}
+    env = project_env(settings, **key)
     start_relay(procs, project, env)
     worker = start_worker(procs, project, env, "beat", "--pool=solo")
     # Beat's own code sends the entry, twice for one tick (two beats by mistake, or one
@@ -149,6 +153,7 @@ def test_a_beat_tick_sent_twice_starts_one_run(
     # Both messages ran, and both named that run.
     started = re.findall(r"saga\.start\[nightly-report\].* succeeded in .*: '(.*)'", worker.log())
     assert started == [run_id, run_id]
+    assert "rejected" not in worker.log()
 
 
 def _runs(settings: Settings, saga_name: str) -> list[str]:
