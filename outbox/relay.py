@@ -129,20 +129,27 @@ class Relay:
         stop: threading.Event,
         also: Callable[[], float | None] | None = None,
         prune_every: float = 60.0,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         """Publish until ``stop`` is set. ``also`` runs after each wake-up (the sweeper) and
-        returns the seconds until it wants to run again. Raises ``PublishingImpossible`` when
+        returns the seconds until it wants to run again; ``heartbeat`` is called at each turn of
+        the loop, outages included (the liveness probe). Raises ``PublishingImpossible`` when
         publishing cannot succeed until someone acts (a missing module, a bad configuration)."""
         try:
-            self._run(stop, also, prune_every)
+            self._run(stop, also, prune_every, heartbeat or (lambda: None))
         finally:
             self.close()
 
     def _run(
-        self, stop: threading.Event, also: Callable[[], float | None] | None, prune_every: float
+        self,
+        stop: threading.Event,
+        also: Callable[[], float | None] | None,
+        prune_every: float,
+        heartbeat: Callable[[], None],
     ) -> None:
         next_prune = time.monotonic()
         while not stop.is_set():
+            heartbeat()
             try:
                 self.publish_all()
                 waits = [self._poll, self._seconds_to_next()]

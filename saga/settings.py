@@ -6,6 +6,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,24 @@ class Settings(BaseSettings):
         default=4,
         description="Most Postgres connections of each pool (one per worker process, client "
         "and relay sweeper), opened as needed; a threads-pool worker wants one per thread.",
+    )
+
+    # Operations: probes, /metrics, log format (saga/probes.py, saga/logs.py).
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the worker's or relay's /healthz, /readyz and /metrics; unset means "
+        "no HTTP server (`--http-port` overrides it).",
+    )
+    http_host: str = Field(
+        default="127.0.0.1",
+        description="Address the probe server binds to; 0.0.0.0 to be scraped from elsewhere.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log records as text lines or one JSON object per line; both carry the run "
+        "id, step key, attempt, trace id and span id of the step being run.",
     )
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
