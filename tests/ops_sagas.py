@@ -22,6 +22,10 @@ def unbook(ctx: StepContext, booking: dict[str, str] | None) -> None:
     return None
 
 
+def unbook_fails(ctx: StepContext, booking: dict[str, str] | None) -> None:
+    raise RuntimeError("the compensation fails for good")
+
+
 def explode(ctx: StepContext, value: Any) -> None:
     raise ValueError("the step fails for good")
 
@@ -33,6 +37,11 @@ def speak(ctx: StepContext, value: Any) -> str:
 
 # A step completes, the next fails for good, the first is compensated.
 undone = Saga("undone", [step(book, compensate=unbook), step(explode, retry=ONCE)])
+# The same, but the compensation fails for good: the run ends compensation_failed.
+stuck = Saga(
+    "stuck",
+    [step(book, compensate=unbook_fails, compensate_retry=ONCE), step(explode, retry=ONCE)],
+)
 # One step that logs from inside.
 speaks = Saga("speaks", [speak])
 
