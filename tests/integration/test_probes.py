@@ -70,6 +70,14 @@ def failing(port: int) -> set[str]:
     return {"unreachable"} if body is None else {c["name"] for c in body["checks"] if not c["ok"]}
 
 
+def expect_probes(ports: dict[str, int], failed: set[str], what: str) -> None:
+    """Each process's /readyz comes to fail exactly ``failed``; its /healthz stays 200."""
+    for name, port in ports.items():
+        wait_until(lambda p=port: failing(p) == failed, 60, f"{name} {what}")  # type: ignore[misc]
+        status, body = get(port, "/healthz")
+        assert status == 200, f"{name}: {body}"
+
+
 def test_probes_turn_unready_when_postgres_or_the_broker_is_cut(
     settings: Settings, procs: ProcessGroup, proxies: tuple[TcpProxy, TcpProxy]
 ) -> None:
@@ -86,29 +94,16 @@ def test_probes_turn_unready_when_postgres_or_the_broker_is_cut(
     ports = {"relay": free_port(), "worker": free_port()}
     procs.relay(cut_off, "relay", "--http-port", str(ports["relay"]))
     procs.worker(cut_off, "worker", "--http-port", str(ports["worker"]))
-    for name, port in ports.items():
-        wait_until(lambda p=port: failing(p) == set(), 60, f"{name} ready")  # type: ignore[misc]
-        assert get(port, "/healthz")[0] == 200
-
+    # Alive throughout: restarting a process would not bring Postgres or the broker back.
+    expect_probes(ports, set(), "ready")
     pg.cut()
-    for name, port in ports.items():
-        wait_until(lambda p=port: "postgres" in failing(p), 30, f"{name} unready, Postgres cut")  # type: ignore[misc]
-        assert failing(port) == {"postgres"}
-        # Alive: restarting the process would not bring Postgres back.
-        assert get(port, "/healthz")[0] == 200, get(port, "/healthz")
+    expect_probes(ports, {"postgres"}, "unready, Postgres cut")
     pg.restore()
-    for name, port in ports.items():
-        wait_until(lambda p=port: failing(p) == set(), 30, f"{name} ready again")  # type: ignore[misc]
-
+    expect_probes(ports, set(), "ready again")
     redis.cut()
-    for name, port in ports.items():
-        wait_until(lambda p=port: "broker" in failing(p), 30, f"{name} unready, broker cut")  # type: ignore[misc]
-        assert failing(port) == {"broker"}
-        assert get(port, "/healthz")[0] == 200, get(port, "/healthz")
+    expect_probes(ports, {"broker"}, "unready, broker cut")
     redis.restore()
-    for name, port in ports.items():
-        wait_until(lambda p=port: failing(p) == set(), 30, f"{name} ready again")  # type: ignore[misc]
-        assert get(port, "/healthz")[0] == 200
+    expect_probes(ports, set(), "ready again")
     # The worker still works after both cuts.
     with SagaClient(cut_off) as client:
         run_id = client.start("tests.ops_sagas:speaks", None)
