@@ -16,6 +16,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from saga.errors import ConfigurationError
 from saga.health import Check, as_json, summary
 
 log = logging.getLogger("saga.probes")
@@ -112,7 +113,15 @@ class ProbeServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("probe request: " + format, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        if not 0 <= port <= 65535:
+            raise ConfigurationError(f"the probe port {port} is not a TCP port (0-65535)")
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve the probes on {host}:{port} (SAGA_HTTP_HOST, SAGA_HTTP_PORT or "
+                f"--http-port): {exc.strerror or exc}. Pick a free port, or another address"
+            ) from None
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 

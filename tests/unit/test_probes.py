@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 
+import pytest
+
+from saga.errors import ConfigurationError
 from saga.health import Check
 from saga.probes import Liveness, ProbeServer
 
@@ -55,3 +59,14 @@ def test_the_server_answers_each_probe() -> None:
         assert get(f"{base}/healthz")[0] == 503
     finally:
         server.close()
+
+
+def test_a_port_in_use_is_a_configuration_error_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigurationError, match=f"127.0.0.1:{port}.*Pick a free port"):
+            ProbeServer("127.0.0.1", port, Liveness(), list)
+    with pytest.raises(ConfigurationError, match="not a TCP port"):
+        ProbeServer("127.0.0.1", 70000, Liveness(), list)
