@@ -36,7 +36,9 @@ def check_database(database_url: str | None, timeout: float = TIMEOUT_SECONDS) -
             autocommit=True,
             connect_timeout=max(1, round(timeout)),
             application_name="saga-health",
-            options=f"-c statement_timeout={int(timeout * 1000)}",
+            # A server that stops answering mid-check fails it, instead of hanging the probe
+            # (a client-side option: poolers such as PgBouncer never see it).
+            tcp_user_timeout=int(timeout * 1000),
         ) as conn:
             try:
                 check_schema(conn)

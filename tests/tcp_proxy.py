@@ -10,13 +10,16 @@ import threading
 
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` to ``target``. ``cut()`` closes every connection and stops
-    listening (new connections are refused); ``restore()`` listens again on the same port."""
+    listening (new connections are refused); ``restore()`` listens again on the same port.
+    ``freeze()`` drops every byte, both ways, while connections stay open (a network that
+    stops answering); ``cut()`` then ``restore()`` after it, as the streams lost bytes."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self._target = (target_host, target_port)
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
+        self._frozen = threading.Event()
         self.port = 0
         self._listen()
 
@@ -53,7 +56,8 @@ class TcpProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self._frozen.is_set():
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
@@ -69,13 +73,19 @@ class TcpProxy:
             listener, self._listener = self._listener, None
             sockets, self._sockets = self._sockets, set()
         if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (Linux)
             listener.close()
         for s in sockets:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def freeze(self) -> None:
+        self._frozen.set()
+
     def restore(self) -> None:
+        self._frozen.clear()
         with self._lock:
             if self._listener is not None:
                 return

@@ -104,10 +104,22 @@ def test_probes_turn_unready_when_postgres_or_the_broker_is_cut(
     expect_probes(ports, {"broker"}, "unready, broker cut")
     redis.restore()
     expect_probes(ports, set(), "ready again")
+    # A network that stops answering fails the checks within their timeouts.
+    pg.freeze()
+    ports_ready = {"worker": ports["worker"]}  # the relay's own queries hang too (not alive)
+    expect_probes(ports_ready, {"postgres"}, "unready, Postgres silent")
+    redis.freeze()
+    expect_probes(ports_ready, {"postgres", "broker"}, "unready, both silent")
+    for proxy in (pg, redis):
+        proxy.cut()
+        proxy.restore()
+    expect_probes(ports, set(), "ready again")
     # The worker still works after both cuts.
     with SagaClient(cut_off) as client:
         run_id = client.start("tests.ops_sagas:speaks", None)
         assert client.wait(run_id, timeout=60).state == "completed"
+    # A solo worker serves the metrics it records itself, at each scrape.
+    assert "saga_step_attempts_total" in names(ports["worker"])
 
 
 def series(port: int) -> dict[str, list[Any]]:
