@@ -124,6 +124,7 @@ class ProbeServer:
             ) from None
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
+        self._paths = ", ".join(routes)
 
     @property
     def port(self) -> int:
@@ -134,7 +135,7 @@ class ProbeServer:
             target=self._server.serve_forever, name="saga-probes", daemon=True
         )
         self._thread.start()
-        log.info("probes on http://%s:%d (/healthz, /readyz, /metrics)", *self.address())
+        log.info("probes on http://%s:%d (%s)", *self.address(), self._paths)
 
     def address(self) -> tuple[str, int]:
         return str(self._server.server_address[0]), self.port

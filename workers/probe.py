@@ -67,7 +67,11 @@ def _registry(children: bool) -> Any:
         registry = prometheus.registry_with([])
         telemetry.serve_prometheus(registry)
         return registry
-    folder = Path(tempfile.mkdtemp(prefix="saga-metrics-"))
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="saga-metrics-"))
+    except OSError as exc:  # a read-only file system: the worker runs, unscraped
+        log.warning("no /metrics: the pool's children need a writable TMPDIR (%s)", exc)
+        return None
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     telemetry.prometheus_children(folder)
     return prometheus.registry_with([prometheus.ChildFiles(folder)])
