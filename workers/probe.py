@@ -44,11 +44,11 @@ class ConsumerTicks(bootsteps.StartStopStep):  # type: ignore[misc]
         )
 
     def stop(self, c: Any) -> None:
-        # Celery stops the consumer's steps to reconnect after losing the broker.
+        # Celery stops the consumer's steps to reconnect after losing the broker, and to stop.
         if self._tref is not None:
             self._tref.cancel()
             self._tref = None
-        c.app.saga_liveness.pause("consumer", "connecting to the broker")
+        c.app.saga_liveness.pause("consumer", "reconnecting to the broker, or stopping")
 
     shutdown = stop
 
