@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from celery import Celery
 from pydantic import ValidationError
 
-from saga import coordinator, tracing
+from saga import coordinator, logs, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref
 from saga.errors import RunNotFoundError, StoreError, StoreRejectedError, UnknownSagaError
 from saga.failures import ErrorRecord, ErrorType, error_record
@@ -60,7 +60,17 @@ class StepExecutor:
         # host:pid, and a token of this boot: a restarted container with the same host name and
         # pid is another worker (the registry must see the old one die).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.leases = LeaseKeeper(self.store, settings.lease_seconds, self.owner, [settings.queue])
+        liveness = getattr(app, "saga_liveness", None)  # set when the worker serves probes
+        self.leases = LeaseKeeper(
+            self.store,
+            settings.lease_seconds,
+            self.owner,
+            [settings.queue],
+            on_beat=None
+            if liveness is None
+            # A solo pool's loop is held by a long step; this thread still beats.
+            else lambda: liveness.tick("heartbeat", settings.lease_seconds),
+        )
         self.leases.start()
         self._advance = functools.partial(coordinator.advance, load=load_definition)
         self._system = tracing.messaging_system(app.conf.broker_url)
@@ -92,13 +102,21 @@ class StepExecutor:
         if claim is None:
             self._explain_refusal(msg, task_id, headers)
             return
-        with tracing.attempt(
-            claim,
-            headers,
-            queue=self.settings.queue,
-            system=self._system,
-            message_id=task_id,
-            received_ns=received_ns,
+        with (
+            tracing.attempt(
+                claim,
+                headers,
+                queue=self.settings.queue,
+                system=self._system,
+                message_id=task_id,
+                received_ns=received_ns,
+            ),
+            logs.bound_step(
+                claim.run_id,
+                claim.step_key,
+                claim.attempt,
+                logs.trace_id_of((claim.trace_context or {}).get("traceparent")),
+            ),
         ):
             self._execute_claimed(claim)
 
