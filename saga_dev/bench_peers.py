@@ -58,13 +58,15 @@ class Counters:
     statements: int | None
     cpu_s: float
     tables: dict[str, tuple[int, int, int, int]]  # ins, upd, hot upd, del
+    lsn: str = ""
 
 
 def _snapshot(pg: PrivatePostgres, dbname: str, tables: bool) -> Counters:
     with psycopg.connect(pg.url, autocommit=True) as admin:
         row = admin.execute(
             "SELECT xact_commit + xact_rollback, tup_inserted + tup_updated + tup_deleted,"
-            " pg_current_wal_lsn() - '0/0'::pg_lsn FROM pg_stat_database WHERE datname = %s",
+            " pg_current_wal_lsn() - '0/0'::pg_lsn, pg_current_wal_lsn()::text"
+            " FROM pg_stat_database WHERE datname = %s",
             (dbname,),
         ).fetchone()
         stmt = admin.execute(
@@ -82,7 +84,7 @@ def _snapshot(pg: PrivatePostgres, dbname: str, tables: bool) -> Counters:
             ):
                 per_table[str(name)] = (int(ins), int(upd), int(hot), int(dele))
     return Counters(
-        int(row[0]), int(row[1]), int(row[2]), int(stmt[0]), pg.cpu_seconds(), per_table
+        int(row[0]), int(row[1]), int(row[2]), int(stmt[0]), pg.cpu_seconds(), per_table, row[3]
     )
 
 
@@ -122,7 +124,7 @@ def _per_step(used: Counters, steps: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _measured(
-    pg: PrivatePostgres, dbname: str, steps: int, out: dict[str, Any], tables: bool
+    pg: PrivatePostgres, dbname: str, steps: int, out: dict[str, Any], tables: bool, settle: float
 ) -> Iterator[list[int]]:
     """The Postgres cost of the block per step, less the side's idle cost over the wait that
     lets its backends report (the block appends its own read transactions to the list).
@@ -131,12 +133,12 @@ def _measured(
     read after that long (A), and again as long after (B): B - A is the side's idle cost over
     such a wait (polling, heartbeats), taken off A - before."""
     own: list[int] = []
-    time.sleep(STATS_SETTLE_S)
+    time.sleep(settle)
     before = _snapshot(pg, dbname, tables)
     yield own
-    time.sleep(STATS_SETTLE_S)
+    time.sleep(settle)
     a = _snapshot(pg, dbname, tables)
-    time.sleep(STATS_SETTLE_S)
+    time.sleep(settle)
     b = _snapshot(pg, dbname, tables)
     idle = _minus(b, a)
     used = _minus(_minus(a, before), idle)
@@ -144,8 +146,27 @@ def _measured(
     statements = None if used.statements is None else used.statements - sum(own)
     used = dataclasses.replace(used, xacts=used.xacts - sum(own), statements=statements)
     out.update(_per_step(used, steps))
-    out["idle_transactions_per_s"] = round(idle.xacts / STATS_SETTLE_S, 1)
-    out["idle_postgres_cpu_ms_per_s"] = round(idle.cpu_s * 1000 / STATS_SETTLE_S, 1)
+    out["wal_by_record"] = _wal_by_record(pg, before, a, b, steps)
+    out["idle_transactions_per_s"] = round(idle.xacts / settle, 1)
+    out["idle_postgres_cpu_ms_per_s"] = round(idle.cpu_s * 1000 / settle, 1)
+
+
+def _wal_by_record(
+    pg: PrivatePostgres, before: Counters, a: Counters, b: Counters, steps: int
+) -> dict[str, dict[str, float]]:
+    """Where the WAL went, per step: the record types making up most of it (record and
+    full-page-image bytes), less the idle window's."""
+    busy, idle = pg.wal_records(before.lsn, a.lsn), pg.wal_records(a.lsn, b.lsn)
+    per_step = {}
+    for kind, (n, rec, fpi) in busy.items():
+        i = idle.get(kind, (0, 0, 0))
+        per_step[kind] = ((n - i[0]) / steps, (rec - i[1]) / steps, (fpi - i[2]) / steps)
+    top = sorted(per_step.items(), key=lambda kv: kv[1][1] + kv[1][2], reverse=True)[:10]
+    return {
+        kind: {"records": round(n, 2), "bytes": round(rec), "fpi_bytes": round(fpi)}
+        for kind, (n, rec, fpi) in top
+        if rec + fpi > 0
+    }
 
 
 # -- the engine's side ---------------------------------------------------------------------
@@ -187,7 +208,7 @@ def _saga_runs(bench: Bench, steps: int, runs: int) -> float:
 
 
 def _saga_side(
-    settings: Settings, pg: PrivatePostgres, steps: int, runs: int, latency_runs: int
+    settings: Settings, pg: PrivatePostgres, steps: int, runs: int, latency_runs: int, settle: float
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with bench_harness(settings) as bench:
@@ -196,7 +217,7 @@ def _saga_side(
             per_step = [bench.saga_chain_ms(steps) / steps for _ in range(latency_runs)]
             out.update(_latency(per_step))
         cpu = bench.children.cpu_seconds()
-        with _measured(pg, SAGA_DB, runs * steps, out, tables=True):
+        with _measured(pg, SAGA_DB, runs * steps, out, True, settle):
             elapsed = _saga_runs(bench, steps, runs)
         out["steps_per_s"] = round(runs * steps / elapsed, 1)
         out["worker_cpu_ms_per_step"] = _cpu_ms(cpu, bench.children.cpu_seconds(), runs * steps)
@@ -304,6 +325,7 @@ def _dbos_side(
     latency_runs: int,
     concurrency: int,
     polling: float,
+    settle: float,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     url = pg.database_url(DBOS_DB).replace("postgresql://", "postgresql+psycopg://", 1)
@@ -325,7 +347,7 @@ def _dbos_side(
                 out.update(_latency(per_step))
             ids = [uuid.uuid4().hex for _ in range(runs)]
             cpu = children.cpu_seconds()
-            with _measured(pg, DBOS_DB, runs * steps, out, tables=False) as own:
+            with _measured(pg, DBOS_DB, runs * steps, out, False, settle) as own:
                 began = time.perf_counter()
                 _in_threads(lambda part: side.enqueue(steps, part), ids)
                 ended, queries = side.wait(ids, 0.05)
@@ -383,8 +405,9 @@ def _median_side(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in rounds[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = round(statistics.median(r[key] for r in rounds), 3)
-    if "rows_by_table" in rounds[0]:
-        out["rows_by_table"] = rounds[len(rounds) // 2]["rows_by_table"]
+    for key in ("rows_by_table", "wal_by_record"):
+        if key in rounds[0]:
+            out[key] = rounds[len(rounds) // 2][key]
     out["rounds"] = rounds
     return out
 
@@ -398,6 +421,7 @@ def bench_peers(
     repeat: int,
     dbos_concurrency: int,
     dbos_polling: float,
+    settle: float = STATS_SETTLE_S,
 ) -> dict[str, Any]:
     try:
         import dbos  # noqa: F401
@@ -430,9 +454,10 @@ def bench_peers(
             sides: dict[str, list[dict[str, Any]]] = {"saga": [], "dbos": []}
             latency = LATENCY_RUNS if n_steps > 1 else 0
             for _ in range(repeat):
-                sides["saga"].append(_saga_side(saga_settings, pg, n_steps, n_runs, latency))
+                saga_round = _saga_side(saga_settings, pg, n_steps, n_runs, latency, settle)
+                sides["saga"].append(saga_round)
                 sides["dbos"].append(
-                    _dbos_side(pg, n_steps, n_runs, latency, dbos_concurrency, dbos_polling)
+                    _dbos_side(pg, n_steps, n_runs, latency, dbos_concurrency, dbos_polling, settle)
                 )
             saga, dbos_ = _median_side(sides["saga"]), _median_side(sides["dbos"])
             report[name] = {
@@ -484,6 +509,14 @@ def print_table(report: dict[str, Any], out: IO[str]) -> None:
                 continue
             ratio = f"{a / b:.2f}" if b else "-"
             lines.append(f"{label:32} {fmt.format(a):>10} {fmt.format(b):>10} {ratio:>10}")
+        for side in ("saga", "dbos"):
+            records = w[side].get("wal_by_record", {})
+            if records:
+                lines.append(f"{side} WAL per step by record type (records, bytes, FPI bytes):")
+                lines += [
+                    f"  {kind:<28} {r['records']:>6.2f} {r['bytes']:>7.0f} {r['fpi_bytes']:>7.0f}"
+                    for kind, r in records.items()
+                ]
         tables = w["saga"].get("rows_by_table", {})
         if tables:
             lines.append("saga rows per step by table (inserts, updates of which HOT, deletes):")
@@ -514,6 +547,12 @@ def main(argv: Sequence[str], settings: Settings) -> int:
     p.add_argument("--repeat", type=int, default=2, help="rounds per side, interleaved (2)")
     p.add_argument("--dbos-concurrency", type=int, default=8, help="workflows per DBOS worker")
     p.add_argument("--dbos-polling", type=float, default=0.05, help="DBOS queue polling, s")
+    p.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=STATS_SETTLE_S,
+        help="wait for idle backends to report their statistics (10.5; less undercounts)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if min(args.runs, args.repeat, args.dbos_concurrency) < 1 or args.one_step_runs < 0:
@@ -529,6 +568,7 @@ def main(argv: Sequence[str], settings: Settings) -> int:
                 repeat=args.repeat,
                 dbos_concurrency=args.dbos_concurrency,
                 dbos_polling=args.dbos_polling,
+                settle=args.settle_seconds,
             )
 
     errors = (redis.RedisError, psycopg.Error, KombuError, OSError, subprocess.SubprocessError)

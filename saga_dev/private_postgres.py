@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from saga.errors import ConfigurationError
 def _bindir() -> Path:
     on_path = shutil.which("initdb")
     if on_path:
-        return Path(on_path).parent
+        return Path(on_path).resolve().parent  # a symlink's target has the other tools too
     # Debian and Ubuntu keep server binaries out of PATH, one folder per major version.
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=_major, reverse=True)
     if not found:
@@ -54,6 +55,8 @@ def _free_port() -> int:
 class PrivatePostgres:
     url: str  # a superuser connection to the ``postgres`` database
     postmaster_pid: int
+    data_dir: Path
+    bindir: Path
 
     def database_url(self, dbname: str) -> str:
         return self.url.replace("/postgres?", f"/{dbname}?", 1)
@@ -66,6 +69,39 @@ class PrivatePostgres:
         for pid in _children(self.postmaster_pid):
             total += _ticks(pid, children_too=False)
         return total / hz
+
+    def wal_records(self, start: str, end: str) -> dict[str, tuple[int, int, int]]:
+        """WAL between two LSNs by record type: (count, record bytes, full-page-image bytes),
+        from ``pg_waldump --stats=record``; empty when pg_waldump cannot read it."""
+        waldump = self.bindir / "pg_waldump"
+        if not waldump.exists():
+            return {}
+        done = subprocess.run(
+            [
+                self.bindir / "pg_waldump",
+                "--stats=record",
+                "-p",
+                self.data_dir / "pg_wal",
+                "-s",
+                start,
+                "-e",
+                end,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        found: dict[str, tuple[int, int, int]] = {}
+        for line in done.stdout.splitlines():
+            m = _WALDUMP_LINE.match(line)
+            if m:
+                found[m["type"]] = (int(m["n"]), int(m["rec"]), int(m["fpi"]))
+        return found
+
+
+_WALDUMP_LINE = re.compile(
+    r"^(?P<type>\S+/\S+)\s+(?P<n>\d+)\s+\(\s*[\d.]+\)\s+(?P<rec>\d+)\s+\(\s*[\d.]+\)"
+    r"\s+(?P<fpi>\d+)"
+)
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -121,7 +157,8 @@ def private_postgres(max_connections: int = 200) -> Iterator[PrivatePostgres]:
         )
         try:
             pid = int((data / "postmaster.pid").read_text().split()[0])
-            yield PrivatePostgres(f"postgresql://postgres@/postgres?host={sock}&port={port}", pid)
+            url = f"postgresql://postgres@/postgres?host={sock}&port={port}"
+            yield PrivatePostgres(url, pid, data, bindir)
         finally:
             subprocess.run(
                 [bindir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"],

@@ -1,0 +1,3 @@
+-- Placeholder on the retention branch for a migration another helper owns: drop it when the real
+-- 0007 migration is merged (two files of one version are refused, so a forgotten one fails).
+SELECT 1;
