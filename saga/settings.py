@@ -58,11 +58,6 @@ class Settings(BaseSettings):
         description="Largest JSON-encoded run input or event payload accepted (it is journaled "
         "and handed to steps).",
     )
-    fast_path_grace_seconds: PositiveFloat = Field(
-        default=5.0,
-        description="A row a worker publishes itself right after commit is left to the relay "
-        "only after this long.",
-    )
     relay_batch_size: PositiveInt = Field(default=200, description="Outbox rows per publish batch.")
     relay_poll_seconds: PositiveFloat = Field(
         default=1.0, description="Relay/sweeper polling interval when no NOTIFY arrives."

@@ -31,7 +31,7 @@ from saga.states import RunState, StepKind, StepState
 from saga.store import PostgresStore, open_pool
 from saga.workers.calling import call_step
 from saga.workers.lease import LeaseKeeper
-from saga.workers.publish import CeleryPublisher, PendingMarks
+from saga.workers.publish import CeleryPublisher
 from saga.workflow import Workflow
 
 log = logging.getLogger("saga.worker")
@@ -54,9 +54,6 @@ class StepExecutor:
             key_prefix=settings.key_prefix,
         )
         self.publisher = CeleryPublisher(app)
-        self.marks = PendingMarks(
-            self.store.mark_published, flush_after=settings.fast_path_grace_seconds / 5
-        )
         # host:pid, and a token of this boot: a restarted container with the same host name and
         # pid is another worker (the registry must see the old one die).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -88,7 +85,6 @@ class StepExecutor:
         msg = parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
         owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
-        published = self.marks.take()
         claim = self._durably(
             "claiming",
             lambda: self.store.claim_step(
@@ -96,7 +92,6 @@ class StepExecutor:
                 msg.step_key,
                 owner=owner,
                 lease=self.settings.lease_seconds,
-                published=published,
             ),
         )
         if claim is None:
@@ -216,7 +211,7 @@ class StepExecutor:
                     claim,
                     result_json,
                     self._advance,
-                    fast_path_delay=self.settings.fast_path_grace_seconds,
+                    fast_path=True,
                     read_journal=self._replays(claim),
                 ),
                 claim,
@@ -286,7 +281,7 @@ class StepExecutor:
                     error,
                     retry_in=retry_in,
                     advance=advance,
-                    fast_path_delay=self.settings.fast_path_grace_seconds,
+                    fast_path=True,
                     read_journal=self._replays(claim),
                 ),
                 claim,
@@ -328,15 +323,19 @@ class StepExecutor:
             return False
 
     def _publish_now(self, messages: list[OutboxMessage]) -> None:
-        """The fast path: publish right after commit. The relay remains the guarantee."""
+        """The fast path: publish right after commit. What cannot be published goes to the
+        relay through outbox rows; if even that fails, the sweeper sends the messages again
+        from the journal rows they were committed with (``PostgresStore._outcome``)."""
         if not messages:
             return
         try:
             self.publisher.publish(messages)
-        except Exception as exc:  # kombu raises many types; the relay will publish
+        except Exception as exc:  # kombu raises many types
             log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
-            return
-        self.marks.add(messages)
+            try:
+                self.store.relay_later(messages)
+            except StoreError as store_exc:
+                log.warning("the sweeper will send them again: %s", store_exc)
 
     def _trace_backoff(self, claim: Claim) -> None:
         """A span for the wait before this retry: from the journaled failure of the previous
