@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from saga import strict_json
+from saga import logs, strict_json
 from saga.agent.llm import ModelSettings
 from saga.errors import ConfigurationError, InputError, SagaError
 from saga.migrate import require_schema as _require_schema
@@ -61,6 +61,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     run_checks(app)  # here, so that what fails says `saga: error:` and exits 2 before Celery
+    port = args.http_port if args.http_port is not None else settings.http_port
+    if port is not None:
+        from saga.workers.probe import serve_worker
+
+        serve_worker(app, settings, port, args.pool)  # before the pool forks and telemetry
     argv = [
         "worker",
         f"--loglevel={args.loglevel}",
@@ -110,6 +115,12 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     # Publish as the workers' app does (TLS, transport options, queue declarations).
     app = _user_app(args.app) if args.app else create_app(settings)
     check_broker(app)
+    port = args.http_port if args.http_port is not None else settings.http_port
+    liveness = None
+    if port is not None:
+        from saga.workers.probe import serve_relay
+
+        _, liveness = serve_relay(app, settings, port)
     _, metrics_on = telemetry.configure_sdk("saga-relay")
     tracing.export_exception_details(settings.trace_exception_details)
     if metrics_on:
@@ -149,7 +160,13 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         {state.value: age for state, age in policy(settings).items()} or "off",
     )
     try:
-        relay.run(stop, also=_soonest(ticks) if ticks else None)
+        relay.run(
+            stop,
+            also=_soonest(ticks) if ticks else None,
+            heartbeat=None
+            if liveness is None
+            else lambda: liveness.tick("relay", RELAY_BOUND_SECONDS + settings.relay_poll_seconds),
+        )
     except PublishingImpossible as exc:
         raise ConfigurationError(str(exc)) from exc
     finally:
@@ -196,6 +213,32 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
         )
     print(f"{verb} {report.total_runs} finished runs in all")
     return 0
+
+
+RELAY_BOUND_SECONDS = 30.0  # the relay's loop silent this long (plus a poll): not alive
+
+
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """An exec probe: 0 when Postgres and the broker answer and the schema is current, else 1
+    with the reason on one line (or the checks as JSON)."""
+    from saga import health
+    from saga.workers.app import create_app
+
+    try:
+        app: Any = create_app(settings)
+    except ConfigurationError as exc:
+        checks = [
+            *health.check_database(settings.database_url, args.timeout),
+            health.Check("broker", False, str(exc)),
+        ]
+    else:
+        checks = health.readiness(settings.database_url, app, args.timeout)
+    ok = all(c.ok for c in checks)
+    if args.json:
+        print(json.dumps(health.as_json(checks)))
+    else:
+        print(health.summary(checks), file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def _json_option(option: str, text: str) -> Any:
@@ -314,6 +357,12 @@ def cmd_dev_tool(settings: Settings, args: argparse.Namespace) -> int:
     return int(tools.main(args.command, args.dev_args, settings))
 
 
+HTTP_PORT_HELP = (
+    "serve /healthz, /readyz and /metrics on this port (SAGA_HTTP_PORT; bound to SAGA_HTTP_HOST, "
+    "127.0.0.1 by default)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saga", description="Durable sagas on Celery and Postgres.", epilog=ENV_HELP
@@ -332,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--queues",
         help="comma-separated queues to read (default SAGA_QUEUE), e.g. -Q saga,gpu",
     )
+    w.add_argument("--http-port", type=int, help=HTTP_PORT_HELP)
     r = sub.add_parser(
         "relay", help="publish the outbox and re-dispatch due steps", epilog=ENV_HELP
     )
@@ -349,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     p.add_argument("--json", action="store_true")
+    r.add_argument("--http-port", type=int, help=HTTP_PORT_HELP)
+    hc = sub.add_parser(
+        "health",
+        help="exit 0 when Postgres and the broker answer and the schema is current (a probe)",
+        epilog=ENV_HELP,
+    )
+    hc.add_argument("--json", action="store_true", help="the checks as one JSON object")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds per check (default 3)")
     s = sub.add_parser("start", help="start a run of MODULE:SAGA", epilog=ENV_HELP)
     s.add_argument("saga", metavar="MODULE:SAGA")
     s.add_argument("--input", default="null", help="the run's input as JSON")
@@ -385,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "migrate": cmd_migrate,
+    "health": cmd_health,
     "worker": cmd_worker,
     "relay": cmd_relay,
     "start": cmd_start,
@@ -425,17 +484,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and args.command not in DEV_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.dev_args = rest
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(args.log_level, "text")  # until the settings say which format
     # Definitions are imported by path, as Celery does: the working folder is importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for problem in unknown_variables(os.environ):
         logging.getLogger("saga").warning("ignored: %s", problem)
     try:
+        settings = _settings()
+        if settings.log_format != "text":
+            logs.configure(args.log_level, settings.log_format)
+        if args.command == "health":  # a probe checks what is configured, never embedded servers
+            return cmd_health(settings, args)
         from_app = args.command == "relay" and bool(args.app)
-        settings = resolve(_settings(), broker=not from_app)
+        settings = resolve(settings, broker=not from_app)
         handler: Any = COMMANDS[args.command]
         return int(handler(settings, args))
     except SagaError as exc:

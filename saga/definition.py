@@ -343,15 +343,17 @@ class StepOptions:
             raise DefinitionError(f"{where}: timeout must be positive, got {self.timeout_seconds}")
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "retry": self.retry.to_json(),
-            "timeout_seconds": self.timeout_seconds,
-            "pivot": self.pivot,
-            "compensate_retry": None
-            if self.compensate_retry is None
-            else self.compensate_retry.to_json(),
-        }
-        # Absent when unset: journaled options stay as they were before these existed.
+        """What differs from the defaults (``from_json`` fills them in): the options ride in
+        the step's journal row, which every claim and outcome writes again whole."""
+        data: dict[str, Any] = {}
+        if self.retry != RetryPolicy():
+            data["retry"] = self.retry.changes()
+        if self.timeout_seconds is not None:
+            data["timeout_seconds"] = self.timeout_seconds
+        if self.pivot:
+            data["pivot"] = True
+        if self.compensate_retry is not None:
+            data["compensate_retry"] = self.compensate_retry.changes()
         if self.queue is not None:
             data["queue"] = self.queue
         if self.undo is not None:

@@ -368,6 +368,28 @@ WHERE state IN ('running', 'compensating')
 GROUP BY saga_name, state
 """
 
+# Dispatched steps whose message was not claimed within the dispatch timeout (their due_at has
+# passed; the sweeper sends them again): served by saga_steps_due.
+OVERDUE_STEPS: LiteralString = """
+SELECT count(*) AS steps FROM saga_steps WHERE state = 'dispatched' AND due_at <= now()
+"""
+
+# Runs stopped in compensation_failed, waiting for an operator. No index serves it (final states
+# are not indexed): saga.metrics reads it at most once a minute. A partial index ON saga_runs
+# (saga_name) WHERE state = 'compensation_failed' would make it cheap at any table size.
+COMPENSATION_FAILED_RUNS: LiteralString = """
+SELECT saga_name, count(*) AS runs FROM saga_runs
+WHERE state = 'compensation_failed'
+GROUP BY saga_name
+"""
+
+# Workers whose heart beat within their lease, per queue.
+LIVE_WORKERS: LiteralString = """
+SELECT queue, count(*) AS workers FROM saga_workers, unnest(queues) AS queue
+WHERE seen_at >= now() - silence_seconds * interval '1 second'
+GROUP BY queue
+"""
+
 # -- schema migrations (saga.migrate) ---------------------------------------------------------
 
 # The advisory lock that serialises migrations of one database (an arbitrary constant).

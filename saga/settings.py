@@ -58,11 +58,6 @@ class Settings(BaseSettings):
         description="Largest JSON-encoded run input or event payload accepted (it is journaled "
         "and handed to steps).",
     )
-    fast_path_grace_seconds: PositiveFloat = Field(
-        default=5.0,
-        description="A row a worker publishes itself right after commit is left to the relay "
-        "only after this long.",
-    )
     relay_batch_size: PositiveInt = Field(default=200, description="Outbox rows per publish batch.")
     relay_poll_seconds: PositiveFloat = Field(
         default=1.0, description="Relay/sweeper polling interval when no NOTIFY arrives."
@@ -199,6 +194,24 @@ class Settings(BaseSettings):
         description="How long a stopping worker (SIGTERM, warm shutdown) waits for its running "
         "steps before it kills them and exits 1; their leases then run out and other workers "
         "take them over. Keep it under your orchestrator's own grace (Kubernetes: 30 s).",
+    )
+
+    # Operations: probes, /metrics, log format (saga/probes.py, saga/logs.py).
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the worker's or relay's /healthz, /readyz and /metrics; unset means "
+        "no HTTP server (`--http-port` overrides it).",
+    )
+    http_host: str = Field(
+        default="127.0.0.1",
+        description="Address the probe server binds to; 0.0.0.0 to be scraped from elsewhere.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log records as text lines or one JSON object per line; both carry the run "
+        "id, step key, attempt, trace id and span id of the step being run.",
     )
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:

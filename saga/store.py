@@ -26,7 +26,7 @@ from saga.errors import RunConflictError, RunNotFoundError, WaitTimeoutError
 from saga.failures import ErrorType, error_record
 from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
-from saga.outbox.writer import add_messages, mark_published
+from saga.outbox.writer import add_messages
 
 # Re-exported (``X as X``): callers written before the records had a module import them here.
 from saga.records import Claim as Claim
@@ -239,12 +239,9 @@ class PostgresStore:
         *,
         owner: str,
         lease: float,
-        published: Sequence[uuid.UUID] = (),
     ) -> Claim | None:
         """Take one attempt of the step, or None if it is not claimable (already running,
-        completed, failed, its run has ended, or it does not exist). Outbox rows in
-        ``published`` (sent earlier by this process) are marked published in the same round
-        trip."""
+        completed, failed, its run has ended, or it does not exist)."""
         params = {"run_id": run_id, "step_key": step_key, "owner": owner, "lease": lease}
         with (
             translated(f"claiming step {step_key!r} of run {run_id!r}"),
@@ -253,13 +250,7 @@ class PostgresStore:
             # Committed synchronously (the pool's connections do): the claim is on disk before
             # the step runs.
             cur = conn.cursor(row_factory=class_row(Claim))
-            if published:
-                with conn.pipeline():  # both statements, one Sync; results read after it
-                    mark_published(conn, published)
-                    cur.execute(q.CLAIM_STEP, params)
-            else:
-                cur.execute(q.CLAIM_STEP, params)
-            return cur.fetchone()
+            return cur.execute(q.CLAIM_STEP, params).fetchone()
 
     def step_state(self, run_id: str, step_key: str) -> StepSnapshot | None:
         """The step and its run as they are, for explaining why a claim was refused."""
@@ -286,14 +277,15 @@ class PostgresStore:
         result_json: str,
         advance: Advance,
         *,
-        fast_path_delay: float,
+        fast_path: bool,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         """Journal the step's result and what the coordinator decides from it, in one
-        transaction; returns the messages it caused. Their outbox rows are left to the caller's
-        fast path for ``fast_path_delay`` seconds. Raises Fenced when the attempt lost its
-        lease or the run moved on. ``read_journal``: the coordinator will read the journal (a
-        workflow replays), so the read goes out with the run lock, saving a round trip."""
+        transaction; returns the messages it caused. With ``fast_path`` the caller publishes
+        them itself after the commit, and they get no outbox rows (see ``_outcome``). Raises
+        Fenced when the attempt lost its lease or the run moved on. ``read_journal``: the
+        coordinator will read the journal (a workflow replays), so the read goes out with the
+        run lock, saving a round trip."""
 
         def outcome(tx: RunTransaction, state: str) -> None:
             tx.completed = JournalRow(
@@ -320,7 +312,7 @@ class PostgresStore:
             q.COMPLETE_STEP,
             {"result": result_json},
             outcome,
-            fast_path_delay,
+            fast_path,
             read_journal,
         )
 
@@ -331,7 +323,7 @@ class PostgresStore:
         *,
         retry_in: float | None,
         advance: Advance,
-        fast_path_delay: float = 0.0,
+        fast_path: bool = False,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         """Record a failed attempt: retried after ``retry_in`` seconds, or (None) failed for
@@ -354,7 +346,7 @@ class PostgresStore:
                 "error": Jsonb({**error, "retryable": retry_in is not None}),
             },
             outcome,
-            fast_path_delay,
+            fast_path,
             read_journal and retry_in is None,
         )
 
@@ -365,11 +357,19 @@ class PostgresStore:
         fence_query: LiteralString,
         fence_params: dict[str, Any],
         body: Callable[[RunTransaction, str], None],
-        fast_path_delay: float,
+        fast_path: bool,
         read_journal: bool,
     ) -> list[OutboxMessage]:
         """The outcome transaction, pipelined: the run lock and the fenced step update go in
-        one round trip, what the coordinator writes and the commit in another."""
+        one round trip, what the coordinator writes and the commit in another.
+
+        Every message a run transaction causes is backed by a journal row committed with it: a
+        dispatched step's ``due_at``, a run's ``advance_due_at``; the sweeper sends again what
+        is not claimed by then. So a fast path (the worker publishing right after commit) needs
+        no outbox row: the row would only be written, marked published and deleted, three row
+        versions and a third of a step's WAL, for the rare publish that fails (which
+        ``relay_later`` then hands to the relay) or a worker dying between commit and publish
+        (the dead worker's dispatched steps are sent again after a lease)."""
         where = f"{action} step {claim.step_key!r} of run {claim.run_id!r}"
         key = {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt}
         with (
@@ -400,7 +400,8 @@ class PostgresStore:
                 prefetched,
             )
             body(tx, fenced["state"])
-            add_messages(run_cur, tx.messages, delay_seconds=fast_path_delay)
+            if not fast_path:
+                add_messages(run_cur, tx.messages)
         tx.committed()
         return tx.messages
 
@@ -410,9 +411,15 @@ class PostgresStore:
             tx.advancing()
             advance(tx)
 
-    def mark_published(self, message_ids: Sequence[uuid.UUID]) -> None:
-        with translated("marking outbox rows published"), self._pool.connection() as conn:
-            mark_published(conn, message_ids)
+    def relay_later(self, messages: Sequence[OutboxMessage]) -> None:
+        """Outbox rows for messages a fast path could not publish: the relay sends them now."""
+        with (
+            translated("handing messages to the relay"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            add_messages(cur, messages)
 
     # -- events and operators -----------------------------------------------------------------
 

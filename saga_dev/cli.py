@@ -93,6 +93,10 @@ def main(command: str, argv: Sequence[str], settings: Settings) -> int:
         from saga_dev.bench_retention import main as retention_main
 
         return retention_main(argv[1:], settings)
+    if command == "bench" and list(argv[:1]) == ["peers"]:
+        from saga_dev.bench_peers import main as peers_main
+
+        return peers_main(argv[1:], settings)
     if command == "bench":
         return run_bench(settings, bench_parser().parse_args(argv))
     raise ConfigurationError(f"no development tool is called {command!r}")

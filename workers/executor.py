@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from celery import Celery
 from pydantic import ValidationError
 
-from saga import coordinator, tracing
+from saga import coordinator, logs, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref
 from saga.errors import RunNotFoundError, StoreError, StoreRejectedError, UnknownSagaError
 from saga.failures import ErrorRecord, ErrorType, error_record
@@ -31,7 +31,7 @@ from saga.states import RunState, StepKind, StepState
 from saga.store import PostgresStore, open_pool
 from saga.workers.calling import call_step
 from saga.workers.lease import LeaseKeeper
-from saga.workers.publish import CeleryPublisher, PendingMarks
+from saga.workers.publish import CeleryPublisher
 from saga.workflow import Workflow
 
 log = logging.getLogger("saga.worker")
@@ -56,15 +56,21 @@ class StepExecutor:
             key_prefix=settings.key_prefix,
         )
         self.publisher = CeleryPublisher(app)
-        self.marks = PendingMarks(
-            self.store.mark_published, flush_after=settings.fast_path_grace_seconds / 5
-        )
         # host:pid, and a token of this boot: a restarted container with the same host name and
         # pid is another worker (the registry must see the old one die).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        liveness = getattr(app, "saga_liveness", None)  # set when the worker serves probes
         # The registry recovers the queues this worker reads (``-Q a,b``) when it dies.
-        queues = list(queues or [settings.queue])
-        self.leases = LeaseKeeper(self.store, settings.lease_seconds, self.owner, queues)
+        self.leases = LeaseKeeper(
+            self.store,
+            settings.lease_seconds,
+            self.owner,
+            list(queues or [settings.queue]),
+            on_beat=None
+            if liveness is None
+            # A solo pool's loop is held by a long step; this thread still beats.
+            else lambda: liveness.tick("heartbeat", settings.lease_seconds),
+        )
         self.leases.start()
         self._advance = functools.partial(coordinator.advance, load=load_definition)
         self._system = tracing.messaging_system(app.conf.broker_url)
@@ -84,7 +90,6 @@ class StepExecutor:
         msg = parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
         owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
-        published = self.marks.take()
         claim = self._durably(
             "claiming",
             lambda: self.store.claim_step(
@@ -92,20 +97,27 @@ class StepExecutor:
                 msg.step_key,
                 owner=owner,
                 lease=self.settings.lease_seconds,
-                published=published,
             ),
         )
         if claim is None:
             self._explain_refusal(msg, task_id, headers)
             return None
-        with tracing.attempt(
-            claim,
-            headers,
-            queue=self.settings.queue,
-            system=self._system,
-            message_id=task_id,
-            received_ns=received_ns,
-        ) as trace:
+        with (
+            tracing.attempt(
+                claim,
+                headers,
+                queue=self.settings.queue,
+                system=self._system,
+                message_id=task_id,
+                received_ns=received_ns,
+            ) as trace,
+            logs.bound_step(
+                claim.run_id,
+                claim.step_key,
+                claim.attempt,
+                logs.trace_id_of((claim.trace_context or {}).get("traceparent")),
+            ),
+        ):
             self._execute_claimed(claim)
         return trace
 
@@ -205,7 +217,7 @@ class StepExecutor:
                     claim,
                     result_json,
                     self._advance,
-                    fast_path_delay=self.settings.fast_path_grace_seconds,
+                    fast_path=True,
                     read_journal=self._replays(claim),
                 ),
                 claim,
@@ -275,7 +287,7 @@ class StepExecutor:
                     error,
                     retry_in=retry_in,
                     advance=advance,
-                    fast_path_delay=self.settings.fast_path_grace_seconds,
+                    fast_path=True,
                     read_journal=self._replays(claim),
                 ),
                 claim,
@@ -317,15 +329,19 @@ class StepExecutor:
             return False
 
     def _publish_now(self, messages: list[OutboxMessage]) -> None:
-        """The fast path: publish right after commit. The relay remains the guarantee."""
+        """The fast path: publish right after commit. What cannot be published goes to the
+        relay through outbox rows; if even that fails, the sweeper sends the messages again
+        from the journal rows they were committed with (``PostgresStore._outcome``)."""
         if not messages:
             return
         try:
             self.publisher.publish(messages)
-        except Exception as exc:  # kombu raises many types; the relay will publish
+        except Exception as exc:  # kombu raises many types
             log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
-            return
-        self.marks.add(messages)
+            try:
+                self.store.relay_later(messages)
+            except StoreError as store_exc:
+                log.warning("the sweeper will send them again: %s", store_exc)
 
     def _trace_backoff(self, claim: Claim) -> None:
         """A span for the wait before this retry: from the journaled failure of the previous

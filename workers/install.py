@@ -111,11 +111,10 @@ def client_for(app: Celery) -> Any:
 
 
 def _close(made: dict[str, Any]) -> None:
-    """At process exit: mark the fast path's last publishes (else a relay sends them again, a
-    fenced duplicate), leave the worker registry, close the client's pool."""
+    """At process exit: stop renewing leases, leave the worker registry, close the client's
+    pool."""
     executor, client = made.get("executor"), made.get("client")
     if executor is not None:
-        executor.marks.flush()
         executor.leases.stop()
     if client is not None:
         client.close()

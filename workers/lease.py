@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from saga.errors import StoreError
 from saga.records import Claim
@@ -24,7 +24,12 @@ class LeaseKeeper:
     """
 
     def __init__(
-        self, store: PostgresStore, lease_seconds: float, owner: str, queues: Sequence[str]
+        self,
+        store: PostgresStore,
+        lease_seconds: float,
+        owner: str,
+        queues: Sequence[str],
+        on_beat: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._lease = lease_seconds
@@ -33,6 +38,7 @@ class LeaseKeeper:
         self._held: dict[int, Claim] = {}  # by the pool thread running it
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._on_beat = on_beat or (lambda: None)  # the liveness probe: this loop turns
 
     def start(self) -> None:
         """Register the process (before it claims anything) and start beating."""
@@ -67,6 +73,7 @@ class LeaseKeeper:
                 self._beat()
             except StoreError as exc:
                 log.warning("could not record this worker's heartbeat: %s", exc)
+            self._on_beat()
 
     def _beat(self) -> None:
         self._store.worker_heartbeat(self._owner, self._queues, self._lease)

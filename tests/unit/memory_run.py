@@ -506,7 +506,7 @@ class Sim:
                 tx.completed = None
             self._advance(tx)
 
-        self.store.complete_step(self._claimed(step_key), text, advance, fast_path_delay=0.0)
+        self.store.complete_step(self._claimed(step_key), text, advance, fast_path=False)
 
     def fail(
         self,
@@ -708,7 +708,6 @@ class MemoryStore:
         *,
         owner: str,
         lease: float,
-        published: Sequence[uuid.UUID] = (),
     ) -> Claim | None:
         """CLAIM_STEP: a dispatched step, a pending one whose time has come, or the same
         owner's running one, of a kind its run's state lets run."""
@@ -767,7 +766,7 @@ class MemoryStore:
         result_json: str,
         advance: Callable[[Any], None],
         *,
-        fast_path_delay: float,
+        fast_path: bool,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         def update(tx: MemoryRunTx, row: StepRow) -> None:  # COMPLETE_STEP
@@ -802,7 +801,7 @@ class MemoryStore:
         *,
         retry_in: float | None,
         advance: Callable[[Any], None],
-        fast_path_delay: float = 0.0,
+        fast_path: bool = False,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         def update(tx: MemoryRunTx, row: StepRow) -> None:  # FAIL_ATTEMPT
