@@ -272,3 +272,12 @@ def test_a_malformed_broadcast_is_dropped_before_celery_sees_it(body: Any) -> No
     step.box.on_message(body, None)
     step.box.on_message({"method": "ping", "arguments": {}, "reply_to": None}, None)
     assert step.box.received == [{"method": "ping", "arguments": {}, "reply_to": None}]
+
+
+def test_saga_celery_does_not_shadow_the_celery_package() -> None:
+    import celery
+
+    from saga.workers import install
+
+    assert celery.__name__ == "celery" and celery.__file__ != saga.celery.__file__
+    assert install.Celery is celery.Celery  # `from celery import ...` in saga's own modules
