@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from pydantic import ValidationError
 from saga import logs, strict_json
 from saga.agent.llm import ModelSettings
 from saga.errors import ConfigurationError, InputError, SagaError
+from saga.migrate import require_schema as _require_schema
 from saga.settings import Settings, unknown_variables
 from saga.states import RunState
 
@@ -30,9 +30,10 @@ ENV_HELP = (
 )
 
 
-def resolve(settings: Settings) -> Settings:
-    """Fill unset database and broker URLs with the embedded servers (started if needed)."""
-    if settings.database_url and settings.broker_url:
+def resolve(settings: Settings, *, broker: bool = True) -> Settings:
+    """Fill unset database and broker URLs with the embedded servers (started if needed);
+    not the broker when it comes from the user's app (``broker`` false)."""
+    if settings.database_url and (settings.broker_url or not broker):
         return settings
     from saga.embedded import start_embedded
 
@@ -40,7 +41,7 @@ def resolve(settings: Settings) -> Settings:
     return settings.model_copy(
         update={
             "database_url": settings.database_url or services.database_url,
-            "broker_url": settings.broker_url or services.broker_url,
+            "broker_url": settings.broker_url or (services.broker_url if broker else None),
         }
     )
 
@@ -54,77 +55,22 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_schema(database_url: str | None) -> None:
-    """Refuse to start on a database behind this code's migrations: every outcome would fail
-    after its step had run."""
-    import psycopg
-
-    from saga.migrate import check_schema
-
-    assert database_url, "resolve() fills it"
-    # Postgres restarting or not up yet is waited for, as a broker that is down is; anything
-    # else (a refused login, a missing database, a schema behind) stops the process at once.
-    delay, deadline = 0.5, time.monotonic() + _WAIT_FOR_POSTGRES
-    while True:
-        try:
-            with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
-                check_schema(conn)
-            return
-        except psycopg.OperationalError as exc:
-            if not _still_starting(exc) or time.monotonic() + delay > deadline:
-                raise SagaError(f"cannot check the database schema: {exc}") from exc
-            logging.getLogger("saga").warning("Postgres does not answer yet (%s); waiting", exc)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        except psycopg.Error as exc:
-            raise SagaError(f"cannot check the database schema: {exc}") from exc
-
-
-_WAIT_FOR_POSTGRES = 120.0  # seconds a starting worker or relay waits for Postgres to answer
-
-
-def _still_starting(exc: Exception) -> bool:
-    """A connection refused, or a server starting up or shutting down: it may answer soon."""
-    if getattr(exc, "sqlstate", None) == "57P03":  # cannot_connect_now
-        return True
-    text = str(exc)
-    return any(
-        hint in text
-        for hint in (
-            "Connection refused",
-            "No such file or directory",  # its Unix socket is not there yet
-            "the database system is starting up",
-            "the database system is shutting down",
-            "the database system is in recovery mode",
-            "server closed the connection unexpectedly",
-            "timeout expired",
-        )
-    )
-
-
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from saga.workers import telemetry
-    from saga.workers.app import assert_safe, create_app, install_shutdown_hooks
-    from saga.workers.broker import check_broker
+    from saga.workers.app import create_app, run_celery
+    from saga.workers.install import run_checks
 
-    _require_schema(settings.database_url)
     app = create_app(settings)
-    assert_safe(app)
-    check_broker(app)
-    install_shutdown_hooks(app)
+    run_checks(app)  # here, so that what fails says `saga: error:` and exits 2 before Celery
     port = args.http_port if args.http_port is not None else settings.http_port
     if port is not None:
         from saga.workers.probe import serve_worker
 
         serve_worker(app, settings, port, args.pool)  # before the pool forks and telemetry
-    telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
-    if args.pool == "threads":
-        telemetry.configure_sdk("saga-worker")
     argv = [
         "worker",
         f"--loglevel={args.loglevel}",
         "-Q",
-        settings.queue,
+        args.queues or settings.queue,
         f"--pool={args.pool}",
         "--without-gossip",
         "--without-mingle",
@@ -135,7 +81,22 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         argv.append(f"--hostname={args.hostname}")
     if args.max_tasks_per_child:
         argv.append(f"--max-tasks-per-child={args.max_tasks_per_child}")
-    return app.start(argv)  # the worker's exit status: non-zero after an unrecoverable error
+    return run_celery(app, argv)  # the worker's exit status: non-zero after an unrecoverable error
+
+
+def _user_app(ref: str) -> Any:
+    """The Celery app ``MODULE:ATTRIBUTE`` (or ``MODULE``, as ``celery -A`` takes it), with the
+    engine installed on it."""
+    from celery.app.utils import find_app
+
+    from saga.workers.registry import installation
+
+    try:
+        app = find_app(ref)
+    except Exception as exc:  # an import error, or no app there
+        raise ConfigurationError(f"--app {ref!r} names no Celery app: {exc}") from None
+    installation(app)  # ConfigurationError unless saga.celery.install(app) was called
+    return app
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
@@ -151,7 +112,8 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
 
     assert settings.database_url
     _require_schema(settings.database_url)
-    app = create_app(settings)
+    # Publish as the workers' app does (TLS, transport options, queue declarations).
+    app = _user_app(args.app) if args.app else create_app(settings)
     check_broker(app)
     port = args.http_port if args.http_port is not None else settings.http_port
     liveness = None
@@ -414,11 +376,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hostname")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--max-tasks-per-child", type=int)
+    w.add_argument(
+        "-Q",
+        "--queues",
+        help="comma-separated queues to read (default SAGA_QUEUE), e.g. -Q saga,gpu",
+    )
     w.add_argument("--http-port", type=int, help=HTTP_PORT_HELP)
     r = sub.add_parser(
         "relay", help="publish the outbox and re-dispatch due steps", epilog=ENV_HELP
     )
     r.add_argument("--no-sweeper", action="store_true", help="publish only; no recovery sweeps")
+    r.add_argument(
+        "-A",
+        "--app",
+        help="publish through your Celery app MODULE[:APP] (saga.celery.install called on it), "
+        "with its broker and options; SAGA_BROKER_URL is then not needed",
+    )
     p = sub.add_parser(
         "prune",
         help="delete finished runs past their retention (SAGA_RETENTION_<STATE>_SECONDS)",
@@ -523,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs.configure(args.log_level, settings.log_format)
         if args.command == "health":  # a probe checks what is configured, never embedded servers
             return cmd_health(settings, args)
-        settings = resolve(settings)
+        from_app = args.command == "relay" and bool(args.app)
+        settings = resolve(settings, broker=not from_app)
         handler: Any = COMMANDS[args.command]
         return int(handler(settings, args))
     except SagaError as exc:

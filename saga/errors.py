@@ -75,3 +75,8 @@ class MigrationError(SagaError):
 
 class StepTimeoutError(SagaError):
     """A step ran longer than its timeout; the attempt fails and is retried per its policy."""
+
+
+class AttemptFailedError(SagaError):
+    """A step attempt failed; its error is journaled. Raised to Celery only, so that its tools
+    (events, Flower) report the attempt as failed or retried, never as a success."""

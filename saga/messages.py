@@ -10,13 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+)
 
 from saga.errors import MalformedMessageError
 from saga.outbox.message import OutboxMessage
 
 STEP_TASK = "saga.step"
 ADVANCE_TASK = "saga.advance"
+START_TASK = "saga.start"  # starts a run; what Celery beat schedules
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -48,6 +56,21 @@ class AdvanceMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     run_id: RunId
+
+
+class StartMessage(BaseModel):
+    """Start a run (``saga.start``, as Celery beat sends it). ``schedule`` names the beat entry:
+    with the time it fired, it makes the run id, so a tick fired twice starts one run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    saga: Annotated[str, Field(min_length=3, max_length=500), AfterValidator(storable)]
+    input: Any = None
+    schedule: (
+        Annotated[str, Field(min_length=1, max_length=150), AfterValidator(storable)] | None
+    ) = None
+    fired_at: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    run_id: RunId | None = None
+    timeout: PositiveFloat | None = None
 
 
 def step_message(

@@ -7,7 +7,9 @@ transaction-level advisory lock, and the version table is read again after the l
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -108,3 +110,47 @@ def check_schema(conn: psycopg.Connection[Any]) -> None:
         raise MigrationError(
             f"the database schema lacks migrations {sorted(missing)}: run `saga migrate` first"
         )
+
+
+def require_schema(database_url: str | None) -> None:
+    """Refuse to start on a database behind this code's migrations: every outcome would fail
+    after its step had run."""
+    assert database_url, "resolve() fills it"
+    # Postgres restarting or not up yet is waited for, as a broker that is down is; anything
+    # else (a refused login, a missing database, a schema behind) stops the process at once.
+    delay, deadline = 0.5, time.monotonic() + WAIT_FOR_POSTGRES
+    while True:
+        try:
+            with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+                check_schema(conn)
+            return
+        except psycopg.OperationalError as exc:
+            if not still_starting(exc) or time.monotonic() + delay > deadline:
+                raise MigrationError(f"cannot check the database schema: {exc}") from exc
+            logging.getLogger("saga").warning("Postgres does not answer yet (%s); waiting", exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        except psycopg.Error as exc:
+            raise MigrationError(f"cannot check the database schema: {exc}") from exc
+
+
+WAIT_FOR_POSTGRES = 120.0  # seconds a starting worker or relay waits for Postgres to answer
+
+
+def still_starting(exc: Exception) -> bool:
+    """A connection refused, or a server starting up or shutting down: it may answer soon."""
+    if getattr(exc, "sqlstate", None) == "57P03":  # cannot_connect_now
+        return True
+    text = str(exc)
+    return any(
+        hint in text
+        for hint in (
+            "Connection refused",
+            "No such file or directory",  # its Unix socket is not there yet
+            "the database system is starting up",
+            "the database system is shutting down",
+            "the database system is in recovery mode",
+            "server closed the connection unexpectedly",
+            "timeout expired",
+        )
+    )

@@ -76,6 +76,32 @@ class Settings(BaseSettings):
         "and relay sweeper), opened as needed; a threads-pool worker wants one per thread.",
     )
 
+    # Celery-native (issue 11): broker security and scale, Celery's own tools.
+    broker_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle that verifies the broker's TLS certificate (rediss://, amqps://); "
+        "unset: the system's CAs. Verification is always on for those schemes.",
+    )
+    broker_cert_file: Path | None = Field(
+        default=None, description="Client certificate for a TLS broker that asks for one."
+    )
+    broker_key_file: Path | None = Field(
+        default=None, description="Private key of SAGA_BROKER_CERT_FILE."
+    )
+    broker_sentinel_master: str | None = Field(
+        default=None,
+        description="Redis Sentinel master name, for a sentinel:// broker URL (required there).",
+    )
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="RabbitMQ type of the queues the engine declares; quorum needs Celery 5.5+.",
+    )
+    task_events: bool = Field(
+        default=False,
+        description="Workers send Celery task events (Flower, `celery events`), one task per "
+        "step attempt, named saga.step[<step>].",
+    )
+
     # Security: deployment namespace, message signing, exception details in traces.
     key_prefix: str = Field(
         default="",

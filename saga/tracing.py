@@ -329,6 +329,7 @@ class AttemptTrace:
     claim: Claim
     started_ns: int
     outcome: str = "completed"
+    error: str = ""  # "<type>: <message>" of a failed attempt, for Celery's task events
     metric_attrs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -551,6 +552,8 @@ def attempt_failed(exc: BaseException, *, will_retry: bool, record: bool = True)
     if state is None:
         return
     state.outcome = "retry" if will_retry else "failed"
+    # For Celery's task events and log: the message only when exported on purpose.
+    state.error = f"{type(exc).__name__}: {exception_text(exc) if _details else REDACTED}"[:500]
     _record_exception(state.span, exc, event=record)
 
 

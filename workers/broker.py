@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 from celery import Celery
 
@@ -23,6 +24,25 @@ def missing_transport(broker_url: str, exc: ImportError) -> str:
         f"(for kombu's {scheme} transport: pip install 'kombu[{scheme}]'; durable-saga's own "
         f"dependencies bring the redis and amqp transports) and start again"
     )
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    """Whether a failed connection was a TLS certificate that did not verify (redis-py and
+    kombu wrap the ssl error in their own)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(
+            seen
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def check_broker(app: Celery, connect_timeout: float = 5.0) -> None:
@@ -51,6 +71,12 @@ def check_broker(app: Celery, connect_timeout: float = 5.0) -> None:
                     f"password and vhost or database in SAGA_BROKER_URL"
                 ) from None
             except Exception as exc:  # down or unreachable: the usual retries take over
+                if _untrusted_certificate(exc):
+                    raise ConfigurationError(
+                        f"the broker at {conn.as_uri()} (SAGA_BROKER_URL) presented a TLS "
+                        f"certificate this client does not trust ({_one_line(exc)}). Retrying "
+                        f"cannot fix this: set SAGA_BROKER_CA_FILE to the CA that signed it"
+                    ) from None
                 log.warning("the broker does not answer yet (%s); retrying as usual", exc)
     except ImportError as exc:
         raise ConfigurationError(missing_transport(url, exc)) from exc

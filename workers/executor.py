@@ -42,7 +42,9 @@ T = TypeVar("T")
 class StepExecutor:
     """Per-process: owns this process's Postgres pool, publisher and lease keeper."""
 
-    def __init__(self, settings: Settings, app: Celery) -> None:
+    def __init__(
+        self, settings: Settings, app: Celery, queues: Sequence[str] | None = None
+    ) -> None:
         assert settings.database_url, "the worker entry point checks this"
         self.settings = settings
         tracing.export_exception_details(settings.trace_exception_details)
@@ -58,11 +60,12 @@ class StepExecutor:
         # pid is another worker (the registry must see the old one die).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         liveness = getattr(app, "saga_liveness", None)  # set when the worker serves probes
+        # The registry recovers the queues this worker reads (``-Q a,b``) when it dies.
         self.leases = LeaseKeeper(
             self.store,
             settings.lease_seconds,
             self.owner,
-            [settings.queue],
+            list(queues or [settings.queue]),
             on_beat=None
             if liveness is None
             # A solo pool's loop is held by a long step; this thread still beats.
@@ -80,7 +83,9 @@ class StepExecutor:
         kwargs: Mapping[str, Any],
         task_id: str | None,
         headers: Mapping[str, Any] | None = None,
-    ) -> None:
+    ) -> tracing.AttemptTrace | None:
+        """Run the attempt the message names; its trace (``outcome``: completed, retry,
+        failed, fenced), or None when there was nothing to run (a duplicate, a stale one)."""
         received_ns = time.time_ns()
         msg = parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
@@ -96,7 +101,7 @@ class StepExecutor:
         )
         if claim is None:
             self._explain_refusal(msg, task_id, headers)
-            return
+            return None
         with (
             tracing.attempt(
                 claim,
@@ -105,7 +110,7 @@ class StepExecutor:
                 system=self._system,
                 message_id=task_id,
                 received_ns=received_ns,
-            ),
+            ) as trace,
             logs.bound_step(
                 claim.run_id,
                 claim.step_key,
@@ -114,6 +119,7 @@ class StepExecutor:
             ),
         ):
             self._execute_claimed(claim)
+        return trace
 
     def _execute_claimed(self, claim: Claim) -> None:
         if claim.attempt > 1 and tracing.recording():

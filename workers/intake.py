@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Mapping
@@ -37,13 +38,27 @@ from kombu.transport.virtual import Message as VirtualMessage
 from pydantic import BaseModel
 
 from saga.errors import MalformedMessageError, UnsignedMessageError
-from saga.messages import ADVANCE_TASK, STEP_TASK, AdvanceMessage, StepMessage, parse
+from saga.keys import COMPENSATION_PREFIX
+from saga.messages import (
+    ADVANCE_TASK,
+    START_TASK,
+    STEP_TASK,
+    AdvanceMessage,
+    StartMessage,
+    StepMessage,
+    parse,
+)
 from saga.metrics import message_rejected
 from saga.signing import MessageKeys
+from saga.workers.registry import installed
 
 log = logging.getLogger("saga.worker")
 
-MODELS: dict[str, type[BaseModel]] = {STEP_TASK: StepMessage, ADVANCE_TASK: AdvanceMessage}
+MODELS: dict[str, type[BaseModel]] = {
+    STEP_TASK: StepMessage,
+    ADVANCE_TASK: AdvanceMessage,
+    START_TASK: StartMessage,
+}
 
 # The engine's bodies are well under 1 KiB (a run id and a step key); headers carry a trace
 # context. Far above both, far below what would strain a worker.
@@ -91,18 +106,25 @@ def task_id_of(headers: Any) -> str:
     return "(no task id)" if task_id is None else f"(bad task id {task_id!r:.60})"
 
 
-def vet(message: Any, keys: MessageKeys | None = None) -> None:
+def vet(message: Any, keys: MessageKeys | None = None, *, strict: bool = True) -> BaseModel | None:
     """Raise MalformedMessageError naming the cause unless ``message`` is a task message the
     engine could have sent: a protocol 2 JSON message of one of its tasks, keyword arguments
     only, that fit the task's model, and no side-door field set; with ``keys`` (signing on),
-    signed by one of them (UnsignedMessageError otherwise)."""
+    signed by one of them (UnsignedMessageError otherwise). Returns its arguments.
+
+    Not ``strict`` (the engine on the user's own app): a message naming another task is the
+    app's own business, and goes to Celery as it came (None)."""
     headers = message.headers
     if not isinstance(headers, Mapping) or "task" not in headers:
+        if not strict:
+            return None
         raise MalformedMessageError("not a Celery protocol 2 task message (no task header)")
     name = headers["task"]
     if not isinstance(name, str) or name not in MODELS:
+        if not strict:
+            return None
         raise MalformedMessageError(
-            f"unknown task {name!r:.100}: this worker runs only {STEP_TASK} and {ADVANCE_TASK}"
+            f"unknown task {name!r:.100}: this worker runs only {', '.join(MODELS)}"
         )
     if task_id_of(headers).startswith("("):
         raise MalformedMessageError("the task id is missing or not a short printable string")
@@ -143,20 +165,56 @@ def vet(message: Any, keys: MessageKeys | None = None) -> None:
             )
     if keys is not None:
         keys.verify(name, headers["id"], args, kwargs, headers)
-    parse(MODELS[name], args, kwargs)
+    return parse(MODELS[name], args, kwargs)
+
+
+def shadow_name(arguments: BaseModel) -> str | None:
+    """The name Celery's tools show for an engine task (its shadow name): the step's name, so
+    that events and Flower count each step's attempts apart. ``saga.step[book_flight]`` for a
+    step (``book_flight#4`` in a workflow, ``book_flight[2]`` in a fan-out),
+    ``saga.compensate[book_flight]`` for its compensation, ``saga.start[<schedule>]``."""
+    if isinstance(arguments, StepMessage):
+        key = arguments.step_key
+        task = "saga.step"
+        if key.startswith(COMPENSATION_PREFIX):
+            key, task = key[len(COMPENSATION_PREFIX) :], "saga.compensate"
+        return f"{task}[{_POSITION.sub('', key)[:200]}]"
+    if isinstance(arguments, StartMessage):
+        return f"{START_TASK}[{(arguments.schedule or arguments.saga)[:200]}]"
+    return None
+
+
+_POSITION = re.compile(r"(#\d+|\[\d+\])$")  # a workflow position, a fan-out index
 
 
 class GuardedConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, vetting each message first (``worker_consumer`` names it)."""
+    """Celery's consumer, vetting each message first (``worker_consumer`` names it).
+
+    Strict (``saga worker``): nothing but the engine's tasks runs. On the user's own app the
+    engine's tasks are vetted the same way and the app's other tasks go to Celery as usual.
+    Remote control answers inspection commands only (``saga.workers.control``)."""
+
+    strict = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from saga.workers import control
+
+        install = installed(self.app)
+        self.strict = install is None or install.exclusive
+        control.restrict(self)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
-        settings = getattr(self.app, "saga_settings", None)  # a SagaCelery app's
-        keys = None if settings is None else MessageKeys.from_settings(settings)
+        install = installed(self.app)
+        keys = None if install is None else MessageKeys.from_settings(install.settings)
 
         def on_task_received(message: Any) -> None:
             try:
-                vet(message, keys)
+                arguments = vet(message, keys, strict=self.strict)
+                shadow = None if arguments is None else shadow_name(arguments)
+                if shadow is not None:
+                    message.headers["shadow"] = shadow  # read by Celery's request: events, logs
             except MalformedMessageError as exc:
                 self.refuse(message, exc)
                 return
@@ -178,6 +236,8 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         """Strategies for the engine's tasks only: no other registered task (Celery's built-ins
         included) is runnable by a message, whatever the vetting lets through."""
         super().update_strategies()
+        if not self.strict:
+            return
         for name in [n for n in self.strategies if n not in MODELS]:
             del self.strategies[name]
 
@@ -208,15 +268,20 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         return isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
 
     def connection_for_read(self, heartbeat: float | None = None) -> Any:
-        return self.ensure_connected(guard(self.app.connection_for_read(heartbeat=heartbeat)))
+        connection = self.app.connection_for_read(heartbeat=heartbeat)
+        return self.ensure_connected(guard(connection, strict=self.strict))
 
 
-def guard(connection: Any) -> Any:
+def guard(connection: Any, *, strict: bool = True) -> Any:
     """``connection``, set to consume through the guarded subclass of its kombu transport if
-    there is one (another transport, Redis Sentinel say, gets the consumer's vetting only)."""
-    guarded = GUARDED_TRANSPORTS.get(connection.get_transport_cls())
+    there is one (another transport, Redis Sentinel say, gets the consumer's vetting only).
+    Not ``strict``: compressed messages are refused only when they name an engine task."""
+    transports = GUARDED_TRANSPORTS if strict else SHARED_TRANSPORTS
+    guarded = transports.get(connection.get_transport_cls())
     if guarded is not None:
-        connection.transport_cls = guarded  # read when the transport is made, on connecting
+        # Read when the transport is made, on connecting. By name: `celery inspect stats`
+        # reports it, in JSON.
+        connection.transport_cls = f"{guarded.__module__}:{guarded.__qualname__}"
     return connection
 
 
@@ -226,11 +291,21 @@ COMPRESSED = (
 )
 
 
-def _refused_compression(headers: Any) -> list[Any]:
+def _compression_refused(headers: Any, strict: bool) -> str | None:
+    """Why a compressed message is refused, if it is: any (strict), else one naming an engine
+    task (the app's own tasks may be compressed, as the app decides)."""
+    if not isinstance(headers, Mapping) or not headers.get("compression"):
+        return None
+    if strict or headers.get("task") in MODELS:
+        return COMPRESSED.format(headers["compression"])
+    return None
+
+
+def _refused_compression(headers: Any, strict: bool = True) -> list[Any]:
     """kombu's ``Message.errors`` for a compressed message: kombu then skips decompressing and
     hands it to the consumer's ``on_decode_error``, which rejects it."""
-    compression = headers.get("compression") if isinstance(headers, Mapping) else None
-    return _refused(COMPRESSED.format(compression)) if compression else []
+    cause = _compression_refused(headers, strict)
+    return _refused(cause) if cause else []
 
 
 class UnreadableMessageError(MalformedMessageError):
@@ -238,8 +313,10 @@ class UnreadableMessageError(MalformedMessageError):
 
 
 class _GuardedMessage(VirtualMessage):
+    strict = True
+
     def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
-        problem = _envelope_problem(payload)
+        problem = _envelope_problem(payload, self.strict)
         if problem is None:
             try:
                 super().__init__(payload, channel, **kwargs)  # type: ignore[no-untyped-call]
@@ -250,7 +327,7 @@ class _GuardedMessage(VirtualMessage):
         raise UnreadableMessageError(f"{task_id_of(headers)}: {problem}")
 
 
-def _envelope_problem(payload: Any) -> str | None:
+def _envelope_problem(payload: Any, strict: bool = True) -> str | None:
     """What keeps kombu's Redis transport from reading ``payload``, if anything (it would raise
     out of the consumer and stop the worker, or be taken for a lost connection)."""
     if not isinstance(payload, dict):
@@ -266,9 +343,7 @@ def _envelope_problem(payload: Any) -> str | None:
     headers = payload.get("headers") or {}
     if not isinstance(headers, dict):
         return "the Redis envelope's headers are not an object"
-    if headers.get("compression"):
-        return COMPRESSED.format(headers["compression"])
-    return None
+    return _compression_refused(headers, strict)
 
 
 class _GuardedChannel(kombu_redis.Channel):
@@ -302,12 +377,15 @@ class GuardedRedisTransport(kombu_redis.Transport):
 
 
 class _GuardedAMQPMessage(kombu_amqp.Message):
+    strict = True
+
     def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
         unreadable = getattr(msg, "saga_unreadable", None)  # set by guarded_frame_handler
         if unreadable:
             self.errors = _refused(unreadable)
         else:
-            self.errors = _refused_compression(msg.properties.get("application_headers"))
+            headers = msg.properties.get("application_headers")
+            self.errors = _refused_compression(headers, self.strict)
         super().__init__(msg, channel, **kwargs)  # type: ignore[no-untyped-call]
 
 
@@ -401,4 +479,44 @@ GUARDED_TRANSPORTS: dict[type[Any], type[Any]] = {
     kombu_redis.Transport: GuardedRedisTransport,
     kombu_amqp.Transport: GuardedAMQPTransport,
     kombu_amqp.SSLTransport: GuardedAMQPSSLTransport,
+}
+
+
+# The same on the user's own app: compressed messages of the app's own tasks pass.
+class _SharedMessage(_GuardedMessage):
+    strict = False
+
+
+class _SharedChannel(_GuardedChannel):
+    Message = _SharedMessage
+
+
+class SharedRedisTransport(GuardedRedisTransport):
+    Channel = _SharedChannel
+
+
+class _SharedAMQPMessage(_GuardedAMQPMessage):
+    strict = False
+
+
+class _SharedAMQPChannel(_GuardedAMQPChannel):
+    Message = _SharedAMQPMessage
+
+
+class _SharedAMQPConnection(_GuardedAMQPConnection):
+    Channel = _SharedAMQPChannel
+
+
+class SharedAMQPTransport(GuardedAMQPTransport):
+    Connection = _SharedAMQPConnection
+
+
+class SharedAMQPSSLTransport(GuardedAMQPSSLTransport):
+    Connection = _SharedAMQPConnection
+
+
+SHARED_TRANSPORTS: dict[type[Any], type[Any]] = {
+    kombu_redis.Transport: SharedRedisTransport,
+    kombu_amqp.Transport: SharedAMQPTransport,
+    kombu_amqp.SSLTransport: SharedAMQPSSLTransport,
 }

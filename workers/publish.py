@@ -12,6 +12,7 @@ from saga.outbox.message import OutboxMessage
 from saga.outbox.relay import PublishingImpossible
 from saga.signing import SIGNATURE, MessageKeys
 from saga.workers.broker import missing_transport
+from saga.workers.registry import installed
 
 log = logging.getLogger("saga.worker")
 
@@ -20,14 +21,15 @@ class CeleryPublisher:
     """Sends outbox messages through a Celery app's producer pool.
 
     The task id is the outbox message id, so a row published twice is recognisably one message.
-    With message signing on (the app's settings), every message is signed (``saga.signing``).
+    With message signing on (in the settings the engine was installed with), every message is
+    signed (``saga.signing``).
     """
 
     def __init__(self, app: Celery) -> None:
         self._app = app
         self._system = tracing.messaging_system(app.conf.broker_url)
-        settings = getattr(app, "saga_settings", None)
-        self._keys = None if settings is None else MessageKeys.from_settings(settings)
+        install = installed(app)
+        self._keys = None if install is None else MessageKeys.from_settings(install.settings)
 
     def publish(self, messages: Sequence[OutboxMessage]) -> None:
         if not messages:
@@ -53,6 +55,7 @@ class CeleryPublisher:
                         kwargs=m.payload,
                         task_id=str(m.message_id),
                         queue=m.destination,
+                        serializer="json",  # whatever the app's task_serializer is
                         headers=headers,
                         producer=producer,
                         add_to_parent=False,

@@ -148,7 +148,7 @@ def test_a_worker_waits_for_a_postgres_not_up_yet_but_not_for_a_wrong_database(
 ) -> None:
     import psycopg
 
-    from saga.cli import _still_starting
+    from saga.migrate import still_starting as _still_starting
 
     with pytest.raises(psycopg.OperationalError) as refused:
         psycopg.connect("postgresql://postgres@127.0.0.1:1/test", connect_timeout=2)

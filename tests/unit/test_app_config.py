@@ -8,13 +8,15 @@ import pickle
 
 import pydantic
 import pytest
+from celery import Celery
 from kombu.serialization import loads, prepare_accept_content
 
 from saga.errors import ConfigurationError, StepResultError
 from saga.failures import MAX_ERROR_TEXT, error_record
 from saga.messages import AdvanceMessage, StepMessage
 from saga.settings import Settings
-from saga.workers.app import SagaCelery, assert_safe, broker_options, create_app
+from saga.workers.app import assert_safe, broker_options, create_app
+from saga.workers.install import installation
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +32,14 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-def app(settings: Settings) -> SagaCelery:
+def app(settings: Settings) -> Celery:
     return create_app(settings)
 
 
 # --- create_app --------------------------------------------------------------------------------
 
 
-def test_json_only(app: SagaCelery) -> None:
+def test_json_only(app: Celery) -> None:
     conf = app.conf
     assert list(conf.accept_content) == ["json"]
     assert list(conf.result_accept_content) == ["json"]
@@ -46,18 +48,19 @@ def test_json_only(app: SagaCelery) -> None:
     assert conf.event_serializer == "json"
 
 
-def test_delivery_guarantees(app: SagaCelery, settings: Settings) -> None:
+def test_delivery_guarantees(app: Celery, settings: Settings) -> None:
     conf = app.conf
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
     assert conf.worker_prefetch_multiplier == 1
     assert conf.task_ignore_result is True
     assert conf.task_default_queue == settings.queue
-    assert app.saga_settings is settings
+    assert installation(app).settings == settings
+    assert installation(app).exclusive
 
 
 @pytest.mark.parametrize("name", ["saga.step", "saga.advance"])
-def test_registers_the_engine_tasks(app: SagaCelery, name: str) -> None:
+def test_registers_the_engine_tasks(app: Celery, name: str) -> None:
     assert name in app.tasks
     task = app.tasks[name]
     assert task.acks_late is True
@@ -95,41 +98,41 @@ def test_amqp_broker_sets_confirm_publish(url: str) -> None:
     assert app.conf.broker_transport_options == {"confirm_publish": True}
 
 
-def test_memory_broker_has_no_transport_options(app: SagaCelery) -> None:
+def test_memory_broker_has_no_transport_options(app: Celery) -> None:
     assert app.conf.broker_transport_options == {}
 
 
 # --- assert_safe -------------------------------------------------------------------------------
 
 
-def test_assert_safe_passes_on_the_created_app(app: SagaCelery) -> None:
+def test_assert_safe_passes_on_the_created_app(app: Celery) -> None:
     assert_safe(app)
 
 
 @pytest.mark.parametrize(
     "accept", [["json", "pickle"], ["pickle"], ["JSON", "Pickle"], ("json", "pickle")]
 )
-def test_assert_safe_refuses_pickle_in_accept_content(app: SagaCelery, accept: list[str]) -> None:
+def test_assert_safe_refuses_pickle_in_accept_content(app: Celery, accept: list[str]) -> None:
     app.conf.accept_content = accept
     with pytest.raises(ConfigurationError, match=r"unsafe Celery configuration.*pickle"):
         assert_safe(app)
 
 
 @pytest.mark.parametrize("serializer", ["pickle", "yaml", "msgpack"])
-def test_assert_safe_refuses_a_non_json_task_serializer(app: SagaCelery, serializer: str) -> None:
+def test_assert_safe_refuses_a_non_json_task_serializer(app: Celery, serializer: str) -> None:
     app.conf.task_serializer = serializer
     with pytest.raises(ConfigurationError, match="unsafe Celery configuration") as info:
         assert_safe(app)
     assert serializer in str(info.value)
 
 
-def test_assert_safe_refuses_early_acks(app: SagaCelery) -> None:
+def test_assert_safe_refuses_early_acks(app: Celery) -> None:
     app.conf.task_acks_late = False
     with pytest.raises(ConfigurationError, match="task_acks_late is off"):
         assert_safe(app)
 
 
-def test_assert_safe_reports_every_problem(app: SagaCelery) -> None:
+def test_assert_safe_reports_every_problem(app: Celery) -> None:
     app.conf.task_serializer = "pickle"
     app.conf.task_acks_late = False
     with pytest.raises(ConfigurationError) as info:
@@ -137,7 +140,7 @@ def test_assert_safe_reports_every_problem(app: SagaCelery) -> None:
     assert "pickle" in str(info.value) and "task_acks_late" in str(info.value)
 
 
-def test_pickle_by_content_type_is_really_accepted_by_kombu(app: SagaCelery) -> None:
+def test_pickle_by_content_type_is_really_accepted_by_kombu(app: Celery) -> None:
     # Why content types matter below: Celery accepts MIME types in accept_content, and kombu then
     # unpickles such a message body.
     app.conf.accept_content = ["json", "application/x-python-serialize"]
@@ -158,16 +161,14 @@ def test_pickle_by_content_type_is_really_accepted_by_kombu(app: SagaCelery) -> 
         ["json", "msgpack"],
     ],
 )
-def test_assert_safe_refuses_anything_but_json(app: SagaCelery, accept: list[str]) -> None:
+def test_assert_safe_refuses_anything_but_json(app: Celery, accept: list[str]) -> None:
     app.conf.accept_content = accept
     with pytest.raises(ConfigurationError, match="unsafe Celery configuration"):
         assert_safe(app)
 
 
 @pytest.mark.parametrize("accept", [["json"], ["application/json"], ["JSON"]])
-def test_assert_safe_accepts_json_by_name_or_content_type(
-    app: SagaCelery, accept: list[str]
-) -> None:
+def test_assert_safe_accepts_json_by_name_or_content_type(app: Celery, accept: list[str]) -> None:
     app.conf.accept_content = accept
     assert_safe(app)
 

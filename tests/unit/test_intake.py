@@ -113,9 +113,44 @@ def test_a_refusal_is_one_line() -> None:
     ],
 )
 def test_the_consumer_reads_through_a_guarded_transport(url: str, guarded: Any) -> None:
-    app = create_app(Settings(broker_url=url, database_url="postgresql://x/y"))
+    settings = Settings(broker_url=url, database_url="postgresql://x/y", broker_sentinel_master="m")
+    app = create_app(settings)
     connection = guard(app.connection_for_read())
     expected = guarded or connection.get_transport_cls()
     assert connection.get_transport_cls() is expected
     if guarded is not None:  # kombu's own reading of the URL is kept
         assert connection.info() == {**app.connection_for_read().info(), "transport": ANY}
+
+
+# --- the engine on the user's own app (not strict) ---------------------------------------------
+
+
+def test_on_a_users_app_other_tasks_go_to_celery_unvetted() -> None:
+    message = built("proj.tasks.add", {"x": 1}, countdown=5)
+    assert vet(message, strict=False) is None
+    with pytest.raises(MalformedMessageError, match="unknown task"):
+        vet(message)
+
+
+def test_on_a_users_app_the_engines_tasks_are_still_vetted() -> None:
+    pickled = built()
+    pickled.content_type, pickled.content_encoding = "application/x-python-serialize", "binary"
+    with pytest.raises(MalformedMessageError, match="pickle"):
+        vet(pickled, strict=False)
+    with pytest.raises(MalformedMessageError, match="eta="):
+        vet(built(countdown=5), strict=False)
+    assert vet(built(), strict=False) == StepMessage(**STEP)
+
+
+@pytest.mark.parametrize(("task", "strict", "refused"), [
+    ("proj.tasks.add", False, False),
+    ("proj.tasks.add", True, True),
+    (STEP_TASK, False, True),
+])  # fmt: skip
+def test_compressed_messages_are_refused_for_engine_tasks_or_in_strict_mode(
+    task: str, strict: bool, refused: bool
+) -> None:
+    from saga.workers.intake import _compression_refused
+
+    cause = _compression_refused({"task": task, "compression": "application/x-gzip"}, strict)
+    assert (cause is not None) is refused
