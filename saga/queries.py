@@ -422,3 +422,99 @@ FROM saga_runs r
 WHERE r.run_id = s.run_id AND s.state = 'dispatched' AND s.due_at > now()
   AND coalesce(s.options->>'queue', r.queue, %(default_queue)s) = ANY(%(queues)s)
 """
+
+
+# -- operators' reads (saga.runs_view, migration 0006) -----------------------------------------
+
+# The filters of a runs list. A filter left NULL (or an empty state list) folds away when the
+# statement is planned with its values (psycopg sends unnamed statements; RunsView never
+# prepares), so each list walks the one index its filters name (0006) in (created_at, run_id)
+# order, from the keyset cursor on: no page counts or skips rows.
+_RUN_FILTERS: LiteralString = """
+WHERE (cardinality(%(states)s::text[]) = 0 OR state = ANY(%(states)s::text[]))
+  AND (%(saga)s::text IS NULL OR saga_name = %(saga)s::text)
+  AND (%(created_since)s::timestamptz IS NULL OR created_at >= %(created_since)s::timestamptz)
+  AND (%(created_until)s::timestamptz IS NULL OR created_at < %(created_until)s::timestamptz)
+  AND (%(finished_since)s::timestamptz IS NULL
+       OR finished_at >= %(finished_since)s::timestamptz)
+  AND (%(finished_until)s::timestamptz IS NULL
+       OR finished_at < %(finished_until)s::timestamptz)
+  AND (%(error_type)s::text IS NULL
+       OR (error IS NOT NULL AND error->>'type' = %(error_type)s::text))
+  AND (%(run_id_like)s::text IS NULL OR run_id LIKE %(run_id_like)s::text)
+"""
+
+_RUN_LIST_COLUMNS: LiteralString = """
+SELECT run_id, saga_name AS saga, state, created_at, updated_at, finished_at,
+       error->>'type' AS error_type, error->>'message' AS error_message
+FROM saga_runs
+"""
+
+LIST_RUNS_NEWEST: LiteralString = (
+    _RUN_LIST_COLUMNS
+    + _RUN_FILTERS
+    + """
+  AND (%(after_created)s::timestamptz IS NULL
+       OR (created_at, run_id) < (%(after_created)s::timestamptz, %(after_id)s::text))
+ORDER BY created_at DESC, run_id DESC
+LIMIT %(limit)s
+"""
+)
+
+LIST_RUNS_OLDEST: LiteralString = (
+    _RUN_LIST_COLUMNS
+    + _RUN_FILTERS
+    + """
+  AND (%(after_created)s::timestamptz IS NULL
+       OR (created_at, run_id) > (%(after_created)s::timestamptz, %(after_id)s::text))
+ORDER BY created_at, run_id
+LIMIT %(limit)s
+"""
+)
+
+# Runs per state, each count stopped at %(cap)s rows (an index range of at most that many
+# entries per state, whatever the table's size).
+COUNT_RUNS_BY_STATE: LiteralString = (
+    """
+SELECT wanted.state, (
+    SELECT count(*) FROM (
+        SELECT 1 FROM saga_runs
+"""
+    + _RUN_FILTERS
+    + """
+          AND state = wanted.state
+        LIMIT %(cap)s) AS capped) AS runs
+FROM unnest(%(count_states)s::text[]) AS wanted (state)
+"""
+)
+
+SELECT_RUN_DETAIL: LiteralString = """
+SELECT run_id, saga_name, saga_ref, saga_version, state, input, result, error, trace_context,
+       queue, deadline_at, created_at, updated_at, finished_at
+FROM saga_runs WHERE run_id = %s
+"""
+
+SELECT_STEP_DETAILS: LiteralString = """
+SELECT step_key, step_name, kind, seq, position, state, attempt, max_attempts, idempotency_key,
+       input, result, error, lease_owner, created_at, started_at, attempt_started_at, finished_at,
+       -- an open step's next dispatch; a wait without a timeout waits until 'infinity'
+       CASE WHEN state IN ('pending', 'dispatched', 'waiting') THEN nullif(due_at, 'infinity')
+       END AS due_at
+FROM saga_steps WHERE run_id = %s ORDER BY seq
+"""
+
+SELECT_ATTEMPTS: LiteralString = """
+SELECT step_key, attempt, worker, claimed_at, finished_at, outcome, error_type, error_message,
+       traceback
+FROM saga_attempts WHERE run_id = %s ORDER BY step_key, attempt
+"""
+
+SELECT_RUN_EVENTS: LiteralString = """
+SELECT event, actor, detail, at FROM saga_run_events WHERE run_id = %s ORDER BY id
+"""
+
+# Events sent before the run waited for them, kept until a wait consumes them.
+SELECT_KEPT_EVENTS: LiteralString = """
+SELECT name, payload, created_at FROM saga_events
+WHERE run_id = %s AND consumed_by IS NULL ORDER BY id
+"""
