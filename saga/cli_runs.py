@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import logging
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -87,7 +88,9 @@ def run_filter(args: argparse.Namespace) -> RunFilter:
 
 def _view(settings: Settings) -> RunsView:
     assert settings.database_url, "resolve() fills it"
-    return RunsView(settings.database_url, pool_size=1)
+    # A database that does not answer is one error line after 10 s, not a warning per retry.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    return RunsView(settings.database_url, pool_size=1, timeout=10.0)
 
 
 # -- saga list ------------------------------------------------------------------------------------

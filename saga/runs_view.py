@@ -297,11 +297,13 @@ class RunsView:
     >>> view.list_runs(RunFilter(states=("failed",)), limit=20, cursor=page.next_cursor)
     """
 
-    def __init__(self, database_url: str, *, pool_size: int = 2) -> None:
+    def __init__(self, database_url: str, *, pool_size: int = 2, timeout: float = 30.0) -> None:
+        """``timeout``: seconds a query waits for a connection before StoreError."""
         self._pool = ConnectionPool(
             database_url,
             min_size=1,
             max_size=max(1, pool_size),
+            timeout=timeout,
             kwargs={
                 "autocommit": True,
                 "application_name": "saga-runs-view",
