@@ -7,18 +7,8 @@ from typing import LiteralString
 # -- the writer (saga.outbox.writer) -------------------------------------------------------------
 
 INSERT_MESSAGE: LiteralString = """
-INSERT INTO saga_outbox (message_id, destination, task_name, payload, headers, available_at)
-VALUES (%s, %s, %s, %s, %s, now() + %s * interval '1 second')
-"""
-
-# Rows a fast path published itself. Rows a relay has locked are being published by it: skipped,
-# not waited for.
-MARK_PUBLISHED_BY_MESSAGE_ID: LiteralString = """
-UPDATE saga_outbox SET published_at = now(), attempts = attempts + 1
-WHERE id IN (
-    SELECT id FROM saga_outbox WHERE message_id = ANY(%s) AND published_at IS NULL
-    FOR UPDATE SKIP LOCKED
-)
+INSERT INTO saga_outbox (message_id, destination, task_name, payload, headers)
+VALUES (%s, %s, %s, %s, %s)
 """
 
 # -- the relay (saga.outbox.relay) ---------------------------------------------------------------

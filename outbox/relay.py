@@ -104,9 +104,10 @@ class Relay:
         self.published += len(batch)
         return len(batch)
 
-    def publish_all(self) -> int:
+    def publish_all(self, heartbeat: Callable[[], None] = lambda: None) -> int:
         total = 0
         while (n := self.publish_batch()) > 0:
+            heartbeat()  # a long backlog is progress too
             total += n
             if n < self._batch_size:
                 break
@@ -129,22 +130,30 @@ class Relay:
         stop: threading.Event,
         also: Callable[[], float | None] | None = None,
         prune_every: float = 60.0,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         """Publish until ``stop`` is set. ``also`` runs after each wake-up (the sweeper) and
-        returns the seconds until it wants to run again. Raises ``PublishingImpossible`` when
-        publishing cannot succeed until someone acts (a missing module, a bad configuration)."""
+        returns the seconds until it wants to run again; ``heartbeat`` is called at each turn of
+        the loop, outages included, and after each batch (the liveness probe). Raises
+        ``PublishingImpossible`` when publishing cannot succeed until someone acts (a missing
+        module, a bad configuration)."""
         try:
-            self._run(stop, also, prune_every)
+            self._run(stop, also, prune_every, heartbeat or (lambda: None))
         finally:
             self.close()
 
     def _run(
-        self, stop: threading.Event, also: Callable[[], float | None] | None, prune_every: float
+        self,
+        stop: threading.Event,
+        also: Callable[[], float | None] | None,
+        prune_every: float,
+        heartbeat: Callable[[], None],
     ) -> None:
         next_prune = time.monotonic()
         while not stop.is_set():
+            heartbeat()
             try:
-                self.publish_all()
+                self.publish_all(heartbeat)
                 waits = [self._poll, self._seconds_to_next()]
                 if also is not None:
                     waits.append(also())

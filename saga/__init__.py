@@ -1,5 +1,6 @@
 """Durable sagas for AI-agent workflows: journaled Celery steps through a Postgres outbox."""
 
+from saga.async_client import AsyncSagaClient
 from saga.client import SagaClient
 from saga.definition import Saga, StepArgs, StepContext, StepDecl, StepOptions, step
 from saga.errors import (
@@ -23,6 +24,7 @@ from saga.records import RunRecord, StepRecord
 from saga.retry import RetryPolicy
 from saga.settings import Settings
 from saga.workflow import (
+    AsyncWorkflowContext,
     EventTimeout,
     NonDeterminismError,
     StepFailed,
@@ -32,6 +34,8 @@ from saga.workflow import (
 )
 
 __all__ = [
+    "AsyncSagaClient",
+    "AsyncWorkflowContext",
     "ConfigurationError",
     "DefinitionError",
     "EventTimeout",

@@ -12,12 +12,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 from pydantic import ValidationError
 
+from saga import logs
 from saga.agent.llm import ModelSettings
 from saga.cli_runs import add_parsers, cmd_list, cmd_operate, cmd_show, emit, json_option
 from saga.errors import ConfigurationError, SagaError
@@ -118,6 +119,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     assert_safe(app)
     check_broker(app)
     install_shutdown_hooks(app)
+    port = args.http_port if args.http_port is not None else settings.http_port
+    if port is not None:
+        from saga.workers.probe import serve_worker
+
+        serve_worker(app, settings, port, args.pool)  # before the pool forks and telemetry
     telemetry.install_worker_hooks()  # each pool process exports its spans and metrics
     if args.pool == "threads":
         telemetry.configure_sdk("saga-worker")
@@ -140,7 +146,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
+    from saga import tracing
     from saga.outbox.relay import PublishingImpossible, Relay
+    from saga.retention import Pruner, policy
     from saga.store import PostgresStore, open_pool
     from saga.sweeper import Sweeper
     from saga.workers import telemetry
@@ -152,7 +160,14 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     _require_schema(settings.database_url)
     app = create_app(settings)
     check_broker(app)
+    port = args.http_port if args.http_port is not None else settings.http_port
+    liveness = None
+    if port is not None:
+        from saga.workers.probe import serve_relay
+
+        _, liveness = serve_relay(app, settings, port)
     _, metrics_on = telemetry.configure_sdk("saga-relay")
+    tracing.export_exception_details(settings.trace_exception_details)
     if metrics_on:
         from saga.metrics import DatabaseGauges
 
@@ -171,19 +186,104 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
         open_pool(settings.database_url, size=settings.pool_size, name="saga-sweeper"),
         queue=settings.queue,
         dispatch_timeout=settings.dispatch_timeout_seconds,
+        key_prefix=settings.key_prefix,
     )
     sweeper = (
         None if args.no_sweeper else Sweeper(store, worker_check_every=settings.lease_seconds / 3)
     )
-    logging.getLogger("saga").info("relay running (sweeper %s)", "off" if sweeper is None else "on")
+    pruner = Pruner.from_settings(settings)
+    # The outbox module knows nothing of runs: recovery and retention ride on its loop as
+    # callbacks, each saying when it wants to run again.
+    ticks: list[Callable[[], float | None]] = []
+    if sweeper is not None:
+        ticks.append(sweeper.tick)
+    if pruner.enabled:
+        ticks.append(pruner.tick)
+    logging.getLogger("saga").info(
+        "relay running (sweeper %s, retention %s)",
+        "off" if sweeper is None else "on",
+        {state.value: age for state, age in policy(settings).items()} or "off",
+    )
     try:
-        relay.run(stop, also=sweeper.tick if sweeper else None)
+        relay.run(
+            stop,
+            also=_soonest(ticks) if ticks else None,
+            heartbeat=None
+            if liveness is None
+            else lambda: liveness.tick("relay", RELAY_BOUND_SECONDS + settings.relay_poll_seconds),
+        )
     except PublishingImpossible as exc:
         raise ConfigurationError(str(exc)) from exc
     finally:
+        pruner.close()
         store.close()
         telemetry.shutdown_sdk()
     return 0
+
+
+def _soonest(ticks: Sequence[Callable[[], float | None]]) -> Callable[[], float | None]:
+    """One callback for the relay's loop that runs each of ``ticks`` and wants to run again as
+    soon as the soonest of them."""
+
+    def tick() -> float | None:
+        waits = [w for w in (t() for t in ticks) if w is not None]
+        return min(waits, default=None)
+
+    return tick
+
+
+def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.retention import Pruner
+
+    pruner = Pruner.from_settings(settings)
+    if not pruner.enabled:
+        print(
+            "no retention is set (SAGA_RETENTION_<STATE>_SECONDS, e.g. "
+            "SAGA_RETENTION_COMPLETED_SECONDS=604800): every run is kept",
+            file=sys.stderr,
+        )
+    try:
+        report = pruner.count() if args.dry_run else pruner.prune()
+    finally:
+        pruner.close()
+    if args.json:
+        print(json.dumps(report.as_json()))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for state, seconds in report.policy.items():
+        steps = "" if report.steps is None else f" ({report.steps.get(state, 0)} steps)"
+        print(
+            f"{state:<20} kept {seconds:g} s after finishing: {verb} "
+            f"{report.runs.get(state, 0)} runs{steps}"
+        )
+    print(f"{verb} {report.total_runs} finished runs in all")
+    return 0
+
+
+RELAY_BOUND_SECONDS = 30.0  # the relay's loop silent this long (plus a poll): not alive
+
+
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """An exec probe: 0 when Postgres and the broker answer and the schema is current, else 1
+    with the reason on one line (or the checks as JSON)."""
+    from saga import health
+    from saga.workers.app import create_app
+
+    try:
+        app: Any = create_app(settings)
+    except ConfigurationError as exc:
+        checks = [
+            *health.check_database(settings.database_url, args.timeout),
+            health.Check("broker", False, str(exc)),
+        ]
+    else:
+        checks = health.readiness(settings.database_url, app, args.timeout)
+    ok = all(c.ok for c in checks)
+    if args.json:
+        print(json.dumps(health.as_json(checks)))
+    else:
+        print(health.summary(checks), file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
@@ -213,7 +313,8 @@ def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
 # the installed package, found by name only when asked for.
 DEV_COMMANDS = {
     "demo": "run the travel agent demo on the embedded servers",
-    "bench": "benchmarks: core, coordinator, agent (against raw Celery), chaos (under faults)",
+    "bench": "benchmarks: core, coordinator, agent (against raw Celery), chaos (under faults), "
+    "retention (journal size)",
 }
 
 
@@ -231,6 +332,12 @@ def cmd_dev_tool(settings: Settings, args: argparse.Namespace) -> int:
     return int(tools.main(args.command, args.dev_args, settings))
 
 
+HTTP_PORT_HELP = (
+    "serve /healthz, /readyz and /metrics on this port (SAGA_HTTP_PORT; bound to SAGA_HTTP_HOST, "
+    "127.0.0.1 by default)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saga", description="Durable sagas on Celery and Postgres.", epilog=ENV_HELP
@@ -246,10 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--hostname")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--max-tasks-per-child", type=int)
+    w.add_argument("--http-port", type=int, help=HTTP_PORT_HELP)
     r = sub.add_parser(
         "relay", help="publish the outbox and re-dispatch due steps", epilog=ENV_HELP
     )
     r.add_argument("--no-sweeper", action="store_true", help="publish only; no recovery sweeps")
+    p = sub.add_parser(
+        "prune",
+        help="delete finished runs past their retention (SAGA_RETENTION_<STATE>_SECONDS)",
+        epilog=ENV_HELP,
+    )
+    p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    p.add_argument("--json", action="store_true")
+    r.add_argument("--http-port", type=int, help=HTTP_PORT_HELP)
+    hc = sub.add_parser(
+        "health",
+        help="exit 0 when Postgres and the broker answer and the schema is current (a probe)",
+        epilog=ENV_HELP,
+    )
+    hc.add_argument("--json", action="store_true", help="the checks as one JSON object")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds per check (default 3)")
     s = sub.add_parser("start", help="start a run of MODULE:SAGA", epilog=ENV_HELP)
     s.add_argument("saga", metavar="MODULE:SAGA")
     s.add_argument("--input", default="null", help="the run's input as JSON")
@@ -272,11 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "migrate": cmd_migrate,
+    "health": cmd_health,
     "worker": cmd_worker,
     "relay": cmd_relay,
     "start": cmd_start,
     "show": cmd_show,
     "list": cmd_list,
+    "prune": cmd_prune,
     "demo": cmd_dev_tool,
     "bench": cmd_dev_tool,
     "cancel": cmd_operate,
@@ -286,14 +411,23 @@ COMMANDS = {
 }
 
 
+def _setting_problem(error: Any) -> str:
+    """One invalid setting, its value shown unless it is (or may hold) a secret."""
+    loc = error["loc"]
+    if not loc:  # a check across settings: its input is all of them
+        return str(error["msg"])
+    name = f"SAGA_{'_'.join(map(str, loc)).upper()}"
+    field = Settings.model_fields.get(str(loc[0]))
+    if field is not None and "SecretStr" in str(field.annotation):
+        return f"{name}: {error['msg']}"
+    return f"{name}={error.get('input')!r}: {error['msg']}"
+
+
 def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"SAGA_{'_'.join(map(str, e['loc'])).upper()}={e.get('input')!r}: {e['msg']}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_setting_problem(e) for e in exc.errors())
         raise ConfigurationError(f"invalid settings: {problems} (saga --help lists them)") from None
 
 
@@ -303,16 +437,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest and args.command not in DEV_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.dev_args = rest
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(args.log_level, "text")  # until the settings say which format
     # Definitions are imported by path, as Celery does: the working folder is importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for problem in unknown_variables(os.environ):
         logging.getLogger("saga").warning("ignored: %s", problem)
     try:
-        settings = resolve(_settings())
+        settings = _settings()
+        if settings.log_format != "text":
+            logs.configure(args.log_level, settings.log_format)
+        if args.command == "health":  # a probe checks what is configured, never embedded servers
+            return cmd_health(settings, args)
+        settings = resolve(settings)
         handler: Any = COMMANDS[args.command]
         return int(handler(settings, args))
     except SagaError as exc:  # one line, never a traceback (exit codes: saga.exit_codes)

@@ -50,6 +50,27 @@ def operator(actor: str | None = None) -> str:
     return actor[:MAX_ACTOR]
 
 
+# The clients' Postgres application name (and pool name).
+APPLICATION_NAME = "saga-client"
+
+
+def database_url(settings: Settings, who: str) -> str:
+    if not settings.database_url:
+        raise ConfigurationError(
+            f"{who} needs SAGA_DATABASE_URL (or use `saga demo`, which starts the embedded servers)"
+        )
+    return settings.database_url
+
+
+def result_of(run: RunRecord) -> Any:
+    """A finished run's result; RunFailedError if it ended any other way than completed."""
+    if run.state != RunState.COMPLETED:
+        raise RunFailedError(
+            f"run {run.run_id!r} of saga {run.saga_name!r} ended {run.state}: {run.error}"
+        )
+    return run.result
+
+
 class SagaClient:
     """Starts and inspects runs. Needs only Postgres: the relay publishes what it writes.
 
@@ -58,17 +79,16 @@ class SagaClient:
     ...     result = client.result(run_id, timeout=60)
     """
 
-    def __init__(self, settings: Settings) -> None:
-        if not settings.database_url:
-            raise ConfigurationError(
-                "SagaClient needs SAGA_DATABASE_URL (or use `saga demo`, which starts the "
-                "embedded servers)"
-            )
+    def __init__(self, settings: Settings, *, store: PostgresStore | None = None) -> None:
         self.settings = settings
-        self.store = PostgresStore(
-            open_pool(settings.database_url, size=settings.pool_size, name="saga-client"),
+        if settings.trace_exception_details:  # asked for; never switched off for the process
+            tracing.export_exception_details(True)
+        url = database_url(settings, "SagaClient") if store is None else ""
+        self.store = store or PostgresStore(
+            open_pool(url, size=settings.pool_size, name=APPLICATION_NAME),
             queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
+            key_prefix=settings.key_prefix,
         )
 
     def __enter__(self) -> SagaClient:
@@ -119,12 +139,7 @@ class SagaClient:
 
     def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         """The run's result once it completes; RunFailedError if it ends any other way."""
-        run = self.wait(run_id, timeout=timeout)
-        if run.state != RunState.COMPLETED:
-            raise RunFailedError(
-                f"run {run_id!r} of saga {run.saga_name!r} ended {run.state}: {run.error}"
-            )
-        return run.result
+        return result_of(self.wait(run_id, timeout=timeout))
 
     def run(self, run_id: str) -> RunRecord:
         return self.store.get_run(run_id)

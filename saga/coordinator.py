@@ -67,6 +67,16 @@ class RunView:
     error: Any
     trace_context: Mapping[str, str]
     queue: str | None = None  # its steps' broker queue; None: the dispatching process's
+    key_prefix: str = ""  # the deployment namespace its idempotency keys start with
+
+
+def _run_key(run: RunView) -> tuple[str, str]:
+    return run.run_id, run.key_prefix
+
+
+def _key(run: RunView, step_key: str) -> str:
+    """A step's idempotency key in ``run``: the run's own prefix, fixed when it started."""
+    return idempotency_key(run.run_id, step_key, run.key_prefix)
 
 
 @dataclass(frozen=True)
@@ -147,11 +157,12 @@ def advance(tx: RunTx, load: Loader) -> None:
 # -- graphs -----------------------------------------------------------------------------------
 
 
-def first_steps(saga: Saga, run_id: str, input_json: str) -> list[NewStep]:
-    return [_graph_step(run_id, s, s.name, input_json) for s in saga.roots]
+def first_steps(saga: Saga, run_id: str, input_json: str, key_prefix: str = "") -> list[NewStep]:
+    return [_graph_step((run_id, key_prefix), s, s.name, input_json) for s in saga.roots]
 
 
-def _graph_step(run_id: str, s: GraphStep, key: str, input_json: str) -> NewStep:
+def _graph_step(run: tuple[str, str], s: GraphStep, key: str, input_json: str) -> NewStep:
+    """A graph step to schedule; ``run`` is (run id, key prefix), its keys' beginning."""
     return NewStep(
         step_key=key,
         step_name=s.name,
@@ -160,7 +171,7 @@ def _graph_step(run_id: str, s: GraphStep, key: str, input_json: str) -> NewStep
         input_json=input_json,
         options=s.options.to_json(),
         max_attempts=s.options.retry.max_attempts,
-        idempotency_key=idempotency_key(run_id, key),
+        idempotency_key=idempotency_key(run[0], key, run[1]),
         compensation_ref=None if s.compensation is None else s.compensation.ref,
     )
 
@@ -229,7 +240,7 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
             continue
         value = state.input_of(s, run.input)
         if s.map_over is None:
-            new.append(_graph_step(run.run_id, s, s.name, json.dumps(value)))
+            new.append(_graph_step(_run_key(run), s, s.name, json.dumps(value)))
             continue
         items = state.result(saga.get_step(s.map_over))
         if not isinstance(items, list):
@@ -243,7 +254,7 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
             )
             return
         new.extend(
-            _graph_step(run.run_id, s, branch_key(s.name, i), json.dumps(item))
+            _graph_step(_run_key(run), s, branch_key(s.name, i), json.dumps(item))
             for i, item in enumerate(items)
         )
     if new:
@@ -266,14 +277,14 @@ def _advance_chain(tx: RunTx, saga: Saga) -> bool:
     if not following or any(s.after != (done.step_name,) or s.map_over for s in following):
         return False
     result_json = done.result_json or json.dumps(done.result)
-    tx.schedule([_graph_step(tx.run.run_id, s, s.name, result_json) for s in following])
+    tx.schedule([_graph_step(_run_key(tx.run), s, s.name, result_json) for s in following])
     return True
 
 
 # -- workflows --------------------------------------------------------------------------------
 
 
-def _call_step(run_id: str, call: Call) -> NewStep:
+def _call_step(run: RunView, call: Call) -> NewStep:
     options = call.options.to_json()
     return NewStep(
         step_key=call.step_key,
@@ -283,7 +294,7 @@ def _call_step(run_id: str, call: Call) -> NewStep:
         input_json=call.input_json,
         options=options,
         max_attempts=call.options.retry.max_attempts if call.kind == StepKind.ACTION else 1,
-        idempotency_key=idempotency_key(run_id, call.step_key),
+        idempotency_key=_key(run, call.step_key),
         compensation_ref=None if call.compensation is None else call.compensation.ref,
         position=call.position,
         state=INITIAL_STEP_STATE[StepKind(call.kind)],
@@ -326,13 +337,13 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
                 "null",
                 {},
                 1,
-                idempotency_key(run.run_id, key),
+                _key(run, key),
                 position=position,
             ),
             payload,
         )
     if not outcome.finished:
-        tx.schedule([_call_step(run.run_id, c) for c in outcome.scheduled])
+        tx.schedule([_call_step(run, c) for c in outcome.scheduled])
         return
     if isinstance(outcome.error, NonDeterminismError):
         # A code problem, not a business failure: leave the journal as it is for the operator.
@@ -365,7 +376,7 @@ def _compensation(tx: RunTx, target: JournalRow) -> NewStep:
     completed = target.state == StepState.COMPLETED
     undo = Undo(
         step_key=target.step_key,
-        idempotency_key=idempotency_key(tx.run.run_id, target.step_key),
+        idempotency_key=_key(tx.run, target.step_key),
         completed=completed,
         input=tx.step_input(target.step_key),
     )
@@ -380,7 +391,7 @@ def _compensation(tx: RunTx, target: JournalRow) -> NewStep:
         input_json=json.dumps(target.result if completed else None),
         options=options.to_json(),
         max_attempts=retry.max_attempts,
-        idempotency_key=idempotency_key(tx.run.run_id, key),
+        idempotency_key=_key(tx.run, key),
     )
 
 

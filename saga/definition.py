@@ -28,6 +28,7 @@ from pydantic_core import PydanticSerializationError
 
 from saga import strict_json
 from saga.errors import DefinitionError, InputError, StepResultError, UnknownSagaError
+from saga.failures import exception_text
 from saga.retry import RetryPolicy
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
@@ -174,7 +175,8 @@ class FunctionInfo:
             return strict_json.dump(adapter.validate_python(value), adapter).decode()
         except ValidationError as exc:
             raise InputError(
-                f"{where}: the input does not fit the parameter of {self.ref}: {exc}"
+                f"{where}: the input does not fit the parameter of {self.ref}: "
+                f"{exception_text(exc)}"
             ) from None
         except (strict_json.NotJSONError, PydanticSerializationError) as exc:
             raise InputError(f"{where}: the input cannot be journaled as JSON: {exc}") from None
@@ -192,7 +194,8 @@ class FunctionInfo:
         except Exception as exc:  # pydantic raises several types for "not serialisable"
             raise StepResultError(
                 f"step {step!r} of run {run_id!r} returned a {type(value).__name__} that "
-                f"cannot be journaled ({exc}); return JSON data or a pydantic model"
+                f"cannot be journaled ({exception_text(exc)}); return JSON data or a pydantic "
+                f"model"
             ) from exc
         if len(data) > limit:
             raise StepResultError(
@@ -340,15 +343,17 @@ class StepOptions:
             raise DefinitionError(f"{where}: timeout must be positive, got {self.timeout_seconds}")
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "retry": self.retry.to_json(),
-            "timeout_seconds": self.timeout_seconds,
-            "pivot": self.pivot,
-            "compensate_retry": None
-            if self.compensate_retry is None
-            else self.compensate_retry.to_json(),
-        }
-        # Absent when unset: journaled options stay as they were before these existed.
+        """What differs from the defaults (``from_json`` fills them in): the options ride in
+        the step's journal row, which every claim and outcome writes again whole."""
+        data: dict[str, Any] = {}
+        if self.retry != RetryPolicy():
+            data["retry"] = self.retry.changes()
+        if self.timeout_seconds is not None:
+            data["timeout_seconds"] = self.timeout_seconds
+        if self.pivot:
+            data["pivot"] = True
+        if self.compensate_retry is not None:
+            data["compensate_retry"] = self.compensate_retry.changes()
         if self.queue is not None:
             data["queue"] = self.queue
         if self.undo is not None:

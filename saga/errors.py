@@ -55,6 +55,11 @@ class MalformedMessageError(SagaError):
     """A task message does not have the shape the engine sends; it is dropped, not retried."""
 
 
+class UnsignedMessageError(MalformedMessageError):
+    """Message signing is on and a task message is unsigned, or its signature does not verify
+    under any known key; it is dropped, not retried."""
+
+
 class StoreError(SagaError):
     """Postgres failed underneath the store (the driver's error is the ``__cause__``)."""
 

@@ -4,6 +4,11 @@ A step key is unique within a run: the step's name in a graph, ``name[i]`` for a
 branch, ``name#position`` in a workflow written as code, ``compensate:<step_key>`` for a
 compensation. The idempotency key adds the run: stable for every attempt of one step of one run,
 unique across runs, and what step functions hand to outside systems.
+
+A deployment namespace (``SAGA_KEY_PREFIX``) goes first, so that two environments sharing a
+provider account never send the same key: ``<prefix>:<run_id>:<step_key>``. Each run keeps the
+prefix it was started with (``saga_runs.key_prefix``): changing the setting changes the keys of
+runs started afterwards, never those of a run in flight.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ def compensation_key(step_key: str) -> str:
     return f"{COMPENSATION_PREFIX}{step_key}"
 
 
-def idempotency_key(run_id: str, step_key: str) -> str:
-    """Stable for every attempt of one step of one run; unique across runs."""
-    return f"{run_id}:{step_key}"
+def idempotency_key(run_id: str, step_key: str, prefix: str = "") -> str:
+    """Stable for every attempt of one step of one run; unique across runs (and deployments,
+    with a ``prefix``; none keeps the keys of versions without one)."""
+    return f"{prefix}:{run_id}:{step_key}" if prefix else f"{run_id}:{step_key}"

@@ -1,4 +1,6 @@
-"""Gauges read from Postgres: outbox lag and active runs. Registered by the relay process only.
+"""Gauges read from Postgres: outbox lag, active runs, overdue steps, runs stuck in
+``compensation_failed``, live workers (registered by the relay process only); and the count of
+task messages workers reject.
 
 The step, compensation, queue-wait and finished-run instruments live in ``saga.tracing``, where
 the work they measure happens. These two describe the whole system, so one process (the relay)
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any, LiteralString
 
@@ -19,39 +22,58 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from psycopg.rows import dict_row
 
 from saga import queries as q
-from saga.tracing import INSTRUMENTATION, SAGA_NAME, SAGA_RUN_STATE
+from saga.tracing import INSTRUMENTATION, MESSAGING_DESTINATION, SAGA_NAME, SAGA_RUN_STATE
 
 log = logging.getLogger("saga.metrics")
+
+STUCK_RUNS_READ_EVERY = 60.0  # seconds between counts of compensation_failed runs
+
+MESSAGES_REJECTED = metrics.get_meter(INSTRUMENTATION).create_counter(
+    "saga.messages.rejected",
+    unit="{message}",
+    description="Task messages a worker dropped before claiming anything, by reason: "
+    "unsigned (no valid signature while signing is on) or malformed.",
+)
+REJECTION_REASON = "saga.rejection.reason"
+
+
+def message_rejected(unsigned: bool) -> None:
+    """Count one task message a worker's intake dropped."""
+    MESSAGES_REJECTED.add(1, {REJECTION_REASON: "unsigned" if unsigned else "malformed"})
 
 
 class DatabaseGauges:
     """Observable gauges ``saga.outbox.lag`` (age of the oldest unpublished outbox row, s),
-    ``saga.outbox.unpublished`` and ``saga.runs.active`` (by saga and state)."""
+    ``saga.outbox.unpublished``, ``saga.runs.active`` (by saga and state),
+    ``saga.steps.overdue``, ``saga.runs.compensation_failed`` (by saga) and ``saga.workers``
+    (by queue)."""
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         meter = metrics.get_meter(INSTRUMENTATION)
-        meter.create_observable_gauge(
-            "saga.outbox.lag",
-            callbacks=[self._outbox_lag],
-            unit="s",
-            description="Age of the oldest unpublished outbox row (0 when none).",
-        )
-        meter.create_observable_gauge(
-            "saga.outbox.unpublished",
-            callbacks=[self._outbox_unpublished],
-            unit="{message}",
-            description="Outbox rows not yet published.",
-        )
-        meter.create_observable_gauge(
-            "saga.runs.active",
-            callbacks=[self._active_runs],
-            unit="{run}",
-            description="Runs running or compensating, by saga and state.",
-        )
+        gauges = [
+            ("saga.outbox.lag", self._outbox_lag, "s",
+             "Age of the oldest unpublished outbox row (0 when none)."),
+            ("saga.outbox.unpublished", self._outbox_unpublished, "{message}",
+             "Outbox rows not yet published."),
+            ("saga.runs.active", self._active_runs, "{run}",
+             "Runs running or compensating, by saga and state."),
+            ("saga.steps.overdue", self._overdue_steps, "{step}",
+             "Dispatched steps not claimed within the dispatch timeout (lost messages, or no "
+             "worker on their queue); the sweeper sends them again."),
+            ("saga.runs.compensation_failed", self._compensation_failed, "{run}",
+             "Runs stopped in compensation_failed, by saga: an operator must act."),
+            ("saga.workers", self._workers, "{worker}",
+             "Worker processes whose heartbeat is within their lease, by queue."),
+        ]  # fmt: skip
+        for name, callback, unit, description in gauges:
+            meter.create_observable_gauge(
+                name, callbacks=[callback], unit=unit, description=description
+            )
         self._unpublished = 0
+        self._stuck: tuple[float, list[dict[str, Any]]] | None = None
 
     def _query(self, sql: LiteralString) -> list[dict[str, Any]]:
         with self._lock:
@@ -86,6 +108,22 @@ class DatabaseGauges:
         return [
             Observation(int(r["runs"]), {SAGA_NAME: r["saga_name"], SAGA_RUN_STATE: r["state"]})
             for r in self._query(q.ACTIVE_RUNS)
+        ]
+
+    def _overdue_steps(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(int(r["steps"])) for r in self._query(q.OVERDUE_STEPS)]
+
+    def _compensation_failed(self, options: CallbackOptions) -> Iterable[Observation]:
+        # A scan of saga_runs (final states have no index): read at most once a minute.
+        now = time.monotonic()
+        if self._stuck is None or now - self._stuck[0] >= STUCK_RUNS_READ_EVERY:
+            self._stuck = (now, self._query(q.COMPENSATION_FAILED_RUNS))
+        return [Observation(int(r["runs"]), {SAGA_NAME: r["saga_name"]}) for r in self._stuck[1]]
+
+    def _workers(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(int(r["workers"]), {MESSAGING_DESTINATION: r["queue"]})
+            for r in self._query(q.LIVE_WORKERS)
         ]
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from saga import queries as q
 from saga.errors import MigrationError
 
+ROLES_MIGRATION = 7  # creates saga_migrator, which runs every later migration (see 0007)
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -85,6 +86,8 @@ def migrate(database_url: str) -> list[int]:
                     _check_unchanged(migration, done)
                     if migration.version in done:
                         continue
+                    if migration.version > ROLES_MIGRATION:
+                        conn.execute(q.ACT_AS_MIGRATOR)
                     conn.execute(migration.sql.encode())
                     conn.execute(
                         q.RECORD_MIGRATION,

@@ -18,12 +18,14 @@ COMMIT: LiteralString = "COMMIT"
 
 # Waiters (wait_for_run) wake on saga_run_finished_notify (migration 0001).
 LISTEN_RUN_FINISHED: LiteralString = "LISTEN saga_run_finished"
+# Before a listening connection goes back to its pool.
+UNLISTEN_RUN_FINISHED: LiteralString = "UNLISTEN saga_run_finished"
 
 INSERT_RUN: LiteralString = """
 INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
-                       deadline_at, queue)
+                       deadline_at, queue, key_prefix)
 VALUES (%(run_id)s, %(saga_name)s, %(saga_ref)s, %(saga_version)s, %(input)s::jsonb,
-        %(trace_context)s, now() + %(timeout)s * interval '1 second', %(queue)s)
+        %(trace_context)s, now() + %(timeout)s * interval '1 second', %(queue)s, %(key_prefix)s)
 ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id
 """
@@ -34,7 +36,8 @@ SELECT saga_name, input FROM saga_runs WHERE run_id = %s
 
 # Taken first in every transaction that changes a run: serialises its outcomes and operators.
 LOCK_RUN: LiteralString = """
-SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context, queue
+SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context, queue,
+       key_prefix
 FROM saga_runs WHERE run_id = %s FOR UPDATE
 """
 
@@ -335,13 +338,15 @@ SELECT CASE WHEN EXISTS (SELECT FROM changed) THEN 1
             ELSE saga_run_transition_refused(%(run_id)s, %(state)s) END
 """
 
-# Fork: a new run with the old run's journal before a step copied as completed.
+# Fork: a new run with the old run's journal before a step copied as completed. Like any new
+# run it takes the forking process's key prefix; ``key_head`` is its keys' beginning
+# (saga.keys.idempotency_key with an empty step key).
 FORK_RUN: LiteralString = """
 WITH forked AS (
     INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
-                           queue)
+                           queue, key_prefix)
     SELECT %(new_run_id)s, saga_name, saga_ref, %(saga_version)s, input, %(trace_context)s,
-           queue
+           queue, %(key_prefix)s
     FROM saga_runs WHERE run_id = %(run_id)s
     RETURNING 1
 )
@@ -355,7 +360,7 @@ INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state,
                         result, completed_seq, created_at, started_at, attempt_started_at,
                         finished_at)
 SELECT %(new_run_id)s, step_key, step_name, kind, seq, position, state, attempt, max_attempts,
-       fn_ref, compensation_ref, options, %(new_run_id)s || ':' || step_key, input, result,
+       fn_ref, compensation_ref, options, %(key_head)s || step_key, input, result,
        completed_seq, created_at, started_at, attempt_started_at, finished_at
 FROM saga_steps
 WHERE run_id = %(run_id)s AND state = 'completed' AND kind <> 'compensation'
@@ -415,6 +420,28 @@ WHERE state IN ('running', 'compensating')
 GROUP BY saga_name, state
 """
 
+# Dispatched steps whose message was not claimed within the dispatch timeout (their due_at has
+# passed; the sweeper sends them again): served by saga_steps_due.
+OVERDUE_STEPS: LiteralString = """
+SELECT count(*) AS steps FROM saga_steps WHERE state = 'dispatched' AND due_at <= now()
+"""
+
+# Runs stopped in compensation_failed, waiting for an operator. No index serves it (final states
+# are not indexed): saga.metrics reads it at most once a minute. A partial index ON saga_runs
+# (saga_name) WHERE state = 'compensation_failed' would make it cheap at any table size.
+COMPENSATION_FAILED_RUNS: LiteralString = """
+SELECT saga_name, count(*) AS runs FROM saga_runs
+WHERE state = 'compensation_failed'
+GROUP BY saga_name
+"""
+
+# Workers whose heart beat within their lease, per queue.
+LIVE_WORKERS: LiteralString = """
+SELECT queue, count(*) AS workers FROM saga_workers, unnest(queues) AS queue
+WHERE seen_at >= now() - silence_seconds * interval '1 second'
+GROUP BY queue
+"""
+
 # -- schema migrations (saga.migrate) ---------------------------------------------------------
 
 # The advisory lock that serialises migrations of one database (an arbitrary constant).
@@ -445,6 +472,15 @@ CREATE TABLE IF NOT EXISTS saga_schema_migrations (
 
 VERSION_TABLE_EXISTS: LiteralString = """
 SELECT to_regclass('saga_schema_migrations') IS NOT NULL AS present
+"""
+
+# Migrations after the one that made the roles (0007) run as saga_migrator when the migrating
+# user may act as it: what they create is the migrator's, and its default privileges grant it to
+# saga_engine and saga_readonly. SET LOCAL: the role ends with the migration's transaction.
+ACT_AS_MIGRATOR: LiteralString = """
+SELECT set_config('role', 'saga_migrator', true)
+WHERE CASE WHEN EXISTS (SELECT FROM pg_roles WHERE rolname = 'saga_migrator')
+           THEN pg_has_role(current_user, 'saga_migrator', 'MEMBER') ELSE false END
 """
 
 SELECT_APPLIED_MIGRATIONS: LiteralString = """
@@ -518,30 +554,34 @@ FROM saga_runs
 """
 
 
-# A page in one of three orders, each walked along its own index (0006) from the keyset
-# cursor (%(after_time)s, %(after_id)s) on. The order follows the most selective filter, so that
+# A page in one of three orders, each walked along its index from the keyset cursor
+# (%(after_time)s, %(after_id)s) on. The order follows the most selective filter, so that
 # a page never scans past runs that do not match: created_at by default, finished_at when a
 # finished window is asked for, the run id when a run id prefix is.
 def _page(after: LiteralString, order: LiteralString) -> LiteralString:
     return _RUN_LIST_COLUMNS + _RUN_FILTERS + after + order + "LIMIT %(limit)s\n"
 
 
-def _by_created(newest: bool) -> LiteralString:
-    """Runs by creation time: one branch per state, each walking saga_runs_state_created from
-    the cursor on, merged in order (Merge Append). A state the filter leaves out folds to an
-    empty branch. No index on created_at alone is needed (nor written for every run)."""
+def _by_state(newest: bool, at: LiteralString) -> LiteralString:
+    """Runs by creation (``at`` = created_at) or finish time (finished_at): one branch per
+    state, each walking that state's range of saga_runs_state_created (0006) or
+    saga_runs_finished (0009, finished runs only) from the cursor on, merged in order (Merge
+    Append). A state the filter leaves out folds to an empty branch. No index on the time alone
+    is needed, nor written for every run."""
     cmp: LiteralString = "<" if newest else ">"
-    order: LiteralString = "created_at DESC, run_id DESC" if newest else "created_at, run_id"
+    order: LiteralString = at + (" DESC, run_id DESC" if newest else ", run_id")
     branches: list[LiteralString] = []
     for state in _RUN_STATES:
         branches.append(
-            "(" + _RUN_LIST_COLUMNS + "WHERE state = '" + state + "'\n"
+            "(" + _RUN_LIST_COLUMNS + "WHERE state = '" + state + "' AND " + at + " IS NOT NULL\n"
             "  AND (cardinality(%(states)s::text[]) = 0 OR '"
             + state
             + "' = ANY(%(states)s::text[]))"
             + _OTHER_FILTERS
             + "  AND (%(after_time)s::timestamptz IS NULL\n"
-            "       OR (created_at, run_id) "
+            "       OR ("
+            + at
+            + ", run_id) "
             + cmp
             + " (%(after_time)s::timestamptz, %(after_id)s::text))\n"
             "ORDER BY " + order + "\nLIMIT %(limit)s)\n"
@@ -567,20 +607,10 @@ _RUN_STATES: tuple[LiteralString, ...] = (
 )
 
 LIST_RUNS: dict[tuple[str, bool], LiteralString] = {
-    ("created", True): _by_created(newest=True),
-    ("created", False): _by_created(newest=False),
-    ("finished", True): _page(
-        """  AND finished_at IS NOT NULL AND (%(after_time)s::timestamptz IS NULL
-       OR (finished_at, run_id) < (%(after_time)s::timestamptz, %(after_id)s::text))
-""",
-        "ORDER BY finished_at DESC, run_id DESC\n",
-    ),
-    ("finished", False): _page(
-        """  AND finished_at IS NOT NULL AND (%(after_time)s::timestamptz IS NULL
-       OR (finished_at, run_id) > (%(after_time)s::timestamptz, %(after_id)s::text))
-""",
-        "ORDER BY finished_at, run_id\n",
-    ),
+    ("created", True): _by_state(True, "created_at"),
+    ("created", False): _by_state(False, "created_at"),
+    ("finished", True): _by_state(True, "finished_at"),
+    ("finished", False): _by_state(False, "finished_at"),
     # ~<~ and ~>~ compare byte-wise, as the text_pattern_ops index that serves LIKE orders.
     ("run_id", True): _page(
         "  AND (%(after_id)s::text IS NULL OR run_id ~<~ %(after_id)s::text)\n",
@@ -636,4 +666,37 @@ SELECT event, actor, detail, at FROM saga_run_events WHERE run_id = %s ORDER BY 
 SELECT_KEPT_EVENTS: LiteralString = """
 SELECT name, payload, created_at FROM saga_events
 WHERE run_id = %s AND consumed_by IS NULL ORDER BY id
+"""
+
+# -- retention (saga.retention, migration 0009) -----------------------------------------------
+
+# One batch of finished runs of one state older than its retention, deleted with their steps,
+# events and history (ON DELETE CASCADE). The runs are locked first and locked ones skipped: a
+# run an operator is retrying, or a late outcome is touching, is left for the next pass, and no
+# worker waits on a pruning transaction for more than one short batch. The state is checked
+# again against the final states: a run that is not finished is never deleted, whatever the
+# caller passes. A run reopened after the snapshot (failed -> running) is re-checked under the
+# lock by Postgres and left alone.
+PRUNE_RUNS: LiteralString = """
+DELETE FROM saga_runs WHERE run_id IN (
+    SELECT run_id FROM saga_runs
+    WHERE state = %(state)s
+      AND state IN ('completed', 'compensated', 'failed', 'compensation_failed', 'cancelled')
+      AND finished_at < now() - %(seconds)s * interval '1 second'
+    ORDER BY finished_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+# What PRUNE_RUNS would delete now, for ``saga prune --dry-run``: runs and their steps.
+COUNT_PRUNABLE: LiteralString = """
+WITH doomed AS (
+    SELECT run_id FROM saga_runs
+    WHERE state = %(state)s
+      AND state IN ('completed', 'compensated', 'failed', 'compensation_failed', 'cancelled')
+      AND finished_at < now() - %(seconds)s * interval '1 second'
+)
+SELECT (SELECT count(*) FROM doomed) AS runs,
+       (SELECT count(*) FROM saga_steps JOIN doomed USING (run_id)) AS steps
 """

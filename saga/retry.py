@@ -116,6 +116,10 @@ class RetryPolicy:
             ),
         }
 
+    def changes(self) -> dict[str, Any]:
+        """``to_json`` without the fields at their defaults (``from_json`` restores them)."""
+        return {k: v for k, v in self.to_json().items() if v != _DEFAULT_JSON[k]}
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RetryPolicy:
         return cls(**{**data, "non_retryable": tuple(data.get("non_retryable", ()))})
@@ -123,3 +127,6 @@ class RetryPolicy:
 
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_DEFAULT_JSON: dict[str, Any] = RetryPolicy().to_json()

@@ -142,6 +142,7 @@ class RunTransaction:
         dispatch_timeout: float,
         cache: JournalCache | None = None,
         prefetched: tuple[int, psycopg.Cursor[JournalRow]] | None = None,
+        key_prefix: str = "",
     ) -> None:
         self._cur = cur
         self._cache = cache or JournalCache(0)
@@ -151,6 +152,7 @@ class RunTransaction:
         self.run = run
         self._default_queue = queue
         self._dispatch_timeout = dispatch_timeout
+        self._key_prefix = key_prefix  # this process's, for the runs it creates (a fork)
         self.messages: list[OutboxMessage] = []
         self._journal: list[JournalRow] | None = None
         # The step whose completion is being journaled, if any: lets the coordinator move a
@@ -404,10 +406,17 @@ class RunTransaction:
                 "run_id": run_id,
                 "saga_version": saga_version,
                 "trace_context": Jsonb(dict(self.run.trace_context)),
+                "key_prefix": self._key_prefix,
             },
         )
         self._cur.execute(
-            q.FORK_STEPS, {"new_run_id": new_run_id, "run_id": run_id, "before_seq": seq["seq"]}
+            q.FORK_STEPS,
+            {
+                "new_run_id": new_run_id,
+                "run_id": run_id,
+                "before_seq": seq["seq"],
+                "key_head": idempotency_key(new_run_id, "", self._key_prefix),
+            },
         )
         self.advance_later(new_run_id)
         return True
@@ -476,7 +485,7 @@ class RunTransaction:
                 run_id=run.run_id,
                 step=row.step_name,
                 attempt=row.attempt,
-                idempotency_key=idempotency_key(run.run_id, row.step_key),
+                idempotency_key=idempotency_key(run.run_id, row.step_key, run.key_prefix),
             )
 
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal, Self
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,11 +58,6 @@ class Settings(BaseSettings):
         description="Largest JSON-encoded run input or event payload accepted (it is journaled "
         "and handed to steps).",
     )
-    fast_path_grace_seconds: PositiveFloat = Field(
-        default=5.0,
-        description="A row a worker publishes itself right after commit is left to the relay "
-        "only after this long.",
-    )
     relay_batch_size: PositiveInt = Field(default=200, description="Outbox rows per publish batch.")
     relay_poll_seconds: PositiveFloat = Field(
         default=1.0, description="Relay/sweeper polling interval when no NOTIFY arrives."
@@ -71,6 +76,118 @@ class Settings(BaseSettings):
         "and relay sweeper), opened as needed; a threads-pool worker wants one per thread.",
     )
 
+    # Security: deployment namespace, message signing, exception details in traces.
+    key_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9._-]{0,64}$",
+        description="Deployment namespace put first in every idempotency key "
+        "(<prefix>:<run_id>:<step_key>), so environments sharing a provider account never send "
+        "the same key; empty keeps keys unprefixed. A run keeps the prefix it started with.",
+    )
+    message_signing_key: SecretStr | None = Field(
+        default=None,
+        description="Shared secret (at least 32 characters) that turns message signing on: "
+        "every task message is signed with HMAC-SHA256, and workers drop any message that is "
+        "not signed by a known key. Unset: off.",
+    )
+    message_signing_key_id: str = Field(
+        default="1",
+        pattern=r"^[A-Za-z0-9._-]{1,32}$",
+        description="Id of SAGA_MESSAGE_SIGNING_KEY, sent with each signature.",
+    )
+    message_verification_keys: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='More keys accepted on received messages, as JSON {"<key id>": "<key>"}: '
+        "for a key rotation (the signing key is always accepted).",
+    )
+    trace_exception_details: bool = Field(
+        default=False,
+        description="Export exception messages and stack traces in spans; off: only the "
+        "exception's type and a fixed message (messages may carry secrets).",
+    )
+
+    @model_validator(mode="after")
+    def _check_signing_keys(self) -> Self:
+        keys = dict(self.message_verification_keys)
+        if self.message_signing_key is not None:
+            keys[self.message_signing_key_id] = self.message_signing_key
+        elif keys:
+            raise ValueError(
+                "SAGA_MESSAGE_VERIFICATION_KEYS is set without SAGA_MESSAGE_SIGNING_KEY: set "
+                "the signing key too (verification keys only serve a rotation)"
+            )
+        for key_id, key in keys.items():
+            if not MIN_KEY_ID.fullmatch(key_id):
+                raise ValueError(f"message key id {key_id!r} must match {MIN_KEY_ID.pattern}")
+            if len(key.get_secret_value()) < MIN_KEY_LENGTH:
+                raise ValueError(
+                    f"message key {key_id!r} has fewer than {MIN_KEY_LENGTH} characters; make "
+                    f"one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        signing = self.message_verification_keys.get(self.message_signing_key_id)
+        if signing is not None and signing != self.message_signing_key:
+            raise ValueError(
+                f"key id {self.message_signing_key_id!r} names two different keys (the signing "
+                f"key and a verification key): give the new key a new id"
+            )
+        return self
+
+    # -- retention: finished runs (steps, events, history) deleted after a per-state age --------
+    retention_completed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Completed runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_compensated_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Compensated runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_cancelled_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Cancelled runs are deleted this long after they finished; unset keeps them.",
+    )
+    retention_failed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Failed runs (an operator may still `saga retry` them) are deleted this long "
+        "after they failed; unset keeps them.",
+    )
+    retention_compensation_failed_seconds: NonNegativeFloat | None = Field(
+        default=None,
+        description="Runs whose compensation failed (effects may remain; an operator may retry "
+        "it) are deleted this long after; unset keeps them.",
+    )
+    retention_batch_size: PositiveInt = Field(
+        default=200, description="Runs deleted per short transaction when pruning."
+    )
+    retention_interval_seconds: PositiveFloat = Field(
+        default=60.0, description="How often a relay prunes finished runs (when any is set)."
+    )
+
+    # asyncio and timeouts (issue 11, items 5-6)
+    shutdown_grace_seconds: PositiveFloat = Field(
+        default=25.0,
+        description="How long a stopping worker (SIGTERM, warm shutdown) waits for its running "
+        "steps before it kills them and exits 1; their leases then run out and other workers "
+        "take them over. Keep it under your orchestrator's own grace (Kubernetes: 30 s).",
+    )
+
+    # Operations: probes, /metrics, log format (saga/probes.py, saga/logs.py).
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the worker's or relay's /healthz, /readyz and /metrics; unset means "
+        "no HTTP server (`--http-port` overrides it).",
+    )
+    http_host: str = Field(
+        default="127.0.0.1",
+        description="Address the probe server binds to; 0.0.0.0 to be scraped from elsewhere.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log records as text lines or one JSON object per line; both carry the run "
+        "id, step key, attempt, trace id and span id of the step being run.",
+    )
+
     # Operators (saga show, the dashboard): where a run's trace is.
     trace_url_template: str | None = Field(
         default=None,
@@ -86,9 +203,23 @@ class Settings(BaseSettings):
         env = dict(os.environ if base is None else base)
         for name, value in self.model_dump().items():
             if value is not None:
-                env[f"SAGA_{name.upper()}"] = str(value)
+                env[f"SAGA_{name.upper()}"] = _env_value(value)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
         return env
+
+
+MIN_KEY_LENGTH = 32
+MIN_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+def _env_value(value: Any) -> str:
+    """A setting's value as its environment variable reads: secrets in clear (a child process
+    needs them), collections as JSON."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return json.dumps({k: _env_value(v) for k, v in value.items()})
+    return str(value)
 
 
 # Variables with the prefix that belong to the test suite, not to the engine.

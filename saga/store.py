@@ -26,7 +26,7 @@ from saga.errors import RunConflictError, RunNotFoundError, WaitTimeoutError
 from saga.failures import ErrorType, attempt_outcome, error_record
 from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
-from saga.outbox.writer import add_messages, mark_published
+from saga.outbox.writer import add_messages
 
 # Re-exported (``X as X``): callers written before the records had a module import them here.
 from saga.records import Claim as Claim
@@ -48,33 +48,54 @@ from saga.run_transaction import (
 from saga.states import RunEventType, RunState, StepKind, StepState, may_journal_outcome
 
 
-def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
-    """A pool of autocommit connections that commit synchronously, as Postgres does by default.
+def pool_options(size: int, name: str) -> dict[str, Any]:
+    """A pool of autocommit connections that commit synchronously, as Postgres does by default
+    (the same for the sync pool and the async client's).
 
     A claim must be on disk before its step runs: a claim lost in a crash would hide an attempt
     that started, whose effect a compensating run must undo. Lease renewals and publish marks
     could do without the fsync, but they are few (a renewal every third of a lease, marks ride
     on the next claim); step outcomes say so themselves (``SET LOCAL synchronous_commit``)."""
-    return ConnectionPool(
-        database_url,
-        min_size=1,
-        max_size=max(1, size),
+    return {
+        "min_size": 1,
+        "max_size": max(1, size),
         # Said explicitly: a database or role set to commit asynchronously must not make claims
         # so.
-        kwargs={
+        "kwargs": {
             "autocommit": True,
             "application_name": name,
             "options": "-c synchronous_commit=on",
         },
-        name=name,
-        open=True,
-    )
+        "name": name,
+    }
+
+
+def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
+    return ConnectionPool(database_url, open=True, **pool_options(size, name))
+
+
+def listen_for(run: RunRecord, deadline: float | None, timeout: float | None) -> float | None:
+    """For a wait on ``run`` (as just read): None if it has finished, else how long to listen
+    for its end before reading it again (at least every few seconds, in case a NOTIFY was
+    missed while reconnecting); WaitTimeoutError once ``deadline`` (monotonic) has passed."""
+    if run.finished:
+        return None
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        raise WaitTimeoutError(
+            f"run {run.run_id!r} is still {run.state} after {timeout} s; it keeps running "
+            f"(`saga show {run.run_id}` shows where it is)"
+        )
+    return 5.0 if remaining is None else min(5.0, remaining)
 
 
 class PostgresStore:
-    def __init__(self, pool: ConnectionPool, *, queue: str, dispatch_timeout: float) -> None:
+    def __init__(
+        self, pool: ConnectionPool, *, queue: str, dispatch_timeout: float, key_prefix: str = ""
+    ) -> None:
         self._pool = pool
         self._queue = queue
+        self._key_prefix = key_prefix  # for the runs this process creates (start, fork)
         self._dispatch_timeout = dispatch_timeout
         self._journals = JournalCache()
 
@@ -92,7 +113,14 @@ class PostgresStore:
             run = lock_run(conn, run_id).fetchone()
             if run is None:
                 raise RunNotFoundError(f"no run has id {run_id!r}")
-            tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout, self._journals)
+            tx = RunTransaction(
+                cur,
+                run,
+                self._queue,
+                self._dispatch_timeout,
+                self._journals,
+                key_prefix=self._key_prefix,
+            )
             yield tx
             add_messages(cur, tx.messages)
         tx.committed()
@@ -127,6 +155,7 @@ class PostgresStore:
                         "trace_context": Jsonb(dict(trace_context)),
                         "timeout": timeout,
                         "queue": self._queue,
+                        "key_prefix": self._key_prefix,
                     },
                 ).fetchone()
                 if created:
@@ -140,6 +169,7 @@ class PostgresStore:
                         error=None,
                         trace_context=trace_context,
                         queue=self._queue,
+                        key_prefix=self._key_prefix,
                     )
                     tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout)
                     start(tx)
@@ -161,11 +191,15 @@ class PostgresStore:
 
     def get_run(self, run_id: str) -> RunRecord:
         with translated(f"reading run {run_id!r}"), self._pool.connection() as conn:
-            run = conn.cursor(row_factory=class_row(RunRecord)).execute(q.SELECT_RUN, (run_id,))
-            row = run.fetchone()
-        if row is None:
+            return self._read_run(conn, run_id)
+
+    @staticmethod
+    def _read_run(conn: psycopg.Connection[Any], run_id: str) -> RunRecord:
+        row = conn.cursor(row_factory=class_row(RunRecord)).execute(q.SELECT_RUN, (run_id,))
+        run = row.fetchone()
+        if run is None:
             raise RunNotFoundError(f"no run has id {run_id!r}")
-        return row
+        return run
 
     def get_steps(self, run_id: str) -> list[StepRecord]:
         with translated(f"reading the steps of run {run_id!r}"), self._pool.connection() as conn:
@@ -190,29 +224,23 @@ class PostgresStore:
             return {r["step_key"]: r["result"] for r in rows.fetchall()}
 
     def wait_for_run(self, run_id: str, timeout: float | None) -> RunRecord:
-        """Block until the run reaches a final state (LISTEN/NOTIFY, no polling loop)."""
+        """Block until the run reaches a final state (LISTEN/NOTIFY, no polling loop), on one
+        pooled connection: it listens, and reads the run."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with (
-            translated(f"waiting for run {run_id!r}"),
-            psycopg.connect(str(self._pool.conninfo), autocommit=True) as conn,
-        ):
+        with translated(f"waiting for run {run_id!r}"), self._pool.connection() as conn:
             conn.execute(q.LISTEN_RUN_FINISHED)
-            while True:
-                run = self.get_run(run_id)
-                if run.finished:
-                    return run
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise WaitTimeoutError(
-                        f"run {run_id!r} is still {run.state} after {timeout} s; it keeps running "
-                        f"(`saga show {run_id}` shows where it is)"
-                    )
-                # Wake on any finished run, and at least every few seconds in case a NOTIFY was
-                # missed while reconnecting.
-                wait = 5.0 if remaining is None else min(5.0, remaining)
-                for notify in conn.notifies(timeout=wait):
-                    if notify.payload == run_id:
-                        break
+            try:
+                while True:
+                    run = self._read_run(conn, run_id)
+                    wait = listen_for(run, deadline, timeout)
+                    if wait is None:
+                        return run
+                    for notify in conn.notifies(timeout=wait):
+                        if notify.payload == run_id:
+                            break
+            finally:
+                with contextlib.suppress(psycopg.Error):  # a broken one leaves the pool anyway
+                    conn.execute(q.UNLISTEN_RUN_FINISHED)  # back to the pool not listening
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -223,12 +251,9 @@ class PostgresStore:
         *,
         owner: str,
         lease: float,
-        published: Sequence[uuid.UUID] = (),
     ) -> Claim | None:
         """Take one attempt of the step, or None if it is not claimable (already running,
-        completed, failed, its run has ended, or it does not exist). Outbox rows in
-        ``published`` (sent earlier by this process) are marked published in the same round
-        trip."""
+        completed, failed, its run has ended, or it does not exist)."""
         params = {"run_id": run_id, "step_key": step_key, "owner": owner, "lease": lease}
         with (
             translated(f"claiming step {step_key!r} of run {run_id!r}"),
@@ -237,13 +262,7 @@ class PostgresStore:
             # Committed synchronously (the pool's connections do): the claim is on disk before
             # the step runs.
             cur = conn.cursor(row_factory=class_row(Claim))
-            if published:
-                with conn.pipeline():  # both statements, one Sync; results read after it
-                    mark_published(conn, published)
-                    cur.execute(q.CLAIM_STEP, params)
-            else:
-                cur.execute(q.CLAIM_STEP, params)
-            return cur.fetchone()
+            return cur.execute(q.CLAIM_STEP, params).fetchone()
 
     def step_state(self, run_id: str, step_key: str) -> StepSnapshot | None:
         """The step and its run as they are, for explaining why a claim was refused."""
@@ -270,14 +289,15 @@ class PostgresStore:
         result_json: str,
         advance: Advance,
         *,
-        fast_path_delay: float,
+        fast_path: bool,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         """Journal the step's result and what the coordinator decides from it, in one
-        transaction; returns the messages it caused. Their outbox rows are left to the caller's
-        fast path for ``fast_path_delay`` seconds. Raises Fenced when the attempt lost its
-        lease or the run moved on. ``read_journal``: the coordinator will read the journal (a
-        workflow replays), so the read goes out with the run lock, saving a round trip."""
+        transaction; returns the messages it caused. With ``fast_path`` the caller publishes
+        them itself after the commit, and they get no outbox rows (see ``_outcome``). Raises
+        Fenced when the attempt lost its lease or the run moved on. ``read_journal``: the
+        coordinator will read the journal (a workflow replays), so the read goes out with the
+        run lock, saving a round trip."""
 
         def outcome(tx: RunTransaction, state: str) -> None:
             tx.completed = JournalRow(
@@ -304,7 +324,7 @@ class PostgresStore:
             q.COMPLETE_STEP,
             {"result": result_json},
             outcome,
-            fast_path_delay,
+            fast_path,
             read_journal,
         )
 
@@ -315,7 +335,7 @@ class PostgresStore:
         *,
         retry_in: float | None,
         advance: Advance,
-        fast_path_delay: float = 0.0,
+        fast_path: bool = False,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         """Record a failed attempt: retried after ``retry_in`` seconds, or (None) failed for
@@ -339,7 +359,7 @@ class PostgresStore:
                 "outcome": attempt_outcome(str(error.get("type", ""))),
             },
             outcome,
-            fast_path_delay,
+            fast_path,
             read_journal and retry_in is None,
         )
 
@@ -350,11 +370,19 @@ class PostgresStore:
         fence_query: LiteralString,
         fence_params: dict[str, Any],
         body: Callable[[RunTransaction, str], None],
-        fast_path_delay: float,
+        fast_path: bool,
         read_journal: bool,
     ) -> list[OutboxMessage]:
         """The outcome transaction, pipelined: the run lock and the fenced step update go in
-        one round trip, what the coordinator writes and the commit in another."""
+        one round trip, what the coordinator writes and the commit in another.
+
+        Every message a run transaction causes is backed by a journal row committed with it: a
+        dispatched step's ``due_at``, a run's ``advance_due_at``; the sweeper sends again what
+        is not claimed by then. So a fast path (the worker publishing right after commit) needs
+        no outbox row: the row would only be written, marked published and deleted, three row
+        versions and a third of a step's WAL, for the rare publish that fails (which
+        ``relay_later`` then hands to the relay) or a worker dying between commit and publish
+        (the dead worker's dispatched steps are sent again after a lease)."""
         where = f"{action} step {claim.step_key!r} of run {claim.run_id!r}"
         key = {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt}
         with (
@@ -385,7 +413,8 @@ class PostgresStore:
                 prefetched,
             )
             body(tx, fenced["state"])
-            add_messages(run_cur, tx.messages, delay_seconds=fast_path_delay)
+            if not fast_path:
+                add_messages(run_cur, tx.messages)
         tx.committed()
         return tx.messages
 
@@ -395,9 +424,15 @@ class PostgresStore:
             tx.advancing()
             advance(tx)
 
-    def mark_published(self, message_ids: Sequence[uuid.UUID]) -> None:
-        with translated("marking outbox rows published"), self._pool.connection() as conn:
-            mark_published(conn, message_ids)
+    def relay_later(self, messages: Sequence[OutboxMessage]) -> None:
+        """Outbox rows for messages a fast path could not publish: the relay sends them now."""
+        with (
+            translated("handing messages to the relay"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            add_messages(cur, messages)
 
     # -- events and operators -----------------------------------------------------------------
 

@@ -4,7 +4,6 @@ in-memory twin, and ``tests/contract/test_store_contract.py`` runs the same case
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -41,7 +40,6 @@ class Store(Protocol):
         *,
         owner: str,
         lease: float,
-        published: Sequence[uuid.UUID] = (),
     ) -> Claim | None:
         """One attempt of the step (its number is the fencing token), or None if the step is
         not claimable now."""
@@ -53,7 +51,7 @@ class Store(Protocol):
         result_json: str,
         advance: Decide,
         *,
-        fast_path_delay: float,
+        fast_path: bool,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         """Journal the result and what ``advance`` decides, together; Fenced if the attempt
@@ -67,7 +65,7 @@ class Store(Protocol):
         *,
         retry_in: float | None,
         advance: Decide,
-        fast_path_delay: float = 0.0,
+        fast_path: bool = False,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         """A failed attempt: retried after ``retry_in`` seconds, or (None) failed for good and

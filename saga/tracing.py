@@ -31,6 +31,14 @@ SDK by hand must pass ``saga.workers.telemetry.saga_id_generator()``; without it
 fresh ids and the run's spans show a missing parent). If the finishing process dies before
 exporting, the root is lost while its children survive.
 
+Exceptions are redacted. A step that raised with a secret in its message (an API key, a user's
+input) must not export it: by default a span records an exception's type and the fixed message
+``REDACTED``, with no stack trace and no message in its status (the journal keeps them, see
+``saga.failures``). ``SAGA_TRACE_EXCEPTION_DETAILS=true`` exports message and stack trace, still
+without the input values pydantic puts in its errors; the process entry points (worker, relay,
+operator commands, ``SagaClient``) switch it on from their settings with
+``export_exception_details()``.
+
 With no SDK configured the API's no-op tracer and meter make all of this cost microseconds, and
 nothing here does any I/O or database work of its own.
 """
@@ -53,6 +61,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TraceFlags
 
+from saga.failures import exception_text, format_traceback
 from saga.states import RunState, StepKind
 
 if TYPE_CHECKING:
@@ -85,6 +94,8 @@ SAGA_STEP_LOST = "saga.step.lost"
 SAGA_STEP_OUTCOME = "saga.step.outcome"
 SAGA_COMPENSATION = "saga.compensation"
 SAGA_WAIT_KIND = "saga.wait.kind"
+
+REDACTED = "redacted; see the journal"  # what a span says of an exception's message
 
 # Durations in seconds, from a few milliseconds to the ten minutes an agent step may take.
 _SECONDS_BUCKETS = (
@@ -223,10 +234,43 @@ def messaging_system(broker_url: str | None) -> str:
     return scheme or "unknown"
 
 
-def _record_exception(span: Span, exc: BaseException) -> None:
-    span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
-    span.set_attribute(ERROR_TYPE, f"{type(exc).__module__}.{type(exc).__qualname__}")
+_details = False  # export exception messages and stack traces (SAGA_TRACE_EXCEPTION_DETAILS)
+
+
+def export_exception_details(on: bool) -> None:
+    """Whether spans of this process carry exception messages and stack traces (off: the type
+    and ``REDACTED`` only). Set by the process entry point from its settings."""
+    global _details
+    _details = on
+
+
+def _exception_type(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+def _record_exception(span: Span, exc: BaseException, *, event: bool = True) -> None:
+    """Error status, ``error.type`` and (with ``event``) an ``exception`` event: the message and
+    stack trace only when exported on purpose."""
+    kind = _exception_type(exc)
+    _record_error(
+        span,
+        kind,
+        exception_text(exc) if _details else REDACTED,
+        format_traceback(exc) if _details and event else None,
+        event=event,
+    )
+
+
+def _record_error(
+    span: Span, kind: str, message: str, stacktrace: str | None, *, event: bool = True
+) -> None:
+    if event:
+        attributes = {"exception.type": kind, "exception.message": message}
+        if stacktrace:
+            attributes["exception.stacktrace"] = stacktrace
+        span.add_event("exception", attributes)
+    span.set_status(Status(StatusCode.ERROR, f"{kind.rpartition('.')[2]}: {message}"[:500]))
+    span.set_attribute(ERROR_TYPE, kind)
 
 
 # -- publishing -----------------------------------------------------------------------------------
@@ -255,11 +299,17 @@ def send_span(message: OutboxMessage, system: str) -> Iterator[dict[str, str]]:
             SAGA_RUN_ID: str(payload.get("run_id", "")),
             SAGA_STEP_KEY: str(payload.get("step_key", "")),
         },
+        record_exception=False,  # a broker error may quote its URL: recorded redacted below
+        set_status_on_exception=False,
     ) as span:
         ctx = span.get_span_context()
         if span.is_recording() and ctx.is_valid:
             headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-01"
-        yield headers
+        try:
+            yield headers
+        except BaseException as exc:
+            _record_exception(span, exc)
+            raise
 
 
 def published(messages: Sequence[OutboxMessage]) -> None:
@@ -501,11 +551,7 @@ def attempt_failed(exc: BaseException, *, will_retry: bool, record: bool = True)
     if state is None:
         return
     state.outcome = "retry" if will_retry else "failed"
-    span = state.span
-    if record:
-        span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
-    span.set_attribute(ERROR_TYPE, f"{type(exc).__module__}.{type(exc).__qualname__}")
+    _record_exception(state.span, exc, event=record)
 
 
 # -- waits ----------------------------------------------------------------------------------------
@@ -600,18 +646,12 @@ def run_finished(
     if isinstance(error, BaseException):
         _record_exception(span, error)
     elif error:
+        # A journaled error record (saga.failures): its text is already free of pydantic inputs.
         kind = str(error.get("type", "Error"))
-        message = str(error.get("message", ""))
-        span.add_event(
-            "exception",
-            {
-                "exception.type": kind,
-                "exception.message": message,
-                "exception.stacktrace": str(error.get("traceback", "")),
-            },
-        )
-        span.set_status(Status(StatusCode.ERROR, f"{kind}: {message}"[:500]))
-        span.set_attribute(ERROR_TYPE, kind)
+        if _details:
+            _record_error(span, kind, str(error.get("message", "")), error.get("traceback"))
+        else:
+            _record_error(span, kind, REDACTED, None)
     elif state != RunState.COMPLETED:
         span.set_status(Status(StatusCode.ERROR, f"run ended {state}"))
     span.end()

@@ -12,10 +12,11 @@ Workflow code is the deterministic skeleton: no I/O, clocks or randomness outsid
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar, Unpack
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from pydantic import ValidationError
 
@@ -31,12 +32,14 @@ from saga.definition import (
     step_name,
 )
 from saga.errors import DefinitionError, SagaError
-from saga.failures import ErrorType
+from saga.failures import ErrorType, exception_text
 from saga.keys import workflow_key
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+AsyncStep = Callable[[Any, Any], Coroutine[Any, Any, R]]  # an ``async def`` step function
 
 
 class StepFailed(SagaError):
@@ -125,15 +128,30 @@ class WorkflowContext:
 
     # -- steps --------------------------------------------------------------------------------
 
-    def step(self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]) -> R:
+    # An async step (``async def``) returns what its coroutine returns: the overloads say so.
+    @overload
+    def step(self, fn: AsyncStep[R], arg: Any = None, **options: Unpack[StepArgs]) -> R: ...
+    @overload
+    def step(
+        self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> R: ...
+    def step(
+        self, fn: Callable[[Any, Any], Any], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Any:
         """Run ``fn(step_ctx, arg)`` as a journaled step and return its result."""
-        handle: Handle[R] = self.start(fn, arg, **options)
-        result: R = self.gather(handle)[0]
-        return result
+        return self.gather(self.start(fn, arg, **options))[0]
 
+    @overload
+    def start(
+        self, fn: AsyncStep[R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[R]: ...
+    @overload
     def start(
         self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
-    ) -> Handle[R]:
+    ) -> Handle[R]: ...
+    def start(
+        self, fn: Callable[[Any, Any], Any], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[Any]:
         """Start a step without waiting for it; several started steps run in parallel."""
         name = step_name(fn, options)
         where = f"workflow {self.workflow!r}, step {name!r}"
@@ -163,9 +181,17 @@ class WorkflowContext:
         )
         return Handle(position, function)
 
+    @overload
+    def map(
+        self, fn: AsyncStep[R], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[R]: ...
+    @overload
     def map(
         self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Unpack[StepArgs]
-    ) -> list[R]:
+    ) -> list[R]: ...
+    def map(
+        self, fn: Callable[[Any, Any], Any], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[Any]:
         """Run ``fn`` over each item in parallel (fan-out) and return the results in order."""
         return self.gather(*[self.start(fn, item, **options) for item in items])
 
@@ -199,8 +225,8 @@ class WorkflowContext:
                 NonDeterminismError(
                     f"workflow {self.workflow!r} of run {self.run_id!r}: the journaled result of "
                     f"step {entry.name!r} (call {entry.position}) no longer fits the return type "
-                    f"of {function.ref}: {exc}. Deploy the code the run started with and retry "
-                    f"it, or fork the run from an earlier step"
+                    f"of {function.ref}: {exception_text(exc)}. Deploy the code the run started "
+                    f"with and retry it, or fork the run from an earlier step"
                 )
             ) from None
 
@@ -278,6 +304,81 @@ class WorkflowContext:
         return self._position
 
 
+class AsyncWorkflowContext:
+    """What an ``async def`` workflow calls: ``WorkflowContext``'s methods, to be awaited.
+    They never wait on anything real (a replay reads the journal, and suspends where it ends),
+    so a replay needs no event loop."""
+
+    def __init__(self, ctx: WorkflowContext) -> None:
+        self.sync = ctx
+        self.run_id, self.workflow, self.input = ctx.run_id, ctx.workflow, ctx.input
+
+    @overload
+    async def step(self, fn: AsyncStep[R], arg: Any = None, **options: Unpack[StepArgs]) -> R: ...
+    @overload
+    async def step(
+        self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> R: ...
+    async def step(
+        self, fn: Callable[[Any, Any], Any], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Any:
+        return self.sync.step(fn, arg, **options)
+
+    @overload
+    async def start(
+        self, fn: AsyncStep[R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[R]: ...
+    @overload
+    async def start(
+        self, fn: Callable[[Any, Any], R], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[R]: ...
+    async def start(
+        self, fn: Callable[[Any, Any], Any], arg: Any = None, **options: Unpack[StepArgs]
+    ) -> Handle[Any]:
+        return self.sync.start(fn, arg, **options)
+
+    @overload
+    async def map(
+        self, fn: AsyncStep[R], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[R]: ...
+    @overload
+    async def map(
+        self, fn: Callable[[Any, Any], R], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[R]: ...
+    async def map(
+        self, fn: Callable[[Any, Any], Any], items: Iterable[Any], **options: Unpack[StepArgs]
+    ) -> list[Any]:
+        return self.sync.map(fn, items, **options)
+
+    async def gather(self, *handles: Handle[Any]) -> list[Any]:
+        return self.sync.gather(*handles)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sync.sleep(seconds)
+
+    async def wait_event(self, name: str, *, timeout: float | None = None) -> Any:
+        return self.sync.wait_event(name, timeout=timeout)
+
+
+def _drive(coroutine: Coroutine[Any, Any, Any], workflow: str) -> Any:
+    """Run an async workflow's replay to its end: it never suspends on the journal, so one
+    ``send`` finishes it (or raises Suspend where the journal ends)."""
+    refused = DefinitionError(
+        f"workflow {workflow!r} awaited something other than its context's methods; workflow "
+        f"code must not do I/O or wait on clocks: do it in a step (async steps may await)"
+    )
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    except RuntimeError as exc:  # asyncio's own awaitables, with no loop running the replay
+        if "no running event loop" in str(exc):
+            raise refused from exc
+        raise
+    coroutine.close()
+    raise refused
+
+
 @dataclass(frozen=True)
 class ReplayOutcome:
     """What one replay found: steps to schedule, or the workflow's return value or error."""
@@ -293,7 +394,7 @@ class Workflow(Generic[P, R]):
     """A workflow written as code. Build it with ``@workflow(...)``."""
 
     def __init__(
-        self, fn: Callable[[WorkflowContext, Any], Any], *, name: str, version: str, module: str
+        self, fn: Callable[[Any, Any], Any], *, name: str, version: str, module: str
     ) -> None:
         if not NAME.match(name):
             raise DefinitionError(f"workflow name {name!r} must match {NAME.pattern}")
@@ -322,7 +423,11 @@ class Workflow(Generic[P, R]):
 
     def replay(self, ctx: WorkflowContext) -> ReplayOutcome:
         try:
-            result = self.fn(ctx, self.input_info.validate_input(ctx.input))
+            if inspect.iscoroutinefunction(self.fn):
+                value = self.input_info.validate_input(ctx.input)
+                result = _drive(self.fn(AsyncWorkflowContext(ctx), value), self.name)
+            else:
+                result = self.fn(ctx, self.input_info.validate_input(ctx.input))
         except Suspend:
             return ReplayOutcome(ctx.scheduled, ctx.received)
         except _Diverged as diverged:
@@ -334,7 +439,7 @@ class Workflow(Generic[P, R]):
 
 def workflow(
     name: str | None = None, *, version: str = "1"
-) -> Callable[[Callable[[WorkflowContext, Any], R]], Workflow[Any, R]]:
+) -> Callable[[Callable[[Any, Any], R]], Workflow[Any, R]]:
     """Declare a workflow written as code::
 
     @workflow("research_agent")
@@ -344,7 +449,7 @@ def workflow(
     """
     module = sys._getframe(1).f_globals.get("__name__", "__main__")
 
-    def build(fn: Callable[[WorkflowContext, Any], R]) -> Workflow[Any, R]:
+    def build(fn: Callable[[Any, Any], R]) -> Workflow[Any, R]:
         return Workflow(fn, name=name or fn.__name__, version=version, module=module)
 
     return build

@@ -170,7 +170,7 @@ class Children:
     """The processes the bench starts; all stopped on exit, however it exits."""
 
     def __init__(self, log_dir: Path) -> None:
-        self._log_dir = log_dir
+        self.log_dir = log_dir
         self._procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def __enter__(self) -> Children:
@@ -180,7 +180,7 @@ class Children:
         self.stop()
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        log = self._log_dir / f"{name}.log"
+        log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:  # the child keeps its own descriptor
             proc = subprocess.Popen(
                 argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT

@@ -453,7 +453,6 @@ class Bench:
                 "lease_seconds": 2.0,
                 "dispatch_timeout_seconds": 5.0,
                 "relay_poll_seconds": 0.2,
-                "fast_path_grace_seconds": 1.0,
             }
         )
         env = {**settings.child_env(), **self.env}

@@ -670,7 +670,6 @@ def _bench(
             "lease_seconds": cfg.lease_seconds,
             "dispatch_timeout_seconds": 5.0,
             "relay_poll_seconds": 0.2,
-            "fast_path_grace_seconds": 1.0,
         }
     )
     # Kept after the run (the private servers are not): the processes' logs, the chaos and,

@@ -28,7 +28,9 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def bench_parser() -> argparse.ArgumentParser:
     b = argparse.ArgumentParser(
-        prog="saga bench", description="Benchmarks against raw Celery (and `saga bench chaos -h`)."
+        prog="saga bench",
+        description="Benchmarks against raw Celery (and `saga bench chaos -h`, "
+        "`saga bench retention -h`).",
     )
     b.add_argument("suite", choices=["core", "coordinator", "agent"])
     b.add_argument(
@@ -87,6 +89,14 @@ def main(command: str, argv: Sequence[str], settings: Settings) -> int:
         from saga_dev.bench_chaos import main as chaos_main
 
         return chaos_main(argv[1:], settings)
+    if command == "bench" and list(argv[:1]) == ["retention"]:
+        from saga_dev.bench_retention import main as retention_main
+
+        return retention_main(argv[1:], settings)
+    if command == "bench" and list(argv[:1]) == ["peers"]:
+        from saga_dev.bench_peers import main as peers_main
+
+        return peers_main(argv[1:], settings)
     if command == "bench":
         return run_bench(settings, bench_parser().parse_args(argv))
     raise ConfigurationError(f"no development tool is called {command!r}")

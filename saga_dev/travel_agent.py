@@ -32,6 +32,7 @@ from saga.agent.llm import (
     MalformedCompletion,
     ModelRequestRejected,
     ToolSpec,
+    acomplete,
     chat,
     complete,
     tool_message,
@@ -259,6 +260,9 @@ class TravelTask(BaseModel):
     steps: int = Field(default=10, ge=1, le=100, description="model completions at most")
     attempts: int = Field(default=8, ge=1, le=50, description="per step, the first included")
     backoff_seconds: float = Field(default=0.5, gt=0, le=60)
+    async_model: bool = Field(
+        default=False, description="decide with the async model call (openai.AsyncOpenAI)"
+    )
 
 
 SYSTEM = (
@@ -297,6 +301,11 @@ def decide(ctx: StepContext, request: ChatRequest) -> Completion:
     return check_tool_calls(complete(ctx, request))
 
 
+async def decide_async(ctx: StepContext, request: ChatRequest) -> Completion:
+    """``decide`` as an async step: the model call is awaited on the worker's event loop."""
+    return check_tool_calls(await acomplete(ctx, request))
+
+
 class BudgetExhausted(Exception):
     """The model did not answer within the task's budget of steps."""
 
@@ -317,8 +326,14 @@ def travel_agent(ctx: WorkflowContext, task: TravelTask) -> dict[str, Any]:
     )
     messages = first_messages(task)
     request = {"tools": [s.model_dump() for s in SPECS]}
+    model_step: Callable[[StepContext, ChatRequest], Any] = (
+        decide_async if task.async_model else decide
+    )
     for turn in range(1, task.steps + 1):
-        completion = ctx.step(decide, {**request, "messages": messages}, retry=model_retry)
+        # Either way the step is named decide: same step keys, same journal.
+        completion: Completion = ctx.step(
+            model_step, {**request, "messages": messages}, name="decide", retry=model_retry
+        )
         if not completion.tool_calls:
             return {"trip": task.trip, "turns": turn, "answer": completion.answer}
         messages = [*messages, completion.assistant_message()]

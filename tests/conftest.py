@@ -117,7 +117,6 @@ def settings(database_url: str, redis_client: redis.Redis, tmp_path: Path) -> Se
         lease_seconds=2.0,
         dispatch_timeout_seconds=4.0,
         relay_poll_seconds=0.2,
-        fast_path_grace_seconds=1.0,
         max_result_bytes=10_000,
         state_dir=tmp_path / "state",
     )

@@ -112,7 +112,11 @@ def _resource(service_name: str, env: Mapping[str, str]) -> Resource:
 
 
 def configure(
-    service_name: str, traces: list[str], metric_names: list[str], env: Mapping[str, str]
+    service_name: str,
+    traces: list[str],
+    metric_names: list[str],
+    env: Mapping[str, str],
+    prometheus: MetricReader | None = None,
 ) -> Providers:
     """Build and install the global tracer and meter providers for this process."""
     resource = _resource(service_name, env)
@@ -129,10 +133,12 @@ def configure(
         trace.set_tracer_provider(tracer_provider)
     meter_provider = None
     metric_exporters = _metric_exporters(metric_names, env)
-    if metric_exporters:
+    if metric_exporters or prometheus is not None:
         readers: list[MetricReader] = [
             PeriodicExportingMetricReader(e) for e in metric_exporters
         ]  # interval: OTEL_METRIC_EXPORT_INTERVAL
+        if prometheus is not None:
+            readers.append(prometheus)  # pulled at each scrape of /metrics
         meter_provider = MeterProvider(
             resource=resource, metric_readers=readers, shutdown_on_exit=False
         )

@@ -45,11 +45,9 @@ class SagaCelery(Celery):  # type: ignore[misc]
             celery.params[0].default = None
         return 0 if code is None else int(code)
 
-    def flush_marks(self, **_: Any) -> None:
-        """At process shutdown: mark the fast path's last publishes, so no relay sends them
-        again (which would cost a fenced duplicate), and leave the worker registry."""
+    def leave(self, **_: Any) -> None:
+        """At process shutdown: stop renewing leases and leave the worker registry."""
         if self._executor is not None and self._executor_pid == os.getpid():
-            self._executor.marks.flush()
             self._executor.leases.stop()
 
 
@@ -97,9 +95,14 @@ def create_app(settings: Settings, broker_url: str | None = None) -> SagaCelery:
 
 
 def install_shutdown_hooks(app: SagaCelery) -> None:
-    """For the worker process only (signals are process-wide)."""
-    signals.worker_process_shutdown.connect(app.flush_marks, weak=False)  # a prefork child
-    signals.worker_shutdown.connect(app.flush_marks, weak=False)  # solo and threads pools
+    """For the worker process only (signals are process-wide). Also refuses pools where step
+    timeouts cannot hold, and bounds how long a warm shutdown waits (``workers/pools.py``)."""
+    from saga.workers.pools import bound_shutdown, refuse_unsupported_pool
+
+    signals.worker_init.connect(refuse_unsupported_pool, weak=False)
+    bound_shutdown(app.saga_settings.shutdown_grace_seconds)
+    signals.worker_process_shutdown.connect(app.leave, weak=False)  # a prefork child
+    signals.worker_shutdown.connect(app.leave, weak=False)  # solo and threads pools
 
 
 def assert_safe(app: Celery) -> None:

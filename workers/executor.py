@@ -6,24 +6,21 @@ finds the step completed or claimed and is acked without calling anything.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from celery import Celery
 from pydantic import ValidationError
 
-from saga import coordinator, tracing
+from saga import coordinator, logs, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref
-from saga.errors import StepTimeoutError, StoreError, StoreRejectedError, UnknownSagaError
+from saga.errors import RunNotFoundError, StoreError, StoreRejectedError, UnknownSagaError
 from saga.failures import ErrorRecord, ErrorType, error_record
 from saga.loader import load_definition
 from saga.messages import AdvanceMessage, StepMessage, parse
@@ -32,32 +29,14 @@ from saga.records import Claim, Fenced
 from saga.settings import Settings
 from saga.states import RunState, StepKind, StepState
 from saga.store import PostgresStore, open_pool
+from saga.workers.calling import call_step
 from saga.workers.lease import LeaseKeeper
-from saga.workers.publish import CeleryPublisher, PendingMarks
+from saga.workers.publish import CeleryPublisher
 from saga.workflow import Workflow
 
 log = logging.getLogger("saga.worker")
 
 T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float | None, what: str) -> Iterator[None]:
-    """Interrupt the step after ``seconds`` (SIGALRM: main thread of solo and prefork pools)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expired(signum: int, frame: Any) -> None:
-        raise StepTimeoutError(f"{what} ran longer than its timeout of {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class StepExecutor:
@@ -66,20 +45,29 @@ class StepExecutor:
     def __init__(self, settings: Settings, app: Celery) -> None:
         assert settings.database_url, "the worker entry point checks this"
         self.settings = settings
+        tracing.export_exception_details(settings.trace_exception_details)
         self.store = PostgresStore(
             # The task, the lease keeper and the publish-mark flusher each may hold one.
             open_pool(settings.database_url, size=settings.pool_size, name="saga-worker"),
             queue=settings.queue,
             dispatch_timeout=settings.dispatch_timeout_seconds,
+            key_prefix=settings.key_prefix,
         )
         self.publisher = CeleryPublisher(app)
-        self.marks = PendingMarks(
-            self.store.mark_published, flush_after=settings.fast_path_grace_seconds / 5
-        )
         # host:pid, and a token of this boot: a restarted container with the same host name and
         # pid is another worker (the registry must see the old one die).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.leases = LeaseKeeper(self.store, settings.lease_seconds, self.owner, [settings.queue])
+        liveness = getattr(app, "saga_liveness", None)  # set when the worker serves probes
+        self.leases = LeaseKeeper(
+            self.store,
+            settings.lease_seconds,
+            self.owner,
+            [settings.queue],
+            on_beat=None
+            if liveness is None
+            # A solo pool's loop is held by a long step; this thread still beats.
+            else lambda: liveness.tick("heartbeat", settings.lease_seconds),
+        )
         self.leases.start()
         self._advance = functools.partial(coordinator.advance, load=load_definition)
         self._system = tracing.messaging_system(app.conf.broker_url)
@@ -97,7 +85,6 @@ class StepExecutor:
         msg = parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
         owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
-        published = self.marks.take()
         claim = self._durably(
             "claiming",
             lambda: self.store.claim_step(
@@ -105,19 +92,26 @@ class StepExecutor:
                 msg.step_key,
                 owner=owner,
                 lease=self.settings.lease_seconds,
-                published=published,
             ),
         )
         if claim is None:
             self._explain_refusal(msg, task_id, headers)
             return
-        with tracing.attempt(
-            claim,
-            headers,
-            queue=self.settings.queue,
-            system=self._system,
-            message_id=task_id,
-            received_ns=received_ns,
+        with (
+            tracing.attempt(
+                claim,
+                headers,
+                queue=self.settings.queue,
+                system=self._system,
+                message_id=task_id,
+                received_ns=received_ns,
+            ),
+            logs.bound_step(
+                claim.run_id,
+                claim.step_key,
+                claim.attempt,
+                logs.trace_id_of((claim.trace_context or {}).get("traceparent")),
+            ),
         ):
             self._execute_claimed(claim)
 
@@ -141,7 +135,12 @@ class StepExecutor:
 
     def advance(self, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str | None) -> None:
         msg = parse(AdvanceMessage, args, kwargs)
-        self._durably("advancing", lambda: self.store.advance_run(msg.run_id, self._advance))
+        try:
+            self._durably("advancing", lambda: self.store.advance_run(msg.run_id, self._advance))
+        except RunNotFoundError:  # a late duplicate for a run deleted by retention
+            log.warning(
+                "task %s advances run %r, which does not exist; dropped", task_id, msg.run_id
+            )
 
     # -- one attempt --------------------------------------------------------------------------
 
@@ -179,18 +178,18 @@ class StepExecutor:
             self._fail_with(claim, exc, None)  # the same input fails the same way every time
             return
         try:
-            with (
-                tracing.step_span(
-                    saga_name=claim.saga_name,
-                    run_id=claim.run_id,
-                    step=claim.step_name,
-                    attempt=claim.attempt,
-                    idempotency_key=claim.idempotency_key,
-                    compensation=claim.kind == StepKind.COMPENSATION,
-                ),
-                _time_limit(options.timeout_seconds, f"step {claim.step_key!r}"),
+            with tracing.step_span(
+                saga_name=claim.saga_name,
+                run_id=claim.run_id,
+                step=claim.step_name,
+                attempt=claim.attempt,
+                idempotency_key=claim.idempotency_key,
+                compensation=claim.kind == StepKind.COMPENSATION,
             ):
-                result = function.fn(ctx, value)
+                # Async steps on this thread's event loop; the timeout held on every pool.
+                result = call_step(
+                    function.fn, ctx, value, options.timeout_seconds, f"step {claim.step_key!r}"
+                )
                 result_json = function.encode_result(
                     result,
                     limit=self.settings.max_result_bytes,
@@ -212,7 +211,7 @@ class StepExecutor:
                     claim,
                     result_json,
                     self._advance,
-                    fast_path_delay=self.settings.fast_path_grace_seconds,
+                    fast_path=True,
                     read_journal=self._replays(claim),
                 ),
                 claim,
@@ -282,7 +281,7 @@ class StepExecutor:
                     error,
                     retry_in=retry_in,
                     advance=advance,
-                    fast_path_delay=self.settings.fast_path_grace_seconds,
+                    fast_path=True,
                     read_journal=self._replays(claim),
                 ),
                 claim,
@@ -324,15 +323,19 @@ class StepExecutor:
             return False
 
     def _publish_now(self, messages: list[OutboxMessage]) -> None:
-        """The fast path: publish right after commit. The relay remains the guarantee."""
+        """The fast path: publish right after commit. What cannot be published goes to the
+        relay through outbox rows; if even that fails, the sweeper sends the messages again
+        from the journal rows they were committed with (``PostgresStore._outcome``)."""
         if not messages:
             return
         try:
             self.publisher.publish(messages)
-        except Exception as exc:  # kombu raises many types; the relay will publish
+        except Exception as exc:  # kombu raises many types
             log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
-            return
-        self.marks.add(messages)
+            try:
+                self.store.relay_later(messages)
+            except StoreError as store_exc:
+                log.warning("the sweeper will send them again: %s", store_exc)
 
     def _trace_backoff(self, claim: Claim) -> None:
         """A span for the wait before this retry: from the journaled failure of the previous

@@ -36,8 +36,10 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Message as VirtualMessage
 from pydantic import BaseModel
 
-from saga.errors import MalformedMessageError
+from saga.errors import MalformedMessageError, UnsignedMessageError
 from saga.messages import ADVANCE_TASK, STEP_TASK, AdvanceMessage, StepMessage, parse
+from saga.metrics import message_rejected
+from saga.signing import MessageKeys
 
 log = logging.getLogger("saga.worker")
 
@@ -89,10 +91,11 @@ def task_id_of(headers: Any) -> str:
     return "(no task id)" if task_id is None else f"(bad task id {task_id!r:.60})"
 
 
-def vet(message: Any) -> None:
+def vet(message: Any, keys: MessageKeys | None = None) -> None:
     """Raise MalformedMessageError naming the cause unless ``message`` is a task message the
     engine could have sent: a protocol 2 JSON message of one of its tasks, keyword arguments
-    only, that fit the task's model, and no side-door field set."""
+    only, that fit the task's model, and no side-door field set; with ``keys`` (signing on),
+    signed by one of them (UnsignedMessageError otherwise)."""
     headers = message.headers
     if not isinstance(headers, Mapping) or "task" not in headers:
         raise MalformedMessageError("not a Celery protocol 2 task message (no task header)")
@@ -138,6 +141,8 @@ def vet(message: Any) -> None:
             raise MalformedMessageError(
                 f"embeds {field}={value!r:.60}: the engine never sends other work in a message"
             )
+    if keys is not None:
+        keys.verify(name, headers["id"], args, kwargs, headers)
     parse(MODELS[name], args, kwargs)
 
 
@@ -146,10 +151,12 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
+        settings = getattr(self.app, "saga_settings", None)  # a SagaCelery app's
+        keys = None if settings is None else MessageKeys.from_settings(settings)
 
         def on_task_received(message: Any) -> None:
             try:
-                vet(message)
+                vet(message, keys)
             except MalformedMessageError as exc:
                 self.refuse(message, exc)
                 return
@@ -180,11 +187,14 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         self.refuse(message, MalformedMessageError(f"cannot decode it: {exc!s:.200}"))
 
     def refuse(self, message: Any, exc: Exception) -> None:
-        log.error(
-            "rejected malformed task message %s: %s",
+        unsigned = isinstance(exc, UnsignedMessageError)
+        log.error(  # never the body: a forged message may carry anything
+            "rejected %s task message %s: %s",
+            "unsigned" if unsigned else "malformed",
             task_id_of(getattr(message, "headers", None)),
             one_line(exc),
         )
+        message_rejected(unsigned)
         if not hasattr(message, "reject_log_error"):
             # A raw py-amqp frame: kombu failed to make a message of it (on_decode_error).
             message.channel.basic_reject(message.delivery_tag, requeue=False)
@@ -270,6 +280,7 @@ class _GuardedChannel(kombu_redis.Channel):
             return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
         except UnreadableMessageError as exc:
             log.error("rejected malformed task message %s", one_line(exc))
+            message_rejected(False)
             return True
         except (ValueError, TypeError, AttributeError, ArithmeticError, KeyError) as exc:
             # kombu's loads() of the item: not UTF-8, not JSON, or a bad kombu type marker.
@@ -280,6 +291,7 @@ class _GuardedChannel(kombu_redis.Channel):
                 type(exc).__name__,
                 one_line(exc),
             )
+            message_rejected(False)
             return True
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from saga.errors import StoreError
 from saga.records import Claim
@@ -16,23 +16,29 @@ log = logging.getLogger("saga.worker")
 class LeaseKeeper:
     """One daemon thread per worker process. Every third of the lease it beats the process's
     heart in the worker registry (a silent worker is dead: the sweeper re-dispatches the
-    unclaimed steps of its queues, one of which it may have taken), and renews the current
-    claim's lease, so a long step is not taken over.
+    unclaimed steps of its queues, one of which it may have taken), and renews the lease of
+    each claim being run (one per pool thread), so a long step is not taken over.
 
     Steps shorter than a third of the lease never cause a renewal, so the hot path pays nothing
-    beyond setting an attribute.
+    beyond setting a dict item.
     """
 
     def __init__(
-        self, store: PostgresStore, lease_seconds: float, owner: str, queues: Sequence[str]
+        self,
+        store: PostgresStore,
+        lease_seconds: float,
+        owner: str,
+        queues: Sequence[str],
+        on_beat: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._lease = lease_seconds
         self._owner = owner
         self._queues = list(queues)
-        self._current: Claim | None = None
+        self._held: dict[int, Claim] = {}  # by the pool thread running it
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._on_beat = on_beat or (lambda: None)  # the liveness probe: this loop turns
 
     def start(self) -> None:
         """Register the process (before it claims anything) and start beating."""
@@ -48,21 +54,26 @@ class LeaseKeeper:
             log.warning("could not deregister worker %s: %s", self._owner, exc)
 
     def hold(self, claim: Claim | None) -> None:
-        """Set (or, with None, clear) the claim being run."""
-        self._current = claim
+        """Set (or, with None, clear) the claim this thread is running."""
+        if claim is None:
+            self._held.pop(threading.get_ident(), None)
+        else:
+            self._held[threading.get_ident()] = claim
 
     def _run(self) -> None:
         interval = self._lease / 3
         while True:
-            claim = self._current
+            before = dict(self._held)
             self._wake.wait(interval)
-            # The lease first: a slow heartbeat must not let a running step's lease run out.
-            if claim is not None and claim is self._current:  # held for a whole interval
-                self._renew(claim)
+            # Leases first: a slow heartbeat must not let a running step's lease run out.
+            for thread, claim in before.items():
+                if self._held.get(thread) is claim:  # held for a whole interval
+                    self._renew(claim)
             try:
                 self._beat()
             except StoreError as exc:
                 log.warning("could not record this worker's heartbeat: %s", exc)
+            self._on_beat()
 
     def _beat(self) -> None:
         self._store.worker_heartbeat(self._owner, self._queues, self._lease)

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("saga.telemetry")
@@ -33,6 +34,11 @@ _lock = threading.Lock()
 _configured_pid: int | None = None
 _providers: Any = None  # saga.workers._otel_sdk.Providers, for the process that configured it
 _warned_missing_sdk = False
+# Where this process's metrics go for /metrics, if served (saga.workers.prometheus): a
+# prometheus_client registry for this process, or the folder of a prefork worker's children.
+_prometheus_registry: Any = None
+_prometheus_children: Path | None = None
+_child_writer: Any = None
 
 
 def _exporters(signal: str, env: Mapping[str, str]) -> list[str]:
@@ -41,8 +47,11 @@ def _exporters(signal: str, env: Mapping[str, str]) -> list[str]:
         return []
     names = env.get(f"OTEL_{signal}_EXPORTER")
     if names is not None:
+        # `prometheus` is /metrics, served when SAGA_HTTP_PORT (or --http-port) is set.
         return [
-            n.strip().lower() for n in names.split(",") if n.strip().lower() not in ("", "none")
+            n.strip().lower()
+            for n in names.split(",")
+            if n.strip().lower() not in ("", "none", "prometheus")
         ]
     if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"):
         return ["otlp"]
@@ -69,7 +78,9 @@ def configure_sdk(service_name: str) -> tuple[bool, bool]:
         _configured_pid, _providers = pid, None
         env = dict(os.environ)
         traces, metric_names = _exporters("TRACES", env), _exporters("METRICS", env)
-        if not traces and not metric_names:
+        prometheus = _prometheus_reader()
+        if not traces and not metric_names and prometheus is None:
+            _warn_prometheus_unserved(env)
             return False, False
         try:
             from saga.workers import _otel_sdk
@@ -83,7 +94,7 @@ def configure_sdk(service_name: str) -> tuple[bool, bool]:
                 _warned_missing_sdk = True
             return False, False
         try:
-            _providers = _otel_sdk.configure(service_name, traces, metric_names, env)
+            _providers = _otel_sdk.configure(service_name, traces, metric_names, env, prometheus)
         except Exception as exc:  # a bad setting must not stop a worker
             log.warning("could not configure OpenTelemetry, running without it: %s", exc)
             return False, False
@@ -93,9 +104,54 @@ def configure_sdk(service_name: str) -> tuple[bool, bool]:
             service_name,
             pid,
             ",".join(traces) or "off",
-            ",".join(metric_names) or "off",
+            ",".join([*metric_names, *(["prometheus"] if prometheus is not None else [])]) or "off",
         )
         return _enabled()
+
+
+def _warn_prometheus_unserved(env: Mapping[str, str]) -> None:
+    if "prometheus" in env.get("OTEL_METRICS_EXPORTER", "").lower():
+        log.warning(
+            "OTEL_METRICS_EXPORTER asks for prometheus: set SAGA_HTTP_PORT (or --http-port) to "
+            "serve /metrics"
+        )
+
+
+def serve_prometheus(registry: Any) -> None:
+    """Metrics recorded in this process go to ``registry`` (a prometheus_client
+    ``CollectorRegistry`` served at /metrics). Call before ``configure_sdk``."""
+    global _prometheus_registry
+    _prometheus_registry = registry
+
+
+def prometheus_children(folder: Path) -> None:
+    """In a prefork worker's parent, before its pool forks: each child writes its metrics to a
+    file in ``folder``, which the parent serves (``saga.workers.prometheus.ChildFiles``)."""
+    global _prometheus_children
+    _prometheus_children = folder
+
+
+def _prometheus_reader() -> Any:
+    """The Prometheus reader for this process's SDK, or None when /metrics is not served."""
+    global _child_writer
+    if _prometheus_registry is None and _prometheus_children is None:
+        return None
+    try:
+        from saga.workers import prometheus
+    except ImportError as exc:
+        log.warning(
+            "/metrics needs prometheus_client and opentelemetry-exporter-prometheus (%s): "
+            "install durable-saga[prometheus]",
+            exc,
+        )
+        return None
+    if _prometheus_children is None:
+        return prometheus.reader(_prometheus_registry)
+    registry = prometheus.registry_with([])  # this child's own
+    _child_writer = prometheus.ChildWriter(_prometheus_children, registry)
+    reader = prometheus.reader(registry)
+    _child_writer.start()
+    return reader
 
 
 def _enabled() -> tuple[bool, bool]:
@@ -106,8 +162,11 @@ def _enabled() -> tuple[bool, bool]:
 
 def shutdown_sdk() -> None:
     """Flush spans and metrics and stop exporting; safe to call more than once."""
-    global _providers
+    global _providers, _child_writer
     with _lock:
+        writer, _child_writer = _child_writer, None
+        if writer is not None and _configured_pid == os.getpid():
+            writer.stop()  # the child's last counts, for the parent's /metrics
         providers, _providers = _providers, None
         if providers is None or _configured_pid != os.getpid():
             return
@@ -143,7 +202,7 @@ def install_worker_hooks() -> None:
     configures the main process itself."""
     from celery import signals
 
-    if not requested():
+    if not requested() and _prometheus_registry is None and _prometheus_children is None:
         return
     signals.worker_process_init.connect(_on_process_init, weak=False)
     signals.worker_process_shutdown.connect(_on_process_shutdown, weak=False)

@@ -20,10 +20,13 @@ default), ``SAGA_MODEL_API_KEY`` (else ``OPENAI_API_KEY``), ``SAGA_MODEL_NAME``,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import threading
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.definition import StepContext
 from saga.errors import ConfigurationError
+from saga.failures import exception_text
 from saga.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -200,6 +204,20 @@ def tool_message(call: ToolCall, result: Any) -> dict[str, Any]:
 
 _clients: dict[tuple[int, str | None, str, float], openai.OpenAI] = {}
 _clients_lock = threading.Lock()
+# Async clients by event loop: an AsyncOpenAI client's connections belong to the loop that made
+# them (a worker keeps one loop per pool thread, so one client each).
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str | None, str, float], openai.AsyncOpenAI]
+] = weakref.WeakKeyDictionary()
+
+
+def _client_options(settings: ModelSettings) -> dict[str, Any]:
+    return {
+        "base_url": settings.base_url,
+        "api_key": settings.key(),
+        "timeout": settings.timeout_seconds,
+        "max_retries": 0,  # the engine retries, journaling each attempt
+    }
 
 
 def _client(settings: ModelSettings) -> openai.OpenAI:
@@ -208,13 +226,17 @@ def _client(settings: ModelSettings) -> openai.OpenAI:
     with _clients_lock:
         client = _clients.get(ident)
         if client is None:
-            client = _clients[ident] = _openai().OpenAI(
-                base_url=settings.base_url,
-                api_key=settings.key(),
-                timeout=settings.timeout_seconds,
-                max_retries=0,  # the engine retries, journaling each attempt
-            )
+            client = _clients[ident] = _openai().OpenAI(**_client_options(settings))
         return client
+
+
+def _async_client(settings: ModelSettings) -> openai.AsyncOpenAI:
+    clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    ident = (settings.base_url, settings.key(), settings.timeout_seconds)
+    client = clients.get(ident)
+    if client is None:
+        client = clients[ident] = _openai().AsyncOpenAI(**_client_options(settings))
+    return client
 
 
 def _retry_after(response: Any) -> float | None:
@@ -230,14 +252,10 @@ def _retry_after(response: Any) -> float | None:
     return None
 
 
-def chat(
-    request: ChatRequest,
-    *,
-    idempotency_key: str | None = None,
-    settings: ModelSettings | None = None,
-) -> Completion:
-    """One model call, without the engine (the benchmark's baselines use it as is)."""
-    settings = settings or ModelSettings()
+def _call(
+    request: ChatRequest, idempotency_key: str | None, settings: ModelSettings
+) -> tuple[str, dict[str, Any]]:
+    """The model's name and the arguments of ``chat.completions.create``."""
     model = request.model or settings.name
     kwargs: dict[str, Any] = {"model": model, "messages": request.messages}
     if request.tools:
@@ -248,10 +266,17 @@ def chat(
         kwargs["temperature"] = request.temperature
     if request.max_tokens is not None:
         kwargs["max_tokens"] = request.max_tokens
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    if idempotency_key:
+        kwargs["extra_headers"] = {"Idempotency-Key": idempotency_key}
+    return model, kwargs
+
+
+@contextlib.contextmanager
+def _model_errors(model: str, settings: ModelSettings) -> Iterator[None]:
+    """The client's errors as the engine's: what to retry, when, and what not to."""
     openai = _openai()
     try:
-        response = _client(settings).chat.completions.create(**kwargs, extra_headers=headers)
+        yield
     except openai.RateLimitError as exc:
         wait = _retry_after(exc.response)
         raise ModelRateLimited(
@@ -273,6 +298,33 @@ def chat(
         ) from None
     except (openai.APIResponseValidationError, ValueError) as exc:
         raise MalformedCompletion(f"model {model!r} sent an unreadable response: {exc}") from None
+
+
+def chat(
+    request: ChatRequest,
+    *,
+    idempotency_key: str | None = None,
+    settings: ModelSettings | None = None,
+) -> Completion:
+    """One model call, without the engine (the benchmark's baselines use it as is)."""
+    settings = settings or ModelSettings()
+    model, kwargs = _call(request, idempotency_key, settings)
+    with _model_errors(model, settings):
+        response = _client(settings).chat.completions.create(**kwargs)
+    return parse_completion(response, request)
+
+
+async def achat(
+    request: ChatRequest,
+    *,
+    idempotency_key: str | None = None,
+    settings: ModelSettings | None = None,
+) -> Completion:
+    """``chat`` on ``openai.AsyncOpenAI``: the same call, errors and checks, to await."""
+    settings = settings or ModelSettings()
+    model, kwargs = _call(request, idempotency_key, settings)
+    with _model_errors(model, settings):
+        response = await _async_client(settings).chat.completions.create(**kwargs)
     return parse_completion(response, request)
 
 
@@ -356,12 +408,19 @@ def parse_completion(response: Any, request: ChatRequest) -> Completion:
             finish_reason=choices[0].finish_reason,
         )
     except ValidationError as exc:
-        raise MalformedCompletion(f"model {model!r} sent an unusable completion: {exc}") from None
+        raise MalformedCompletion(
+            f"model {model!r} sent an unusable completion: {exception_text(exc)}"
+        ) from None
 
 
 def complete(ctx: StepContext, request: ChatRequest) -> Completion:
     """The journaled model call: ``ctx.step(complete, ChatRequest(...), retry=MODEL_RETRY)``."""
     return chat(request, idempotency_key=ctx.idempotency_key)
+
+
+async def acomplete(ctx: StepContext, request: ChatRequest) -> Completion:
+    """``complete`` as an async step (on the worker thread's event loop)."""
+    return await achat(request, idempotency_key=ctx.idempotency_key)
 
 
 # -- usage per run ----------------------------------------------------------------------------

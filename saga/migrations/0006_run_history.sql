@@ -43,8 +43,8 @@ CREATE INDEX saga_runs_saga_created ON saga_runs (saga_name, state, created_at, 
 -- Only runs with an error (failed, compensated, cancelled...) have entries.
 CREATE INDEX saga_runs_error_type ON saga_runs ((error->>'type'), state, created_at, run_id)
     WHERE error IS NOT NULL;
--- A finished window lists runs by finish time (only finished runs have entries).
-CREATE INDEX saga_runs_finished ON saga_runs (finished_at, run_id) WHERE finished_at IS NOT NULL;
+-- A finished window lists runs by finish time along retention's saga_runs_finished (state,
+-- finished_at) of migration 0009, one range per state, merged in order.
 -- Run id prefixes (LIKE 'abc%'), listed by run id: the primary key cannot serve them under a
 -- non-C collation.
 CREATE INDEX saga_runs_id_prefix ON saga_runs (run_id text_pattern_ops);

@@ -240,7 +240,7 @@ def complete(b: Backend, definition: Definition, c: Claim, value: Any = None) ->
         c,
         json.dumps(value),
         lambda tx: coordinator.advance(tx, _advance(definition)),
-        fast_path_delay=0.0,
+        fast_path=False,
     )
     return [m.payload.get("step_key") or m.task_name for m in messages]
 

@@ -76,7 +76,9 @@ def decide_keys(client: SagaClient, run_id: str) -> list[str]:
     return [s.idempotency_key for s in client.steps(run_id) if s.step_name == "decide"]
 
 
+@pytest.mark.parametrize("async_model", [False, True], ids=["sync-model", "async-model"])
 def test_agent_with_faults_and_a_kill_9_mid_completion_pays_each_completion_once(
+    async_model: bool,
     settings: Settings,
     procs: ProcessGroup,
     client: SagaClient,
@@ -98,7 +100,8 @@ def test_agent_with_faults_and_a_kill_9_mid_completion_pays_each_completion_once
     procs.relay(settings)
     procs.worker(settings, "w1", env=agent_env)
     procs.worker(settings, "w2", env=agent_env)
-    assert client.start(travel_agent, task(run_id), run_id=run_id) == run_id
+    spec = task(run_id, async_model=async_model)  # decide awaits openai.AsyncOpenAI, or not
+    assert client.start(travel_agent, spec, run_id=run_id) == run_id
 
     held = f"{run_id}:decide#9"
     wait_until(lambda: held in model.stats(detail="0")["held"], 120, "the held completion")

@@ -124,27 +124,45 @@ def test_same_message_published_twice_runs_once(
     assert calls(db, run_id) == Counter({"step1": 1, "step2": 1})
 
 
-def test_fast_path_publishes_are_marked_so_the_relay_does_not_send_them_again(
+def test_fast_path_publishes_write_no_outbox_rows_and_nothing_is_sent_twice(
     settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
 ) -> None:
     workers = [procs.worker(settings, "w1"), procs.worker(settings, "w2")]
     procs.relay(settings)
     run_id = client.start(sagas.ten, {})
     assert client.result(run_id, timeout=60)["trail"] == list(range(1, 11))
-    # The worker published steps 2-10 itself; their marks ride on its next claim or, once it
-    # is idle, on its marking thread, before the relay's grace period lets the relay take them.
-    wait_until(
-        lambda: db.execute(
-            "SELECT count(*) = 0 FROM saga_outbox WHERE published_at IS NULL"
-        ).fetchone()[0],  # type: ignore[index]
-        30,
-        "every outbox row to be marked published",
-    )
-    # Anything the relay had sent again would be queued before this probe's message.
+    # The client's start went through the outbox (the relay published it); the workers
+    # published steps 2-10 themselves, backed by their journal rows alone.
+    rows = db.execute("SELECT payload->>'step_key', published_at IS NOT NULL FROM saga_outbox")
+    assert rows.fetchall() == [("step1", True)]
+    # Anything sent twice would be queued before this probe's message.
     client.result(client.start(sagas.two, {}), timeout=60)
     for worker in workers:
         assert "nothing to do" not in worker.log(), "a step message was delivered twice"
     assert sum(calls(db, run_id).values()) == 10
+
+
+def test_a_fast_path_publish_that_fails_goes_to_the_relay(settings: Settings, db: Conn) -> None:
+    from saga.workers.executor import StepExecutor
+
+    class BrokerDown:
+        def publish(self, messages: object) -> None:
+            raise ConnectionError("broker down")
+
+    executor = StepExecutor(settings, create_app(settings))
+    executor.publisher = BrokerDown()  # type: ignore[assignment]
+    message = step_message(settings.queue, "no-such-run", "s1", {})
+    try:
+        executor._publish_now([message])
+    finally:
+        executor.leases.stop()
+        executor.store.close()
+    row = db.execute(
+        "SELECT task_name, published_at, available_at <= now() FROM saga_outbox"
+        " WHERE message_id = %s",
+        (message.message_id,),
+    ).fetchone()
+    assert row == (message.task_name, None, True)
 
 
 def test_a_run_keeps_its_queue_whoever_dispatches_its_steps(

@@ -444,7 +444,6 @@ def stack(
         lease_seconds=2.0,
         dispatch_timeout_seconds=4.0,
         relay_poll_seconds=0.2,
-        fast_path_grace_seconds=1.0,
         state_dir=Path(tmp) / "state",
     )
     procs = ProcessGroup(Path(tmp) / "logs")

@@ -87,10 +87,12 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
 
     a = claim("a")
     # Lock and fence in one round trip; the next step, its outbox row and the commit in another.
-    _, sent = traced(pool, lambda: store.complete_step(a, '"x"', advance, fast_path_delay=0.0))
+    _, sent = traced(pool, lambda: store.complete_step(a, '"x"', advance, fast_path=False))
     assert sent == {"Sync": 1, "Flush": 2, "Bind": 7}
     b = claim("b")
-    traced(pool, lambda: store.complete_step(b, '"x"', advance, fast_path_delay=0.0))
+    # A worker's fast path publishes the next step's message itself: no outbox row.
+    _, sent = traced(pool, lambda: store.complete_step(b, '"x"', advance, fast_path=True))
+    assert sent == {"Sync": 1, "Flush": 2, "Bind": 6}
     c = claim("c")
     # Failed for good: the journal is read, compensation begins (a guarded run transition,
     # whose check costs nothing), open steps are cancelled, the compensation is scheduled with
@@ -104,7 +106,7 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     assert sent == {"Sync": 1, "Flush": 6, "Bind": 15}
     undo_a = claim("compensate:a")
     # The last compensation: the run finishes (FINISH_RUN, guarded in SQL) in the same trips.
-    _, sent = traced(pool, lambda: store.complete_step(undo_a, "null", advance, fast_path_delay=0))
+    _, sent = traced(pool, lambda: store.complete_step(undo_a, "null", advance, fast_path=False))
     assert sent == {"Sync": 1, "Flush": 3, "Bind": 8}
     assert store.get_run("r1").state == "compensated"
 

@@ -219,10 +219,12 @@ def test_six_processes_migrating_at_once(empty_database_url: str) -> None:
     for child, (_, err) in zip(children, outcomes, strict=True):
         assert child.returncode == 0, err
     applied = [json.loads(out.strip().splitlines()[-1]) for out, _ in outcomes]
-    # Each version applied by exactly one process; the others found nothing to do.
+    # Each version applied by exactly one process. Which process applies which is not fixed:
+    # the lock is taken per file, so with many files another process may take the next one.
     flat = sorted(v for versions in applied for v in versions)
     assert flat == all_versions()
-    assert sum(1 for versions in applied if versions) == 1
+    for versions in applied:  # each process in order, without skipping one it needed
+        assert versions == sorted(versions)
 
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         assert recorded(conn) == [(m.version, m.name) for m in available_migrations()]

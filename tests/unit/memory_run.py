@@ -114,6 +114,7 @@ class RunRow:
     error: Any = None
     trace_context: dict[str, str] = field(default_factory=dict)
     advance_due_at: float | None = None  # an advance task owed, due again then
+    key_prefix: str = ""  # of the process that started it
 
     @property
     def finished(self) -> bool:
@@ -374,7 +375,9 @@ class Sim:
         saga_version: str | None = None,
         fast_path: bool = True,
         db: MemoryDB | None = None,
+        key_prefix: str = "",
     ) -> None:
+        self.key_prefix = key_prefix  # SAGA_KEY_PREFIX of the process starting the run
         self.definition = definition  # what the "workers" load; replace it to model a deploy
         self.input = input
         self.run_id = run_id or uuid.uuid4().hex
@@ -427,7 +430,7 @@ class Sim:
 
     @property
     def store(self) -> MemoryStore:
-        return MemoryStore(self.db, transactions=self.transactions)
+        return MemoryStore(self.db, transactions=self.transactions, key_prefix=self.key_prefix)
 
     def _load(self, ref: str) -> Definition:
         return self.definition
@@ -443,6 +446,7 @@ class Sim:
             copy.deepcopy(r.input),
             copy.deepcopy(r.error),
             dict(r.trace_context),
+            key_prefix=r.key_prefix,
         )
 
     def _advance(self, tx: MemoryRunTx) -> None:
@@ -526,7 +530,7 @@ class Sim:
                 tx.completed = None
             self._advance(tx)
 
-        self.store.complete_step(self._claimed(step_key), text, advance, fast_path_delay=0.0)
+        self.store.complete_step(self._claimed(step_key), text, advance, fast_path=False)
 
     def fail(
         self,
@@ -603,8 +607,10 @@ class MemoryStore:
         queue: str = "saga",
         dispatch_timeout: float = 30.0,
         transactions: list[MemoryRunTx] | None = None,
+        key_prefix: str = "",
     ) -> None:
         self.db = MemoryDB() if db is None else db
+        self._key_prefix = key_prefix
         self._queue = queue
         self._dispatch_timeout = dispatch_timeout
         self.transactions = [] if transactions is None else transactions  # committed ones
@@ -620,6 +626,7 @@ class MemoryStore:
             copy.deepcopy(r.input),
             copy.deepcopy(r.error),
             dict(r.trace_context),
+            key_prefix=r.key_prefix,
         )
 
     @contextmanager
@@ -666,7 +673,7 @@ class MemoryStore:
             return False
         self.db.runs[run_id] = RunRow(
             run_id, saga_name, saga_ref, saga_version, json.loads(input_json),
-            trace_context=dict(trace_context),
+            trace_context=dict(trace_context), key_prefix=self._key_prefix,
         )  # fmt: skip
         try:
             with self._locked(run_id) as tx:
@@ -734,7 +741,6 @@ class MemoryStore:
         *,
         owner: str,
         lease: float,
-        published: Sequence[uuid.UUID] = (),
     ) -> Claim | None:
         """CLAIM_STEP: a dispatched step, a pending one whose time has come, or the same
         owner's running one, of a kind its run's state lets run."""
@@ -793,7 +799,7 @@ class MemoryStore:
         result_json: str,
         advance: Callable[[Any], None],
         *,
-        fast_path_delay: float,
+        fast_path: bool,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         def update(tx: MemoryRunTx, row: StepRow) -> None:  # COMPLETE_STEP
@@ -828,7 +834,7 @@ class MemoryStore:
         *,
         retry_in: float | None,
         advance: Callable[[Any], None],
-        fast_path_delay: float = 0.0,
+        fast_path: bool = False,
         read_journal: bool = False,
     ) -> list[OutboxMessage]:
         def update(tx: MemoryRunTx, row: StepRow) -> None:  # FAIL_ATTEMPT

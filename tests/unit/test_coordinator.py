@@ -21,6 +21,7 @@ from saga.errors import DefinitionError
 from saga.failures import ErrorType, error_record
 from saga.keys import idempotency_key
 from saga.records import Fenced, OperatorError
+from saga.retry import RetryPolicy
 from saga.workflow import EventTimeout, StepFailed, WorkflowContext, workflow
 from tests import coordinator_sagas as cs
 from tests import sagas
@@ -506,7 +507,7 @@ def test_a_compensation_retries_by_its_steps_compensate_retry_policy() -> None:
     sim.fail("payment", "PaymentDeclined", "card declined")
     undo_car = sim.row("compensate:car")
     assert undo_car.max_attempts == 2
-    assert undo_car.options["retry"] == cs.BRIEF.to_json()
+    assert RetryPolicy.from_json(undo_car.options["retry"]) == cs.BRIEF
     assert undo_car.fn_ref == "tests.coordinator_sagas:undo_until_fixed"
     sim.fail("compensate:car", "RuntimeError", "refused", retry_in=0.05)
     sim.redispatch("compensate:car")
@@ -1121,6 +1122,24 @@ def test_idempotency_keys_are_run_id_and_step_key_and_stable_across_attempts() -
     }
     wf = Sim(parallel, None, run_id="run-8", db=sim.db).start()
     assert [r.idempotency_key for r in wf.rows()] == ["run-8:a#1", "run-8:b#2", "run-8:c#3"]
+
+
+def test_keys_carry_the_runs_prefix_for_its_steps_and_compensations() -> None:
+    assert idempotency_key("r1", "flight", "prod") == "prod:r1:flight"
+    sim = trip_to_branches(run_id="run-7", key_prefix="prod")
+    sim.complete("flight", booked("flight"))
+    sim.complete("hotel", booked("hotel"))
+    sim.fail("car", "Boom", "no")
+    sim.complete("compensate:car")
+    sim.complete("compensate:hotel")
+    undo = sim.row("compensate:flight").options["undo"]
+    assert undo["idempotency_key"] == "prod:run-7:flight"  # what the compensation undoes by
+    keys = ["quote", "flight", "hotel", "car", "compensate:car", "compensate:hotel"]
+    assert {r.idempotency_key for r in sim.rows()} == {
+        f"prod:run-7:{key}" for key in [*keys, "compensate:flight"]
+    }
+    wf = Sim(parallel, None, run_id="run-8", key_prefix="prod").start()
+    assert [r.idempotency_key for r in wf.rows()][:1] == ["prod:run-8:a#1"]
 
 
 def test_the_same_steps_of_two_runs_get_distinct_keys() -> None:

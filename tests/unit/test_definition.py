@@ -610,3 +610,15 @@ def test_a_workflow_compensation_that_cannot_take_none_is_refused() -> None:
     )
     with pytest.raises(DefinitionError, match="must accept None"):
         ctx.start(fetch, 1, compensate=undo_typed)
+
+
+def test_journaled_options_carry_only_what_differs_from_the_defaults() -> None:
+    # The options ride in the step's journal row, written again at every claim and outcome.
+    assert StepOptions().to_json() == {}
+    options = StepOptions(retry=RetryPolicy(max_attempts=2), timeout_seconds=3.0, queue="gpu")
+    assert options.to_json() == {
+        "retry": {"max_attempts": 2},
+        "timeout_seconds": 3.0,
+        "queue": "gpu",
+    }
+    assert StepOptions.from_json(options.to_json()) == options

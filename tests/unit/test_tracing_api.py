@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from saga import tracing
 from saga.workers import telemetry
@@ -153,3 +154,76 @@ def test_configuration_follows_the_standard_variables() -> None:
     assert tracing.messaging_system("redis://localhost:6379/0") == "redis"
     assert tracing.messaging_system("amqp://guest@rabbit//") == "rabbitmq"
     assert tracing.messaging_system("sqs://") == "aws_sqs"
+
+
+# -- redaction ------------------------------------------------------------------------------------
+
+SECRET = "sk-live-4f9a7c1e"
+
+
+class Secretive(BaseModel):
+    count: int
+
+
+def _validation_error() -> ValidationError:
+    try:
+        Secretive(count=SECRET)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        return exc
+    raise AssertionError("pydantic accepted a str for an int")
+
+
+def _everything(span: Any) -> str:
+    """Every text of a finished span that an exporter would send."""
+    parts = [span.name, span.status.description or "", repr(dict(span.attributes))]
+    parts += [f"{e.name} {dict(e.attributes)!r}" for e in span.events]
+    return "\n".join(parts)
+
+
+def _fail_in_step(error: BaseException) -> None:
+    with (
+        pytest.raises(type(error)),
+        tracing.step_span(
+            saga_name="s", run_id="r1", step="charge", attempt=1, idempotency_key="r1:charge"
+        ),
+    ):
+        raise error
+
+
+def test_exceptions_are_exported_as_their_type_and_a_fixed_message(exported: Any) -> None:
+    _fail_in_step(ValueError(f"bad key {SECRET}"))
+    tracing.run_finished(
+        tracing.new_run_carrier(),
+        saga_name="s",
+        run_id="r1",
+        state="failed",
+        error={"type": "builtins.ValueError", "message": f"bad key {SECRET}", "traceback": SECRET},
+    )
+    step, root = sorted(exported.get_finished_spans(), key=lambda s: s.name, reverse=True)
+    for span in (step, root):
+        assert SECRET not in _everything(span)
+        (event,) = span.events
+        assert dict(event.attributes) == {
+            "exception.type": "builtins.ValueError",
+            "exception.message": tracing.REDACTED,
+        }
+        assert span.status.status_code.name == "ERROR"
+        assert span.status.description == f"ValueError: {tracing.REDACTED}"
+        assert span.attributes["error.type"] == "builtins.ValueError"
+
+
+def test_exception_details_are_exported_when_asked_without_pydantic_inputs(
+    exported: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracing, "_details", False)  # restored after the test
+    tracing.export_exception_details(True)
+    _fail_in_step(ValueError("the card was declined"))
+    _fail_in_step(_validation_error())
+    plain, validation = sorted(exported.get_finished_spans(), key=lambda s: s.start_time)
+    event = dict(plain.events[0].attributes)
+    assert event["exception.message"] == "the card was declined"
+    assert "Traceback" in event["exception.stacktrace"]
+    assert SECRET not in _everything(validation)
+    event = dict(validation.events[0].attributes)
+    assert "count: Input should be a valid integer" in event["exception.message"]
+    assert "ValidationError" in event["exception.stacktrace"]
