@@ -230,7 +230,7 @@ def test_show_prints_attempts_compensations_and_the_trace_link(
     run_id = client.start(undone, 1, run_id="show-1")
     store = client.store
     store.complete_step(
-        claim(store, run_id, "hold"), '"held"', advance_with(undone), fast_path_delay=0
+        claim(store, run_id, "hold"), '"held"', advance_with(undone), fast_path=False
     )
     store.fail_attempt(
         claim(store, run_id, "pay"),
