@@ -27,7 +27,7 @@ from saga.keys import COMPENSATION_PREFIX
 from saga.run_transaction import translated
 from saga.states import AttemptOutcome, RunState, StepKind, StepState
 
-COUNT_CAP = 10_000  # count_by_state stops counting a state here: a count above it reads "10000+"
+COUNT_CAP = 10_000  # count_by_state stops counting a state here: that count means "or more"
 MAX_PAGE = 1_000
 COMPLETION = "saga.completion"  # how saga.agent.llm marks a journaled completion
 
