@@ -24,6 +24,8 @@ from typing import NotRequired, TypedDict
 
 from pydantic import ValidationError
 
+from saga.states import AttemptOutcome
+
 MAX_ERROR_TEXT = 4000  # characters of a message or traceback kept in the journal
 
 
@@ -71,6 +73,15 @@ def error_record(
     if traceback and isinstance(cause, BaseException):
         record["traceback"] = _storable(format_traceback(cause))[-MAX_ERROR_TEXT:]
     return record
+
+
+def attempt_outcome(error_type: str) -> AttemptOutcome:
+    """How an attempt that ended with an error of this type ended (kept in saga_attempts)."""
+    if error_type == ErrorType.LEASE_EXPIRED:
+        return AttemptOutcome.LOST
+    if error_type.endswith(".StepTimeoutError"):
+        return AttemptOutcome.TIMED_OUT
+    return AttemptOutcome.FAILED
 
 
 # pydantic's rendering of a value it refused: ``[type=..., input_value='...', input_type=str]``

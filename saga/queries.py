@@ -114,29 +114,41 @@ WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
 RETURNING 1
 """
 
+# lease_owner stays: the worker of the step's latest attempt, for its history (0006).
 COMPLETE_STEP: LiteralString = """
 UPDATE saga_steps
 SET state = 'completed', result = %(result)s::jsonb, error = NULL, finished_at = now(),
-    completed_seq = nextval('saga_completion_seq'), lease_owner = NULL, lease_expires_at = NULL
+    completed_seq = nextval('saga_completion_seq'), lease_expires_at = NULL
 WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
   AND attempt = %(attempt)s
 RETURNING state
 """
 
 # A failed attempt: back to pending until due_at (retry), or failed for good. Actions of a run
-# that is no longer running (it is being undone) get no new attempt.
+# that is no longer running (it is being undone) get no new attempt. A retried attempt is kept
+# in saga_attempts (0006) by the same statement: the step row will hold the next one.
 FAIL_ATTEMPT: LiteralString = """
-UPDATE saga_steps s
-SET state = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
-                 THEN 'pending' ELSE 'failed' END,
-    error = %(error)s, due_at = now() + %(delay)s * interval '1 second',
-    finished_at = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
-                       THEN NULL ELSE now() END,
-    lease_owner = NULL, lease_expires_at = NULL
-FROM saga_runs r
-WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.state = 'running'
-  AND s.attempt = %(attempt)s AND r.run_id = s.run_id
-RETURNING s.state
+WITH ended AS (
+    UPDATE saga_steps s
+    SET state = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
+                     THEN 'pending' ELSE 'failed' END,
+        error = %(error)s, due_at = now() + %(delay)s * interval '1 second',
+        finished_at = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
+                           THEN NULL ELSE now() END,
+        lease_expires_at = NULL
+    FROM saga_runs r
+    WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.state = 'running'
+      AND s.attempt = %(attempt)s AND r.run_id = s.run_id
+    RETURNING s.run_id, s.step_key, s.attempt, s.state, s.lease_owner, s.attempt_started_at
+), kept AS (
+    INSERT INTO saga_attempts (run_id, step_key, attempt, worker, claimed_at, outcome,
+                               error_type, error_message, traceback)
+    SELECT run_id, step_key, attempt, lease_owner, attempt_started_at, %(outcome)s,
+           %(error)s::jsonb->>'type', %(error)s::jsonb->>'message',
+           %(error)s::jsonb->>'traceback'
+    FROM ended WHERE state = 'pending'
+)
+SELECT state FROM ended
 """
 
 # Run transitions are guarded (WHERE state ...) and raise when no row matched (0003's
@@ -202,17 +214,27 @@ ORDER BY lease_expires_at
 LIMIT %s
 """
 
-# Out of attempts, or an action of a run being undone (it gets no new attempt): failed.
+# Out of attempts, or an action of a run being undone (it gets no new attempt): failed. An
+# attempt retried after it was lost is kept in saga_attempts (0006), as FAIL_ATTEMPT does.
 EXPIRE_LEASE: LiteralString = """
-UPDATE saga_steps
-SET state = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
-                 THEN 'failed' ELSE 'pending' END,
-    error = %(error)s, due_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-    finished_at = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
-                       THEN now() END
-WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
-  AND attempt = %(attempt)s AND lease_expires_at < now()
-RETURNING state
+WITH ended AS (
+    UPDATE saga_steps
+    SET state = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
+                     THEN 'failed' ELSE 'pending' END,
+        error = %(error)s, due_at = now(), lease_expires_at = NULL,
+        finished_at = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
+                           THEN now() END
+    WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
+      AND attempt = %(attempt)s AND lease_expires_at < now()
+    RETURNING run_id, step_key, attempt, state, lease_owner, attempt_started_at
+), kept AS (
+    INSERT INTO saga_attempts (run_id, step_key, attempt, worker, claimed_at, outcome,
+                               error_type, error_message)
+    SELECT run_id, step_key, attempt, lease_owner, attempt_started_at, 'lost',
+           %(error)s::jsonb->>'type', %(error)s::jsonb->>'message'
+    FROM ended WHERE state = 'pending'
+)
+SELECT state FROM ended
 """
 
 # Steps to (re)dispatch: retries and timers whose time has come, event waits that timed out, and
@@ -276,8 +298,23 @@ SELECT run_id FROM saga_runs WHERE state = 'running' AND deadline_at < now() LIM
 """
 
 # Operator retry: failed steps get a fresh set of attempts and are dispatched again; steps the
-# failure cancelled before they started are reopened as they were scheduled.
+# failure cancelled before they started are reopened as they were scheduled. The failed attempt
+# each reopened step held is kept in saga_attempts first (0006); its outcome as
+# saga.failures.attempt_outcome names it.
 RETRY_FAILED_STEPS: LiteralString = """
+WITH superseded AS (
+    INSERT INTO saga_attempts (run_id, step_key, attempt, worker, claimed_at, finished_at,
+                               outcome, error_type, error_message, traceback)
+    SELECT run_id, step_key, attempt, lease_owner, attempt_started_at,
+           coalesce(finished_at, now()),
+           CASE WHEN error->>'type' = 'LeaseExpired' THEN 'lost'
+                WHEN error->>'type' LIKE '%%.StepTimeoutError' THEN 'timed_out'
+                ELSE 'failed' END,
+           error->>'type', error->>'message', error->>'traceback'
+    FROM saga_steps
+    WHERE run_id = %(run_id)s AND kind = ANY(%(kinds)s) AND state = 'failed' AND attempt > 0
+    ON CONFLICT (run_id, step_key, attempt) DO NOTHING
+)
 UPDATE saga_steps
 SET state = CASE WHEN state = 'failed' OR kind = 'action' THEN 'dispatched'
                  WHEN kind = 'timer' THEN 'pending' ELSE 'waiting' END,
@@ -328,6 +365,21 @@ SELECT %(new_run_id)s, step_key, step_name, kind, seq, position, state, attempt,
 FROM saga_steps
 WHERE run_id = %(run_id)s AND state = 'completed' AND kind <> 'compensation'
   AND seq < %(before_seq)s
+"""
+
+# A run-level event nothing else records (0006): compensation begun, an operator's action.
+RECORD_RUN_EVENT: LiteralString = """
+INSERT INTO saga_run_events (run_id, event, actor, detail)
+VALUES (%(run_id)s, %(event)s, %(actor)s, %(detail)s)
+"""
+
+SELECT_RUN_EVENT_RECORDS: LiteralString = """
+SELECT event, actor, detail FROM saga_run_events WHERE run_id = %s ORDER BY id
+"""
+
+SELECT_KEPT_ATTEMPTS: LiteralString = """
+SELECT step_key, attempt, worker, outcome, error_type FROM saga_attempts
+WHERE run_id = %s ORDER BY step_key, attempt
 """
 
 SELECT_STEP_SEQ: LiteralString = """
@@ -399,6 +451,16 @@ LOCK_MIGRATIONS: LiteralString = """
 SELECT pg_advisory_xact_lock(%s)
 """
 
+# Held by one migrating session for all its files (each still in its own transaction): the
+# first process applies every pending version, the others wait and find nothing to do.
+LOCK_MIGRATING_SESSION: LiteralString = """
+SELECT pg_advisory_lock(%s)
+"""
+
+UNLOCK_MIGRATING_SESSION: LiteralString = """
+SELECT pg_advisory_unlock(%s)
+"""
+
 CREATE_VERSION_TABLE: LiteralString = """
 CREATE TABLE IF NOT EXISTS saga_schema_migrations (
     version    integer PRIMARY KEY,
@@ -459,6 +521,152 @@ WHERE r.run_id = s.run_id AND s.state = 'dispatched' AND s.due_at > now()
   AND coalesce(s.options->>'queue', r.queue, %(default_queue)s) = ANY(%(queues)s)
 """
 
+
+# -- operators' reads (saga.runs_view, migration 0006) -----------------------------------------
+
+# The filters of a runs list. A filter left NULL (or an empty state list) folds away when the
+# statement is planned with its values (psycopg sends unnamed statements; RunsView never
+# prepares), so each list walks the one index its filters name (0006) in (created_at, run_id)
+# order, from the keyset cursor on: no page counts or skips rows.
+_STATE_FILTER: LiteralString = """
+WHERE (cardinality(%(states)s::text[]) = 0 OR state = ANY(%(states)s::text[]))
+"""
+
+_OTHER_FILTERS: LiteralString = """
+  AND (%(saga)s::text IS NULL OR saga_name = %(saga)s::text)
+  AND (%(created_since)s::timestamptz IS NULL OR created_at >= %(created_since)s::timestamptz)
+  AND (%(created_until)s::timestamptz IS NULL OR created_at < %(created_until)s::timestamptz)
+  AND (%(finished_since)s::timestamptz IS NULL
+       OR finished_at >= %(finished_since)s::timestamptz)
+  AND (%(finished_until)s::timestamptz IS NULL
+       OR finished_at < %(finished_until)s::timestamptz)
+  AND (%(error_type)s::text IS NULL
+       OR (error IS NOT NULL AND error->>'type' = %(error_type)s::text))
+  AND (%(run_id_like)s::text IS NULL OR run_id LIKE %(run_id_like)s::text)
+"""
+
+_RUN_FILTERS: LiteralString = _STATE_FILTER + _OTHER_FILTERS
+
+_RUN_LIST_COLUMNS: LiteralString = """
+SELECT run_id, saga_name AS saga, state, created_at, updated_at, finished_at,
+       error->>'type' AS error_type, error->>'message' AS error_message
+FROM saga_runs
+"""
+
+
+# A page in one of three orders, each walked along its index from the keyset cursor
+# (%(after_time)s, %(after_id)s) on. The order follows the most selective filter, so that
+# a page never scans past runs that do not match: created_at by default, finished_at when a
+# finished window is asked for, the run id when a run id prefix is.
+def _page(after: LiteralString, order: LiteralString) -> LiteralString:
+    return _RUN_LIST_COLUMNS + _RUN_FILTERS + after + order + "LIMIT %(limit)s\n"
+
+
+def _by_state(newest: bool, at: LiteralString) -> LiteralString:
+    """Runs by creation (``at`` = created_at) or finish time (finished_at): one branch per
+    state, each walking that state's range of saga_runs_state_created (0006) or
+    saga_runs_finished (0009, finished runs only) from the cursor on, merged in order (Merge
+    Append). A state the filter leaves out folds to an empty branch. No index on the time alone
+    is needed, nor written for every run."""
+    cmp: LiteralString = "<" if newest else ">"
+    order: LiteralString = at + (" DESC, run_id DESC" if newest else ", run_id")
+    branches: list[LiteralString] = []
+    for state in _RUN_STATES:
+        branches.append(
+            "(" + _RUN_LIST_COLUMNS + "WHERE state = '" + state + "' AND " + at + " IS NOT NULL\n"
+            "  AND (cardinality(%(states)s::text[]) = 0 OR '"
+            + state
+            + "' = ANY(%(states)s::text[]))"
+            + _OTHER_FILTERS
+            + "  AND (%(after_time)s::timestamptz IS NULL\n"
+            "       OR ("
+            + at
+            + ", run_id) "
+            + cmp
+            + " (%(after_time)s::timestamptz, %(after_id)s::text))\n"
+            "ORDER BY " + order + "\nLIMIT %(limit)s)\n"
+        )
+    return (
+        "SELECT * FROM (\n"
+        + "UNION ALL\n".join(branches)
+        + ") AS runs\nORDER BY "
+        + order
+        + "\nLIMIT %(limit)s\n"
+    )
+
+
+# saga.states.RunState, spelled as SQL literals (tests/unit/test_states.py checks them).
+_RUN_STATES: tuple[LiteralString, ...] = (
+    "running",
+    "compensating",
+    "completed",
+    "compensated",
+    "failed",
+    "compensation_failed",
+    "cancelled",
+)
+
+LIST_RUNS: dict[tuple[str, bool], LiteralString] = {
+    ("created", True): _by_state(True, "created_at"),
+    ("created", False): _by_state(False, "created_at"),
+    ("finished", True): _by_state(True, "finished_at"),
+    ("finished", False): _by_state(False, "finished_at"),
+    # ~<~ and ~>~ compare byte-wise, as the text_pattern_ops index that serves LIKE orders.
+    ("run_id", True): _page(
+        "  AND (%(after_id)s::text IS NULL OR run_id ~<~ %(after_id)s::text)\n",
+        "ORDER BY run_id USING ~>~\n",
+    ),
+    ("run_id", False): _page(
+        "  AND (%(after_id)s::text IS NULL OR run_id ~>~ %(after_id)s::text)\n",
+        "ORDER BY run_id USING ~<~\n",
+    ),
+}
+
+# Runs in one state (%(state)s, a value when planned, so the best index for that state is
+# chosen), the count stopped at %(cap)s rows: at most that many index entries per state,
+# whatever the table's size. RunsView sends one per state in a single round trip.
+COUNT_RUNS_IN_STATE: LiteralString = (
+    """
+SELECT count(*) AS runs FROM (
+    SELECT 1 FROM saga_runs
+"""
+    + _RUN_FILTERS
+    + """
+      AND state = %(state)s::text
+    LIMIT %(cap)s) AS capped
+"""
+)
+
+SELECT_RUN_DETAIL: LiteralString = """
+SELECT run_id, saga_name, saga_ref, saga_version, state, input, result, error, trace_context,
+       queue, deadline_at, created_at, updated_at, finished_at
+FROM saga_runs WHERE run_id = %s
+"""
+
+SELECT_STEP_DETAILS: LiteralString = """
+SELECT step_key, step_name, kind, seq, position, state, attempt, max_attempts, idempotency_key,
+       input, result, error, lease_owner, created_at, started_at, attempt_started_at, finished_at,
+       -- an open step's next dispatch; a wait without a timeout waits until 'infinity'
+       CASE WHEN state IN ('pending', 'dispatched', 'waiting') THEN nullif(due_at, 'infinity')
+       END AS due_at
+FROM saga_steps WHERE run_id = %s ORDER BY seq
+"""
+
+SELECT_ATTEMPTS: LiteralString = """
+SELECT step_key, attempt, worker, claimed_at, finished_at, outcome, error_type, error_message,
+       traceback
+FROM saga_attempts WHERE run_id = %s ORDER BY step_key, attempt
+"""
+
+SELECT_RUN_EVENTS: LiteralString = """
+SELECT event, actor, detail, at FROM saga_run_events WHERE run_id = %s ORDER BY id
+"""
+
+# Events sent before the run waited for them, kept until a wait consumes them.
+SELECT_KEPT_EVENTS: LiteralString = """
+SELECT name, payload, created_at FROM saga_events
+WHERE run_id = %s AND consumed_by IS NULL ORDER BY id
+"""
 
 # -- retention (saga.retention, migration 0009) -----------------------------------------------
 

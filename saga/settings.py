@@ -214,6 +214,13 @@ class Settings(BaseSettings):
         "id, step key, attempt, trace id and span id of the step being run.",
     )
 
+    # Operators (saga show, the dashboard): where a run's trace is.
+    trace_url_template: str | None = Field(
+        default=None,
+        description="Link to a run's trace, with {trace_id} in it (Jaeger: "
+        "http://localhost:16686/trace/{trace_id}); `saga show` prints it.",
+    )
+
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child process that should use exactly these settings: ``base``
         (this process's environment by default) with every set field as its ``SAGA_*``

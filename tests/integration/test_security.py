@@ -207,7 +207,7 @@ def test_a_secret_in_an_exception_reaches_no_span_no_log_and_no_validation_recor
     assert "count: Input should be a valid integer" in counted["message"]
     assert errors_by_step["leaks"]["message"] == f"bad key {ss.SECRET}"
     show = subprocess.run(
-        [sys.executable, "-m", "saga", "show", mistyped],
+        [sys.executable, "-m", "saga", "show", mistyped, "--json"],
         env=settings.child_env(),
         cwd=ROOT,
         capture_output=True,
@@ -215,7 +215,15 @@ def test_a_secret_in_an_exception_reaches_no_span_no_log_and_no_validation_recor
         timeout=60,
     )
     assert show.returncode == 0, show.stderr
-    assert "validation error" in show.stdout and ss.SECRET not in show.stdout
+    # `saga show` prints step inputs and results (issue 12): step 1's result is the secret the
+    # step returned, as data. What must not quote it is every error the engine wrote about it.
+    detail = json.loads(show.stdout)
+    written = json.dumps(
+        [detail["error"]]
+        + [s["error"] for s in detail["steps"]]
+        + [a for s in detail["steps"] for a in s["attempts"]]
+    )
+    assert "validation error" in written and ss.SECRET not in written
     assert worker.alive()
 
 

@@ -98,13 +98,41 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     # whose check costs nothing), open steps are cancelled, the compensation is scheduled with
     # the undone step's input read for its ctx.undo (a wait of its own, on this path only).
     # Open steps are cancelled and the journal read again before deciding: a claim taken in
-    # between must not be missed (one more wait, on this path only).
+    # between must not be missed (one more wait, on this path only). The run's history gets a
+    # compensation_begun row: one statement more, sent without waiting for it.
     _, sent = traced(
         pool, lambda: store.fail_attempt(c, {"type": "E"}, retry_in=None, advance=advance)
     )
-    assert sent == {"Sync": 1, "Flush": 6, "Bind": 14}
+    assert sent == {"Sync": 1, "Flush": 6, "Bind": 15}
     undo_a = claim("compensate:a")
     # The last compensation: the run finishes (FINISH_RUN, guarded in SQL) in the same trips.
     _, sent = traced(pool, lambda: store.complete_step(undo_a, "null", advance, fast_path=False))
     assert sent == {"Sync": 1, "Flush": 3, "Bind": 8}
     assert store.get_run("r1").state == "compensated"
+
+
+def test_a_retried_failure_keeps_its_attempt_without_a_statement_more(
+    pool: ConnectionPool,
+) -> None:
+    """The run's history (saga_attempts, 0006) is written by FAIL_ATTEMPT itself: a retried
+    attempt costs what it did before the history existed (lock and fence, then the commit)."""
+    store = PostgresStore(pool, queue="round-trips", dispatch_timeout=30.0)
+    store.create_run(
+        run_id="r2",
+        saga_name=chain.name,
+        saga_ref="tests:round_trips",
+        saga_version=chain.version_tag,
+        input_json="1",
+        trace_context={},
+        timeout=None,
+        start=advance,
+    )
+    a = store.claim_step("r2", "a", owner="w", lease=30.0)
+    assert a is not None
+    _, sent = traced(
+        pool, lambda: store.fail_attempt(a, {"type": "E"}, retry_in=5.0, advance=advance)
+    )
+    assert sent == {"Sync": 1, "Flush": 2, "Bind": 5}  # BEGIN, SET LOCAL, lock, fence, COMMIT
+    assert [(k.step_key, k.attempt, k.outcome) for k in store.kept_attempts("r2")] == [
+        ("a", 1, "failed")
+    ]

@@ -37,6 +37,8 @@ EXPECTED_TABLES = {
     "saga_events",
     "saga_outbox",
     "saga_schema_migrations",
+    "saga_attempts",
+    "saga_run_events",
 }
 RUN_STATES = [
     "running",
