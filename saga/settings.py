@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         "and relay sweeper), opened as needed; a threads-pool worker wants one per thread.",
     )
 
+    # The web dashboard (`saga dashboard`).
+    dashboard_token: SecretStr | None = Field(
+        default=None,
+        description="Token the dashboard asks for (a Bearer header or its login form); required "
+        "to bind it to anything but loopback.",
+    )
+
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child process that should use exactly these settings: ``base``
         (this process's environment by default) with every set field as its ``SAGA_*``
@@ -78,6 +85,8 @@ class Settings(BaseSettings):
         as Celery does)."""
         env = dict(os.environ if base is None else base)
         for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             if value is not None:
                 env[f"SAGA_{name.upper()}"] = str(value)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
