@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
+import socket
 import uuid
 from typing import Any
 
@@ -30,6 +33,21 @@ def check_run_id(run_id: str) -> str:
             f"starting with a letter or digit"
         )
     return run_id
+
+
+MAX_ACTOR = 200  # characters of an actor kept in a run's history
+
+
+def operator(actor: str | None = None) -> str:
+    """Who acts on a run, for its history: ``actor`` as given (a dashboard passes its user and
+    the request's address), else this process's ``user@host``."""
+    if actor is None:
+        try:
+            user = getpass.getuser()
+        except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+            user = f"uid{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+        actor = f"{user}@{socket.gethostname()}"
+    return actor[:MAX_ACTOR]
 
 
 class SagaClient:
@@ -116,9 +134,12 @@ class SagaClient:
 
     # -- operator actions ---------------------------------------------------------------------
 
-    def send_event(self, run_id: str, name: str, payload: Any = None) -> bool:
+    def send_event(
+        self, run_id: str, name: str, payload: Any = None, *, actor: str | None = None
+    ) -> bool:
         """Deliver an outside event (an approval, a webhook) to a run. True if a step was
-        waiting for it; otherwise it is kept until the run waits for it."""
+        waiting for it; otherwise it is kept until the run waits for it. ``actor`` (who sends
+        it, recorded in the run's history) defaults to this process's ``user@host``."""
         if not isinstance(name, str) or not NAME.match(name):
             raise InputError(
                 f"event name {name!r} for run {run_id!r} must match {NAME.pattern} (the name "
@@ -131,7 +152,8 @@ class SagaClient:
                 f"event {name!r} for run {run_id!r}: the payload is not JSON: {exc}"
             ) from None
         self._fits(payload_json.decode(), f"event {name!r} for run {run_id!r}")
-        return self.store.send_event(run_id, name, strict_json.loads(payload_json))
+        payload = strict_json.loads(payload_json)
+        return self.store.send_event(run_id, name, payload, actor=operator(actor))
 
     def _fits(self, json_text: str, what: str) -> str:
         size = len(json_text.encode())
@@ -143,23 +165,41 @@ class SagaClient:
             )
         return json_text
 
-    def cancel(self, run_id: str, reason: str = "cancelled by an operator") -> None:
+    def cancel(
+        self, run_id: str, reason: str = "cancelled by an operator", *, actor: str | None = None
+    ) -> None:
         """Stop a running run: nothing new starts, completed steps are compensated in reverse
         order, and the run ends ``cancelled``."""
         error = error_record(ErrorType.CANCELLED, reason)
-        self.store.stop_run(run_id, lambda tx: coordinator.stop(tx, error))
+        self.store.stop_run(
+            run_id,
+            lambda tx: coordinator.stop(tx, error),
+            actor=operator(actor),
+            detail={"reason": reason},
+        )
 
-    def retry(self, run_id: str) -> None:
+    def retry(self, run_id: str, *, actor: str | None = None) -> None:
         """Resume a failed run at its failed steps (after a code fix, it replays); or retry the
         failed compensation of a ``compensation_failed`` run."""
-        self.store.retry_run(run_id)
+        self.store.retry_run(run_id, actor=operator(actor))
 
-    def fork(self, run_id: str, step_key: str, *, new_run_id: str | None = None) -> str:
+    def fork(
+        self,
+        run_id: str,
+        step_key: str,
+        *,
+        new_run_id: str | None = None,
+        actor: str | None = None,
+    ) -> str:
         """Start a new run from ``run_id``'s journal before ``step_key``: that step and what
         follows run again, under the definition the workers have now."""
         definition = load_definition(self.run(run_id).saga_ref)
         if new_run_id is not None:
             check_run_id(new_run_id)
         return self.store.fork_run(
-            run_id, step_key, saga_version=definition.version_tag, new_run_id=new_run_id
+            run_id,
+            step_key,
+            saga_version=definition.version_tag,
+            new_run_id=new_run_id,
+            actor=operator(actor),
         )

@@ -13,6 +13,8 @@ import traceback as tb
 from enum import StrEnum
 from typing import NotRequired, TypedDict
 
+from saga.states import AttemptOutcome
+
 MAX_ERROR_TEXT = 4000  # characters of a message or traceback kept in the journal
 
 
@@ -60,6 +62,15 @@ def error_record(
     if traceback and isinstance(cause, BaseException):
         record["traceback"] = _storable("".join(tb.format_exception(cause)))[-MAX_ERROR_TEXT:]
     return record
+
+
+def attempt_outcome(error_type: str) -> AttemptOutcome:
+    """How an attempt that ended with an error of this type ended (kept in saga_attempts)."""
+    if error_type == ErrorType.LEASE_EXPIRED:
+        return AttemptOutcome.LOST
+    if error_type.endswith(".StepTimeoutError"):
+        return AttemptOutcome.TIMED_OUT
+    return AttemptOutcome.FAILED
 
 
 def _storable(text: str) -> str:

@@ -111,29 +111,41 @@ WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
 RETURNING 1
 """
 
+# lease_owner stays: the worker of the step's latest attempt, for its history (0006).
 COMPLETE_STEP: LiteralString = """
 UPDATE saga_steps
 SET state = 'completed', result = %(result)s::jsonb, error = NULL, finished_at = now(),
-    completed_seq = nextval('saga_completion_seq'), lease_owner = NULL, lease_expires_at = NULL
+    completed_seq = nextval('saga_completion_seq'), lease_expires_at = NULL
 WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
   AND attempt = %(attempt)s
 RETURNING state
 """
 
 # A failed attempt: back to pending until due_at (retry), or failed for good. Actions of a run
-# that is no longer running (it is being undone) get no new attempt.
+# that is no longer running (it is being undone) get no new attempt. A retried attempt is kept
+# in saga_attempts (0006) by the same statement: the step row will hold the next one.
 FAIL_ATTEMPT: LiteralString = """
-UPDATE saga_steps s
-SET state = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
-                 THEN 'pending' ELSE 'failed' END,
-    error = %(error)s, due_at = now() + %(delay)s * interval '1 second',
-    finished_at = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
-                       THEN NULL ELSE now() END,
-    lease_owner = NULL, lease_expires_at = NULL
-FROM saga_runs r
-WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.state = 'running'
-  AND s.attempt = %(attempt)s AND r.run_id = s.run_id
-RETURNING s.state
+WITH ended AS (
+    UPDATE saga_steps s
+    SET state = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
+                     THEN 'pending' ELSE 'failed' END,
+        error = %(error)s, due_at = now() + %(delay)s * interval '1 second',
+        finished_at = CASE WHEN %(retry)s AND (s.kind = 'compensation' OR r.state = 'running')
+                           THEN NULL ELSE now() END,
+        lease_expires_at = NULL
+    FROM saga_runs r
+    WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.state = 'running'
+      AND s.attempt = %(attempt)s AND r.run_id = s.run_id
+    RETURNING s.run_id, s.step_key, s.attempt, s.state, s.lease_owner, s.attempt_started_at
+), kept AS (
+    INSERT INTO saga_attempts (run_id, step_key, attempt, worker, claimed_at, outcome,
+                               error_type, error_message, traceback)
+    SELECT run_id, step_key, attempt, lease_owner, attempt_started_at, %(outcome)s,
+           %(error)s::jsonb->>'type', %(error)s::jsonb->>'message',
+           %(error)s::jsonb->>'traceback'
+    FROM ended WHERE state = 'pending'
+)
+SELECT state FROM ended
 """
 
 # Run transitions are guarded (WHERE state ...) and raise when no row matched (0003's
@@ -199,17 +211,27 @@ ORDER BY lease_expires_at
 LIMIT %s
 """
 
-# Out of attempts, or an action of a run being undone (it gets no new attempt): failed.
+# Out of attempts, or an action of a run being undone (it gets no new attempt): failed. An
+# attempt retried after it was lost is kept in saga_attempts (0006), as FAIL_ATTEMPT does.
 EXPIRE_LEASE: LiteralString = """
-UPDATE saga_steps
-SET state = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
-                 THEN 'failed' ELSE 'pending' END,
-    error = %(error)s, due_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-    finished_at = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
-                       THEN now() END
-WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
-  AND attempt = %(attempt)s AND lease_expires_at < now()
-RETURNING state
+WITH ended AS (
+    UPDATE saga_steps
+    SET state = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
+                     THEN 'failed' ELSE 'pending' END,
+        error = %(error)s, due_at = now(), lease_expires_at = NULL,
+        finished_at = CASE WHEN attempt >= max_attempts OR (kind <> 'compensation' AND %(undoing)s)
+                           THEN now() END
+    WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
+      AND attempt = %(attempt)s AND lease_expires_at < now()
+    RETURNING run_id, step_key, attempt, state, lease_owner, attempt_started_at
+), kept AS (
+    INSERT INTO saga_attempts (run_id, step_key, attempt, worker, claimed_at, outcome,
+                               error_type, error_message)
+    SELECT run_id, step_key, attempt, lease_owner, attempt_started_at, 'lost',
+           %(error)s::jsonb->>'type', %(error)s::jsonb->>'message'
+    FROM ended WHERE state = 'pending'
+)
+SELECT state FROM ended
 """
 
 # Steps to (re)dispatch: retries and timers whose time has come, event waits that timed out, and
@@ -273,8 +295,23 @@ SELECT run_id FROM saga_runs WHERE state = 'running' AND deadline_at < now() LIM
 """
 
 # Operator retry: failed steps get a fresh set of attempts and are dispatched again; steps the
-# failure cancelled before they started are reopened as they were scheduled.
+# failure cancelled before they started are reopened as they were scheduled. The failed attempt
+# each reopened step held is kept in saga_attempts first (0006); its outcome as
+# saga.failures.attempt_outcome names it.
 RETRY_FAILED_STEPS: LiteralString = """
+WITH superseded AS (
+    INSERT INTO saga_attempts (run_id, step_key, attempt, worker, claimed_at, finished_at,
+                               outcome, error_type, error_message, traceback)
+    SELECT run_id, step_key, attempt, lease_owner, attempt_started_at,
+           coalesce(finished_at, now()),
+           CASE WHEN error->>'type' = 'LeaseExpired' THEN 'lost'
+                WHEN error->>'type' LIKE '%%.StepTimeoutError' THEN 'timed_out'
+                ELSE 'failed' END,
+           error->>'type', error->>'message', error->>'traceback'
+    FROM saga_steps
+    WHERE run_id = %(run_id)s AND kind = ANY(%(kinds)s) AND state = 'failed' AND attempt > 0
+    ON CONFLICT (run_id, step_key, attempt) DO NOTHING
+)
 UPDATE saga_steps
 SET state = CASE WHEN state = 'failed' OR kind = 'action' THEN 'dispatched'
                  WHEN kind = 'timer' THEN 'pending' ELSE 'waiting' END,
@@ -323,6 +360,21 @@ SELECT %(new_run_id)s, step_key, step_name, kind, seq, position, state, attempt,
 FROM saga_steps
 WHERE run_id = %(run_id)s AND state = 'completed' AND kind <> 'compensation'
   AND seq < %(before_seq)s
+"""
+
+# A run-level event nothing else records (0006): compensation begun, an operator's action.
+RECORD_RUN_EVENT: LiteralString = """
+INSERT INTO saga_run_events (run_id, event, actor, detail)
+VALUES (%(run_id)s, %(event)s, %(actor)s, %(detail)s)
+"""
+
+SELECT_RUN_EVENT_RECORDS: LiteralString = """
+SELECT event, actor, detail FROM saga_run_events WHERE run_id = %s ORDER BY id
+"""
+
+SELECT_KEPT_ATTEMPTS: LiteralString = """
+SELECT step_key, attempt, worker, outcome, error_type FROM saga_attempts
+WHERE run_id = %s ORDER BY step_key, attempt
 """
 
 SELECT_STEP_SEQ: LiteralString = """

@@ -94,6 +94,26 @@ class StepRecord:
         return None
 
 
+@dataclass(frozen=True)
+class RunEventRecord:
+    """A row of saga_run_events (0006): a run-level event, with who caused it."""
+
+    event: str
+    actor: str | None
+    detail: Any
+
+
+@dataclass(frozen=True)
+class KeptAttempt:
+    """A row of saga_attempts (0006): an attempt that did not end its step's story."""
+
+    step_key: str
+    attempt: int
+    worker: str | None
+    outcome: str
+    error_type: str | None
+
+
 class Fenced(Exception):
     """The attempt no longer owns its step (lease lost) or the run moved on; nothing written."""
 

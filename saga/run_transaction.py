@@ -28,7 +28,7 @@ from saga.keys import idempotency_key
 from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.records import RunTransitionError
-from saga.states import RunState, StepKind, StepState
+from saga.states import RunEventType, RunState, StepKind, StepState
 
 # Raised by saga_run_transition_refused (migration 0003) when a run transition matched no row.
 TRANSITION_REFUSED = "SG001"
@@ -291,12 +291,34 @@ class RunTransaction:
             q.BEGIN_COMPENSATION, {"run_id": self.run.run_id, "error": Jsonb(dict(error))}
         )
         self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
+        detail = {"type": error.get("type"), "message": error.get("message")}
+        self.log_run_event(RunEventType.COMPENSATION_BEGUN, detail=detail)
         self.run = RunView(
             **{**vars(self.run), "state": RunState.COMPENSATING, "error": dict(error)}
         )
         self._journal = None
 
     # -- what the store's own paths write ------------------------------------------------------
+
+    def log_run_event(
+        self,
+        event: RunEventType,
+        *,
+        actor: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        """A run-level event for the run's history (saga_run_events), written with this
+        transaction and not read back: no round trip of its own."""
+        self._cur.execute(
+            q.RECORD_RUN_EVENT,
+            {
+                "run_id": run_id or self.run.run_id,
+                "event": event,
+                "actor": actor,
+                "detail": None if detail is None else Jsonb(dict(detail)),
+            },
+        )
 
     def step_input(self, step_key: str) -> Any:
         row = self._cur.execute(q.SELECT_STEP_INPUT, (self.run.run_id, step_key)).fetchone()

@@ -22,10 +22,10 @@ from psycopg_pool import ConnectionPool
 
 from saga import queries as q
 from saga.errors import InputError
-from saga.failures import ErrorType
+from saga.failures import attempt_outcome
 from saga.keys import COMPENSATION_PREFIX
 from saga.run_transaction import translated
-from saga.states import RunState, StepKind, StepState
+from saga.states import AttemptOutcome, RunState, StepKind, StepState
 
 COUNT_CAP = 10_000  # count_by_state stops counting a state here: a count above it reads "10000+"
 MAX_PAGE = 1_000
@@ -218,20 +218,12 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
 def latest_outcome(state: str, error: Any) -> str:
     """The outcome of the attempt a step row holds, from the step's state and error."""
     if state == StepState.RUNNING:
-        return "running"
+        return AttemptOutcome.RUNNING
     if state == StepState.COMPLETED:
-        return "completed"
+        return AttemptOutcome.COMPLETED
     if isinstance(error, Mapping) and error.get("type"):
-        return error_outcome(str(error["type"]))
-    return "unknown"
-
-
-def error_outcome(error_type: str) -> str:
-    if error_type == ErrorType.LEASE_EXPIRED:
-        return "lost"
-    if error_type.endswith("StepTimeoutError"):
-        return "timed_out"
-    return "failed"
+        return attempt_outcome(str(error["type"]))
+    return AttemptOutcome.UNKNOWN
 
 
 def merge_attempts(

@@ -151,3 +151,28 @@ INITIAL_STEP_STATE: dict[StepKind, StepState] = {
     StepKind.TIMER: StepState.PENDING,
     StepKind.EVENT: StepState.WAITING,
 }
+
+
+class AttemptOutcome(StrEnum):
+    """How one attempt of a step ended (saga.runs_view). Only the last three are ever rows of
+    saga_attempts (migration 0006's CHECK list): an attempt that did not end its step."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    UNKNOWN = "unknown"  # journaled before history was kept
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"  # its worker died (the lease expired)
+
+
+class RunEventType(StrEnum):
+    """Run-level events saga_run_events records (0006); started, finished and waits are read
+    from the runs' and steps' own rows instead."""
+
+    COMPENSATION_BEGUN = "compensation_begun"
+    DEADLINE_PASSED = "deadline_passed"  # the sweeper stopped a run past its timeout
+    CANCEL = "cancel"
+    RETRY = "retry"
+    FORK = "fork"  # on the forked run: detail names the new run
+    FORKED_FROM = "forked_from"  # on the new run: detail names the run and step
+    SEND_EVENT = "send_event"

@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool
 from saga import queries as q
 from saga.coordinator import JournalRow, RunView
 from saga.errors import RunConflictError, RunNotFoundError, WaitTimeoutError
-from saga.failures import ErrorType, error_record
+from saga.failures import ErrorType, attempt_outcome, error_record
 from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.outbox.writer import add_messages, mark_published
@@ -31,10 +31,10 @@ from saga.outbox.writer import add_messages, mark_published
 # Re-exported (``X as X``): callers written before the records had a module import them here.
 from saga.records import Claim as Claim
 from saga.records import Fenced as Fenced
+from saga.records import KeptAttempt, RunEventRecord, StepSnapshot
 from saga.records import OperatorError as OperatorError
 from saga.records import RunRecord as RunRecord
 from saga.records import StepRecord as StepRecord
-from saga.records import StepSnapshot
 from saga.run_transaction import (
     Advance,
     JournalCache,
@@ -45,7 +45,7 @@ from saga.run_transaction import (
     pipelined_transaction,
     translated,
 )
-from saga.states import RunState, StepKind, StepState, may_journal_outcome
+from saga.states import RunEventType, RunState, StepKind, StepState, may_journal_outcome
 
 
 def open_pool(database_url: str, *, size: int, name: str = "saga") -> ConnectionPool:
@@ -171,6 +171,18 @@ class PostgresStore:
         with translated(f"reading the steps of run {run_id!r}"), self._pool.connection() as conn:
             cur = conn.cursor(row_factory=class_row(StepRecord))
             return cur.execute(q.SELECT_STEPS, (run_id,)).fetchall()
+
+    def run_events(self, run_id: str) -> list[RunEventRecord]:
+        """The run's recorded events (saga_run_events), oldest first."""
+        with translated(f"reading events of run {run_id!r}"), self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(RunEventRecord))
+            return cur.execute(q.SELECT_RUN_EVENT_RECORDS, (run_id,)).fetchall()
+
+    def kept_attempts(self, run_id: str) -> list[KeptAttempt]:
+        """The attempts kept in saga_attempts (those that did not end their step)."""
+        with translated(f"reading attempts of run {run_id!r}"), self._pool.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(KeptAttempt))
+            return cur.execute(q.SELECT_KEPT_ATTEMPTS, (run_id,)).fetchall()
 
     def completed_results(self, run_id: str) -> dict[str, Any]:
         with translated(f"reading results of run {run_id!r}"), self._pool.connection() as conn:
@@ -324,6 +336,7 @@ class PostgresStore:
                 "retry": retry_in is not None,
                 "delay": retry_in or 0.0,
                 "error": Jsonb({**error, "retryable": retry_in is not None}),
+                "outcome": attempt_outcome(str(error.get("type", ""))),
             },
             outcome,
             fast_path_delay,
@@ -388,7 +401,10 @@ class PostgresStore:
 
     # -- events and operators -----------------------------------------------------------------
 
-    def send_event(self, run_id: str, name: str, payload: Any) -> bool:
+    # Each operator action is recorded in the run's history (saga_run_events) with ``actor``
+    # (who and where from), in the action's own transaction.
+
+    def send_event(self, run_id: str, name: str, payload: Any, *, actor: str | None = None) -> bool:
         """Deliver an event: it completes the step waiting for it (True), or is kept until the
         run waits for it (False)."""
         with self._locked_run(run_id, f"sending event {name!r} to run {run_id!r}") as tx:
@@ -397,17 +413,28 @@ class PostgresStore:
             delivered = tx.deliver_event(name, payload)
             if delivered:
                 tx.advance_later()
+            detail = {"name": name, "delivered": delivered}
+            tx.log_run_event(RunEventType.SEND_EVENT, actor=actor, detail=detail)
             return delivered
 
-    def stop_run(self, run_id: str, stop: Advance) -> None:
+    def stop_run(
+        self,
+        run_id: str,
+        stop: Advance,
+        *,
+        actor: str | None = None,
+        event: RunEventType = RunEventType.CANCEL,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
         with self._locked_run(run_id, f"stopping run {run_id!r}") as tx:
             if tx.run.state != RunState.RUNNING:
                 raise OperatorError(
                     f"run {run_id!r} is {tx.run.state}; only a running run can be cancelled"
                 )
+            tx.log_run_event(event, actor=actor, detail=detail)
             stop(tx)
 
-    def retry_run(self, run_id: str) -> None:
+    def retry_run(self, run_id: str, *, actor: str | None = None) -> None:
         """Operator retry: a failed run resumes at its failed steps (or replays, after a code
         fix); a run whose compensation failed retries that compensation."""
         with self._locked_run(run_id, f"retrying run {run_id!r}") as tx:
@@ -421,11 +448,18 @@ class PostgresStore:
                     f"run {run_id!r} is {tx.run.state}; only failed or "
                     f"compensation_failed runs can be retried"
                 )
+            tx.log_run_event(RunEventType.RETRY, actor=actor, detail={"from_state": tx.run.state})
             tx.reopen(state, kinds)
             tx.advance_later()
 
     def fork_run(
-        self, run_id: str, step_key: str, *, saga_version: str, new_run_id: str | None = None
+        self,
+        run_id: str,
+        step_key: str,
+        *,
+        saga_version: str,
+        new_run_id: str | None = None,
+        actor: str | None = None,
     ) -> str:
         """A new run with this run's completed steps before ``step_key`` copied; that step and
         everything after it run again."""
@@ -436,6 +470,10 @@ class PostgresStore:
                     f"run {run_id!r} has no step {step_key!r} to fork from "
                     f"(`saga show {run_id}` lists its step keys)"
                 )
+            detail = {"step_key": step_key, "new_run_id": new_id}
+            tx.log_run_event(RunEventType.FORK, actor=actor, detail=detail)
+            detail = {"step_key": step_key, "run_id": run_id}
+            tx.log_run_event(RunEventType.FORKED_FROM, actor=actor, detail=detail, run_id=new_id)
         return new_id
 
     # -- recovery -----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Any, Protocol
 
 from saga.coordinator import RunTx
 from saga.outbox.message import OutboxMessage
-from saga.records import Claim, RunRecord, StepRecord
+from saga.records import Claim, KeptAttempt, RunEventRecord, RunRecord, StepRecord
+from saga.states import RunEventType
 
 # What a store runs inside a run's transaction: coordinator.advance, coordinator.stop, ...
 Decide = Callable[[RunTx], None]
@@ -83,15 +84,25 @@ class Store(Protocol):
 
     def advance_run(self, run_id: str, advance: Decide) -> None: ...
 
-    def send_event(self, run_id: str, name: str, payload: Any) -> bool:
+    # Operator actions are recorded in the run's history with ``actor`` (run_events).
+
+    def send_event(self, run_id: str, name: str, payload: Any, *, actor: str | None = None) -> bool:
         """True: it completed the step waiting for it; False: it is kept for a later wait."""
         ...
 
-    def stop_run(self, run_id: str, stop: Decide) -> None:
+    def stop_run(
+        self,
+        run_id: str,
+        stop: Decide,
+        *,
+        actor: str | None = None,
+        event: RunEventType = RunEventType.CANCEL,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
         """Run ``stop`` on a running run (cancel, or out of time); OperatorError otherwise."""
         ...
 
-    def retry_run(self, run_id: str) -> None:
+    def retry_run(self, run_id: str, *, actor: str | None = None) -> None:
         """Operator retry of a failed (or compensation_failed) run; OperatorError otherwise."""
         ...
 
@@ -109,3 +120,12 @@ class Store(Protocol):
     def get_run(self, run_id: str) -> RunRecord: ...
 
     def get_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    def run_events(self, run_id: str) -> list[RunEventRecord]:
+        """The run-level events recorded (compensation begun, operators' actions), in order."""
+        ...
+
+    def kept_attempts(self, run_id: str) -> list[KeptAttempt]:
+        """Attempts that did not end their step (retried after a failure or a lost lease,
+        superseded by an operator's retry), by step key and attempt."""
+        ...

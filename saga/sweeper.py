@@ -11,7 +11,7 @@ import time
 from saga import coordinator, tracing
 from saga.errors import SagaError, StoreError
 from saga.failures import ErrorType, error_record
-from saga.states import StepKind, StepState
+from saga.states import RunEventType, StepKind, StepState
 from saga.store import PostgresStore
 
 log = logging.getLogger("saga.sweeper")
@@ -44,7 +44,11 @@ class Sweeper:
         for run_id in self._store.overdue_runs():
             error = error_record(ErrorType.RUN_TIMEOUT, f"run {run_id!r} passed its deadline")
             try:
-                self._store.stop_run(run_id, functools.partial(coordinator.stop, error=error))
+                self._store.stop_run(
+                    run_id,
+                    functools.partial(coordinator.stop, error=error),
+                    event=RunEventType.DEADLINE_PASSED,
+                )
                 log.warning("run %r passed its deadline; stopped", run_id)
             except SagaError as exc:  # finished meanwhile
                 log.info("run %r not stopped: %s", run_id, exc)

@@ -620,3 +620,65 @@ def test_a_step_claimed_while_the_run_decides_to_stop_is_undone(backend: Backend
     # Not finished past a started step: the run compensates, waiting for hold's attempt.
     assert backend.store.get_run(run_id).state == RunState.COMPENSATING
     assert states(backend, run_id)["hold"] == StepState.RUNNING
+
+
+# -- the run's history (migration 0006) -----------------------------------------------------------
+
+
+def kept(b: Backend, run_id: str) -> list[tuple[str, int, str | None, str, str | None]]:
+    return [
+        (a.step_key, a.attempt, a.worker, a.outcome, a.error_type)
+        for a in b.store.kept_attempts(run_id)
+    ]
+
+
+def test_attempts_that_do_not_end_their_step_are_kept(backend: Backend) -> None:
+    run_id = start(backend, booking, 1)
+    fail(backend, booking, claimed(backend, run_id, "reserve", owner="w1"), retry_in=0.0)
+    backend.fall_due(run_id, "reserve")
+    claimed(backend, run_id, "reserve", owner="w2")
+    backend.expire_lease(run_id, "reserve")
+    backend.store.expire_leases()
+    last = claimed(backend, run_id, "reserve", owner="w3")
+    complete(backend, booking, last, "held")  # ends the story: the step row holds attempt 3
+    assert kept(backend, run_id) == [
+        ("reserve", 1, "w1", "failed", "Boom"),
+        ("reserve", 2, "w2", "lost", "LeaseExpired"),
+    ]
+    [row, _] = backend.store.get_steps(run_id)
+    assert (row.state, row.attempt) == (StepState.COMPLETED, 3)
+    # The happy path keeps nothing, and compensation is a run event, not an attempt.
+    complete(backend, booking, claimed(backend, run_id, "charge"), "paid")
+    assert len(backend.store.kept_attempts(run_id)) == 2
+    assert backend.store.run_events(run_id) == []
+
+
+def test_a_failure_for_good_is_held_by_the_step_row_alone(backend: Backend) -> None:
+    run_id = start(backend, single, 1)
+    fail(backend, single, claimed(backend, run_id, "charge"), retry_in=None)
+    assert kept(backend, run_id) == []
+    # An operator's retry supersedes that attempt: it is kept before the step reopens.
+    backend.store.retry_run(run_id, actor="ann@desk")
+    assert kept(backend, run_id) == [("charge", 1, "w1", "failed", "Boom")]
+    events = backend.store.run_events(run_id)
+    assert [(e.event, e.actor, e.detail) for e in events] == [
+        ("retry", "ann@desk", {"from_state": "failed"})
+    ]
+
+
+def test_compensation_and_operator_actions_are_run_events(backend: Backend) -> None:
+    run_id = start(backend, approval, {"item": 1})
+    complete(backend, approval, claimed(backend, run_id, "reserve#1"), "held")
+    backend.store.send_event(run_id, "approval", "early?", actor="bot")
+    backend.store.send_event(run_id, "other", 1, actor="bot")
+    error = error_record(ErrorType.CANCELLED, "no")
+    backend.store.stop_run(
+        run_id, lambda tx: coordinator.stop(tx, error), actor="ann@desk", detail={"reason": "no"}
+    )
+    events = [(e.event, e.actor, e.detail) for e in backend.store.run_events(run_id)]
+    assert events == [
+        ("send_event", "bot", {"name": "approval", "delivered": True}),
+        ("send_event", "bot", {"name": "other", "delivered": False}),
+        ("cancel", "ann@desk", {"reason": "no"}),
+        ("compensation_begun", None, {"type": "Cancelled", "message": "no"}),
+    ]

@@ -96,11 +96,12 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     # whose check costs nothing), open steps are cancelled, the compensation is scheduled with
     # the undone step's input read for its ctx.undo (a wait of its own, on this path only).
     # Open steps are cancelled and the journal read again before deciding: a claim taken in
-    # between must not be missed (one more wait, on this path only).
+    # between must not be missed (one more wait, on this path only). The run's history gets a
+    # compensation_begun row: one statement more, sent without waiting for it.
     _, sent = traced(
         pool, lambda: store.fail_attempt(c, {"type": "E"}, retry_in=None, advance=advance)
     )
-    assert sent == {"Sync": 1, "Flush": 6, "Bind": 14}
+    assert sent == {"Sync": 1, "Flush": 6, "Bind": 15}
     undo_a = claim("compensate:a")
     # The last compensation: the run finishes (FINISH_RUN, guarded in SQL) in the same trips.
     _, sent = traced(pool, lambda: store.complete_step(undo_a, "null", advance, fast_path_delay=0))

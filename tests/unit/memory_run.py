@@ -51,14 +51,16 @@ from typing import Any
 from saga import coordinator
 from saga.coordinator import JournalRow, NewStep, RunView
 from saga.errors import RunConflictError, RunNotFoundError
-from saga.failures import ErrorType, error_record
+from saga.failures import ErrorType, attempt_outcome, error_record
 from saga.loader import Definition
 from saga.messages import STEP_TASK, advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.records import (
     Claim,
     Fenced,
+    KeptAttempt,
     OperatorError,
+    RunEventRecord,
     RunRecord,
     RunTransitionError,
     StepRecord,
@@ -67,6 +69,8 @@ from saga.states import (
     FINAL_RUN_STATES,
     INITIAL_STEP_STATE,
     OPEN_STEP_STATES,
+    AttemptOutcome,
+    RunEventType,
     RunState,
     StepKind,
     StepState,
@@ -181,6 +185,24 @@ class MemoryDB:
     clock: float = 0.0  # seconds; what now() is to the twin (tests move it on explicitly)
     # owner -> queues, seen at, silence limit
     workers: dict[str, tuple[list[str], float, float]] = field(default_factory=dict)
+    # saga_run_events and saga_attempts (0006), by run id
+    run_events: dict[str, list[RunEventRecord]] = field(default_factory=dict)
+    attempts: dict[str, list[KeptAttempt]] = field(default_factory=dict)
+
+    def log_run_event(
+        self, run_id: str, event: str, actor: str | None, detail: Mapping[str, Any] | None
+    ) -> None:
+        """RECORD_RUN_EVENT."""
+        record = RunEventRecord(event, actor, None if detail is None else _jsonb(dict(detail)))
+        self.run_events.setdefault(run_id, []).append(record)
+
+    def keep_attempt(self, row: StepRow, outcome: str, error: Any) -> None:
+        """The INSERT INTO saga_attempts of FAIL_ATTEMPT, EXPIRE_LEASE, RETRY_FAILED_STEPS."""
+        kept = self.attempts.setdefault(row.run_id, [])
+        if any(a.step_key == row.step_key and a.attempt == row.attempt for a in kept):
+            return  # ON CONFLICT DO NOTHING
+        error_type = error.get("type") if isinstance(error, Mapping) else None
+        kept.append(KeptAttempt(row.step_key, row.attempt, row.lease_owner, outcome, error_type))
 
     def next_completion(self) -> int:
         self.completion_seq += 1
@@ -315,6 +337,8 @@ class MemoryRunTx:
         _transition(run, RunState.COMPENSATING)  # BEGIN_COMPENSATION
         run.error = _jsonb(dict(error))
         self._db.cancel_open_steps(self.run.run_id)
+        detail = {"type": error.get("type"), "message": error.get("message")}
+        self._db.log_run_event(self.run.run_id, RunEventType.COMPENSATION_BEGUN, None, detail)
         self.run = RunView(
             **{**vars(self.run), "state": RunState.COMPENSATING, "error": dict(error)}
         )
@@ -604,12 +628,13 @@ class MemoryStore:
         its messages go to the outbox when it commits."""
         if run_id not in self.db.runs:
             raise RunNotFoundError(f"no run has id {run_id!r}")
-        saved = copy.deepcopy((self.db.runs, self.db.steps, self.db.events))
+        db = self.db
+        saved = copy.deepcopy((db.runs, db.steps, db.events, db.run_events, db.attempts))
         tx = MemoryRunTx(self.db, self._view(run_id), self._queue, self._dispatch_timeout)
         try:
             yield tx
         except BaseException:
-            self.db.runs, self.db.steps, self.db.events = saved
+            db.runs, db.steps, db.events, db.run_events, db.attempts = saved
             raise
         self.db.outbox.extend(tx.messages)
         self.transactions.append(tx)
@@ -670,6 +695,14 @@ class MemoryStore:
             updated_at=now,
             finished_at=now if r.finished else None,
         )
+
+    def run_events(self, run_id: str) -> list[RunEventRecord]:
+        """SELECT_RUN_EVENT_RECORDS."""
+        return list(self.db.run_events.get(run_id, []))
+
+    def kept_attempts(self, run_id: str) -> list[KeptAttempt]:
+        """SELECT_KEPT_ATTEMPTS."""
+        return sorted(self.db.attempts.get(run_id, []), key=lambda a: (a.step_key, a.attempt))
 
     def get_steps(self, run_id: str) -> list[StepRecord]:
         return [
@@ -766,7 +799,7 @@ class MemoryStore:
         def update(tx: MemoryRunTx, row: StepRow) -> None:  # COMPLETE_STEP
             row.state, row.result, row.error = StepState.COMPLETED, json.loads(result_json), None
             row.completed_seq = self.db.next_completion()
-            row.lease_owner, row.lease_expires_at = None, None
+            row.lease_expires_at = None  # lease_owner stays: the latest attempt's worker
             row.finished_at = self.db.clock
 
         def body(tx: MemoryRunTx, row: StepRow) -> None:
@@ -806,7 +839,9 @@ class MemoryStore:
             row.error = _jsonb({**error, "retryable": retry_in is not None})
             row.due_at = self.db.clock + (retry_in or 0.0)
             row.finished_at = None if retried else self.db.clock
-            row.lease_owner, row.lease_expires_at = None, None
+            row.lease_expires_at = None
+            if retried:
+                self.db.keep_attempt(row, attempt_outcome(str(error.get("type"))), error)
 
         def body(tx: MemoryRunTx, row: StepRow) -> None:
             if row.state == StepState.FAILED:
@@ -821,34 +856,50 @@ class MemoryStore:
 
     # -- events and operators -------------------------------------------------------------------
 
-    def send_event(self, run_id: str, name: str, payload: Any) -> bool:
+    def send_event(self, run_id: str, name: str, payload: Any, *, actor: str | None = None) -> bool:
         with self._locked(run_id) as tx:
             if tx.run.state != RunState.RUNNING:
                 raise OperatorError(f"run {run_id!r} is {tx.run.state}; it takes no events")
-            waiting = [
-                r
-                for r in self.db.rows(run_id)
-                if r.kind == StepKind.EVENT and r.step_name == name and r.state == StepState.WAITING
-            ]
-            if not waiting:  # STORE_EVENT
-                self.db.events.append(EventRow(run_id, name, _jsonb(payload)))
-                return False
-            r = waiting[0]  # DELIVER_EVENT: the oldest wait
-            r.state, r.result = StepState.COMPLETED, _jsonb(payload)
-            r.completed_seq, r.finished_at = self.db.next_completion(), self.db.clock
-            r.due_at = self.db.clock
-            tx.advance_later()
-            return True
+            delivered = self._deliver(tx, run_id, name, payload)
+            detail = {"name": name, "delivered": delivered}
+            self.db.log_run_event(run_id, RunEventType.SEND_EVENT, actor, detail)
+            return delivered
 
-    def stop_run(self, run_id: str, stop: Callable[[Any], None]) -> None:
+    def _deliver(self, tx: MemoryRunTx, run_id: str, name: str, payload: Any) -> bool:
+        """DELIVER_EVENT, else STORE_EVENT."""
+        waiting = [
+            r
+            for r in self.db.rows(run_id)
+            if r.kind == StepKind.EVENT and r.step_name == name and r.state == StepState.WAITING
+        ]
+        if not waiting:  # STORE_EVENT
+            self.db.events.append(EventRow(run_id, name, _jsonb(payload)))
+            return False
+        r = waiting[0]  # DELIVER_EVENT: the oldest wait
+        r.state, r.result = StepState.COMPLETED, _jsonb(payload)
+        r.completed_seq, r.finished_at = self.db.next_completion(), self.db.clock
+        r.due_at = self.db.clock
+        tx.advance_later()
+        return True
+
+    def stop_run(
+        self,
+        run_id: str,
+        stop: Callable[[Any], None],
+        *,
+        actor: str | None = None,
+        event: RunEventType = RunEventType.CANCEL,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
         with self._locked(run_id) as tx:
             if tx.run.state != RunState.RUNNING:
                 raise OperatorError(
                     f"run {run_id!r} is {tx.run.state}; only a running run can be cancelled"
                 )
+            self.db.log_run_event(run_id, event, actor, detail)
             stop(tx)
 
-    def retry_run(self, run_id: str) -> None:
+    def retry_run(self, run_id: str, *, actor: str | None = None) -> None:
         """REOPEN_RUN and RETRY_FAILED_STEPS, then an advance message."""
         kinds: tuple[StepKind, ...]
         with self._locked(run_id) as tx:
@@ -862,11 +913,16 @@ class MemoryStore:
                     f"compensation_failed runs can be retried"
                 )
             run = self.db.runs[run_id]
+            detail = {"from_state": run.state}
+            self.db.log_run_event(run_id, RunEventType.RETRY, actor, detail)
             run.error = run.error if state == RunState.COMPENSATING else None
             _transition(run, state)
             for r in self.db.rows(run_id):
                 if r.kind not in kinds:
                     continue
+                if r.state == StepState.FAILED and r.attempt > 0:  # superseded: kept
+                    outcome = attempt_outcome(str((r.error or {}).get("type")))
+                    self.db.keep_attempt(r, outcome, r.error)
                 if r.state == StepState.FAILED:
                     r.state, r.max_attempts = StepState.DISPATCHED, r.attempt + r.max_attempts
                 elif r.state == StepState.CANCELLED and r.kind != StepKind.COMPENSATION:
@@ -914,8 +970,10 @@ class MemoryStore:
                         attempt=attempt,
                     )
                 )
-                r.due_at, r.lease_owner, r.lease_expires_at = self.db.clock, None, None
+                r.due_at, r.lease_expires_at = self.db.clock, None
                 r.finished_at = self.db.clock if failed else None
+                if not failed:
+                    self.db.keep_attempt(r, AttemptOutcome.LOST, r.error)
                 if failed:
                     tx.advance_later()
                 expired.append((run_id, step_key, r.state))
