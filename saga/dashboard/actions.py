@@ -16,14 +16,17 @@ class Actions:
     def __init__(self, client: SagaClient) -> None:
         self.client = client
 
-    def perform(self, action: str, run_id: str, form: dict[str, Any]) -> dict[str, Any]:
-        """Do ``action`` on the run; what happened, as JSON. Errors are ``SagaError``s."""
+    def perform(
+        self, action: str, run_id: str, form: dict[str, Any], *, actor: str
+    ) -> dict[str, Any]:
+        """Do ``action`` on the run as ``actor`` (kept in the run's history); what happened,
+        as JSON. Errors are ``SagaError``s."""
         if action == "retry":
-            self.client.retry(run_id)
+            self.client.retry(run_id, actor=actor)
             return {"run_id": run_id, "action": "retry", "message": "the run resumes"}
         if action == "cancel":
             reason = str(form.get("reason") or "cancelled from the dashboard")
-            self.client.cancel(run_id, reason)
+            self.client.cancel(run_id, reason, actor=actor)
             return {
                 "run_id": run_id,
                 "action": "cancel",
@@ -34,7 +37,7 @@ class Actions:
             if not step_key or not isinstance(step_key, str):
                 raise InputError("fork needs step_key: the step to run again (and all after it)")
             new_run_id = form.get("new_run_id") or None
-            new = self.client.fork(run_id, step_key, new_run_id=new_run_id)
+            new = self.client.fork(run_id, step_key, new_run_id=new_run_id, actor=actor)
             return {
                 "run_id": run_id,
                 "action": "fork",
@@ -52,7 +55,7 @@ class Actions:
                     payload = strict_json.loads(text.strip() or "null")
                 except strict_json.NotJSONError as exc:
                     raise InputError(f"the event payload is not strict JSON: {exc}") from None
-            delivered = self.client.send_event(run_id, name, payload)
+            delivered = self.client.send_event(run_id, name, payload, actor=actor)
             return {
                 "run_id": run_id,
                 "action": "event",

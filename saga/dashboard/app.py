@@ -240,7 +240,7 @@ class Dashboard:
             return self.fail(request, "403 Forbidden", refused)
         if self.actions is None:
             return self.fail(request, "403 Forbidden", "the dashboard is read-only")
-        outcome = self.actions.perform(action, run_id, form)
+        outcome = self.actions.perform(action, run_id, form, actor=request.actor)
         target = outcome.get("new_run_id") or run_id
         return redirect(f"/runs/{quote(target, safe='')}?done={quote(outcome['message'])}")
 
@@ -304,7 +304,9 @@ class Dashboard:
         if self.actions is None:
             return self.fail(request, "403 Forbidden", "the dashboard is read-only")
         return json_response(
-            self.actions.perform("event" if action == "events" else action, run_id, body)
+            self.actions.perform(
+                "event" if action == "events" else action, run_id, body, actor=request.actor
+            )
         )
 
 

@@ -24,6 +24,7 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-case names
     body: bytes
+    remote: str = ""  # the peer's address (a proxy's, behind one)
     verdict: Verdict = field(default_factory=lambda: Verdict(False, None))
 
     @classmethod
@@ -52,6 +53,7 @@ class Request:
             query=parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=False),
             headers=headers,
             body=body,
+            remote=str(environ.get("REMOTE_ADDR", "")),
         )
 
     @property
@@ -76,6 +78,17 @@ class Request:
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")
         return data
+
+    @property
+    def actor(self) -> str:
+        """Who acts, for the run's history: how they proved themselves, and from where."""
+        if self.verdict.bearer:
+            who = "bearer token"
+        elif self.session is not None and self.session.logged_in:
+            who = f"session {self.session.sid[:8]}"
+        else:
+            who = "no token"
+        return f"dashboard ({who}) from {self.remote or 'unknown'}"
 
     @property
     def wants_json(self) -> bool:

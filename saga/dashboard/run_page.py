@@ -236,6 +236,13 @@ def _anchor(step_key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else f"_{ord(c):x}" for c in step_key)
 
 
+def worker_process(worker: Any) -> str:
+    """The process in a worker id (``host:pid:boot:delivery``): attempts are grouped by it."""
+    if not worker:
+        return "(no worker)"
+    return ":".join(str(worker).split(":")[:2])
+
+
 def _timeline(detail: Detail) -> Html:
     """Every attempt of every step and compensation, grouped by the worker that ran it, with
     a bar placed on the run's time span."""
@@ -244,7 +251,7 @@ def _timeline(detail: Detail) -> Html:
     rows: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]] = []
     for s in steps_of(detail):
         for a in _attempts(s):
-            rows.append((str(a.get("worker") or "(no worker)"), s, a))
+            rows.append((worker_process(a.get("worker")), s, a))
     if not rows or start is None:
         return Html("")
     ends = [_time(a.get("finished_at")) or _time(a.get("claimed_at")) for _, _, a in rows]
@@ -271,7 +278,8 @@ def _timeline(detail: Detail) -> Html:
         out.append(
             h(
                 '<tr class="attempt outcome-{outcome}" data-step="{key}" data-attempt="{n}"'
-                ' data-outcome="{outcome}"><td class="worker">{worker}</td><td>{kind}{key}</td>'
+                ' data-outcome="{outcome}"><td class="worker" title="{full}">{worker}</td>'
+                "<td>{kind}{key}</td>"
                 "<td>{n}</td><td>{badge}</td><td>{claimed}</td><td>{took}</td><td>{note}</td>"
                 '<td class="bar-cell"><div class="bar"><span class="{outcome} {cls}" '
                 'data-left="{left}" data-width="{width}"></span></div></td></tr>',
@@ -279,6 +287,7 @@ def _timeline(detail: Detail) -> Html:
                 key=s["step_key"],
                 n=a.get("attempt"),
                 worker=worker,
+                full=a.get("worker") or "",
                 kind=h('<span class="badge comp">undo</span> ')
                 if s.get("kind") == "compensation"
                 else "",
@@ -435,7 +444,8 @@ def _events(detail: Detail) -> Html:
         return Html("")
     rows = join(
         h(
-            "<tr><td>{at}</td><td>{event}</td><td>{actor}</td><td><code>{detail}</code></td></tr>",
+            '<tr data-event="{event}"><td>{at}</td><td>{event}</td><td>{actor}</td>'
+            "<td><code>{detail}</code></td></tr>",
             at=when(e.get("at")),
             event=e.get("event", ""),
             actor=e.get("actor") or "",

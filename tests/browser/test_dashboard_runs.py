@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -13,9 +14,22 @@ from saga import SagaClient, Settings
 from saga.dashboard.server import DashboardServer
 from tests import coordinator_sagas as cs
 from tests import dashboard_sagas as ds
-from tests.processes import ProcessGroup, wait_until
+from tests.processes import ProcessGroup, wait_for_row
 
 Conn = psycopg.Connection[Any]
+
+
+def _waiting_run(settings: Settings, db: Conn) -> str:
+    """A run of the approval workflow, once it waits for its event."""
+    with SagaClient(settings) as client:
+        run_id = client.start(cs.approval, {"item": "x"})
+    wait_for_row(
+        db,
+        "SELECT 1 FROM saga_steps WHERE run_id = %s AND state = 'waiting'",
+        (run_id,),
+        "the workflow to wait for its event",
+    )
+    return run_id
 
 
 def _finished(client: SagaClient, *run_ids: str) -> None:
@@ -86,7 +100,7 @@ def test_list_filter_and_page_through_runs(
 
 
 def test_a_compensated_run_shows_its_attempts_and_compensations(
-    engine: Settings, dashboard: DashboardServer, page: Page, artifacts: Path
+    engine: Settings, procs: ProcessGroup, dashboard: DashboardServer, page: Page, artifacts: Path
 ) -> None:
     with SagaClient(engine) as client:
         run_id = client.start(cs.trip, {"city": "Porto", "fail_payment": True})
@@ -117,7 +131,10 @@ def test_a_compensated_run_shows_its_attempts_and_compensations(
     expect(page.locator('#timeline tr[data-step="payment"]')).to_have_attribute(
         "data-outcome", "failed"
     )
-    expect(page.locator('#timeline tr[data-step="compensate:car"] td.worker')).to_contain_text("w1")
+    w1 = next(p for p in procs.processes if p.name == "w1")
+    expect(page.locator('#timeline tr[data-step="compensate:car"] td.worker')).to_have_text(
+        re.compile(rf":{w1.pid}$")  # host:pid of the worker process that ran it
+    )
     page.screenshot(path=str(artifacts / "run-page-compensated.png"), full_page=True)
     assert (artifacts / "run-page-compensated.png").stat().st_size > 10_000
 
@@ -148,21 +165,15 @@ def test_retry_a_failed_run_from_the_page_and_watch_it_complete(
     # The page refreshes itself while the run is live, until it has completed.
     expect(page.locator("h1 .state")).to_have_text("completed", timeout=60_000)
     expect(step.locator('pre[data-field="result"]')).to_contain_text("booked")
-    expect(page.locator("#events")).to_contain_text("retry")
+    retried = page.locator('#events tr[data-event="retry"]')
+    expect(retried).to_contain_text("dashboard (session")  # who, and from where
+    expect(retried).to_contain_text("127.0.0.1")
 
 
 def test_send_an_event_to_a_waiting_run(
     engine: Settings, dashboard: DashboardServer, page: Page, db: Conn
 ) -> None:
-    with SagaClient(engine) as client:
-        run_id = client.start(cs.approval, {"item": "x"})
-    wait_until(
-        lambda: db.execute(
-            "SELECT 1 FROM saga_steps WHERE run_id = %s AND state = 'waiting'", (run_id,)
-        ).fetchone(),
-        60,
-        "the workflow to wait for its event",
-    )
+    run_id = _waiting_run(engine, db)
     page.goto(f"{dashboard.url}/runs/{run_id}")
     expect(page.locator('#waits tr[data-name="approval"]')).to_contain_text("event wait")
     page.click("#action-event")
@@ -180,8 +191,7 @@ def test_send_an_event_to_a_waiting_run(
 def test_a_bad_event_payload_is_refused_with_a_clear_message(
     engine: Settings, dashboard: DashboardServer, page: Page, db: Conn
 ) -> None:
-    with SagaClient(engine) as client:
-        run_id = client.start(cs.approval, {"item": "x"})
+    run_id = _waiting_run(engine, db)
     page.goto(f"{dashboard.url}/runs/{run_id}/confirm/event")
     page.fill('textarea[name="payload_json"]', "{not json")
     page.click("#confirm")
@@ -198,24 +208,23 @@ def test_a_killed_workers_attempt_and_its_resumption_are_shown(
     doomed = procs.worker(settings, "doomed")
     with SagaClient(settings) as client:
         run_id = client.start(ds.pipeline, {"url": "https://example.org/a"})
-        wait_until(
-            lambda: db.execute(
-                "SELECT 1 FROM test_calls WHERE run_id = %s AND step = 'slow_once#2'", (run_id,)
-            ).fetchone(),
-            60,
+        wait_for_row(
+            db,
+            "SELECT 1 FROM test_calls WHERE run_id = %s AND step = 'slow_once#2'",
+            (run_id,),
             "the slow step's first attempt to start",
         )
         doomed.kill()
-        procs.worker(settings, "rescuer")
+        rescuer = procs.worker(settings, "rescuer")
         assert client.wait(run_id, timeout=60).state == "completed"
 
     page.goto(f"{dashboard.url}/runs/{run_id}")
     lost = page.locator('#timeline tr[data-step="slow_once#2"][data-attempt="1"]')
     expect(lost).to_have_attribute("data-outcome", "lost")
-    expect(lost.locator("td.worker")).to_contain_text("doomed")
+    expect(lost.locator("td.worker")).to_have_text(re.compile(rf":{doomed.pid}$"))
     resumed = page.locator('#timeline tr[data-step="slow_once#2"][data-attempt="2"]')
     expect(resumed).to_have_attribute("data-outcome", "completed")
-    expect(resumed.locator("td.worker")).to_contain_text("rescuer")
+    expect(resumed.locator("td.worker")).to_have_text(re.compile(rf":{rescuer.pid}$"))
     expect(resumed).to_contain_text("resumed the step after attempt 1 was lost")
     # The step before it was read back from the journal when the run resumed, not run again.
     fetched = page.locator('#steps section[data-step="fetch#1"]')
