@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -14,11 +15,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from pydantic import ValidationError
 
-from saga import strict_json
 from saga.agent.llm import ModelSettings
-from saga.errors import ConfigurationError, InputError, SagaError
+from saga.cli_runs import add_parsers, cmd_list, cmd_operate, cmd_show, emit, json_option
+from saga.errors import ConfigurationError, SagaError
+from saga.exit_codes import Exit, exit_code
 from saga.settings import Settings, unknown_variables
 from saga.states import RunState
 
@@ -50,8 +53,11 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
     assert settings.database_url
     applied = migrate(settings.database_url)
-    print(f"applied migrations {applied}" if applied else "schema is up to date")
-    return 0
+    if args.json:
+        emit({"applied": applied})
+    else:
+        print(f"applied migrations {applied}" if applied else "schema is up to date")
+    return Exit.DONE
 
 
 def _require_schema(database_url: str | None) -> None:
@@ -180,97 +186,27 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_option(option: str, text: str) -> Any:
-    try:
-        return strict_json.loads(text)
-    except strict_json.NotJSONError as exc:
-        raise InputError(f"{option} is not strict JSON: {exc}") from None
-
-
 def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
     from saga.client import SagaClient
 
-    payload = _json_option("--input", args.input)
+    payload = json_option("--input", args.input)
     with SagaClient(settings) as client:
         run_id = client.start(args.saga, payload, run_id=args.run_id, timeout=args.timeout)
-        print(run_id)
-        if args.wait is not None:
-            run = client.wait(run_id, timeout=args.wait or None)
-            print(
-                json.dumps({"state": run.state, "result": run.result, "error": run.error}, indent=2)
-            )
-            return 0 if run.state == RunState.COMPLETED else 1
-    return 0
-
-
-COMPLETION = "saga.completion"  # how saga.agent.llm marks a journaled completion
-
-
-def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    from saga.client import SagaClient
-
-    with SagaClient(settings) as client:
-        run = client.run(args.run_id)
-        steps = client.steps(args.run_id)
-    usage = None
-    if any(isinstance(s.result, dict) and s.result.get("object") == COMPLETION for s in steps):
-        from saga.agent.llm import run_usage  # only for runs with model completions
-
-        usage = run_usage(steps)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "run": {k: v for k, v in vars(run).items()},
-                    "steps": [vars(s) for s in steps],
-                    "usage": None if usage is None else usage.model_dump(),
-                },
-                default=str,
-                indent=2,
-            )
-        )
-        return 0
-    print(f"run {run.run_id}  saga {run.saga_name} v{run.saga_version}  {run.state}")
-    print(f"{'#':>3}  {'step':<24} {'state':<10} {'attempts':>8} {'duration':>10}  error")
-    for s in steps:
-        duration = "" if s.duration_seconds is None else f"{s.duration_seconds * 1000:.1f} ms"
-        error = "" if not s.error else f"{s.error.get('type', '')}: {s.error.get('message', '')}"
-        print(
-            f"{s.seq:>3}  {s.step_name:<24} {s.state:<10} {s.attempt:>8} {duration:>10}  "
-            f"{error[:80]}"
-        )
-    if usage is not None:
-        t = usage.total
-        print(
-            f"model usage: {usage.calls} completions, {t.total_tokens} tokens "
-            f"({t.prompt_tokens} prompt, {t.completion_tokens} completion)"
-        )
-    if run.error:
-        print(f"run error: {run.error.get('message', run.error)}")
-    return 0
-
-
-def cmd_operate(settings: Settings, args: argparse.Namespace) -> int:
-    from saga.client import SagaClient
-    from saga.workers import telemetry
-
-    # What an operator ends is traced here: an event wait, a run cancelled with nothing to
-    # undo. Exported at exit; off unless OTEL_* asks, as for workers and relays.
-    telemetry.configure_sdk("saga-cli")
-    with SagaClient(settings) as client:
-        if args.command == "cancel":
-            client.cancel(args.run_id, args.reason)
-            print(f"run {args.run_id} is stopping; its completed steps are compensated")
-        elif args.command == "retry":
-            client.retry(args.run_id)
-            print(f"run {args.run_id} resumes")
-        elif args.command == "fork":
-            print(client.fork(args.run_id, args.step_key, new_run_id=args.new_run_id))
-        elif args.command == "send-event":
-            payload = _json_option("--payload", args.payload)
-            waited = client.send_event(args.run_id, args.name, payload)
-            print("delivered" if waited else "kept until the run waits for it")
-    return 0
+        if args.wait is None:
+            if args.json:
+                emit({"run_id": run_id})
+            else:
+                print(run_id)
+            return Exit.DONE
+        if not args.json:
+            print(run_id, flush=True)
+        run = client.wait(run_id, timeout=args.wait or None)
+        outcome = {"state": run.state, "result": run.result, "error": run.error}
+        if args.json:
+            emit({"run_id": run_id, **outcome})
+        else:
+            print(json.dumps(outcome, indent=2))
+        return Exit.DONE if run.state == RunState.COMPLETED else Exit.UNFINISHED
 
 
 def cmd_dashboard(settings: Settings, args: argparse.Namespace) -> int:
@@ -293,7 +229,7 @@ def cmd_dashboard(settings: Settings, args: argparse.Namespace) -> int:
         pass
     finally:
         server.close()
-    return 0
+    return Exit.DONE
 
 
 # Commands of the development tools (``saga_dev/`` in a clone of the repository): not part of
@@ -323,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="saga", description="Durable sagas on Celery and Postgres.", epilog=ENV_HELP
     )
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply the schema migrations", epilog=ENV_HELP)
+    m = sub.add_parser("migrate", help="apply the schema migrations", epilog=ENV_HELP)
+    m.add_argument("--json", action="store_true")
     w = sub.add_parser("worker", help="run a Celery worker for saga steps", epilog=ENV_HELP)
     w.add_argument("--concurrency", type=int)
     w.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
@@ -345,24 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="?",
         const=0.0,
-        help="wait for the run to finish (optionally at most SECONDS)",
+        help="wait for the run to finish (optionally at most SECONDS); exit 1 unless it completed",
     )
-    sh = sub.add_parser("show", help="show a run's steps", epilog=ENV_HELP)
-    sh.add_argument("run_id")
-    sh.add_argument("--json", action="store_true")
-    c = sub.add_parser("cancel", help="cancel a run (its completed steps are compensated)")
-    c.add_argument("run_id")
-    c.add_argument("--reason", default="cancelled by an operator")
-    rt = sub.add_parser("retry", help="resume a failed run, or retry a failed compensation")
-    rt.add_argument("run_id")
-    f = sub.add_parser("fork", help="a new run from a run's journal before STEP_KEY")
-    f.add_argument("run_id")
-    f.add_argument("step_key")
-    f.add_argument("--new-run-id")
-    e = sub.add_parser("send-event", help="deliver an outside event to a run")
-    e.add_argument("run_id")
-    e.add_argument("name")
-    e.add_argument("--payload", default="null", help="the event's payload as JSON")
+    s.add_argument("--json", action="store_true", help="one JSON object: run id (and outcome)")
+    add_parsers(sub, ENV_HELP)
     d = sub.add_parser(
         "dashboard", help="serve the web dashboard (runs, steps, actions)", epilog=ENV_HELP
     )
@@ -382,6 +306,7 @@ COMMANDS = {
     "relay": cmd_relay,
     "start": cmd_start,
     "show": cmd_show,
+    "list": cmd_list,
     "demo": cmd_dev_tool,
     "bench": cmd_dev_tool,
     "cancel": cmd_operate,
@@ -421,9 +346,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve(_settings())
         handler: Any = COMMANDS[args.command]
         return int(handler(settings, args))
-    except SagaError as exc:
+    except SagaError as exc:  # one line, never a traceback (exit codes: saga.exit_codes)
         print(f"saga: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
+    except psycopg.Error as exc:  # one that no store call translated (connecting, say)
+        print(f"saga: error: Postgres: {str(exc).strip()}", file=sys.stderr)
+        return Exit.POSTGRES
+    except KeyboardInterrupt:
+        print("saga: interrupted", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("durable-saga")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree not installed
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def migrate(database_url: str) -> list[int]:
     current = 0
     try:
         with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(q.LOCK_MIGRATING_SESSION, (q.MIGRATION_LOCK_KEY,))  # released on close
             for migration in available_migrations():
                 current = migration.version
                 with conn.transaction():

@@ -424,6 +424,16 @@ LOCK_MIGRATIONS: LiteralString = """
 SELECT pg_advisory_xact_lock(%s)
 """
 
+# Held by one migrating session for all its files (each still in its own transaction): the
+# first process applies every pending version, the others wait and find nothing to do.
+LOCK_MIGRATING_SESSION: LiteralString = """
+SELECT pg_advisory_lock(%s)
+"""
+
+UNLOCK_MIGRATING_SESSION: LiteralString = """
+SELECT pg_advisory_unlock(%s)
+"""
+
 CREATE_VERSION_TABLE: LiteralString = """
 CREATE TABLE IF NOT EXISTS saga_schema_migrations (
     version    integer PRIMARY KEY,

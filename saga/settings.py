@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         "and relay sweeper), opened as needed; a threads-pool worker wants one per thread.",
     )
 
+    # Operators (saga show, the dashboard): where a run's trace is.
+    trace_url_template: str | None = Field(
+        default=None,
+        description="Link to a run's trace, with {trace_id} in it (Jaeger: "
+        "http://localhost:16686/trace/{trace_id}); `saga show` prints it.",
+    )
+
     # The web dashboard (`saga dashboard`).
     dashboard_token: SecretStr | None = Field(
         default=None,

@@ -53,7 +53,7 @@ class DashboardServer:
             None if self.client is None else Actions(self.client),
             Guard(token),
             refresh_seconds=refresh_seconds,
-            trace_url_template=getattr(settings, "trace_url_template", None),
+            trace_url_template=settings.trace_url_template,
         )
         try:
             self.httpd = make_server(host, port, self.app, _Server, _Handler)
