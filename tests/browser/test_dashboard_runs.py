@@ -236,3 +236,47 @@ def test_a_killed_workers_attempt_and_its_resumption_are_shown(
     expect(page.locator('#steps section[data-step="finish#3"]')).to_have_attribute(
         "data-read-back", "0"
     )
+
+
+def test_fork_a_run_from_a_chosen_step(
+    engine: Settings, dashboard: DashboardServer, page: Page, db: Conn
+) -> None:
+    with SagaClient(engine) as client:
+        run_id = client.start(cs.trip, {"city": "Lisbon"}, run_id="to-fork")
+        assert client.wait(run_id, timeout=60).state == "completed"
+    page.goto(f"{dashboard.url}/runs/{run_id}")
+    page.locator('#steps section[data-step="payment"] a.fork-link').click()
+    expect(page.locator('select[name="step_key"]')).to_have_value("payment")
+    page.fill('input[name="new_run_id"]', "forked-run")
+    page.click("#confirm")
+    expect(page.locator("#run-id")).to_have_text("forked-run")
+    expect(page.locator("#flash")).to_contain_text("forked as forked-run")
+    expect(page.locator("h1 .state")).to_have_text("completed", timeout=60_000)
+    # The steps before payment were copied from the first run's journal, not run again.
+    expect(page.locator('#steps section[data-step="flight"]')).to_have_attribute(
+        "data-read-back", "1"
+    )
+    expect(page.locator('#steps section[data-step="payment"]')).to_have_attribute(
+        "data-read-back", "0"
+    )
+    assert db.execute(
+        "SELECT count(*) FROM test_calls WHERE run_id = 'forked-run' AND step = 'flight'"
+    ).fetchone() == (0,)
+    page.goto(f"{dashboard.url}/runs/{run_id}")
+    expect(page.locator('#events tr[data-event="fork"]')).to_contain_text("forked-run")
+
+
+def test_cancel_a_running_run_after_confirming(
+    engine: Settings, dashboard: DashboardServer, page: Page, db: Conn
+) -> None:
+    run_id = _waiting_run(engine, db)
+    page.goto(f"{dashboard.url}/runs/{run_id}")
+    page.click("#action-cancel")
+    page.click("#back")  # changed one's mind: nothing happens
+    expect(page.locator("h1 .state")).to_have_text("running")
+    page.click("#action-cancel")
+    page.fill('input[name="reason"]', "the customer called it off")
+    page.click("#confirm")
+    expect(page.locator("h1 .state")).to_have_text("cancelled", timeout=60_000)
+    expect(page.locator('#compensations section[data-step^="compensate:reserve"]')).to_have_count(1)
+    expect(page.locator("#facts ~ .error-block")).to_contain_text("the customer called it off")
