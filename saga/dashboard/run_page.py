@@ -463,26 +463,31 @@ def _events(detail: Detail) -> Html:
 
 
 def _usage(detail: Detail) -> Html:
+    """Model usage of an agent run (``saga.agent``'s RunUsage): totals, then per completion."""
     usage = detail.get("usage")
-    if not usage:
-        return Html("")
-    return h('<h2>Model usage</h2><div id="usage">{}</div>', _usage_table(usage))
-
-
-def _usage_table(usage: Any) -> Html:
     if not isinstance(usage, Mapping):
-        return esc(usage)
-    flat: list[tuple[str, Any]] = []
-    for k, v in usage.items():
-        if isinstance(v, Mapping):
-            flat += [
-                (f"{k} {k2}", v2) for k2, v2 in v.items() if not isinstance(v2, Mapping | list)
-            ]
-        elif not isinstance(v, list):
-            flat.append((k, v))
+        return Html("")
+    total = usage.get("total") or {}
+    rows = join(
+        h(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            key,
+            u.get("prompt_tokens", 0),
+            u.get("completion_tokens", 0),
+            u.get("total_tokens", 0),
+        )
+        for key, u in (usage.get("by_step") or {}).items()
+    )
     return h(
-        '<dl class="facts">{}</dl>',
-        join(h("<dt>{}</dt><dd>{}</dd>", k.replace("_", " "), v) for k, v in flat),
+        '<h2>Model usage</h2><div id="usage"><p>{calls} completion(s): <b>{total}</b> tokens '
+        "({prompt} prompt, {completion} completion)</p>"
+        "<table><thead><tr><th>step</th><th>prompt</th><th>completion</th><th>total</th></tr>"
+        "</thead><tbody>{rows}</tbody></table></div>",
+        calls=usage.get("calls", 0),
+        total=total.get("total_tokens", 0),
+        prompt=total.get("prompt_tokens", 0),
+        completion=total.get("completion_tokens", 0),
+        rows=rows,
     )
 
 

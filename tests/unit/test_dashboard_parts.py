@@ -140,3 +140,79 @@ def test_steps_completed_before_a_resumption_were_read_from_the_journal() -> Non
     assert "forked" in read_back(copied, run, [])
     assert worker_process("vm:123:abcd:ef01") == "vm:123"
     assert worker_process(None) == "(no worker)"
+
+
+def test_the_run_page_shows_usage_the_trace_link_and_waits() -> None:
+    from saga.dashboard.pages import Chrome
+    from saga.dashboard.run_page import render
+
+    t0 = "2026-01-01T00:00:00+00:00"
+    detail = {
+        "run_id": "r1",
+        "saga": "agent",
+        "saga_version": "1",
+        "state": "running",
+        "input": {"q": "<i>"},
+        "result": None,
+        "error": None,
+        "created_at": t0,
+        "updated_at": t0,
+        "finished_at": None,
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "steps": [
+            {
+                "step_key": "decide#1",
+                "name": "decide",
+                "kind": "action",
+                "state": "completed",
+                "input": {},
+                "result": {"object": "saga.completion"},
+                "error": None,
+                "max_attempts": 3,
+                "created_at": t0,
+                "started_at": t0,
+                "finished_at": t0,
+                "attempts": [
+                    {
+                        "attempt": 1,
+                        "worker": "h:1:b:d",
+                        "claimed_at": t0,
+                        "finished_at": t0,
+                        "outcome": "completed",
+                    }
+                ],
+            }
+        ],
+        "events": [],
+        "waits": [
+            {
+                "kind": "event",
+                "step_key": "approval#2",
+                "name": "approval",
+                "since": t0,
+                "due_at": None,
+            }
+        ],
+        "usage": {
+            "calls": 1,
+            "total": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
+            "by_step": {},
+        },
+    }
+    chrome = Chrome(read_only=False, logged_in=False, csrf="c")
+    page = render(
+        detail, chrome, trace_url_template="https://t.example/trace/{trace_id}?x=1&y=2", flash=None
+    )
+    assert 'href="https://t.example/trace/4bf92f3577b34da6a3ce929d0e0e4736?x=1&amp;y=2"' in page
+    assert "1 completion(s): <b>17</b> tokens (12 prompt, 5 completion)" in page
+    assert 'data-name="approval"' in page and "event wait" in page
+    assert "&lt;i&gt;" in page and "<i>" not in page
+    assert 'id="action-event"' in page and 'id="action-retry"' not in page
+    plain = render(
+        detail,
+        Chrome(read_only=True, logged_in=False, csrf=""),
+        trace_url_template=None,
+        flash=None,
+    )
+    assert '<code id="trace-id">4bf92f3577b34da6a3ce929d0e0e4736</code>' in plain
+    assert 'id="actions"' not in plain
