@@ -9,6 +9,8 @@ port and times, over HTTP, each of:
 
 - ``list``: the runs list's first page (``/``, with its counts per state);
 - ``list_filtered``: the list filtered by state and saga;
+- ``list_error_type``, ``list_prefix``: filtered by error type (and a time), by a run id
+  prefix of 3 characters (about 250 runs of a million);
 - ``list_deep``: a keyset page far down the list (its cursor found by walking the JSON API);
 - ``run``: a run's page (its steps, attempts, events), for random runs;
 - ``api_runs``, ``api_run``: the same through the JSON API.
@@ -270,6 +272,11 @@ def measure(base: str, url: str, requests: int, seed: int) -> dict[str, dict[str
         "list_filtered": [
             "/?" + urlencode({"state": "failed", "saga": SAGAS[i % 5]}) for i in range(requests)
         ],
+        "list_error_type": [
+            "/?" + urlencode({"error_type": ERRORS[i % 5], "created_until": "2099-01-01T00:00"})
+            for i in range(requests)
+        ],
+        "list_prefix": [f"/?run_id_prefix={i * 37 % 4096:03x}" for i in range(requests)],
         "list_deep": ["/?" + urlencode({"cursor": cursor or ""})] * requests,
         "run": [f"/runs/{r}" for r in run_ids],
         "api_runs": ["/api/runs"] * requests,
