@@ -512,41 +512,63 @@ SELECT run_id, saga_name AS saga, state, created_at, updated_at, finished_at,
 FROM saga_runs
 """
 
-LIST_RUNS_NEWEST: LiteralString = (
-    _RUN_LIST_COLUMNS
-    + _RUN_FILTERS
-    + """
-  AND (%(after_created)s::timestamptz IS NULL
-       OR (created_at, run_id) < (%(after_created)s::timestamptz, %(after_id)s::text))
-ORDER BY created_at DESC, run_id DESC
-LIMIT %(limit)s
-"""
-)
 
-LIST_RUNS_OLDEST: LiteralString = (
-    _RUN_LIST_COLUMNS
-    + _RUN_FILTERS
-    + """
-  AND (%(after_created)s::timestamptz IS NULL
-       OR (created_at, run_id) > (%(after_created)s::timestamptz, %(after_id)s::text))
-ORDER BY created_at, run_id
-LIMIT %(limit)s
-"""
-)
+# A page in one of three orders, each walked along its own index (0006) from the keyset
+# cursor (%(after_time)s, %(after_id)s) on. The order follows the most selective filter, so that
+# a page never scans past runs that do not match: created_at by default, finished_at when a
+# finished window is asked for, the run id when a run id prefix is.
+def _page(after: LiteralString, order: LiteralString) -> LiteralString:
+    return _RUN_LIST_COLUMNS + _RUN_FILTERS + after + order + "LIMIT %(limit)s\n"
 
-# Runs per state, each count stopped at %(cap)s rows (an index range of at most that many
-# entries per state, whatever the table's size).
-COUNT_RUNS_BY_STATE: LiteralString = (
+
+LIST_RUNS: dict[tuple[str, bool], LiteralString] = {
+    ("created", True): _page(
+        """  AND (%(after_time)s::timestamptz IS NULL
+       OR (created_at, run_id) < (%(after_time)s::timestamptz, %(after_id)s::text))
+""",
+        "ORDER BY created_at DESC, run_id DESC\n",
+    ),
+    ("created", False): _page(
+        """  AND (%(after_time)s::timestamptz IS NULL
+       OR (created_at, run_id) > (%(after_time)s::timestamptz, %(after_id)s::text))
+""",
+        "ORDER BY created_at, run_id\n",
+    ),
+    ("finished", True): _page(
+        """  AND finished_at IS NOT NULL AND (%(after_time)s::timestamptz IS NULL
+       OR (finished_at, run_id) < (%(after_time)s::timestamptz, %(after_id)s::text))
+""",
+        "ORDER BY finished_at DESC, run_id DESC\n",
+    ),
+    ("finished", False): _page(
+        """  AND finished_at IS NOT NULL AND (%(after_time)s::timestamptz IS NULL
+       OR (finished_at, run_id) > (%(after_time)s::timestamptz, %(after_id)s::text))
+""",
+        "ORDER BY finished_at, run_id\n",
+    ),
+    # ~<~ and ~>~ compare byte-wise, as the text_pattern_ops index that serves LIKE orders.
+    ("run_id", True): _page(
+        "  AND (%(after_id)s::text IS NULL OR run_id ~<~ %(after_id)s::text)\n",
+        "ORDER BY run_id USING ~>~\n",
+    ),
+    ("run_id", False): _page(
+        "  AND (%(after_id)s::text IS NULL OR run_id ~>~ %(after_id)s::text)\n",
+        "ORDER BY run_id USING ~<~\n",
+    ),
+}
+
+# Runs in one state (%(state)s, a value when planned, so the best index for that state is
+# chosen), the count stopped at %(cap)s rows: at most that many index entries per state,
+# whatever the table's size. RunsView sends one per state in a single round trip.
+COUNT_RUNS_IN_STATE: LiteralString = (
     """
-SELECT wanted.state, (
-    SELECT count(*) FROM (
-        SELECT 1 FROM saga_runs
+SELECT count(*) AS runs FROM (
+    SELECT 1 FROM saga_runs
 """
     + _RUN_FILTERS
     + """
-          AND state = wanted.state
-        LIMIT %(cap)s) AS capped) AS runs
-FROM unnest(%(count_states)s::text[]) AS wanted (state)
+      AND state = %(state)s::text
+    LIMIT %(cap)s) AS capped
 """
 )
 

@@ -195,20 +195,33 @@ def _plain(value: Any) -> Any:
 # -- cursors ------------------------------------------------------------------------------------
 
 
-def _encode_cursor(row: RunRow) -> str:
-    raw = json.dumps([row.created_at.isoformat(), row.run_id]).encode()
+def order_of(flt: RunFilter) -> str:
+    """Which key a list is in: the run id with a prefix, the finish time with a finished window,
+    else the creation time. Each has its index, so a page never scans runs that do not match."""
+    if flt.run_id_prefix:
+        return "run_id"
+    if flt.finished_since or flt.finished_until:
+        return "finished"
+    return "created"
+
+
+def _encode_cursor(order: str, row: RunRow) -> str:
+    at = {"created": row.created_at, "finished": row.finished_at, "run_id": None}[order]
+    raw = json.dumps([order, None if at is None else at.isoformat(), row.run_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+def _decode_cursor(cursor: str, order: str) -> tuple[dt.datetime | None, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, run_id = json.loads(raw)
-        return dt.datetime.fromisoformat(created), str(run_id)
+        got, at, run_id = json.loads(raw)
+        if got != order:
+            raise ValueError(f"a cursor of a list by {got} for a list by {order}")
+        return (None if at is None else dt.datetime.fromisoformat(at)), str(run_id)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise InputError(
-            f"cursor {cursor!r} is not one a runs list gave: pass the next cursor a page "
-            f"printed, or none for the first page"
+            f"cursor {cursor!r} is not one this list gave: pass the next cursor a page "
+            f"printed with the same filters, or none for the first page"
         ) from exc
 
 
@@ -318,34 +331,40 @@ class RunsView:
         limit: int = 50,
         cursor: str | None = None,
     ) -> Page:
-        """One page of runs, newest (or oldest) created first; ``cursor`` is the previous
-        page's ``next_cursor``. A page reads at most ``limit`` + 1 index entries past the
-        cursor, whatever the table's size (filters that match few runs read more)."""
+        """One page of runs, newest first (or oldest): by creation time; by finish time when
+        ``flt`` has a finished window; by run id (descending, or ascending) when it has a run
+        id prefix (``order_of``). ``cursor`` is the previous page's ``next_cursor``. A page
+        walks the index of its order from the cursor on, whatever the table's size."""
         if not 1 <= limit <= MAX_PAGE:
             raise InputError(f"limit {limit} must be between 1 and {MAX_PAGE}")
-        after_created, after_id = _decode_cursor(cursor) if cursor else (None, None)
-        params = {
-            **flt.params(),
-            "after_created": after_created,
-            "after_id": after_id,
-            "limit": limit + 1,
-        }
-        query = q.LIST_RUNS_NEWEST if newest_first else q.LIST_RUNS_OLDEST
+        order = order_of(flt)
+        after_time, after_id = _decode_cursor(cursor, order) if cursor else (None, None)
+        params = {**flt.params(), "after_time": after_time, "after_id": after_id}
+        query = q.LIST_RUNS[order, newest_first]
         with translated("listing runs"), self._pool.connection() as conn:
-            rows = conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
+            cur = conn.cursor(row_factory=dict_row)
+            rows = cur.execute(query, {**params, "limit": limit + 1}).fetchall()
         runs = [RunRow(**r) for r in rows[:limit]]
         more = len(rows) > limit
-        return Page(runs=runs, next_cursor=_encode_cursor(runs[-1]) if more else None)
+        return Page(runs=runs, next_cursor=_encode_cursor(order, runs[-1]) if more else None)
 
     def count_by_state(self, flt: RunFilter, *, cap: int = COUNT_CAP) -> dict[str, int]:
         """Runs matching ``flt`` per state (every state, zeros included). Each count stops at
         ``cap``: a value equal to ``cap`` means "at least that many". Exact below it."""
-        params = flt.params()
-        params["count_states"] = list(flt.states) or [str(s) for s in RunState]
-        params["cap"] = cap
+        params = {**flt.params(), "cap": cap}
+        states = list(flt.states) or [str(s) for s in RunState]
         with translated("counting runs"), self._pool.connection() as conn:
-            rows = conn.cursor(row_factory=dict_row).execute(q.COUNT_RUNS_BY_STATE, params)
-            return {r["state"]: int(r["runs"]) for r in rows.fetchall()}
+            with conn.pipeline():  # one statement per state, planned for it; one round trip
+                curs = [
+                    conn.cursor(row_factory=dict_row).execute(
+                        q.COUNT_RUNS_IN_STATE, {**params, "state": state}
+                    )
+                    for state in states
+                ]
+            return {
+                state: int(row["runs"]) if (row := c.fetchone()) else 0
+                for state, c in zip(states, curs, strict=True)
+            }
 
     def run_detail(self, run_id: str) -> RunDetail | None:
         """The run's whole story, or None if there is no such run. One round trip."""

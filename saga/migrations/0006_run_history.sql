@@ -34,13 +34,16 @@ CREATE TABLE saga_run_events (
 );
 CREATE INDEX saga_run_events_run ON saga_run_events (run_id, id);
 
--- The operators' filters (saga.runs_view), each an index its list pages walk in order
--- (created_at, run_id) with keyset pagination: no page counts or skips rows.
+-- The operators' filters (saga.runs_view), each an index its list pages walk in order with
+-- keyset pagination: no page counts or skips rows.
 CREATE INDEX saga_runs_created ON saga_runs (created_at, run_id);
 CREATE INDEX saga_runs_state_created ON saga_runs (state, created_at, run_id);
 CREATE INDEX saga_runs_saga_created ON saga_runs (saga_name, created_at, run_id);
 -- Only runs with an error (failed, compensated, cancelled...) have entries.
 CREATE INDEX saga_runs_error_type ON saga_runs ((error->>'type'), created_at, run_id)
     WHERE error IS NOT NULL;
--- Run id prefixes (LIKE 'abc%'): the primary key cannot serve them under a non-C collation.
+-- A finished window lists runs by finish time (only finished runs have entries).
+CREATE INDEX saga_runs_finished ON saga_runs (finished_at, run_id) WHERE finished_at IS NOT NULL;
+-- Run id prefixes (LIKE 'abc%'), listed by run id: the primary key cannot serve them under a
+-- non-C collation.
 CREATE INDEX saga_runs_id_prefix ON saga_runs (run_id text_pattern_ops);

@@ -254,3 +254,24 @@ def test_show_prints_attempts_compensations_and_the_trace_link(
     trace_id = json.loads(saga(linked, "show", run_id, "--json").stdout)["trace_id"]
     assert len(trace_id) == 32 and f"http://jaeger:16686/trace/{trace_id}" in out
     assert "compensation_begun" in out and "input  1" in out
+
+
+def test_fork_and_send_event_are_recorded_with_their_actor(
+    settings: Settings, client: SagaClient
+) -> None:
+    failed_run(client, "f-1")
+    [forked] = lines(saga(settings, "fork", "f-1", "charge", "--json", "--actor", "ann"))
+    new = forked["new_run_id"]
+    assert client.run(new).state == "running"
+    client.start(single, 1, run_id="e-1")
+    sent = lines(saga(settings, "send-event", "e-1", "approval", "--payload", "1", "--json"))
+    assert sent == [{"run_id": "e-1", "event": "approval", "delivered": False}]
+
+    def events(run_id: str) -> list[tuple[str, str | None, Any]]:
+        return [(e.event, e.actor, e.detail) for e in client.store.run_events(run_id)]
+
+    assert events("f-1") == [("fork", "ann", {"step_key": "charge", "new_run_id": new})]
+    assert events(new) == [("forked_from", "ann", {"step_key": "charge", "run_id": "f-1"})]
+    [(event, actor, detail)] = events("e-1")
+    assert (event, detail) == ("send_event", {"name": "approval", "delivered": False})
+    assert actor and "@" in actor

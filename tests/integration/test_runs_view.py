@@ -223,3 +223,25 @@ def test_run_detail_merges_attempts_and_names_compensations(view: RunsView, db: 
     plain = json.loads(json.dumps(detail.to_json()))
     assert plain["steps"][0]["attempts"][1]["outcome"] == "lost"
     assert detail.usage is None
+
+
+def test_a_finished_window_lists_by_finish_time_and_a_prefix_by_run_id(
+    view: RunsView, db: Conn
+) -> None:
+    add_run(db, "z-early", minutes=0)
+    add_run(db, "a-late", minutes=1)
+    finished = T0 + dt.timedelta(minutes=10)  # created first, finished last
+    db.execute("UPDATE saga_runs SET finished_at = %s WHERE run_id = 'z-early'", (finished,))
+    window = RunFilter(finished_since=T0)
+    assert [r.run_id for r in view.list_runs(window).runs] == ["z-early", "a-late"]
+    assert [r.run_id for r in view.list_runs(RunFilter()).runs] == ["a-late", "z-early"]
+    assert all_pages(view, window, limit=1, newest_first=False) == ["a-late", "z-early"]
+
+    for i, run_id in enumerate(["p-b", "p-a", "p-c"]):
+        add_run(db, run_id, minutes=20 + i)
+    by_id = RunFilter(run_id_prefix="p-")
+    assert all_pages(view, by_id, limit=2) == ["p-c", "p-b", "p-a"]
+    assert all_pages(view, by_id, limit=2, newest_first=False) == ["p-a", "p-b", "p-c"]
+    cursor = view.list_runs(by_id, limit=1).next_cursor
+    with pytest.raises(InputError, match="same filters"):  # a cursor of another order
+        view.list_runs(RunFilter(), cursor=cursor)

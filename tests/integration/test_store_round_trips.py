@@ -107,3 +107,30 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     _, sent = traced(pool, lambda: store.complete_step(undo_a, "null", advance, fast_path_delay=0))
     assert sent == {"Sync": 1, "Flush": 3, "Bind": 8}
     assert store.get_run("r1").state == "compensated"
+
+
+def test_a_retried_failure_keeps_its_attempt_without_a_statement_more(
+    pool: ConnectionPool,
+) -> None:
+    """The run's history (saga_attempts, 0006) is written by FAIL_ATTEMPT itself: a retried
+    attempt costs what it did before the history existed (lock and fence, then the commit)."""
+    store = PostgresStore(pool, queue="round-trips", dispatch_timeout=30.0)
+    store.create_run(
+        run_id="r2",
+        saga_name=chain.name,
+        saga_ref="tests:round_trips",
+        saga_version=chain.version_tag,
+        input_json="1",
+        trace_context={},
+        timeout=None,
+        start=advance,
+    )
+    a = store.claim_step("r2", "a", owner="w", lease=30.0)
+    assert a is not None
+    _, sent = traced(
+        pool, lambda: store.fail_attempt(a, {"type": "E"}, retry_in=5.0, advance=advance)
+    )
+    assert sent == {"Sync": 1, "Flush": 2, "Bind": 5}  # BEGIN, SET LOCAL, lock, fence, COMMIT
+    assert [(k.step_key, k.attempt, k.outcome) for k in store.kept_attempts("r2")] == [
+        ("a", 1, "failed")
+    ]

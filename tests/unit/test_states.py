@@ -9,6 +9,7 @@ import re
 import pytest
 
 from saga import queries
+from saga.failures import attempt_outcome
 from saga.migrate import available_migrations
 from saga.states import (
     ACTIVE_RUN_STATES,
@@ -17,6 +18,7 @@ from saga.states import (
     OPEN_STEP_STATES,
     RUN_TRANSITIONS,
     STEP_TRANSITIONS,
+    AttemptOutcome,
     RunState,
     StepKind,
     StepState,
@@ -144,3 +146,15 @@ def test_the_transitions_the_sql_makes_are_in_the_tables() -> None:
     for name in ("COMPLETE_STEP", "FAIL_ATTEMPT", "EXPIRE_LEASE"):
         assert re.search(r"\bstate = 'running'", s[name]), name
     assert {"completed", "failed", "pending"} <= STEP_TRANSITIONS[StepState.RUNNING]
+
+
+def test_kept_attempt_outcomes_are_the_enum() -> None:
+    """saga_attempts.outcome (0006) holds only attempts that did not end their step."""
+    kept = {AttemptOutcome.FAILED, AttemptOutcome.TIMED_OUT, AttemptOutcome.LOST}
+    assert _check_list("outcome") == kept
+    # What the operator's retry writes for the attempt it supersedes, and FAIL_ATTEMPT's
+    # outcome parameter (saga.failures.attempt_outcome), stay within that list.
+    written = _quoted(queries.RETRY_FAILED_STEPS.split("FROM saga_steps")[0])
+    assert written - {"type", "message", "traceback"} == kept  # less the error's keys
+    for error_type in ("LeaseExpired", "saga.errors.StepTimeoutError", "builtins.ValueError"):
+        assert attempt_outcome(error_type) in kept
