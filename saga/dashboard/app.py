@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from saga.dashboard import pages, run_page
 from saga.dashboard.actions import ACTIONS, Actions
+from saga.dashboard.graphs import Graphs
 from saga.dashboard.http import (
     BadRequest,
     Request,
@@ -53,6 +54,7 @@ class Dashboard:
         self.guard = guard
         self.refresh_seconds = refresh_seconds
         self.trace_url_template = trace_url_template
+        self.graphs = Graphs()
         self.static = {
             name: resources.files("saga.dashboard").joinpath("static", name).read_bytes()
             for name in _STATIC
@@ -199,6 +201,7 @@ class Dashboard:
             chrome,
             trace_url_template=self.trace_url_template,
             flash=request.arg("done"),
+            graph=self.graphs.of(detail["saga_ref"]),
         )
         live = detail["state"] in ("running", "compensating")
         refresh = live and request.arg("refresh") != "0"

@@ -214,7 +214,12 @@ def _actions(detail: Detail, chrome: Chrome) -> Html:
     return h('<div class="actions" id="actions">{}</div>', join(links))
 
 
-def _sequence(detail: Detail) -> Html:
+def _sequence(detail: Detail, graph: Mapping[str, Sequence[str]] | None) -> Html:
+    """The step graph in layers (each step right of what it comes after), when the saga's
+    definition could be imported; else the steps in the order the run scheduled them."""
+    steps = action_steps(detail)
+    if graph:
+        return _graph(steps, graph)
     nodes = [
         h(
             '<a class="node" href="#step-{anchor}" data-step="{key}">{key} {badge}</a>',
@@ -222,13 +227,55 @@ def _sequence(detail: Detail) -> Html:
             key=s["step_key"],
             badge=state_badge(s.get("state", "")),
         )
-        for s in action_steps(detail)
+        for s in steps
     ]
     if not nodes:
         return Html("")
     return h(
         '<h2>Steps in order</h2><div class="graph" id="sequence">{}</div>',
         join(nodes, '<span class="arrow">→</span>'),
+    )
+
+
+def _graph(steps: Sequence[Mapping[str, Any]], graph: Mapping[str, Sequence[str]]) -> Html:
+    depth: dict[str, int] = {}
+
+    def level(name: str) -> int:
+        if name not in depth:
+            depth[name] = 1 + max((level(d) for d in graph.get(name, ())), default=-1)
+        return depth[name]
+
+    layers: dict[int, list[str]] = {}
+    for name in graph:
+        layers.setdefault(level(name), []).append(name)
+    columns = []
+    for _, names in sorted(layers.items()):
+        nodes = []
+        for name in names:
+            # A fan-out step has a row per branch ("name[i]"): its states are summed up.
+            rows = [
+                s for s in steps if s["step_key"] == name or s["step_key"].startswith(name + "[")
+            ]
+            states = [str(s.get("state", "")) for s in rows]
+            summary = join(
+                h("{} {}", f"{states.count(st)}\u00d7" if len(rows) > 1 else "", state_badge(st))
+                for st in dict.fromkeys(states)
+            )
+            after = graph.get(name) or ()
+            nodes.append(
+                h(
+                    '<a class="node" href="#step-{anchor}" data-step="{name}">{name} {summary}'
+                    "<small>{after}</small></a>",
+                    anchor=_anchor(rows[0]["step_key"] if rows else name),
+                    name=name,
+                    summary=summary or h('<span class="state">not scheduled</span>'),
+                    after=f"after {', '.join(after)}" if after else "first",
+                )
+            )
+        columns.append(h('<div class="layer">{}</div>', join(nodes)))
+    return h(
+        '<h2>Step graph</h2><div class="layers" id="graph">{}</div>',
+        join(columns, '<span class="arrow">→</span>'),
     )
 
 
@@ -492,7 +539,12 @@ def _usage(detail: Detail) -> Html:
 
 
 def render(
-    detail: Detail, chrome: Chrome, *, trace_url_template: str | None, flash: str | None
+    detail: Detail,
+    chrome: Chrome,
+    *,
+    trace_url_template: str | None,
+    flash: str | None,
+    graph: Mapping[str, Sequence[str]] | None = None,
 ) -> Html:
     run = run_of(detail)
     run_id = run["run_id"]
@@ -506,7 +558,7 @@ def render(
         _actions(detail, chrome),
         _facts(detail, trace_url_template),
         error_block(run.get("error")),
-        _sequence(detail),
+        _sequence(detail, graph),
         _waits(detail),
         _timeline(detail),
         h(

@@ -114,6 +114,15 @@ def test_a_compensated_run_shows_its_attempts_and_compensations(
     expect(payment.locator(".error-block")).to_contain_text("card declined")
     expect(payment.locator(".error-block pre.traceback")).to_contain_text("Traceback")
 
+    # The saga's step graph, in layers, each step with its state (confirm never ran).
+    layers = page.locator("#graph .layer")
+    expect(layers).to_have_count(4)
+    expect(layers.nth(1).locator(".node")).to_have_count(3)
+    expect(page.locator('#graph .node[data-step="payment"]')).to_contain_text(
+        "after flight, hotel, car"
+    )
+    expect(page.locator('#graph .node[data-step="confirm"]')).to_contain_text("not scheduled")
+
     # Each compensation is shown as such, naming the step it undoes, not as a re-run.
     comps = page.locator("#compensations section")
     expect(comps).to_have_count(3)

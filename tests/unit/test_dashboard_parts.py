@@ -216,3 +216,23 @@ def test_the_run_page_shows_usage_the_trace_link_and_waits() -> None:
     )
     assert '<code id="trace-id">4bf92f3577b34da6a3ce929d0e0e4736</code>' in plain
     assert 'id="actions"' not in plain
+
+
+def test_a_graph_is_drawn_in_layers_with_fan_out_branches_summed_up() -> None:
+    from saga.dashboard.run_page import _graph
+
+    steps = [
+        {"step_key": "split", "state": "completed"},
+        {"step_key": "square[0]", "state": "completed"},
+        {"step_key": "square[1]", "state": "completed"},
+        {"step_key": "square[2]", "state": "running"},
+    ]
+    graph = {"split": (), "square": ("split",), "total": ("square",)}
+    html = _graph(steps, graph)
+    layers = html.split('<div class="layer">')[1:]
+    assert [('data-step="split"' in x, 'data-step="square"' in x) for x in layers[:2]] == [
+        (True, False),
+        (False, True),
+    ]
+    assert "2\u00d7 <span" in layers[1] and "1\u00d7 <span" in layers[1]
+    assert "not scheduled" in layers[2] and "after square" in layers[2]
