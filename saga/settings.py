@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,6 +85,12 @@ class Settings(BaseSettings):
         description="Token the dashboard asks for (a Bearer header or its login form); required "
         "to bind it to anything but loopback.",
     )
+    token_prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Model prices in USD per million tokens, prompt then completion, as JSON "
+        '({"gpt-4o-mini": [0.15, 0.6]}): the dashboard shows what an agent run\'s completions '
+        "cost.",
+    )
 
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child process that should use exactly these settings: ``base``
@@ -94,6 +101,8 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            elif isinstance(value, dict):  # read back as JSON
+                value = json.dumps(value)
             if value is not None:
                 env[f"SAGA_{name.upper()}"] = str(value)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))

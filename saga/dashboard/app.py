@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -48,6 +48,7 @@ class Dashboard:
         *,
         refresh_seconds: int = 5,
         trace_url_template: str | None = None,
+        token_prices: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         self.source = source
         self.actions = actions  # None: read-only
@@ -55,6 +56,7 @@ class Dashboard:
         self.refresh_seconds = refresh_seconds
         self.trace_url_template = trace_url_template
         self.graphs = Graphs()
+        self.token_prices = dict(token_prices or {})
         self.static = {
             name: resources.files("saga.dashboard").joinpath("static", name).read_bytes()
             for name in _STATIC
@@ -202,6 +204,7 @@ class Dashboard:
             trace_url_template=self.trace_url_template,
             flash=request.arg("done"),
             graph=self.graphs.of(detail["saga_ref"]),
+            prices=self.token_prices,
         )
         live = detail["state"] in ("running", "compensating")
         refresh = live and request.arg("refresh") != "0"

@@ -21,6 +21,7 @@ WAIT_KINDS = {
     "timer": "timer",
     "kept_event": "event sent, not yet waited for",
 }
+COMPLETION = "saga.completion"  # how saga.agent.llm marks a journaled completion
 TRUNCATE_AT = 4_096  # characters of pretty JSON shown inline; the rest is a download
 Detail = Mapping[str, Any]
 
@@ -509,32 +510,58 @@ def _events(detail: Detail) -> Html:
     )
 
 
-def _usage(detail: Detail) -> Html:
-    """Model usage of an agent run (``saga.agent``'s RunUsage): totals, then per completion."""
+def _usage(detail: Detail, prices: Mapping[str, Sequence[float]]) -> Html:
+    """Model usage of an agent run (``saga.agent``'s RunUsage): totals, then per completion,
+    with its cost when ``SAGA_TOKEN_PRICES`` prices its model."""
     usage = detail.get("usage")
     if not isinstance(usage, Mapping):
         return Html("")
     total = usage.get("total") or {}
-    rows = join(
-        h(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            key,
-            u.get("prompt_tokens", 0),
-            u.get("completion_tokens", 0),
-            u.get("total_tokens", 0),
+    rows, cost, unpriced = [], 0.0, set()
+    for s in steps_of(detail):
+        result = s.get("result")
+        if s.get("state") != "completed" or not isinstance(result, Mapping):
+            continue
+        if result.get("object") != COMPLETION:
+            continue
+        model, u = str(result.get("model", "")), result.get("usage") or {}
+        price = prices.get(model)
+        step_cost = None
+        if price is not None:
+            step_cost = (
+                u.get("prompt_tokens", 0) * price[0] + u.get("completion_tokens", 0) * price[1]
+            ) / 1e6
+            cost += step_cost
+        else:
+            unpriced.add(model)
+        rows.append(
+            h(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                s["step_key"],
+                model,
+                u.get("prompt_tokens", 0),
+                u.get("completion_tokens", 0),
+                u.get("total_tokens", 0),
+                "" if step_cost is None else f"${step_cost:.6f}",
+            )
         )
-        for key, u in (usage.get("by_step") or {}).items()
-    )
+    if unpriced:
+        priced = h(
+            "no price for {} (set SAGA_TOKEN_PRICES to see the cost)", ", ".join(sorted(unpriced))
+        )
+    else:
+        priced = h('cost <b id="cost">${}</b>', f"{cost:.6f}")
     return h(
         '<h2>Model usage</h2><div id="usage"><p>{calls} completion(s): <b>{total}</b> tokens '
-        "({prompt} prompt, {completion} completion)</p>"
-        "<table><thead><tr><th>step</th><th>prompt</th><th>completion</th><th>total</th></tr>"
-        "</thead><tbody>{rows}</tbody></table></div>",
+        "({prompt} prompt, {completion} completion); {priced}</p>"
+        "<table><thead><tr><th>step</th><th>model</th><th>prompt</th><th>completion</th>"
+        "<th>total</th><th>cost</th></tr></thead><tbody>{rows}</tbody></table></div>",
         calls=usage.get("calls", 0),
         total=total.get("total_tokens", 0),
         prompt=total.get("prompt_tokens", 0),
         completion=total.get("completion_tokens", 0),
-        rows=rows,
+        priced=priced,
+        rows=join(rows),
     )
 
 
@@ -545,6 +572,7 @@ def render(
     trace_url_template: str | None,
     flash: str | None,
     graph: Mapping[str, Sequence[str]] | None = None,
+    prices: Mapping[str, Sequence[float]] | None = None,
 ) -> Html:
     run = run_of(detail)
     run_id = run["run_id"]
@@ -575,7 +603,7 @@ def render(
             )
         )
     parts += [
-        _usage(detail),
+        _usage(detail, prices or {}),
         _events(detail),
         h(
             "<h2>Run input</h2>{}",

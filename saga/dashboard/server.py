@@ -54,6 +54,7 @@ class DashboardServer:
             Guard(token),
             refresh_seconds=refresh_seconds,
             trace_url_template=settings.trace_url_template,
+            token_prices=settings.token_prices,
         )
         try:
             self.httpd = make_server(host, port, self.app, _Server, _Handler)

@@ -166,7 +166,11 @@ def test_the_run_page_shows_usage_the_trace_link_and_waits() -> None:
                 "kind": "action",
                 "state": "completed",
                 "input": {},
-                "result": {"object": "saga.completion"},
+                "result": {
+                    "object": "saga.completion",
+                    "model": "m-1",
+                    "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
+                },
                 "error": None,
                 "max_attempts": 3,
                 "created_at": t0,
@@ -201,10 +205,15 @@ def test_the_run_page_shows_usage_the_trace_link_and_waits() -> None:
     }
     chrome = Chrome(read_only=False, logged_in=False, csrf="c")
     page = render(
-        detail, chrome, trace_url_template="https://t.example/trace/{trace_id}?x=1&y=2", flash=None
+        detail,
+        chrome,
+        trace_url_template="https://t.example/trace/{trace_id}?x=1&y=2",
+        flash=None,
+        prices={"m-1": (1000.0, 2000.0)},
     )
     assert 'href="https://t.example/trace/4bf92f3577b34da6a3ce929d0e0e4736?x=1&amp;y=2"' in page
     assert "1 completion(s): <b>17</b> tokens (12 prompt, 5 completion)" in page
+    assert '<b id="cost">$0.022000</b>' in page  # 12 * 1000 / 1e6 + 5 * 2000 / 1e6
     assert 'data-name="approval"' in page and "event wait" in page
     assert "&lt;i&gt;" in page and "<i>" not in page
     assert 'id="action-event"' in page and 'id="action-retry"' not in page
@@ -216,6 +225,7 @@ def test_the_run_page_shows_usage_the_trace_link_and_waits() -> None:
     )
     assert '<code id="trace-id">4bf92f3577b34da6a3ce929d0e0e4736</code>' in plain
     assert 'id="actions"' not in plain
+    assert "no price for m-1 (set SAGA_TOKEN_PRICES" in plain
 
 
 def test_a_graph_is_drawn_in_layers_with_fan_out_branches_summed_up() -> None:
