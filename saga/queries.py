@@ -492,8 +492,11 @@ WHERE r.run_id = s.run_id AND s.state = 'dispatched' AND s.due_at > now()
 # statement is planned with its values (psycopg sends unnamed statements; RunsView never
 # prepares), so each list walks the one index its filters name (0006) in (created_at, run_id)
 # order, from the keyset cursor on: no page counts or skips rows.
-_RUN_FILTERS: LiteralString = """
+_STATE_FILTER: LiteralString = """
 WHERE (cardinality(%(states)s::text[]) = 0 OR state = ANY(%(states)s::text[]))
+"""
+
+_OTHER_FILTERS: LiteralString = """
   AND (%(saga)s::text IS NULL OR saga_name = %(saga)s::text)
   AND (%(created_since)s::timestamptz IS NULL OR created_at >= %(created_since)s::timestamptz)
   AND (%(created_until)s::timestamptz IS NULL OR created_at < %(created_until)s::timestamptz)
@@ -505,6 +508,8 @@ WHERE (cardinality(%(states)s::text[]) = 0 OR state = ANY(%(states)s::text[]))
        OR (error IS NOT NULL AND error->>'type' = %(error_type)s::text))
   AND (%(run_id_like)s::text IS NULL OR run_id LIKE %(run_id_like)s::text)
 """
+
+_RUN_FILTERS: LiteralString = _STATE_FILTER + _OTHER_FILTERS
 
 _RUN_LIST_COLUMNS: LiteralString = """
 SELECT run_id, saga_name AS saga, state, created_at, updated_at, finished_at,
@@ -521,19 +526,49 @@ def _page(after: LiteralString, order: LiteralString) -> LiteralString:
     return _RUN_LIST_COLUMNS + _RUN_FILTERS + after + order + "LIMIT %(limit)s\n"
 
 
+def _by_created(newest: bool) -> LiteralString:
+    """Runs by creation time: one branch per state, each walking saga_runs_state_created from
+    the cursor on, merged in order (Merge Append). A state the filter leaves out folds to an
+    empty branch. No index on created_at alone is needed (nor written for every run)."""
+    cmp: LiteralString = "<" if newest else ">"
+    order: LiteralString = "created_at DESC, run_id DESC" if newest else "created_at, run_id"
+    branches: list[LiteralString] = []
+    for state in _RUN_STATES:
+        branches.append(
+            "(" + _RUN_LIST_COLUMNS + "WHERE state = '" + state + "'\n"
+            "  AND (cardinality(%(states)s::text[]) = 0 OR '"
+            + state
+            + "' = ANY(%(states)s::text[]))"
+            + _OTHER_FILTERS
+            + "  AND (%(after_time)s::timestamptz IS NULL\n"
+            "       OR (created_at, run_id) "
+            + cmp
+            + " (%(after_time)s::timestamptz, %(after_id)s::text))\n"
+            "ORDER BY " + order + "\nLIMIT %(limit)s)\n"
+        )
+    return (
+        "SELECT * FROM (\n"
+        + "UNION ALL\n".join(branches)
+        + ") AS runs\nORDER BY "
+        + order
+        + "\nLIMIT %(limit)s\n"
+    )
+
+
+# saga.states.RunState, spelled as SQL literals (tests/unit/test_states.py checks them).
+_RUN_STATES: tuple[LiteralString, ...] = (
+    "running",
+    "compensating",
+    "completed",
+    "compensated",
+    "failed",
+    "compensation_failed",
+    "cancelled",
+)
+
 LIST_RUNS: dict[tuple[str, bool], LiteralString] = {
-    ("created", True): _page(
-        """  AND (%(after_time)s::timestamptz IS NULL
-       OR (created_at, run_id) < (%(after_time)s::timestamptz, %(after_id)s::text))
-""",
-        "ORDER BY created_at DESC, run_id DESC\n",
-    ),
-    ("created", False): _page(
-        """  AND (%(after_time)s::timestamptz IS NULL
-       OR (created_at, run_id) > (%(after_time)s::timestamptz, %(after_id)s::text))
-""",
-        "ORDER BY created_at, run_id\n",
-    ),
+    ("created", True): _by_created(newest=True),
+    ("created", False): _by_created(newest=False),
     ("finished", True): _page(
         """  AND finished_at IS NOT NULL AND (%(after_time)s::timestamptz IS NULL
        OR (finished_at, run_id) < (%(after_time)s::timestamptz, %(after_id)s::text))

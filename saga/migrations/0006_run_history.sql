@@ -35,12 +35,13 @@ CREATE TABLE saga_run_events (
 CREATE INDEX saga_run_events_run ON saga_run_events (run_id, id);
 
 -- The operators' filters (saga.runs_view), each an index its list pages walk in order with
--- keyset pagination: no page counts or skips rows.
-CREATE INDEX saga_runs_created ON saga_runs (created_at, run_id);
+-- keyset pagination: no page counts or skips rows. A list by creation time walks one range per
+-- state, merged in order (so no index on created_at alone is written for every run); each
+-- state's count is one capped range too.
 CREATE INDEX saga_runs_state_created ON saga_runs (state, created_at, run_id);
-CREATE INDEX saga_runs_saga_created ON saga_runs (saga_name, created_at, run_id);
+CREATE INDEX saga_runs_saga_created ON saga_runs (saga_name, state, created_at, run_id);
 -- Only runs with an error (failed, compensated, cancelled...) have entries.
-CREATE INDEX saga_runs_error_type ON saga_runs ((error->>'type'), created_at, run_id)
+CREATE INDEX saga_runs_error_type ON saga_runs ((error->>'type'), state, created_at, run_id)
     WHERE error IS NOT NULL;
 -- A finished window lists runs by finish time (only finished runs have entries).
 CREATE INDEX saga_runs_finished ON saga_runs (finished_at, run_id) WHERE finished_at IS NOT NULL;

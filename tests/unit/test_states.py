@@ -158,3 +158,8 @@ def test_kept_attempt_outcomes_are_the_enum() -> None:
     assert written - {"type", "message", "traceback"} == kept  # less the error's keys
     for error_type in ("LeaseExpired", "saga.errors.StepTimeoutError", "builtins.ValueError"):
         assert attempt_outcome(error_type) in kept
+
+
+def test_the_runs_list_spells_every_run_state() -> None:
+    """A list by creation time has one branch per state (saga.queries._by_created)."""
+    assert tuple(RunState) == queries._RUN_STATES
