@@ -5,6 +5,7 @@ Reads go through ``saga.runs_view.RunsView``; actions through ``SagaClient`` (``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -13,8 +14,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
-from saga.dashboard import pages, run_page
-from saga.dashboard.actions import ACTIONS, Actions
+from saga.dashboard import pages, run_data, run_page
+from saga.dashboard.actions import Actions
 from saga.dashboard.graphs import Graphs
 from saga.dashboard.http import (
     BadRequest,
@@ -109,7 +110,7 @@ class Dashboard:
             # Every browser gets a session on its first visit, set on this response: the CSRF
             # tokens rendered now belong to it.
             session = self.guard.new_session(logged_in=not self.guard.token_required)
-            request.verdict = type(request.verdict)(request.verdict.allowed, session)
+            request.verdict = dataclasses.replace(request.verdict, session=session)
             cookie = self.guard.set_cookie_header(session)
         else:
             cookie = None
@@ -214,13 +215,13 @@ class Dashboard:
         if self.read_only:
             return self.fail(request, "403 Forbidden", "the dashboard is read-only")
         detail = self.source.run_detail(run_id)
-        step_keys = [s["step_key"] for s in run_page.action_steps(detail)]
+        step_keys = [s["step_key"] for s in run_data.action_steps(detail)]
         body = pages.confirm_page(
             action,
             run_id,
             detail["state"],
             step_keys,
-            run_page.waiting_event_names(detail),
+            run_data.waiting_event_names(detail),
             self.chrome(request),
             step_key=request.arg("step_key"),
         )
@@ -229,7 +230,7 @@ class Dashboard:
     def download(self, request: Request, run_id: str) -> Response:
         detail = self.source.run_detail(run_id)
         field = request.arg("field") or "result"
-        value = run_page.payload_of(detail, request.arg("step"), field)
+        value = run_data.payload_of(detail, request.arg("step"), field)
         name = f"{run_id}-{request.arg('step') or 'run'}-{field}.json"
         safe = re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
         return Response(
@@ -323,4 +324,4 @@ def _local(path: str | None) -> str:
     return path
 
 
-__all__ = ["ACTIONS", "Dashboard"]
+__all__ = ["Dashboard"]

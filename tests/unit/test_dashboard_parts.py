@@ -8,7 +8,8 @@ import pytest
 
 from saga.dashboard.app import _local
 from saga.dashboard.html import Html, esc, h, join
-from saga.dashboard.run_page import pretty, read_back, worker_process
+from saga.dashboard.run_data import read_back, worker_process
+from saga.dashboard.run_page import pretty
 from saga.dashboard.security import Guard, check_bind, cross_site, host_is_loopback, is_loopback
 from saga.dashboard.source import FilterError, list_params
 from saga.errors import ConfigurationError
@@ -229,7 +230,7 @@ def test_the_run_page_shows_usage_the_trace_link_and_waits() -> None:
 
 
 def test_a_graph_is_drawn_in_layers_with_fan_out_branches_summed_up() -> None:
-    from saga.dashboard.run_page import _graph
+    from saga.dashboard.run_timeline import graph_layers
 
     steps = [
         {"step_key": "split", "state": "completed"},
@@ -238,7 +239,7 @@ def test_a_graph_is_drawn_in_layers_with_fan_out_branches_summed_up() -> None:
         {"step_key": "square[2]", "state": "running"},
     ]
     graph = {"split": (), "square": ("split",), "total": ("square",)}
-    html = _graph(steps, graph)
+    html = graph_layers(steps, graph)
     layers = html.split('<div class="layer">')[1:]
     assert [('data-step="split"' in x, 'data-step="square"' in x) for x in layers[:2]] == [
         (True, False),
