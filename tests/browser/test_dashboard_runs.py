@@ -289,3 +289,22 @@ def test_cancel_a_running_run_after_confirming(
     expect(page.locator("h1 .state")).to_have_text("cancelled", timeout=60_000)
     expect(page.locator('#compensations section[data-step^="compensate:reserve"]')).to_have_count(1)
     expect(page.locator("#facts ~ .error-block")).to_contain_text("the customer called it off")
+
+
+def test_the_runs_list_refreshes_itself(
+    settings: Settings, dashboard: DashboardServer, page: Page
+) -> None:
+    page.goto(dashboard.url + "/")
+    expect(page.locator(".empty")).to_contain_text("No run matches")
+    expect(page.locator("#refresh-status")).to_contain_text("refresh in")
+    with SagaClient(settings) as client:  # no worker: the run stays running
+        client.start(cs.approval, {"item": "x"}, run_id="arrives-later")
+    expect(page.locator('tr[data-run-id="arrives-later"]')).to_have_attribute(
+        "data-state", "running"
+    )
+    expect(page.locator('#counts a[data-state="running"] b')).to_have_text("1")
+    counts = page.request.get(dashboard.url + "/api/counts?saga=approval").json()["counts"]
+    assert counts["running"] == 1 and counts["completed"] == 0
+    # Paused, it stays as it is.
+    page.click("#refresh-toggle")
+    expect(page.locator("#refresh-status")).to_contain_text("paused")
