@@ -271,6 +271,29 @@ def cmd_start(settings: Settings, args: argparse.Namespace) -> int:
         return Exit.DONE if run.state == RunState.COMPLETED else Exit.UNFINISHED
 
 
+def cmd_dashboard(settings: Settings, args: argparse.Namespace) -> int:
+    from saga.dashboard.server import DashboardServer
+
+    _require_schema(settings.database_url)
+    server = DashboardServer(
+        settings,
+        host=args.host,
+        port=args.port,
+        read_only=args.read_only,
+        refresh_seconds=args.refresh,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.httpd.shutdown).start())
+    mode = "read-only" if args.read_only else "with actions"
+    print(f"dashboard on {server.url} ({mode}); Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return Exit.DONE
+
+
 # Commands of the development tools (``saga_dev/`` in a clone of the repository): not part of
 # the installed package, found by name only when asked for.
 DEV_COMMANDS = {
@@ -360,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true", help="one JSON object: run id (and outcome)")
     add_parsers(sub, ENV_HELP)
+    d = sub.add_parser(
+        "dashboard", help="serve the web dashboard (runs, steps, actions)", epilog=ENV_HELP
+    )
+    d.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (loopback only)")
+    d.add_argument("--port", type=int, default=8180)
+    d.add_argument("--read-only", action="store_true", help="no retry, cancel, fork or events")
+    d.add_argument("--refresh", type=int, default=5, help="seconds between page reloads; 0: off")
     for name, help in DEV_COMMANDS.items():
         # Their own parser (saga_dev.cli) reads the rest, --help included.
         sub.add_parser(name, help=help, add_help=False)
@@ -381,6 +411,7 @@ COMMANDS = {
     "retry": cmd_operate,
     "fork": cmd_operate,
     "send-event": cmd_operate,
+    "dashboard": cmd_dashboard,
 }
 
 

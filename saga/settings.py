@@ -221,6 +221,19 @@ class Settings(BaseSettings):
         "http://localhost:16686/trace/{trace_id}); `saga show` prints it.",
     )
 
+    # The web dashboard (`saga dashboard`).
+    dashboard_token: SecretStr | None = Field(
+        default=None,
+        description="Token the dashboard asks for (a Bearer header or its login form); required "
+        "to bind it to anything but loopback.",
+    )
+    token_prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Model prices in USD per million tokens, prompt then completion, as JSON "
+        '({"gpt-4o-mini": [0.15, 0.6]}): the dashboard shows what an agent run\'s completions '
+        "cost.",
+    )
+
     def child_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment for a child process that should use exactly these settings: ``base``
         (this process's environment by default) with every set field as its ``SAGA_*``
@@ -228,6 +241,10 @@ class Settings(BaseSettings):
         as Celery does)."""
         env = dict(os.environ if base is None else base)
         for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, dict):  # read back as JSON
+                value = json.dumps(value)
             if value is not None:
                 env[f"SAGA_{name.upper()}"] = _env_value(value)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))

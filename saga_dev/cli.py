@@ -97,6 +97,10 @@ def main(command: str, argv: Sequence[str], settings: Settings) -> int:
         from saga_dev.bench_peers import main as peers_main
 
         return peers_main(argv[1:], settings)
+    if command == "bench" and list(argv[:1]) == ["dashboard"]:  # saga bench dashboard -h
+        from saga_dev.bench_dashboard import main as dashboard_main
+
+        return dashboard_main(argv[1:], settings)
     if command == "bench":
         return run_bench(settings, bench_parser().parse_args(argv))
     raise ConfigurationError(f"no development tool is called {command!r}")

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from saga.settings import Settings
 
@@ -142,3 +143,8 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> ob
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
+
+
+def wait_for_row(db: Any, query: str, params: tuple[object, ...], what: str) -> object:
+    """Poll ``query`` until it returns a row (within 60 s); fail naming ``what``."""
+    return wait_until(lambda: db.execute(query, params).fetchone(), 60, what)
