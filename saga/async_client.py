@@ -54,6 +54,7 @@ class AsyncSagaClient:
                 dispatch_timeout=settings.dispatch_timeout_seconds,
                 key_prefix=settings.key_prefix,
             ),
+            publish=False,  # kombu's publish would block the event loop: the relay sends
         )
 
     async def open(self) -> None:

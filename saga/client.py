@@ -16,6 +16,7 @@ from saga.definition import NAME
 from saga.errors import ConfigurationError, InputError, RunFailedError
 from saga.failures import ErrorType, error_record
 from saga.loader import Definition, load_definition
+from saga.outbox.message import OutboxMessage
 from saga.records import RunRecord, StepRecord
 from saga.run_transaction import RunTransaction
 from saga.settings import Settings
@@ -79,8 +80,18 @@ class SagaClient:
     ...     result = client.result(run_id, timeout=60)
     """
 
-    def __init__(self, settings: Settings, *, store: PostgresStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: PostgresStore | None = None,
+        publish: bool = True,
+    ) -> None:
+        """``publish``: send a new run's first messages to the broker right after its commit
+        (when ``settings.broker_url`` is set), rather than through the outbox and a relay."""
         self.settings = settings
+        self._publish = publish and bool(settings.broker_url)
+        self._publisher: Any = None
         if settings.trace_exception_details:  # asked for; never switched off for the process
             tracing.export_exception_details(True)
         url = database_url(settings, "SagaClient") if store is None else ""
@@ -99,6 +110,8 @@ class SagaClient:
 
     def close(self) -> None:
         self.store.close()
+        if self._publisher is not None:
+            self._publisher.close()
 
     def start(
         self,
@@ -120,6 +133,7 @@ class SagaClient:
         def start(tx: RunTransaction) -> None:
             coordinator.advance(tx, lambda _ref: definition)
 
+        unsent: list[OutboxMessage] | None = [] if self._publish else None
         self.store.create_run(
             run_id=run_id,
             saga_name=definition.name,
@@ -129,8 +143,23 @@ class SagaClient:
             trace_context=trace_context,
             timeout=timeout,
             start=start,
+            fast_path=unsent,
         )
+        if unsent:
+            self._publish_now(unsent)
         return run_id
+
+    def _publish_now(self, messages: list[OutboxMessage]) -> None:
+        """The run's first messages straight to the broker, as a worker's fast path does; a
+        client that dies before sending them delays the run by the dispatch timeout."""
+        from saga.workers.publish import CeleryPublisher, publish_now
+
+        if self._publisher is None:
+            from saga.workers.app import create_app
+
+            # No retries: with the broker down, start() hands over to the relay at once.
+            self._publisher = CeleryPublisher(create_app(self.settings), retry=False)
+        publish_now(self._publisher, self.store.relay_later, messages)
 
     def wait(self, run_id: str, *, timeout: float | None = None) -> RunRecord:
         """Block until the run has finished, in whatever state; WaitTimeoutError after

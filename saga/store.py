@@ -138,10 +138,12 @@ class PostgresStore:
         trace_context: Mapping[str, str],
         timeout: float | None,
         start: Advance,
+        fast_path: list[OutboxMessage] | None = None,
     ) -> bool:
         """Create a run and let ``start`` schedule its first steps, in one transaction. False
         if the id exists already for the same saga and input (idempotent), RunConflictError if
-        it exists otherwise."""
+        it exists otherwise. Given ``fast_path``, the messages go in that list for the caller
+        to publish after the commit instead of outbox rows (see ``_outcome``)."""
         with translated(f"creating run {run_id!r}"), self._pool.connection() as conn:
             with pipelined_transaction(conn) as cur:
                 created = cur.execute(
@@ -173,7 +175,10 @@ class PostgresStore:
                     )
                     tx = RunTransaction(cur, run, self._queue, self._dispatch_timeout)
                     start(tx)
-                    add_messages(cur, tx.messages)
+                    if fast_path is None:
+                        add_messages(cur, tx.messages)
+                    else:
+                        fast_path.extend(tx.messages)
                     created_tx = tx
             if created:
                 created_tx.committed()

@@ -28,6 +28,7 @@ class Store(Protocol):
         trace_context: Mapping[str, str],
         timeout: float | None,
         start: Decide,
+        fast_path: list[OutboxMessage] | None = None,
     ) -> bool:
         """Create the run and let ``start`` schedule its first steps, in one transaction;
         False if it exists already with the same saga and input."""

@@ -31,7 +31,7 @@ from saga.states import RunState, StepKind, StepState
 from saga.store import PostgresStore, open_pool
 from saga.workers.calling import call_step
 from saga.workers.lease import LeaseKeeper
-from saga.workers.publish import CeleryPublisher
+from saga.workers.publish import CeleryPublisher, publish_now
 from saga.workflow import Workflow
 
 log = logging.getLogger("saga.worker")
@@ -329,19 +329,7 @@ class StepExecutor:
             return False
 
     def _publish_now(self, messages: list[OutboxMessage]) -> None:
-        """The fast path: publish right after commit. What cannot be published goes to the
-        relay through outbox rows; if even that fails, the sweeper sends the messages again
-        from the journal rows they were committed with (``PostgresStore._outcome``)."""
-        if not messages:
-            return
-        try:
-            self.publisher.publish(messages)
-        except Exception as exc:  # kombu raises many types
-            log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
-            try:
-                self.store.relay_later(messages)
-            except StoreError as store_exc:
-                log.warning("the sweeper will send them again: %s", store_exc)
+        publish_now(self.publisher, self.store.relay_later, messages)
 
     def _trace_backoff(self, claim: Claim) -> None:
         """A span for the wait before this retry: from the journaled failure of the previous

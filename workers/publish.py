@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from celery import Celery
 
@@ -25,11 +25,15 @@ class CeleryPublisher:
     signed (``saga.signing``).
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, *, retry: bool = True) -> None:
         self._app = app
+        self._retry = retry  # off: a broker that is down fails the publish at once
         self._system = tracing.messaging_system(app.conf.broker_url)
         install = installed(app)
         self._keys = None if install is None else MessageKeys.from_settings(install.settings)
+
+    def close(self) -> None:
+        self._app.close()  # its broker connections
 
     def publish(self, messages: Sequence[OutboxMessage]) -> None:
         if not messages:
@@ -60,4 +64,25 @@ class CeleryPublisher:
                         producer=producer,
                         add_to_parent=False,
                         ignore_result=True,
+                        retry=self._retry,
                     )
+
+
+def publish_now(
+    publisher: CeleryPublisher,
+    relay_later: Callable[[Sequence[OutboxMessage]], None],
+    messages: Sequence[OutboxMessage],
+) -> None:
+    """A fast path: publish messages whose journal rows were just committed. What cannot be
+    published goes to the relay through outbox rows (``relay_later``); if even that fails, the
+    sweeper sends the messages again from those journal rows once they are due."""
+    if not messages:
+        return
+    try:
+        publisher.publish(messages)
+    except Exception as exc:  # kombu raises many types
+        log.warning("fast-path publish failed, the relay will publish instead: %s", exc)
+        try:
+            relay_later(messages)
+        except Exception as store_exc:  # StoreError; the journal rows remain
+            log.warning("the sweeper will send them again: %s", store_exc)

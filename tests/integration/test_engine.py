@@ -131,15 +131,28 @@ def test_fast_path_publishes_write_no_outbox_rows_and_nothing_is_sent_twice(
     procs.relay(settings)
     run_id = client.start(sagas.ten, {})
     assert client.result(run_id, timeout=60)["trail"] == list(range(1, 11))
-    # The client's start went through the outbox (the relay published it); the workers
-    # published steps 2-10 themselves, backed by their journal rows alone.
-    rows = db.execute("SELECT payload->>'step_key', published_at IS NOT NULL FROM saga_outbox")
-    assert rows.fetchall() == [("step1", True)]
+    # The client published step 1 and the workers steps 2-10 themselves, each message backed by
+    # its journal row alone.
+    assert db.execute("SELECT count(*) FROM saga_outbox").fetchone() == (0,)
     # Anything sent twice would be queued before this probe's message.
     client.result(client.start(sagas.two, {}), timeout=60)
     for worker in workers:
         assert "nothing to do" not in worker.log(), "a step message was delivered twice"
     assert sum(calls(db, run_id).values()) == 10
+
+
+def test_a_start_that_cannot_reach_the_broker_goes_to_the_relay(
+    settings: Settings, procs: ProcessGroup, db: Conn
+) -> None:
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})  # nothing listens
+    with SagaClient(down) as offline:
+        run_id = offline.start(sagas.two, {})
+    rows = db.execute("SELECT payload->>'run_id', published_at FROM saga_outbox").fetchall()
+    assert rows == [(run_id, None)]
+    procs.worker(settings, "w1")
+    procs.relay(settings)
+    with SagaClient(settings) as client:
+        assert client.wait(run_id, timeout=60).state == "completed"
 
 
 def test_a_fast_path_publish_that_fails_goes_to_the_relay(settings: Settings, db: Conn) -> None:
@@ -211,7 +224,8 @@ def test_relay_killed_between_commit_and_publish(
     relay = procs.relay(settings)
     wait_until(lambda: "relay running" in relay.log(), 30, "the relay to start")
     os.killpg(relay.pid, signal.SIGSTOP)  # it can no longer publish anything
-    run_id = client.start(sagas.ten, {})
+    with SagaClient(settings, publish=False) as through_the_outbox:
+        run_id = through_the_outbox.start(sagas.ten, {})
     unpublished = db.execute(
         "SELECT count(*) FROM saga_outbox WHERE published_at IS NULL"
     ).fetchone()

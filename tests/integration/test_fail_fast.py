@@ -8,6 +8,7 @@ A broker transport whose module is missing is a real one: kombu's ``mongodb://``
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -108,12 +109,19 @@ def test_an_unknown_broker_scheme_stops_the_relay(settings: Settings, procs: Pro
     assert "names no broker transport kombu knows" in process.log()
 
 
+@pytest.fixture
+def outbox_client(settings: Settings) -> Iterator[SagaClient]:
+    """A client that leaves a run's first message to the relay (no publish of its own)."""
+    with SagaClient(settings, publish=False) as client:
+        yield client
+
+
 def test_a_publish_that_cannot_import_its_transport_stops_the_relay_leaving_the_rows(
-    settings: Settings, client: SagaClient, db: Conn
+    settings: Settings, outbox_client: SagaClient, db: Conn
 ) -> None:
     """The publish path itself (a process checks its transport at start-up first): the error
     ends ``Relay.run`` instead of being recorded on the rows and retried forever."""
-    client.start(sagas.ten, {"n": 1})
+    outbox_client.start(sagas.ten, {"n": 1})
     before = outbox_rows(db)
     assert before and not any(published for _, _, published in before)
     assert settings.database_url
@@ -128,10 +136,10 @@ def test_a_publish_that_cannot_import_its_transport_stops_the_relay_leaving_the_
 
 
 def test_a_refused_broker_is_retried_and_the_relay_keeps_running(
-    settings: Settings, procs: ProcessGroup, client: SagaClient, db: Conn
+    settings: Settings, procs: ProcessGroup, outbox_client: SagaClient, db: Conn
 ) -> None:
     process = procs.relay(settings.model_copy(update={"broker_url": REFUSED}))
-    client.start(sagas.ten, {"n": 1})
+    outbox_client.start(sagas.ten, {"n": 1})
 
     def retried() -> bool:
         return any(attempts >= 2 for attempts, _, _ in outbox_rows(db))

@@ -65,9 +65,12 @@ def test_unsigned_and_forged_messages_are_dropped_unclaimed_and_counted_the_old_
 ) -> None:
     signed = signed_settings(settings)
     worker = procs.worker(signed, "w1")
-    with SagaClient(signed) as client, kombu.Connection(BROKER_URL, connect_timeout=3) as broker:
-        # No relay yet: the first step's message waits in the outbox, so the only messages
-        # naming it are the ones published here by hand.
+    with (
+        SagaClient(signed, publish=False) as client,
+        kombu.Connection(BROKER_URL, connect_timeout=3) as broker,
+    ):
+        # No relay yet and no publish by the client: the first step's message waits in the
+        # outbox, so the only messages naming it are the ones published here by hand.
         run_id = client.start(sagas.two, {})
         target = {"run_id": run_id, "step_key": "step1"}
 

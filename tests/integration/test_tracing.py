@@ -58,6 +58,11 @@ def test_one_trace_per_run_across_workers_with_retries_and_metrics(
         # Every delivery: a CONSUMER span under the PRODUCER span that published it.
         sends = {s.span_id: s for s in by(spans, "send ")}
         for process in by(spans, "process "):
+            if process.parent_span_id == root.span_id:
+                # The run's first message, published by the client that started the run: this
+                # test's client records no spans, so the delivery hangs from the run's root.
+                assert process.attributes["saga.step"] == "step1"
+                continue
             assert process.kind == "CONSUMER"
             assert process.attributes["messaging.operation.type"] == "process"
             assert process.attributes["messaging.system"] == "redis"
@@ -73,7 +78,8 @@ def test_one_trace_per_run_across_workers_with_retries_and_metrics(
             "saga-worker",  # the fast path
             "saga-relay",
         }
-        assert any(s.resource["service.name"] == "saga-relay" for s in sends.values())
+        if run_id == retried:  # its retries went out through the sweeper's outbox rows
+            assert any(s.resource["service.name"] == "saga-relay" for s in sends.values())
         for step in steps:
             assert step.attributes["saga.step.replayed"] is False
             assert step.attributes["saga.compensation"] is False

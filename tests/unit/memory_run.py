@@ -662,6 +662,7 @@ class MemoryStore:
         trace_context: Mapping[str, str],
         timeout: float | None,
         start: Callable[[Any], None],
+        fast_path: list[Any] | None = None,  # the twin keeps every message in its outbox
     ) -> bool:
         existing = self.db.runs.get(run_id)
         if existing is not None:  # INSERT_RUN ... ON CONFLICT DO NOTHING
