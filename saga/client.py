@@ -86,12 +86,15 @@ class SagaClient:
         *,
         store: PostgresStore | None = None,
         publish: bool = True,
+        publisher: Any = None,
     ) -> None:
         """``publish``: send a new run's first messages to the broker right after its commit
-        (when ``settings.broker_url`` is set), rather than through the outbox and a relay."""
+        (when ``settings.broker_url`` is set, or through ``publisher``, a
+        ``saga.workers.publish.CeleryPublisher``), rather than through the outbox and a relay."""
         self.settings = settings
-        self._publish = publish and bool(settings.broker_url)
-        self._publisher: Any = None
+        self._publish = publish and (publisher is not None or bool(settings.broker_url))
+        self._publisher: Any = publisher
+        self._own_publisher = False  # one made here is closed here
         if settings.trace_exception_details:  # asked for; never switched off for the process
             tracing.export_exception_details(True)
         url = database_url(settings, "SagaClient") if store is None else ""
@@ -110,7 +113,7 @@ class SagaClient:
 
     def close(self) -> None:
         self.store.close()
-        if self._publisher is not None:
+        if self._own_publisher:
             self._publisher.close()
 
     def start(
@@ -155,10 +158,8 @@ class SagaClient:
         from saga.workers.publish import CeleryPublisher, publish_now
 
         if self._publisher is None:
-            from saga.workers.app import create_app
-
-            # No retries: with the broker down, start() hands over to the relay at once.
-            self._publisher = CeleryPublisher(create_app(self.settings), retry=False)
+            self._publisher = CeleryPublisher.for_settings(self.settings)
+            self._own_publisher = True
         publish_now(self._publisher, self.store.relay_later, messages)
 
     def wait(self, run_id: str, *, timeout: float | None = None) -> RunRecord:

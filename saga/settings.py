@@ -241,10 +241,6 @@ class Settings(BaseSettings):
         as Celery does)."""
         env = dict(os.environ if base is None else base)
         for name, value in self.model_dump().items():
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
-            elif isinstance(value, dict):  # read back as JSON
-                value = json.dumps(value)
             if value is not None:
                 env[f"SAGA_{name.upper()}"] = _env_value(value)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
@@ -258,11 +254,19 @@ MIN_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,32}")
 def _env_value(value: Any) -> str:
     """A setting's value as its environment variable reads: secrets in clear (a child process
     needs them), collections as JSON."""
+    if isinstance(value, dict | list):
+        return json.dumps(_plain(value))
+    return str(_plain(value))
+
+
+def _plain(value: Any) -> Any:
     if isinstance(value, SecretStr):
         return value.get_secret_value()
     if isinstance(value, dict):
-        return json.dumps({k: _env_value(v) for k, v in value.items()})
-    return str(value)
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 # Variables with the prefix that belong to the test suite, not to the engine.

@@ -105,9 +105,14 @@ def executor_for(app: Celery) -> Any:
 def client_for(app: Celery) -> Any:
     """This process's client for ``app``, which starts scheduled runs."""
     from saga.client import SagaClient
+    from saga.workers.publish import CeleryPublisher
 
     install_ = installation(app)
-    return install_.per_process("client", lambda: SagaClient(install_.settings))
+    # The run's first message goes out through this app (its broker options are the user's).
+    return install_.per_process(
+        "client",
+        lambda: SagaClient(install_.settings, publisher=CeleryPublisher(app, retry=False)),
+    )
 
 
 def _close(made: dict[str, Any]) -> None:

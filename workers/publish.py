@@ -10,8 +10,10 @@ from celery import Celery
 from saga import tracing
 from saga.outbox.message import OutboxMessage
 from saga.outbox.relay import PublishingImpossible
+from saga.settings import Settings
 from saga.signing import SIGNATURE, MessageKeys
 from saga.workers.broker import missing_transport
+from saga.workers.broker_options import apply_broker_options
 from saga.workers.registry import installed
 
 log = logging.getLogger("saga.worker")
@@ -25,12 +27,26 @@ class CeleryPublisher:
     signed (``saga.signing``).
     """
 
-    def __init__(self, app: Celery, *, retry: bool = True) -> None:
+    def __init__(
+        self, app: Celery, *, retry: bool = True, settings: Settings | None = None
+    ) -> None:
         self._app = app
         self._retry = retry  # off: a broker that is down fails the publish at once
         self._system = tracing.messaging_system(app.conf.broker_url)
-        install = installed(app)
-        self._keys = None if install is None else MessageKeys.from_settings(install.settings)
+        if settings is None:
+            install = installed(app)
+            settings = None if install is None else install.settings
+        self._keys = None if settings is None else MessageKeys.from_settings(settings)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> CeleryPublisher:
+        """A publisher of its own for a process that only sends (a client): the settings'
+        broker with the engine's broker options (TLS, confirms), no tasks installed, and no
+        retries, so a broker that is down fails a publish at once."""
+        app = Celery("saga-client", broker=settings.broker_url, set_as_current=False)
+        app.conf.update(task_serializer="json", accept_content=["json"])
+        apply_broker_options(app, settings)
+        return cls(app, retry=False, settings=settings)
 
     def close(self) -> None:
         self._app.close()  # its broker connections

@@ -33,7 +33,9 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API holds an event loop on the main thread
+# while it is open, and later tests' asyncio.run() refuses to start under it.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
         unavailable("chromium", FileNotFoundError(f"{CHROMIUM} (scripts/browser installs it)"))

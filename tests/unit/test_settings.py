@@ -135,3 +135,19 @@ def test_the_cli_help_names_every_variable_the_engine_reads() -> None:
         assert f"SAGA_{name.upper()}" in ENV_HELP
     for name in ModelSettings.model_fields:
         assert f"SAGA_MODEL_{name.upper()}" in ENV_HELP
+
+
+def test_child_env_passes_secrets_and_dicts_as_the_child_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Secrets in clear (a child needs them) and dict settings as JSON, nested secrets included.
+    settings = Settings(
+        message_signing_key="k" * 40,
+        message_signing_key_id="k2",
+        message_verification_keys={"k1": "o" * 40},
+        token_prices={"gpt-x": (1.5, 6.0)},
+    )
+    for name, value in settings.child_env(base={}).items():
+        if name.startswith("SAGA_"):
+            monkeypatch.setenv(name, value)
+    assert Settings() == settings
