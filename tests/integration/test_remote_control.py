@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import redis
 from kombu import Connection, Exchange, Producer
 
 from saga.client import SagaClient
@@ -57,3 +58,37 @@ def test_inspection_answers_and_no_broadcast_stops_the_worker(
     log = worker.log()
     assert log.count("ignored a malformed remote control message") == 3, log[-3000:]
     assert "Refusing to deserialize untrusted content of type pickle" in log
+
+
+def test_a_raw_publish_on_the_control_channel_does_not_stop_the_worker(
+    settings: Settings, procs: ProcessGroup
+) -> None:
+    """Any client of the Redis server can PUBLISH on the channel kombu's fanout exchange
+    subscribes to: items that are not a kombu envelope (and one nested past the recursion
+    limit) stopped every worker at once."""
+    assert settings.broker_url and settings.broker_url.startswith("redis")
+    worker = procs.worker(settings, "rawctl")
+    control = create_app(settings).control
+    wait_until(lambda: control.inspect(timeout=1).ping(), 30, "the worker to answer ping")
+    client = redis.Redis.from_url(settings.broker_url)
+    db = client.connection_pool.connection_kwargs.get("db", 0)
+    channel = f"/{db}.celery.pidbox"  # kombu's topic: its fanout prefix, then the exchange
+    payloads = ["{}", "[]", '{"properties": 1}', "[" * 100_000, '{"body": ' * 50_000]
+    for payload in payloads:
+        assert client.publish(channel, payload) == 1, "the worker listens on this channel"
+
+    wait_until(
+        lambda: (
+            not worker.alive()
+            or worker.log().count("ignored a malformed broadcast message") == len(payloads)
+        ),
+        30,
+        "the worker to log each message",
+    )
+    assert worker.alive(), worker.log()[-3000:]
+    assert control.inspect(timeout=5).ping()
+    with SagaClient(settings) as saga_client:
+        procs.relay(settings)
+        run_id = saga_client.start(sagas.two, {})
+        assert saga_client.result(run_id, timeout=60)["trail"] == [1, 2]
+    assert "Traceback" not in worker.log()
