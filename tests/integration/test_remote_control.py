@@ -17,7 +17,9 @@ from tests import sagas
 from tests.processes import ProcessGroup, wait_until
 
 
-def broadcast(url: str, body: Any, *, serializer: str = "json") -> None:
+def broadcast(
+    url: str, body: Any, *, serializer: str = "json", headers: dict[str, Any] | None = None
+) -> None:
     """A message on Celery's control exchange, as anyone with broker access could send."""
     exchange = Exchange("celery.pidbox", type="fanout", durable=False, delivery_mode="transient")
     with Connection(url) as conn:
@@ -28,7 +30,7 @@ def broadcast(url: str, body: Any, *, serializer: str = "json") -> None:
                 content_encoding="binary",
             )  # fmt: skip
         else:
-            producer.publish(body, serializer=serializer)
+            producer.publish(body, serializer=serializer, headers=headers or {})
 
 
 def test_inspection_answers_and_no_broadcast_stops_the_worker(
@@ -91,4 +93,38 @@ def test_a_raw_publish_on_the_control_channel_does_not_stop_the_worker(
         procs.relay(settings)
         run_id = saga_client.start(sagas.two, {})
         assert saga_client.result(run_id, timeout=60)["trail"] == [1, 2]
+    assert "Traceback" not in worker.log()
+
+
+def test_a_broadcast_kombu_cannot_act_on_is_ignored(
+    settings: Settings, procs: ProcessGroup
+) -> None:
+    """A regular expression matcher (kombu's pcre runs it on the consumer loop: this one
+    backtracks for hours on the worker's long host name), an unknown matcher, an unknown field
+    or a clock that is not an integer: each is ignored with one line, and the worker answers
+    the next ping. Before, the first stalled the worker and the others had Celery reset the
+    control channel."""
+    assert settings.broker_url
+    worker = procs.worker(settings, "ctl" + "a" * 40)
+    control = create_app(settings).control
+    wait_until(lambda: control.inspect(timeout=1).ping(), 30, "the worker to answer ping")
+
+    bad: list[tuple[dict[str, Any], dict[str, Any] | None, str]] = [
+        ({"method": "ping", "pattern": "(((.+)+)+)+!", "matcher": "pcre"}, None, "'pcre'"),
+        ({"method": "ping", "pattern": "x", "matcher": "nope"}, None, "'nope'"),
+        ({"method": "ping", "self": 1}, None, "fields 'self'"),
+        ({"method": "ping"}, {"clock": "x"}, "clock header is a str"),
+    ]
+    for body, headers, cause in bad:
+        since = len(worker.log())
+        broadcast(settings.broker_url, body, headers=headers)
+        assert control.inspect(timeout=5, limit=1).ping(), f"no answer after {body} {headers}"
+        lines = [
+            line
+            for line in worker.log()[since:].splitlines()
+            if "ignored a malformed remote control message" in line
+        ]
+        assert len(lines) == 1 and cause in lines[0], lines
+    assert control.inspect(timeout=5, limit=1, pattern="ctl*", matcher="glob").ping()
+    assert worker.alive()
     assert "Traceback" not in worker.log()
