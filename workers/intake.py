@@ -238,10 +238,33 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         """Strategies for the engine's tasks only: no other registered task (Celery's built-ins
         included) is runnable by a message, whatever the vetting lets through."""
         super().update_strategies()
-        if not self.strict:
-            return
-        for name in [n for n in self.strategies if n not in MODELS]:
-            del self.strategies[name]
+        if self.strict:
+            for name in [n for n in self.strategies if n not in MODELS]:
+                del self.strategies[name]
+        for name in MODELS:
+            if name in self.strategies:
+                self.strategies[name] = self._vetted_only(name, self.strategies[name])
+
+    def _vetted_only(self, name: str, strategy: Any) -> Any:
+        """``strategy`` (Celery's for the engine task ``name``), run only for a message whose
+        task header names it, the one the vetting checked. Celery reads a message with no task
+        header as protocol 1 and takes the task from its body: on the user's own app, with
+        pickle accepted, such a message would run the engine's task unvetted and unsigned."""
+
+        def run(message: Any, *args: Any, **kwargs: Any) -> Any:
+            headers = message.headers
+            if not isinstance(headers, Mapping) or headers.get("task") != name:
+                self.refuse(
+                    message,
+                    MalformedMessageError(
+                        f"names the engine's task {name} without a Celery protocol 2 task "
+                        "header: only a vetted protocol 2 message runs it"
+                    ),
+                )
+                return None
+            return strategy(message, *args, **kwargs)
+
+        return run
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """kombu could not read the message (an AMQP message kombu refuses, say): one line, not

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu import Connection, Producer
 
 from saga.client import SagaClient
 from saga.settings import Settings
@@ -154,6 +155,31 @@ def test_a_beat_tick_sent_twice_starts_one_run(
     started = re.findall(r"saga\.start\[nightly-report\].* succeeded in .*: '(.*)'", worker.log())
     assert started == [run_id, run_id]
     assert "rejected" not in worker.log()
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_an_engine_task_without_a_task_header_is_refused_on_the_users_app(
+    settings: Settings, procs: ProcessGroup, project: Path, serializer: str
+) -> None:
+    """Celery reads a message with no task header as protocol 1, the task named in its body.
+    The app accepts pickle for its own tasks and signing is on: such a message started a run,
+    unsigned, unvetted (from pickle too)."""
+    env = project_env(settings, SAGA_MESSAGE_SIGNING_KEY="k" * 40)
+    worker = start_worker(procs, project, env, "p1", "--pool=solo")
+    wait_until(lambda: "ready" in worker.log(), 60, "the worker to be ready")
+    forged = {
+        "task": "saga.start",
+        "id": f"forged-{serializer}",
+        "args": [],
+        "kwargs": {"saga": "proj.sagas:order", "input": {"item": "x"}, "run_id": "forged"},
+    }
+    with Connection(env["PROJ_BROKER_URL"]) as conn:
+        Producer(conn.default_channel).publish(forged, routing_key="celery", serializer=serializer)
+    line = "rejected malformed task message (no task id): names the engine's task saga.start"
+    wait_until(lambda: line in worker.log() or _runs(settings, "proj_order"), 30, "a rejection")
+    assert _runs(settings, "proj_order") == []
+    assert worker.alive()
+    assert worker.log().count("rejected malformed task message") == 1
 
 
 def _runs(settings: Settings, saga_name: str) -> list[str]:
