@@ -256,7 +256,7 @@ def _connect_signals(app: Celery) -> None:
     signals.worker_process_shutdown.connect(on_process_exit, weak=False, dispatch_uid=uid)
     signals.worker_shutdown.connect(on_process_exit, weak=False, dispatch_uid=uid)
     from saga.signing import SIGNATURE, MessageKeys
-    from saga.workers.schedule import stamp_fired_at
+    from saga.workers.schedule import restore_kwargs, stamp_fired_at, track_beat_entries
 
     keys = MessageKeys.from_settings(installation(app).settings)
 
@@ -265,12 +265,20 @@ def _connect_signals(app: Celery) -> None:
         # signing on, the signature workers require (after the stamp, which it covers).
         if sender != START_TASK:
             return
-        stamp_fired_at(sender=sender, body=body)
+        stamp_fired_at(sender=sender, body=body, beat_schedule=app.conf.beat_schedule)
         if keys is not None and isinstance(headers, dict) and SIGNATURE not in headers:
             args, kwargs = body[0], body[1]
             headers[SIGNATURE] = keys.sign(sender, headers["id"], list(args), kwargs, headers)
 
     signals.before_task_publish.connect(on_publish, weak=False, dispatch_uid=uid)
+    signals.after_task_publish.connect(restore_kwargs, weak=False, dispatch_uid=uid)
+
+    def on_beat_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            track_beat_entries(sender=sender)
+
+    signals.beat_init.connect(on_beat_init, weak=False, dispatch_uid=uid)
+    signals.beat_embedded_init.connect(on_beat_init, weak=False, dispatch_uid=uid)
 
 
 def start_checks(app: Celery, worker: Any = None) -> None:

@@ -12,7 +12,8 @@ Two depths: ``GuardedConsumer`` (Celery's ``worker_consumer``) vets each task me
 Celery's strategy sees it. Below it, the consumer's connection uses kombu transports that fail
 no message inside kombu or py-amqp, before any Celery callback: they refuse a ``compression``
 header before decompressing (a small body can inflate to gigabytes), drop Redis list items that
-are not a kombu envelope (not JSON, not an object, a body that is not base64), and deliver a
+are not a kombu envelope (not JSON, not an object, a body that is not base64) and broadcasts
+on its pub/sub channels that kombu or Celery cannot read, and deliver a
 RabbitMQ message whose properties py-amqp cannot decode (not UTF-8) marked for rejection.
 """
 
@@ -24,6 +25,7 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Mapping
+from queue import Empty
 from struct import unpack_from
 from typing import Any
 
@@ -236,10 +238,33 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         """Strategies for the engine's tasks only: no other registered task (Celery's built-ins
         included) is runnable by a message, whatever the vetting lets through."""
         super().update_strategies()
-        if not self.strict:
-            return
-        for name in [n for n in self.strategies if n not in MODELS]:
-            del self.strategies[name]
+        if self.strict:
+            for name in [n for n in self.strategies if n not in MODELS]:
+                del self.strategies[name]
+        for name in MODELS:
+            if name in self.strategies:
+                self.strategies[name] = self._vetted_only(name, self.strategies[name])
+
+    def _vetted_only(self, name: str, strategy: Any) -> Any:
+        """``strategy`` (Celery's for the engine task ``name``), run only for a message whose
+        task header names it, the one the vetting checked. Celery reads a message with no task
+        header as protocol 1 and takes the task from its body: on the user's own app, with
+        pickle accepted, such a message would run the engine's task unvetted and unsigned."""
+
+        def run(message: Any, *args: Any, **kwargs: Any) -> Any:
+            headers = message.headers
+            if not isinstance(headers, Mapping) or headers.get("task") != name:
+                self.refuse(
+                    message,
+                    MalformedMessageError(
+                        f"names the engine's task {name} without a Celery protocol 2 task "
+                        "header: only a vetted protocol 2 message runs it"
+                    ),
+                )
+                return None
+            return strategy(message, *args, **kwargs)
+
+        return run
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """kombu could not read the message (an AMQP message kombu refuses, say): one line, not
@@ -357,9 +382,12 @@ class _GuardedChannel(kombu_redis.Channel):
             log.error("rejected malformed task message %s", one_line(exc))
             message_rejected(False)
             return True
-        except (ValueError, TypeError, AttributeError, ArithmeticError, KeyError) as exc:
-            # kombu's loads() of the item: not UTF-8, not JSON, or a bad kombu type marker.
-            # What runs after it (the consumer) lets only connection errors out.
+        except Exception as exc:
+            if isinstance(exc, Empty) or self._connection_error(exc):
+                raise
+            # kombu's loads() of the item: not UTF-8, not JSON, nested past the recursion
+            # limit, a bad kombu type marker. What runs after it (the consumer) lets only
+            # connection errors out.
             log.error(
                 "rejected malformed task message (no task id): a Redis list item that is not "
                 "a kombu envelope: %s: %.200s",
@@ -368,6 +396,29 @@ class _GuardedChannel(kombu_redis.Channel):
             )
             message_rejected(False)
             return True
+
+    def _receive_one(self, c: Any) -> Any:
+        """A message on a fanout exchange (remote control: ``celery.pidbox``), which any client
+        of the Redis server can PUBLISH: one that kombu or Celery cannot read is dropped with
+        one line. kombu catches only a body that is not JSON; anything else stopped the
+        worker."""
+        try:
+            return super()._receive_one(c)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            if isinstance(exc, Empty) or self._connection_error(exc):
+                raise
+            log.error(
+                "ignored a malformed broadcast message: %s: %.200s",
+                type(exc).__name__,
+                one_line(exc),
+            )
+            message_rejected(False)
+            return True
+
+    def _connection_error(self, exc: Exception) -> bool:
+        # As GuardedConsumer's: kombu counts KeyError among Redis connection errors, but raised
+        # while reading an item it is the item's fault.
+        return isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError)
 
 
 class GuardedRedisTransport(kombu_redis.Transport):

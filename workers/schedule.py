@@ -1,10 +1,14 @@
 """Runs started by Celery beat: one run per schedule tick, however often the tick is sent.
 
 Beat sends ``saga.start`` with the entry's name (``schedule``). The publishing process (beat)
-stamps the message with the time it fired; the worker rounds that time down to the tick (the
-interval of an interval schedule, the minute of a crontab or solar one) and names the run
-``<entry>-<tick>``. A tick sent twice (two beats by mistake, a beat restarted without its
-state) names the same run, and starting a run is idempotent by id.
+stamps the message with the time it fired, rounds that time down to the tick (the interval of
+an interval schedule, the minute of a crontab or solar one) and names the run
+``<entry>-<tick>`` (``run_id``). The period comes from beat's own entry (the one it is
+applying, whatever its scheduler: django-celery-beat's too), else from the sending app's
+``beat_schedule``: never from the worker's configuration, which may not hold the entry. A tick
+sent twice (two beats by mistake, a beat restarted without its state) names the same run, and
+starting a run is idempotent by id. A message with a schedule and no run id (sent by a process
+without the engine installed) is named by the worker, from its own ``beat_schedule``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from saga.messages import START_TASK
@@ -59,11 +64,75 @@ def run_id_for(entry: str, beat_schedule: Mapping[str, Any] | None, fired_at: fl
     return scheduled_run_id(entry, tick_of(when, period_of(schedule)))
 
 
-def stamp_fired_at(sender: Any = None, body: Any = None, **_: Any) -> None:
+# The beat entry being applied in this process (set around beat's Scheduler.apply_async).
+_applying: ContextVar[Any] = ContextVar("saga_beat_entry", default=None)
+# The caller's kwargs dict stamped by the last publish, and the keys added to it: removed again
+# once the message is sent (Celery's body holds the caller's own dict, not a copy).
+_stamped: ContextVar[tuple[dict[str, Any], tuple[str, ...]] | None] = ContextVar(
+    "saga_stamped", default=None
+)
+
+
+def track_beat_entries(sender: Any = None, **_: Any) -> None:
+    """``beat_init``/``beat_embedded_init``: note which entry beat is applying, so that the
+    start it sends is named from that entry's own schedule."""
+    scheduler: Any = getattr(sender, "scheduler", None)
+    apply = getattr(scheduler, "apply_async", None)
+    if apply is None or getattr(apply, "saga_tracked", False):
+        return
+
+    def apply_async(entry: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _applying.set(entry)
+        try:
+            return apply(entry, *args, **kwargs)
+        finally:
+            _applying.reset(token)
+
+    apply_async.saga_tracked = True  # type: ignore[attr-defined]
+    scheduler.apply_async = apply_async
+
+
+def _schedule_of(entry: str, beat_schedule: Mapping[str, Any] | None) -> Any:
+    """The schedule of beat entry ``entry``: the entry beat is applying, else the app's."""
+    applying = _applying.get()
+    if applying is not None and getattr(applying, "name", None) == entry:
+        return getattr(applying, "schedule", None)
+    spec = (beat_schedule or {}).get(entry)
+    return spec.get("schedule") if isinstance(spec, Mapping) else None
+
+
+def stamp_fired_at(
+    sender: Any = None, body: Any = None, beat_schedule: Mapping[str, Any] | None = None, **_: Any
+) -> None:
     """``before_task_publish``: stamp a scheduled start with the time it was sent (in beat's
-    process, when it fires), before any queue delay."""
+    process, when it fires, before any queue delay) and, when this process knows the entry's
+    schedule, the run id of its tick. The keys are added to the caller's dict only for the
+    publish: ``restore_kwargs`` takes them out again."""
     if sender != START_TASK or not isinstance(body, tuple | list) or len(body) < 2:
         return
+    restore_kwargs()  # a publish that failed before after_task_publish: its dict as it was
     kwargs = body[1]
-    if isinstance(kwargs, dict) and kwargs.get("schedule") and kwargs.get("fired_at") is None:
-        kwargs["fired_at"] = time.time()
+    if not isinstance(kwargs, dict) or not kwargs.get("schedule"):
+        return
+    added: dict[str, Any] = {}
+    if kwargs.get("fired_at") is None:
+        added["fired_at"] = time.time()
+    entry = kwargs["schedule"]
+    schedule = _schedule_of(entry, beat_schedule) if isinstance(entry, str) else None
+    if kwargs.get("run_id") is None and schedule is not None:
+        fired_at = added.get("fired_at", kwargs.get("fired_at"))
+        if isinstance(fired_at, int | float) and fired_at >= 0:
+            added["run_id"] = scheduled_run_id(entry, tick_of(fired_at, period_of(schedule)))
+    kwargs.update(added)
+    _stamped.set((kwargs, tuple(added)))
+
+
+def restore_kwargs(sender: Any = None, **_: Any) -> None:
+    """``after_task_publish``: the caller's kwargs as they were before ``stamp_fired_at``."""
+    stamped = _stamped.get()
+    if stamped is None:
+        return
+    _stamped.set(None)
+    kwargs, added = stamped
+    for key in added:
+        kwargs.pop(key, None)

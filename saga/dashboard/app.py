@@ -318,10 +318,15 @@ class Dashboard:
 
 
 def _local(path: str | None) -> str:
-    """Only a path on this dashboard (an open redirect would let a link send users elsewhere)."""
-    if not path or not path.startswith("/") or path.startswith("//") or "\\" in path:
+    """Only a path on this dashboard (an open redirect would let a link send users elsewhere),
+    of URL-safe characters: a control character split the Location header in two, or was
+    dropped by the browser (``/\t/evil.com`` is ``//evil.com``)."""
+    if not path or not _LOCAL_PATH.fullmatch(path) or path.startswith("//"):
         return "/"
     return path
+
+
+_LOCAL_PATH = re.compile(r"/[A-Za-z0-9/_.\-?=&%]*")
 
 
 __all__ = ["Dashboard"]

@@ -43,6 +43,8 @@ class Request:
                 length = int(environ.get("CONTENT_LENGTH") or 0)
             except ValueError:
                 raise BadRequest("Content-Length is not a number") from None
+            if length < 0:  # read(-1) reads to the end of the stream: blocks until it closes
+                raise BadRequest("Content-Length is negative")
             if length > MAX_BODY:
                 raise BadRequest(f"the request body is over {MAX_BODY} bytes")
             body = environ["wsgi.input"].read(length) if length else b""

@@ -3,10 +3,13 @@ loopback, a read-only mode, and security headers; each tried from a real browser
 
 from __future__ import annotations
 
+import http.client
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+from urllib.parse import urlencode
 
 import psycopg
 import pytest
@@ -219,3 +222,39 @@ def test_a_token_less_dashboard_answers_only_to_loopback_names(
     )
     assert rebound.status == 403
     assert "loopback" in rebound.json()["error"]
+
+
+def test_the_login_redirect_and_the_request_body_are_read_strictly(settings: Settings) -> None:
+    """A ``next`` with a control character split the Location header in two (a forged cookie)
+    or became ``//evil.example`` once the browser dropped a tab; a negative Content-Length made
+    the server wait for the client to close the connection."""
+    token = "s3cret-token-for-the-test"
+    guarded = settings.model_copy(update={"dashboard_token": SecretStr(token)})
+    with DashboardServer(guarded, host="127.0.0.1", port=0, refresh_seconds=0) as server:
+        server.start()
+        port = server.httpd.server_address[1]
+        for target, expected in [
+            ("/\r\nSet-Cookie: forged=1", "/"),
+            ("/\t/evil.example", "/"),
+            ("//evil.example", "/"),
+            ("/runs?state=failed&saga=a_b", "/runs?state=failed&saga=a_b"),
+        ]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            form = urlencode({"token": token, "next": target})
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            conn.request("POST", "/login", body=form, headers=headers)
+            response = conn.getresponse()
+            assert response.status in (302, 303), response.read()
+            assert response.getheader("Location") == expected
+            cookies = response.msg.get_all("Set-Cookie") or []
+            assert cookies and not [c for c in cookies if "forged" in c]
+            conn.close()
+
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            raw.sendall(
+                b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n\r\ntoken=x"
+            )
+            # Not closing our side: before, the server read until we did (read(-1)).
+            status_line = raw.recv(200).split(b"\r\n")[0]
+            assert b" 400 " in status_line, status_line

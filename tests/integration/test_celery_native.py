@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from kombu import Connection, Producer
 
 from saga.client import SagaClient
 from saga.settings import Settings
+from saga.workers.schedule import scheduled_run_id, tick_of
 from saga_dev.otlp_receiver import OTLPReceiver
 from tests.conftest import BROKER_URL
 from tests.integration.celery_project import (
@@ -154,6 +156,74 @@ def test_a_beat_tick_sent_twice_starts_one_run(
     started = re.findall(r"saga\.start\[nightly-report\].* succeeded in .*: '(.*)'", worker.log())
     assert started == [run_id, run_id]
     assert "rejected" not in worker.log()
+
+
+def test_beat_names_the_run_from_its_own_entry_when_the_worker_lacks_it(
+    settings: Settings, procs: ProcessGroup, client: SagaClient, project: Path
+) -> None:
+    """A ``saga worker`` (no beat_schedule) runs what beat sends for an entry that is only in
+    beat's scheduler (as with django-celery-beat): a 7 s interval names 7 s ticks (the
+    worker's fallback, a minute, collapsed sub-minute intervals), and a tick sent twice starts
+    one run."""
+    env = project_env(settings)
+    start_relay(procs, project, env)
+    # Beat's starts go to the app's default queue; the runs' steps to the engine's.
+    queues = f"celery,{settings.queue}"
+    argv = [sys.executable, "-m", "saga", "worker", "--pool", "solo", "-Q", queues]
+    saga_env = {**env, "SAGA_BROKER_URL": env["PROJ_BROKER_URL"]}
+    worker = procs.command("sw", argv, saga_env, cwd=project)
+    send = (
+        "import time\n"
+        "from celery import signals\n"
+        "from celery.beat import Service\n"
+        "from proj.celery_app import app\n"
+        "beat = Service(app=app, scheduler_cls='celery.beat:Scheduler')\n"
+        "signals.beat_init.send(sender=beat)\n"
+        "kwargs = {'saga': 'proj.sagas:order', 'input': {'item': 'fast'}, 'schedule': 'fast'}\n"
+        "entry = beat.scheduler.Entry(name='fast', app=app, task='saga.start', schedule=7.0,\n"
+        "                             kwargs=kwargs)\n"
+        "print('before', time.time())\n"
+        "for _ in range(2):\n"
+        "    beat.scheduler.apply_async(entry)\n"
+        "print('after', time.time())\n"
+        "print('kwargs', sorted(entry.kwargs))\n"
+    )
+    out = python(project, env, send)
+    wait_until(lambda: _runs(settings, "proj_order"), 30, "the scheduled run")
+    (run_id,) = _runs(settings, "proj_order")
+    before, after = (float(re.findall(rf"{w} (\S+)", out)[0]) for w in ("before", "after"))
+    ticks = {tick_of(t, 7.0) for t in (before, after)}
+    assert run_id in {scheduled_run_id("fast", tick) for tick in ticks}
+    assert "kwargs ['input', 'saga', 'schedule']" in out  # beat's entry left as it was
+    assert client.result(run_id, timeout=60) == {"reserved": "fast", "flight": "FL-1"}
+    started = re.findall(r"saga\.start\[fast\].* succeeded in .*: '(.*)'", worker.log())
+    assert started == [run_id, run_id]
+    assert _runs(settings, "proj_order") == [run_id]
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_an_engine_task_without_a_task_header_is_refused_on_the_users_app(
+    settings: Settings, procs: ProcessGroup, project: Path, serializer: str
+) -> None:
+    """Celery reads a message with no task header as protocol 1, the task named in its body.
+    The app accepts pickle for its own tasks and signing is on: such a message started a run,
+    unsigned, unvetted (from pickle too)."""
+    env = project_env(settings, SAGA_MESSAGE_SIGNING_KEY="k" * 40)
+    worker = start_worker(procs, project, env, "p1", "--pool=solo")
+    wait_until(lambda: "ready" in worker.log(), 60, "the worker to be ready")
+    forged = {
+        "task": "saga.start",
+        "id": f"forged-{serializer}",
+        "args": [],
+        "kwargs": {"saga": "proj.sagas:order", "input": {"item": "x"}, "run_id": "forged"},
+    }
+    with Connection(env["PROJ_BROKER_URL"]) as conn:
+        Producer(conn.default_channel).publish(forged, routing_key="celery", serializer=serializer)
+    line = "rejected malformed task message (no task id): names the engine's task saga.start"
+    wait_until(lambda: line in worker.log() or _runs(settings, "proj_order"), 30, "a rejection")
+    assert _runs(settings, "proj_order") == []
+    assert worker.alive()
+    assert worker.log().count("rejected malformed task message") == 1
 
 
 def _runs(settings: Settings, saga_name: str) -> list[str]:

@@ -378,6 +378,13 @@ KINDS = [
         redis_only="a Redis list item; RabbitMQ frames have no JSON envelope",
     ),
     Kind(
+        "redis_item_nested_past_the_recursion_limit",
+        lambda s, t: s.push_raw("[" * 100_000),
+        "not a kombu envelope: RecursionError",
+        named=False,
+        redis_only="a Redis list item; RabbitMQ frames have no JSON envelope",
+    ),
+    Kind(
         "redis_array_envelope",
         lambda s, t: s.push_raw(json.dumps([t, {"body": "W10="}])),
         "envelope is a JSON list",

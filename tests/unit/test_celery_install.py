@@ -22,7 +22,14 @@ from saga.workers.broker_options import tls_options
 from saga.workers.install import ENGINE_TASKS
 from saga.workers.intake import shadow_name
 from saga.workers.registry import installation
-from saga.workers.schedule import period_of, run_id_for, scheduled_run_id, tick_of
+from saga.workers.schedule import (
+    period_of,
+    restore_kwargs,
+    run_id_for,
+    scheduled_run_id,
+    stamp_fired_at,
+    tick_of,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -184,6 +191,24 @@ def test_two_fires_of_one_tick_name_one_run_and_the_next_tick_another() -> None:
     assert run_id_for("hourly", beat, 7_260.0) == first  # fired again, a minute later
     assert run_id_for("hourly", beat, 10_800.5) != first  # the next tick
     assert first == "hourly-19700101T020000Z"
+
+
+def test_the_sender_names_the_run_and_leaves_the_callers_kwargs_as_they_were() -> None:
+    beat = {"fast": {"task": "saga.start", "schedule": 10.0}}
+    kwargs = {"saga": "m:s", "schedule": "fast"}
+    body = ((), kwargs, {})
+    stamp_fired_at(sender="saga.start", body=body, beat_schedule=beat)
+    sent = dict(kwargs)  # what the message carries
+    restore_kwargs()
+    assert kwargs == {"saga": "m:s", "schedule": "fast"}
+    assert sent["run_id"] == run_id_for("fast", beat, sent["fired_at"])
+    assert sent["run_id"] == scheduled_run_id("fast", tick_of(sent["fired_at"], 10.0))
+    # An entry this process does not know: the time only; the worker names the run.
+    other = {"saga": "m:s", "schedule": "elsewhere"}
+    stamp_fired_at(sender="saga.start", body=((), other, {}), beat_schedule=beat)
+    assert set(other) == {"saga", "schedule", "fired_at"}
+    restore_kwargs()
+    assert set(other) == {"saga", "schedule"}
 
 
 def test_a_schedule_name_is_made_fit_for_a_run_id_without_collisions() -> None:

@@ -98,7 +98,9 @@ def test_binding_beyond_loopback_needs_a_token() -> None:
 
 def test_redirects_after_login_stay_on_the_dashboard() -> None:
     assert _local("/runs/x") == "/runs/x"
-    for bad in (None, "", "https://evil.example/", "//evil.example/x", "/\\evil.example"):
+    assert _local("/runs?state=failed&saga=a_b") == "/runs?state=failed&saga=a_b"
+    control = ("/\r\nSet-Cookie: a=b", "/\t/evil.example", "/x\x00", "/caf\u00e9")
+    for bad in (None, "", "https://evil.example/", "//evil.example/x", "/\\evil.example", *control):
         assert _local(bad) == "/"
 
 
