@@ -6,6 +6,7 @@ import getpass
 import os
 import re
 import socket
+import threading
 import uuid
 from typing import Any
 
@@ -95,6 +96,7 @@ class SagaClient:
         self._publish = publish and (publisher is not None or bool(settings.broker_url))
         self._publisher: Any = publisher
         self._own_publisher = False  # one made here is closed here
+        self._publisher_lock = threading.Lock()
         if settings.trace_exception_details:  # asked for; never switched off for the process
             tracing.export_exception_details(True)
         url = database_url(settings, "SagaClient") if store is None else ""
@@ -137,7 +139,7 @@ class SagaClient:
             coordinator.advance(tx, lambda _ref: definition)
 
         unsent: list[OutboxMessage] | None = [] if self._publish else None
-        self.store.create_run(
+        created = self.store.create_run(
             run_id=run_id,
             saga_name=definition.name,
             saga_ref=ref,
@@ -150,6 +152,10 @@ class SagaClient:
         )
         if unsent:
             self._publish_now(unsent)
+        elif not created and unsent is not None:
+            # The run existed: perhaps our own earlier try, whose commit's reply was lost and
+            # whose messages were never published. The sweeper sends what it still owes.
+            self.store.messages_owed_now(run_id)
         return run_id
 
     def _publish_now(self, messages: list[OutboxMessage]) -> None:
@@ -157,9 +163,10 @@ class SagaClient:
         client that dies before sending them delays the run by the dispatch timeout."""
         from saga.workers.publish import CeleryPublisher, publish_now
 
-        if self._publisher is None:
-            self._publisher = CeleryPublisher.for_settings(self.settings)
-            self._own_publisher = True
+        with self._publisher_lock:  # one per client, whichever thread starts first
+            if self._publisher is None:
+                self._publisher = CeleryPublisher.for_settings(self.settings)
+                self._own_publisher = True
         publish_now(self._publisher, self.store.relay_later, messages)
 
     def wait(self, run_id: str, *, timeout: float | None = None) -> RunRecord:

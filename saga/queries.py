@@ -256,6 +256,16 @@ WHERE s.run_id = due.run_id AND s.step_key = due.step_key AND r.run_id = s.run_i
 RETURNING s.run_id, s.step_key, r.trace_context, coalesce(s.options->>'queue', r.queue) AS queue
 """
 
+# After a commit whose reply was lost: what it owes goes out with the sweeper's next pass.
+MESSAGES_OWED_NOW: LiteralString = """
+WITH steps AS (
+    UPDATE saga_steps SET due_at = now()
+    WHERE run_id = %(run_id)s AND state = 'dispatched' AND due_at > now()
+)
+UPDATE saga_runs SET advance_due_at = now()
+WHERE run_id = %(run_id)s AND advance_due_at > now()
+"""
+
 # An advance task is on its way to this run: due again after the dispatch timeout (0005).
 ADVANCE_REQUESTED: LiteralString = """
 UPDATE saga_runs SET advance_due_at = now() + %(dispatch_timeout)s * interval '1 second'

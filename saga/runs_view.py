@@ -259,8 +259,11 @@ def merge_attempts(
     ]
     latest = step["attempt"]
     if latest > 0 and latest not in {v.attempt for v in views}:
-        error = step["error"] if isinstance(step["error"], Mapping) else {}
         running = step["state"] == StepState.RUNNING
+        # A claim leaves the previous attempt's error on the row (the retry's backoff span
+        # reads it): it is this attempt's only once the attempt has ended.
+        ended = step["state"] in (StepState.COMPLETED, StepState.FAILED, StepState.CANCELLED)
+        error = step["error"] if ended and isinstance(step["error"], Mapping) else {}
         views.append(
             AttemptView(
                 attempt=latest,

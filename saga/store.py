@@ -387,7 +387,8 @@ class PostgresStore:
         no outbox row: the row would only be written, marked published and deleted, three row
         versions and a third of a step's WAL, for the rare publish that fails (which
         ``relay_later`` then hands to the relay) or a worker dying between commit and publish
-        (the dead worker's dispatched steps are sent again after a lease)."""
+        (the dispatched steps of the queues it read are sent again after a lease, any other
+        after the dispatch timeout)."""
         where = f"{action} step {claim.step_key!r} of run {claim.run_id!r}"
         key = {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt}
         with (
@@ -428,6 +429,13 @@ class PostgresStore:
         with self._locked_run(run_id, f"advancing run {run_id!r}") as tx:
             tx.advancing()
             advance(tx)
+
+    def messages_owed_now(self, run_id: str) -> None:
+        """Make the run's owed messages due now (its dispatched steps, an advance it is owed),
+        for the sweeper to send: a commit whose reply was lost left them unpublished. Any that
+        did go out are duplicates, which the claim fences."""
+        with translated("making a run's messages due"), self._pool.connection() as conn:
+            conn.execute(q.MESSAGES_OWED_NOW, {"run_id": run_id})
 
     def relay_later(self, messages: Sequence[OutboxMessage]) -> None:
         """Outbox rows for messages a fast path could not publish: the relay sends them now."""

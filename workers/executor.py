@@ -355,7 +355,8 @@ class StepExecutor:
         failover) for up to one lease: the step's work is done and must not be lost to a blip.
 
         A retried outcome whose first try did commit meets the fence; that is success, and
-        returns None (the relay publishes its rows once the fast-path grace has passed).
+        returns None. The messages that commit caused were never published (its reply was
+        lost with the connection): they are made due now, and the sweeper sends them.
         """
         delay, deadline, retried = 0.05, time.monotonic() + self.settings.lease_seconds, False
         while True:
@@ -363,6 +364,7 @@ class StepExecutor:
                 return action()
             except Fenced:
                 if retried and claim is not None and self._committed_by_us(claim):
+                    self._durably("handing its messages to the sweeper", self._owed_now(claim))
                     return None
                 raise
             except StoreRejectedError:
@@ -373,6 +375,9 @@ class StepExecutor:
                 log.warning("%s failed, retrying in %.2f s: %s", what, delay, exc)
                 time.sleep(delay)
                 delay, retried = min(delay * 2, 1.0), True
+
+    def _owed_now(self, claim: Claim) -> Callable[[], None]:
+        return lambda: self.store.messages_owed_now(claim.run_id)
 
     def _committed_by_us(self, claim: Claim) -> bool:
         state = self.store.step_state(claim.run_id, claim.step_key)

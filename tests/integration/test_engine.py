@@ -352,3 +352,18 @@ def test_start_is_idempotent_and_conflicts_are_errors(client: SagaClient) -> Non
         client.start("tests.sagas:nope", {})
     with pytest.raises(UnknownSagaError, match="module:attribute"):
         client.start("tests.sagas", {})
+
+
+def test_a_start_repeated_after_a_lost_reply_leaves_what_it_owes_to_the_sweeper(
+    settings: Settings, db: Conn
+) -> None:
+    # A start whose commit's reply was lost published nothing; its retry finds the run there
+    # and makes the run's dispatched steps due now, for the sweeper to send (a duplicate, if
+    # the first message did go out, is fenced by the claim).
+    patient = settings.model_copy(update={"dispatch_timeout_seconds": 600.0})
+    with SagaClient(patient) as client:
+        run_id = client.start(sagas.two, {}, run_id="lost-reply")
+        due = "SELECT due_at > now() + interval '60 seconds' FROM saga_steps WHERE run_id = %s"
+        assert db.execute(due, (run_id,)).fetchone() == (True,)
+        assert client.start(sagas.two, {}, run_id="lost-reply") == run_id
+        assert db.execute(due, (run_id,)).fetchone() == (False,)

@@ -80,6 +80,13 @@ def test_a_running_attempt_has_no_end_yet() -> None:
     assert (running.outcome, running.finished_at) == ("running", None)
 
 
+def test_a_running_retry_does_not_show_the_previous_attempts_error() -> None:
+    # The claim leaves attempt 1's error on the row; attempt 2 has none of its own yet.
+    row = step_row(state="running", attempt=2, error={"type": "ValueError", "message": "boom"})
+    views = merge_attempts(row, [kept(1, "failed")])
+    assert [(v.attempt, v.outcome, v.error_type) for v in views][1] == (2, "running", None)
+
+
 @pytest.mark.parametrize(
     ("state", "error", "outcome"),
     [
