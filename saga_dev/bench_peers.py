@@ -34,11 +34,10 @@ from typing import IO, Any
 
 import psycopg
 
-from saga.client import SagaClient
 from saga.errors import ConfigurationError, SagaError
 from saga.settings import Settings
-from saga_dev.bench import WORKERS, Bench, Children, bench_harness, prepare
-from saga_dev.bench_sagas import CHAIN_LENGTHS, chain_ref
+from saga_dev.bench import WORKERS, Children, bench_harness, prepare
+from saga_dev.bench_sagas import CHAIN_LENGTHS
 from saga_dev.private_postgres import PrivatePostgres, private_postgres
 
 SAGA_DB = "saga_peers"
@@ -172,41 +171,6 @@ def _wal_by_record(
 # -- the engine's side ---------------------------------------------------------------------
 
 
-def _saga_runs(bench: Bench, steps: int, runs: int) -> float:
-    """Start ``runs`` runs of ``steps`` no-op steps at once; seconds to the last completion."""
-    ids = [uuid.uuid4().hex for _ in range(runs)]
-    bench.run_ids.extend(ids)
-    ref, errors = chain_ref(steps), list[BaseException]()
-
-    def starter(client: SagaClient, part: Sequence[str]) -> None:
-        try:
-            for run_id in part:
-                client.start(ref, 0, run_id=run_id)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=starter, args=(c, ids[i :: len(bench.clients)]), daemon=True)
-        for i, c in enumerate(bench.clients)
-    ]
-
-    def check() -> None:
-        if errors:
-            raise errors[0]
-
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    try:
-        ended = bench.watcher.wait(ids, RUN_TIMEOUT, check)
-    finally:
-        for t in threads:
-            t.join()
-    check()
-    bench.expect_completed(ids)
-    return ended - began
-
-
 def _saga_side(
     settings: Settings, pg: PrivatePostgres, steps: int, runs: int, latency_runs: int, settle: float
 ) -> dict[str, Any]:
@@ -218,7 +182,7 @@ def _saga_side(
             out.update(_latency(per_step))
         cpu = bench.children.cpu_seconds()
         with _measured(pg, SAGA_DB, runs * steps, out, True, settle):
-            elapsed = _saga_runs(bench, steps, runs)
+            elapsed = bench.saga_runs_seconds(runs, steps)
         out["steps_per_s"] = round(runs * steps / elapsed, 1)
         out["worker_cpu_ms_per_step"] = _cpu_ms(cpu, bench.children.cpu_seconds(), runs * steps)
     return out

@@ -37,6 +37,7 @@ class LeaseKeeper:
         self._queues = list(queues)
         self._held: dict[int, Claim] = {}  # by the pool thread running it
         self._wake = threading.Event()
+        self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_beat = on_beat or (lambda: None)  # the liveness probe: this loop turns
 
@@ -47,7 +48,10 @@ class LeaseKeeper:
         self._thread.start()
 
     def stop(self) -> None:
-        """At a clean exit: the process holds no message, nothing to recover."""
+        """At a clean exit: the process holds no message, nothing to recover. The beating
+        stops first, so no later beat registers the process again."""
+        self._stopped.set()
+        self._wake.set()
         try:
             self._store.deregister_worker(self._owner)
         except StoreError as exc:  # its heart stops anyway: a needless recovery at worst
@@ -65,6 +69,8 @@ class LeaseKeeper:
         while True:
             before = dict(self._held)
             self._wake.wait(interval)
+            if self._stopped.is_set():
+                return
             # Leases first: a slow heartbeat must not let a running step's lease run out.
             for thread, claim in before.items():
                 if self._held.get(thread) is claim:  # held for a whole interval

@@ -139,17 +139,18 @@ def test_one_trace_per_run_across_workers_with_retries_and_metrics(
     def labels(metric: str, attribute: str) -> set[Any]:
         return {p.attributes[attribute] for p in receiver.points() if p.metric == metric}
 
+    def missing() -> list[str]:
+        outcomes = {"completed", "retry", "failed"} - labels(
+            "saga.step.attempts", "saga.step.outcome"
+        )
+        states = {"completed", "failed"} ^ labels("saga.runs.finished", "saga.run.state")
+        return [*sorted(wanted - metric_names()), *sorted(outcomes), *sorted(states)]
+
     # Cumulative metrics, exported every half second: wait for the last outcomes to arrive.
-    wait_until(
-        lambda: (
-            wanted <= metric_names()
-            and {"completed", "retry", "failed"}
-            <= labels("saga.step.attempts", "saga.step.outcome")
-            and labels("saga.runs.finished", "saga.run.state") == {"completed", "failed"}
-        ),
-        30,
-        "metrics of every outcome",
-    )
+    try:
+        wait_until(lambda: not missing(), 30, "metrics of every outcome")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still missing: {missing()}") from None
     points = receiver.points()
     durations = [p for p in points if p.metric == "saga.step.duration"]
     assert all(p.kind == "histogram" and (p.count or 0) >= 1 for p in durations)
