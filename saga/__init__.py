@@ -19,6 +19,7 @@ from saga.errors import (
     UnknownSagaError,
     WaitTimeoutError,
 )
+from saga.limits import Concurrency, RateLimit, RateLimited
 from saga.loader import load_definition
 from saga.records import RunRecord, StepRecord
 from saga.retry import RetryPolicy
@@ -36,6 +37,7 @@ from saga.workflow import (
 __all__ = [
     "AsyncSagaClient",
     "AsyncWorkflowContext",
+    "Concurrency",
     "ConfigurationError",
     "DefinitionError",
     "EventTimeout",
@@ -43,6 +45,8 @@ __all__ = [
     "MalformedMessageError",
     "MigrationError",
     "NonDeterminismError",
+    "RateLimit",
+    "RateLimited",
     "RetryPolicy",
     "RunConflictError",
     "RunFailedError",

@@ -77,9 +77,12 @@ class AsyncSagaClient:
         *,
         run_id: str | None = None,
         timeout: float | None = None,
+        priority: int = 0,
     ) -> str:
         """As ``SagaClient.start``."""
-        return await run_sync(self._client.start, saga, input, run_id=run_id, timeout=timeout)
+        return await run_sync(
+            self._client.start, saga, input, run_id=run_id, timeout=timeout, priority=priority
+        )
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> RunRecord:
         """As ``SagaClient.wait``: until the run has finished; WaitTimeoutError after

@@ -16,6 +16,7 @@ from saga import coordinator, strict_json, tracing
 from saga.definition import NAME
 from saga.errors import ConfigurationError, InputError, RunFailedError
 from saga.failures import ErrorType, error_record
+from saga.limits import check_priority
 from saga.loader import Definition, load_definition
 from saga.outbox.message import OutboxMessage
 from saga.records import RunRecord, StepRecord
@@ -125,10 +126,14 @@ class SagaClient:
         *,
         run_id: str | None = None,
         timeout: float | None = None,
+        priority: int = 0,
     ) -> str:
         """Start a run and return its id. Idempotent: the same ``run_id`` with the same saga
         and input returns the existing run instead of starting another. After ``timeout``
-        seconds a run still running is stopped and its completed steps compensated."""
+        seconds a run still running is stopped and its completed steps compensated.
+        ``priority``: where its steps wait for a limit (``saga.Concurrency``,
+        ``saga.RateLimit``), higher ones go first (an interactive run before a batch)."""
+        check_priority(priority, f"run {run_id!r}", InputError)
         definition: Definition = load_definition(saga) if isinstance(saga, str) else saga
         ref = saga if isinstance(saga, str) else definition.ref()
         run_id = check_run_id(run_id or uuid.uuid4().hex)
@@ -149,6 +154,7 @@ class SagaClient:
             timeout=timeout,
             start=start,
             fast_path=unsent,
+            priority=priority,
         )
         if unsent:
             self._publish_now(unsent)

@@ -68,6 +68,7 @@ class RunView:
     trace_context: Mapping[str, str]
     queue: str | None = None  # its steps' broker queue; None: the dispatching process's
     key_prefix: str = ""  # the deployment namespace its idempotency keys start with
+    gated: bool = False  # it scheduled a step with limits: its end gives their slots back
 
 
 def _run_key(run: RunView) -> tuple[str, str]:
@@ -158,10 +159,38 @@ def advance(tx: RunTx, load: Loader) -> None:
 
 
 def first_steps(saga: Saga, run_id: str, input_json: str, key_prefix: str = "") -> list[NewStep]:
-    return [_graph_step((run_id, key_prefix), s, s.name, input_json) for s in saga.roots]
+    run_input = json.loads(input_json) if saga.concurrency or _limited(saga) else None
+    return [
+        _graph_step((run_id, key_prefix), saga, s, s.name, input_json, run_input)
+        for s in saga.roots
+    ]
 
 
-def _graph_step(run: tuple[str, str], s: GraphStep, key: str, input_json: str) -> NewStep:
+def _limited(saga: Saga) -> bool:
+    return any(s.options.limited for s in saga.steps)
+
+
+def _with_gates(
+    options: StepOptions,
+    name: str,
+    run_input: Any,
+    input_json: str,
+    where: str,
+    definition: Saga | Workflow[Any, Any],
+) -> dict[str, Any]:
+    """The options a step's journal row carries, with its limits' gates for this run."""
+    data = options.to_json()
+    gates = options.gates(
+        name, run_input, input_json, where, definition.concurrency, definition.name
+    )
+    if gates:
+        data["gates"] = gates
+    return data
+
+
+def _graph_step(
+    run: tuple[str, str], saga: Saga, s: GraphStep, key: str, input_json: str, run_input: Any
+) -> NewStep:
     """A graph step to schedule; ``run`` is (run id, key prefix), its keys' beginning."""
     return NewStep(
         step_key=key,
@@ -169,7 +198,9 @@ def _graph_step(run: tuple[str, str], s: GraphStep, key: str, input_json: str) -
         kind=StepKind.ACTION,
         fn_ref=s.function.ref,
         input_json=input_json,
-        options=s.options.to_json(),
+        options=_with_gates(
+            s.options, s.name, run_input, input_json, f"saga {saga.name!r}, step {s.name!r}", saga
+        ),
         max_attempts=s.options.retry.max_attempts,
         idempotency_key=idempotency_key(run[0], key, run[1]),
         compensation_ref=None if s.compensation is None else s.compensation.ref,
@@ -240,7 +271,7 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
             continue
         value = state.input_of(s, run.input)
         if s.map_over is None:
-            new.append(_graph_step(_run_key(run), s, s.name, json.dumps(value)))
+            new.append(_graph_step(_run_key(run), saga, s, s.name, json.dumps(value), run.input))
             continue
         items = state.result(saga.get_step(s.map_over))
         if not isinstance(items, list):
@@ -254,7 +285,7 @@ def _advance_graph(tx: RunTx, saga: Saga) -> None:
             )
             return
         new.extend(
-            _graph_step(_run_key(run), s, branch_key(s.name, i), json.dumps(item))
+            _graph_step(_run_key(run), saga, s, branch_key(s.name, i), json.dumps(item), run.input)
             for i, item in enumerate(items)
         )
     if new:
@@ -277,15 +308,24 @@ def _advance_chain(tx: RunTx, saga: Saga) -> bool:
     if not following or any(s.after != (done.step_name,) or s.map_over for s in following):
         return False
     result_json = done.result_json or json.dumps(done.result)
-    tx.schedule([_graph_step(_run_key(tx.run), s, s.name, result_json) for s in following])
+    tx.schedule(
+        [
+            _graph_step(_run_key(tx.run), saga, s, s.name, result_json, tx.run.input)
+            for s in following
+        ]
+    )
     return True
 
 
 # -- workflows --------------------------------------------------------------------------------
 
 
-def _call_step(run: RunView, call: Call) -> NewStep:
-    options = call.options.to_json()
+def _call_step(run: RunView, call: Call, wf: Workflow[Any, Any]) -> NewStep:
+    if call.kind == StepKind.ACTION:
+        where = f"workflow {wf.name!r}, step {call.name!r}"
+        options = _with_gates(call.options, call.name, run.input, call.input_json, where, wf)
+    else:
+        options = call.options.to_json()
     return NewStep(
         step_key=call.step_key,
         step_name=call.name,
@@ -343,7 +383,7 @@ def _advance_workflow(tx: RunTx, wf: Workflow[Any, Any]) -> None:
             payload,
         )
     if not outcome.finished:
-        tx.schedule([_call_step(run, c) for c in outcome.scheduled])
+        tx.schedule([_call_step(run, c, wf) for c in outcome.scheduled])
         return
     if isinstance(outcome.error, NonDeterminismError):
         # A code problem, not a business failure: leave the journal as it is for the operator.

@@ -29,6 +29,7 @@ from pydantic_core import PydanticSerializationError
 from saga import strict_json
 from saga.errors import DefinitionError, InputError, StepResultError, UnknownSagaError
 from saga.failures import exception_text
+from saga.limits import Concurrency, RateLimit, check_priority
 from saga.retry import RetryPolicy
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
@@ -293,6 +294,9 @@ class StepArgs(TypedDict, total=False):
     pivot: bool  # the point of no return: once it completes, failures no longer compensate
     compensate_retry: RetryPolicy | None  # for its compensation; by default COMPENSATION_RETRY
     queue: str | None  # broker queue for the step and its compensation; by default the run's
+    concurrency: Concurrency | None  # at most N of it running at a time (per key)
+    rate_limit: RateLimit | list[RateLimit] | None  # units per window shared by every worker
+    priority: int | None  # goes before lower ones waiting for a limit; by default the run's
 
 
 def check_step_args(args: Mapping[str, Any], where: str) -> None:
@@ -321,6 +325,10 @@ class StepOptions:
     compensate_retry: RetryPolicy | None = None  # for its compensation; None: the default
     queue: str | None = None  # broker queue for it and its compensation; None: the run's
     undo: Undo | None = None  # a compensation's: what it undoes
+    # Flow control (saga.limits): declared here, journaled as resolved gates ("gates").
+    concurrency: Concurrency | None = None
+    rate_limits: tuple[RateLimit, ...] = ()
+    priority: int | None = None
 
     def validate(self, where: str) -> None:
         if self.queue is not None and not (
@@ -341,6 +349,43 @@ class StepOptions:
             )
         if self.timeout_seconds is not None and not self.timeout_seconds > 0:
             raise DefinitionError(f"{where}: timeout must be positive, got {self.timeout_seconds}")
+        if self.concurrency is not None:
+            if not isinstance(self.concurrency, Concurrency):
+                raise DefinitionError(f"{where}: concurrency must be a saga.Concurrency")
+            self.concurrency.validate(where)
+        for limit in self.rate_limits:
+            if not isinstance(limit, RateLimit):
+                raise DefinitionError(f"{where}: rate_limit must be a saga.RateLimit (or a list)")
+            limit.validate(where)
+        if len({limit.name for limit in self.rate_limits}) < len(self.rate_limits):
+            raise DefinitionError(f"{where}: two rate limits of the same name")
+        if self.priority is not None:
+            check_priority(self.priority, where)
+
+    @property
+    def limited(self) -> bool:
+        return self.concurrency is not None or bool(self.rate_limits)
+
+    def gates(
+        self,
+        name: str,
+        run_input: Any,
+        step_input_json: str,
+        where: str,
+        run_limit: Concurrency | None = None,
+        run_name: str = "",
+    ) -> list[dict[str, Any]]:
+        """The step's limits with their keys worked out for this run (``saga.limits``), its
+        run's own limit first: what its journal row carries as ``gates``."""
+        gates = []
+        if run_limit is not None:
+            gates.append(run_limit.gate(run_name, run_input, where, run_level=True))
+        if self.concurrency is not None:
+            gates.append(self.concurrency.gate(name, run_input, where, run_level=False))
+        if self.rate_limits:
+            step_input = strict_json.loads(step_input_json) if step_input_json else None
+            gates.extend(r.gate(run_input, step_input, where) for r in self.rate_limits)
+        return gates
 
     def to_json(self) -> dict[str, Any]:
         """What differs from the defaults (``from_json`` fills them in): the options ride in
@@ -358,6 +403,8 @@ class StepOptions:
             data["queue"] = self.queue
         if self.undo is not None:
             data["undo"] = self.undo.to_json()
+        if self.priority is not None:
+            data["priority"] = self.priority
         return data
 
     @classmethod
@@ -366,12 +413,16 @@ class StepOptions:
     ) -> StepOptions:
         """The journaled options of a step declared with ``args``; validated."""
         retry = args.get("retry")
+        rate = args.get("rate_limit")
         options = cls(
             retry=(default_retry or RetryPolicy()) if retry is None else retry,
             timeout_seconds=args.get("timeout"),
             pivot=bool(args.get("pivot", False)),
             compensate_retry=args.get("compensate_retry"),
             queue=args.get("queue"),
+            concurrency=args.get("concurrency"),
+            rate_limits=() if rate is None else tuple(rate) if isinstance(rate, list) else (rate,),
+            priority=args.get("priority"),
         )
         options.validate(where)
         return options
@@ -386,6 +437,7 @@ class StepOptions:
             compensate_retry=RetryPolicy.from_json(undo) if undo else None,
             queue=data.get("queue"),
             undo=Undo(**data["undo"]) if data.get("undo") else None,
+            priority=data.get("priority"),
         )
 
 
@@ -475,11 +527,18 @@ class Saga:
         *,
         version: str = "1",
         retry: RetryPolicy | None = None,
+        concurrency: Concurrency | None = None,
     ) -> None:
         if not isinstance(name, str) or not NAME.match(name):
             raise DefinitionError(f"saga name {name!r} must match {NAME.pattern}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise DefinitionError(f"saga {name!r}: retry must be a RetryPolicy")
+        if concurrency is not None:
+            if not isinstance(concurrency, Concurrency):
+                raise DefinitionError(f"saga {name!r}: concurrency must be a saga.Concurrency")
+            concurrency.validate(f"saga {name!r}")
+        # At most N runs at a time (per key): a run holds a slot from its first step to its end.
+        self.concurrency = concurrency
         self.name = name
         self.version = str(version)
         self.default_retry = RetryPolicy() if retry is None else retry

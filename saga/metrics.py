@@ -10,10 +10,11 @@ reader calls back from its own thread).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, LiteralString
 
 import psycopg
@@ -42,6 +43,41 @@ def message_rejected(unsigned: bool) -> None:
     MESSAGES_REJECTED.add(1, {REJECTION_REASON: "unsigned" if unsigned else "malformed"})
 
 
+# Flow control (saga.limits): per limit and key. Keys are tenants or accounts: a deployment with
+# very many keys should give the limit no key in its metrics views (a metrics View can drop it).
+LIMIT_KIND, LIMIT_NAME, LIMIT_KEY = "saga.limit.kind", "saga.limit.name", "saga.limit.key"
+STEPS_THROTTLED = metrics.get_meter(INSTRUMENTATION).create_counter(
+    "saga.limits.throttled",
+    unit="{step}",
+    description="Claims a limit refused: the step waits in line in Postgres (throttled).",
+)
+LIMIT_WAIT = metrics.get_meter(INSTRUMENTATION).create_histogram(
+    "saga.limits.wait",
+    unit="s",
+    description="How long steps waited in line for a limit before they ran.",
+)
+
+
+def gate_attributes(gate: str) -> dict[str, str]:
+    """``c:<name>:<key>`` / ``r:<name>:<key>`` as metric attributes."""
+    kind, _, rest = gate.partition(":")
+    name, _, key = rest.partition(":")
+    return {
+        LIMIT_KIND: "concurrency" if kind == "c" else "rate_limit",
+        LIMIT_NAME: name,
+        LIMIT_KEY: key,
+    }
+
+
+def step_throttled(gate: Mapping[str, Any]) -> None:
+    STEPS_THROTTLED.add(1, gate_attributes(str(gate["gate"])))
+
+
+def step_waited(gate: Mapping[str, Any], since: dt.datetime) -> None:
+    waited = (dt.datetime.now(dt.UTC) - since).total_seconds()
+    LIMIT_WAIT.record(max(0.0, waited), gate_attributes(str(gate["gate"])))
+
+
 class DatabaseGauges:
     """Observable gauges ``saga.outbox.lag`` (age of the oldest unpublished outbox row, s),
     ``saga.outbox.unpublished``, ``saga.runs.active`` (by saga and state),
@@ -67,12 +103,18 @@ class DatabaseGauges:
              "Runs stopped in compensation_failed, by saga: an operator must act."),
             ("saga.workers", self._workers, "{worker}",
              "Worker processes whose heartbeat is within their lease, by queue."),
+            ("saga.limits.in_use", self._limits_in_use, "{slot}",
+             "Concurrency slots held (steps or runs), or rate units granted in the current "
+             "window, per limit and key."),
+            ("saga.limits.waiting", self._limits_waiting, "{step}",
+             "Steps waiting in line (throttled) per limit and key."),
         ]  # fmt: skip
         for name, callback, unit, description in gauges:
             meter.create_observable_gauge(
                 name, callbacks=[callback], unit=unit, description=description
             )
         self._unpublished = 0
+        self._gates: list[dict[str, Any]] = []
         self._stuck: tuple[float, list[dict[str, Any]]] | None = None
 
     def _query(self, sql: LiteralString) -> list[dict[str, Any]]:
@@ -125,6 +167,14 @@ class DatabaseGauges:
             Observation(int(r["workers"]), {MESSAGING_DESTINATION: r["queue"]})
             for r in self._query(q.LIVE_WORKERS)
         ]
+
+    def _limits_in_use(self, options: CallbackOptions) -> Iterable[Observation]:
+        self._gates = self._query(q.GATE_USAGE)
+        return [Observation(int(r["in_use"]), gate_attributes(r["gate"])) for r in self._gates]
+
+    def _limits_waiting(self, options: CallbackOptions) -> Iterable[Observation]:
+        # Read with the slots in use, in the same collection.
+        return [Observation(int(r["waiting"]), gate_attributes(r["gate"])) for r in self._gates]
 
     def close(self) -> None:
         with self._lock:

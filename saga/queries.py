@@ -23,9 +23,10 @@ UNLISTEN_RUN_FINISHED: LiteralString = "UNLISTEN saga_run_finished"
 
 INSERT_RUN: LiteralString = """
 INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
-                       deadline_at, queue, key_prefix)
+                       deadline_at, queue, key_prefix, priority)
 VALUES (%(run_id)s, %(saga_name)s, %(saga_ref)s, %(saga_version)s, %(input)s::jsonb,
-        %(trace_context)s, now() + %(timeout)s * interval '1 second', %(queue)s, %(key_prefix)s)
+        %(trace_context)s, now() + %(timeout)s * interval '1 second', %(queue)s, %(key_prefix)s,
+        %(priority)s)
 ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id
 """
@@ -37,7 +38,7 @@ SELECT saga_name, input FROM saga_runs WHERE run_id = %s
 # Taken first in every transaction that changes a run: serialises its outcomes and operators.
 LOCK_RUN: LiteralString = """
 SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_context, queue,
-       key_prefix
+       key_prefix, gated
 FROM saga_runs WHERE run_id = %s FOR UPDATE
 """
 
@@ -79,7 +80,7 @@ ORDER BY seq
 # pending one whose time has come, can be claimed; a running, completed or failed one cannot,
 # except by the same delivery retrying a claim whose reply it lost (same owner token). Actions
 # run while the run runs, compensations while it compensates.
-CLAIM_STEP: LiteralString = """
+_CLAIM: LiteralString = """
 UPDATE saga_steps s
 SET state = 'running', attempt = s.attempt + 1, lease_owner = %(owner)s,
     lease_expires_at = now() + %(lease)s * interval '1 second',
@@ -89,10 +90,76 @@ WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND r.run_id = s.run_i
   AND r.state = CASE s.kind WHEN 'compensation' THEN 'compensating' ELSE 'running' END
   AND (s.state = 'dispatched' OR (s.state = 'pending' AND s.due_at <= now())
        OR (s.state = 'running' AND s.lease_owner = %(owner)s))
+"""
+
+_CLAIMED: LiteralString = """
 RETURNING s.run_id, s.step_key, s.step_name, s.kind, s.attempt, s.max_attempts,
           s.idempotency_key, s.input, s.fn_ref, s.options, r.input AS run_input, r.saga_name,
           r.trace_context, s.created_at AS scheduled_at, r.saga_ref,
           s.error->>'failed_at' AS previous_failed_at, s.error->>'type' AS previous_error_type
+"""
+
+# A step with limits (options.gates, 0010) is not claimed here: it takes its gates first
+# (CLAIM_GATED_STEP, under the step's row lock).
+CLAIM_STEP: LiteralString = _CLAIM + "  AND NOT s.options ? 'gates'\n" + _CLAIMED
+
+# A step with limits, once it holds its gates.
+CLAIM_GATED_STEP: LiteralString = _CLAIM + _CLAIMED
+
+# The claimable step with limits, locked (rows before gates: the order every transaction that
+# touches both keeps), with its gates and priority (its own, else its run's).
+LOCK_GATED_STEP: LiteralString = """
+SELECT s.options->'gates' AS gates,
+       coalesce((s.options->>'priority')::int, r.priority) AS priority
+FROM saga_steps s JOIN saga_runs r ON r.run_id = s.run_id
+WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.options ? 'gates'
+  AND r.state = CASE s.kind WHEN 'compensation' THEN 'compensating' ELSE 'running' END
+  AND (s.state = 'dispatched' OR (s.state = 'pending' AND s.due_at <= now())
+       OR (s.state = 'running' AND s.lease_owner = %(owner)s))
+FOR UPDATE OF s
+"""
+
+TAKE_GATE: LiteralString = """
+SELECT taken, waited_since FROM saga_gate_take(
+    %(gate)s, %(kind)s, %(limit)s, %(period)s, %(units)s, %(run_id)s, %(step_key)s,
+    %(run_level)s, %(priority)s, %(fair)s)
+"""
+
+# Refused by a gate: in line, in Postgres; no message until the gate is handed to it.
+THROTTLE_STEP: LiteralString = """
+UPDATE saga_steps SET state = 'throttled', due_at = 'infinity'
+WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state IN ('dispatched', 'pending')
+"""
+
+# Slots given back (a step's attempt ended; a run ended or cancelled its open steps) and handed
+# to the next waiters, whose steps are dispatched in the same commit.
+RELEASE_GATES: LiteralString = """
+SELECT run_id, step_key, queue, trace_context
+FROM saga_gate_release(%(run_id)s, %(step_key)s, %(run_ended)s, %(dispatch_timeout)s)
+"""
+
+# Set once, by the run's first step with limits.
+MARK_RUN_GATED: LiteralString = """
+UPDATE saga_runs SET gated = true WHERE run_id = %s AND NOT gated
+"""
+
+# Gates whose waiters are due to be looked at: a rate gate's budget freed, a concurrency gate's
+# hand-over check (healing a missed one).
+DUE_GATES: LiteralString = """
+SELECT gate FROM saga_gates WHERE wake_at <= now() ORDER BY wake_at LIMIT %s
+"""
+
+LOCK_GATE: LiteralString = """
+SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))
+"""
+
+GRANT_GATE: LiteralString = """
+SELECT run_id, step_key, queue, trace_context FROM saga_gate_grant(%(gate)s, %(dispatch_timeout)s)
+"""
+
+# A provider said 429 with Retry-After: the gate grants nothing to anyone until then.
+PAUSE_GATE: LiteralString = """
+SELECT saga_gate_pause(%(gate)s, %(kind)s, %(limit)s, %(period)s, %(seconds)s)
 """
 
 # A step's input, for its compensation (read only while a run compensates).
@@ -102,7 +169,7 @@ SELECT input FROM saga_steps WHERE run_id = %s AND step_key = %s
 
 SELECT_STEP_SNAPSHOT: LiteralString = """
 SELECT s.state, s.attempt, r.state AS run_state, s.step_name, s.kind, s.idempotency_key,
-       r.saga_name, r.trace_context
+       r.saga_name, r.trace_context, s.options ? 'gates' AS gated
 FROM saga_steps s JOIN saga_runs r USING (run_id)
 WHERE s.run_id = %s AND s.step_key = %s
 """
@@ -179,7 +246,8 @@ SELECT CASE WHEN EXISTS (SELECT FROM changed) THEN 1
 # Steps that have not started stop when the run stops running; running ones finish or time out.
 CANCEL_OPEN_STEPS: LiteralString = """
 UPDATE saga_steps SET state = 'cancelled', finished_at = now()
-WHERE run_id = %s AND kind <> 'compensation' AND state IN ('pending', 'dispatched', 'waiting')
+WHERE run_id = %s AND kind <> 'compensation'
+  AND state IN ('pending', 'dispatched', 'waiting', 'throttled')
 """
 
 # An outside event for a run: completes the oldest step waiting for it, if any.
@@ -299,8 +367,9 @@ SELECT saga_name, trace_context FROM saga_runs WHERE run_id = %s
 """
 
 NEXT_DUE: LiteralString = """
-SELECT extract(epoch FROM min(due_at) - now()) AS seconds FROM saga_steps
-WHERE state IN ('pending', 'dispatched', 'waiting')
+SELECT extract(epoch FROM least(
+    (SELECT min(due_at) FROM saga_steps WHERE state IN ('pending', 'dispatched', 'waiting')),
+    (SELECT min(wake_at) FROM saga_gates WHERE wake_at IS NOT NULL)) - now()) AS seconds
 """
 
 SELECT_OVERDUE_RUNS: LiteralString = """
@@ -443,6 +512,17 @@ COMPENSATION_FAILED_RUNS: LiteralString = """
 SELECT saga_name, count(*) AS runs FROM saga_runs
 WHERE state = 'compensation_failed'
 GROUP BY saga_name
+"""
+
+# Per gate (saga.limits, 0010): slots held (concurrency) or units granted in the window (rate),
+# and steps in line. One row per gate in use: as many as limit keys.
+GATE_USAGE: LiteralString = """
+SELECT g.gate,
+       CASE WHEN g.kind = 'concurrency' THEN saga_gate_held(g.gate)
+            ELSE saga_rate_used(g.gate, g.period) END AS in_use,
+       (SELECT count(*) FROM saga_gate_slots s
+        WHERE s.gate = g.gate AND s.state = 'waiting') AS waiting
+FROM saga_gates g
 """
 
 # Workers whose heart beat within their lease, per queue.

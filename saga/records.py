@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,17 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class GatedClaim:
+    """A claim of a step with limits: the claim (None when a gate refused it: ``throttled_by``
+    names that gate, and the step waits in line), and the gates it had waited for, with the
+    time it joined each line (for its wait spans)."""
+
+    claim: Claim | None
+    throttled_by: Mapping[str, Any] | None
+    waited: Sequence[tuple[Mapping[str, Any], dt.datetime]]
+
+
+@dataclass(frozen=True)
 class StepSnapshot:
     """A step as a refused claim finds it: enough to explain the refusal and trace it."""
 
@@ -48,6 +59,7 @@ class StepSnapshot:
     idempotency_key: str
     saga_name: str
     trace_context: dict[str, str]
+    gated: bool = False  # it has limits: claimed by claim_gated_step
 
 
 @dataclass(frozen=True)

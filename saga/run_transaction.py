@@ -203,6 +203,9 @@ class RunTransaction:
 
     def schedule(self, steps: Sequence[NewStep]) -> None:
         self._journal = None
+        if not self.run.gated and any(s.options.get("gates") for s in steps):
+            self._cur.execute(q.MARK_RUN_GATED, (self.run.run_id,))
+            self.run = RunView(**{**vars(self.run), "gated": True})
         for s in steps:
             self._cur.execute(
                 q.INSERT_STEP,
@@ -282,10 +285,35 @@ class RunTransaction:
         self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
         self._journal = None
         self.finished = (state, error if error is not None else self.run.error)
+        if self.run.gated:
+            self.release_gates(None, run_ended=True)
 
     def cancel_open_steps(self) -> None:
         self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
         self._journal = None  # what it cancelled, and what a claim took first, read afresh
+        if self.run.gated:
+            self.release_gates(None)
+
+    def release_gates(self, step_key: str | None, *, run_ended: bool = False) -> None:
+        """Give back the gates (saga.limits) of ``step_key``, whose attempt ended, or (None) of
+        the run's steps that no longer run or wait, and with ``run_ended`` the run's own slot.
+        The waiters they go to are dispatched in this transaction; their messages go with its
+        own."""
+        rows = self._named().execute(
+            q.RELEASE_GATES,
+            {
+                "run_id": self.run.run_id,
+                "step_key": step_key,
+                "run_ended": run_ended,
+                "dispatch_timeout": self._dispatch_timeout,
+            },
+        )
+        self.messages.extend(
+            step_message(
+                r["queue"] or self._default_queue, r["run_id"], r["step_key"], r["trace_context"]
+            )
+            for r in rows.fetchall()
+        )
 
     def begin_compensation(self, error: Mapping[str, Any]) -> None:
         # Guarded in SQL, as finish.
@@ -293,6 +321,8 @@ class RunTransaction:
             q.BEGIN_COMPENSATION, {"run_id": self.run.run_id, "error": Jsonb(dict(error))}
         )
         self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
+        if self.run.gated:
+            self.release_gates(None)
         detail = {"type": error.get("type"), "message": error.get("message")}
         self.log_run_event(RunEventType.COMPENSATION_BEGUN, detail=detail)
         self.run = RunView(
@@ -438,6 +468,8 @@ class RunTransaction:
             )
             .fetchone()
         )
+        if row is not None and self.run.gated:
+            self.release_gates(step_key)
         return None if row is None else str(row["state"])
 
     # -- after commit -------------------------------------------------------------------------

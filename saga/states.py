@@ -26,6 +26,9 @@ Steps::
     waiting | pending -> dispatched                     (its timeout came; a timer fell due)
     dispatched -> dispatched                            (its message was lost: sent again)
     pending | dispatched | waiting -> cancelled         (the run moved on)
+    dispatched | pending -> throttled -> dispatched     (a limit refused its claim: it waits in
+                                                         line, and goes when handed a slot)
+    throttled -> cancelled                              (the run moved on)
     failed | cancelled -> dispatched | pending | waiting (operator retry)
 """
 
@@ -52,6 +55,20 @@ class StepState(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    THROTTLED = "throttled"  # waits in line for a concurrency slot or rate budget (0010)
+
+
+class GateKind(StrEnum):
+    """Flow-control gates (saga.limits, 0010): their kind, and the state of a slot row."""
+
+    CONCURRENCY = "concurrency"
+    RATE = "rate"
+
+
+class GateSlotState(StrEnum):
+    HELD = "held"  # a slot taken (by a step, or a run)
+    WAITING = "waiting"  # a throttled step in line
+    OFFERED = "offered"  # a rate waiter dispatched to take budget that freed
 
 
 class StepKind(StrEnum):
@@ -74,6 +91,8 @@ ACTIVE_RUN_STATES = frozenset({RunState.RUNNING, RunState.COMPENSATING})
 FINAL_STEP_STATES = frozenset({StepState.COMPLETED, StepState.FAILED, StepState.CANCELLED})
 # Steps that have not started: the sweeper dispatches them when due, a stopping run cancels them.
 OPEN_STEP_STATES = frozenset({StepState.PENDING, StepState.DISPATCHED, StepState.WAITING})
+# A stopping run cancels those and the throttled ones (which wait for a gate, not for a time).
+CANCELLABLE_STEP_STATES = OPEN_STEP_STATES | {StepState.THROTTLED}
 
 RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     RunState.RUNNING: frozenset(
@@ -91,8 +110,13 @@ RUN_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 
 STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
     # A pending step whose time has come may be claimed without being dispatched again.
-    StepState.PENDING: frozenset({StepState.DISPATCHED, StepState.RUNNING, StepState.CANCELLED}),
-    StepState.DISPATCHED: frozenset({StepState.RUNNING, StepState.DISPATCHED, StepState.CANCELLED}),
+    StepState.PENDING: frozenset(
+        {StepState.DISPATCHED, StepState.RUNNING, StepState.CANCELLED, StepState.THROTTLED}
+    ),
+    StepState.DISPATCHED: frozenset(
+        {StepState.RUNNING, StepState.DISPATCHED, StepState.CANCELLED, StepState.THROTTLED}
+    ),
+    StepState.THROTTLED: frozenset({StepState.DISPATCHED, StepState.CANCELLED}),
     StepState.RUNNING: frozenset(
         {StepState.RUNNING, StepState.COMPLETED, StepState.FAILED, StepState.PENDING}
     ),

@@ -9,6 +9,7 @@ not at all. Records it returns are in ``saga.records``; its SQL is in ``saga.que
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import time
 import uuid
@@ -24,6 +25,7 @@ from saga import queries as q
 from saga.coordinator import JournalRow, RunView
 from saga.errors import RunConflictError, RunNotFoundError, WaitTimeoutError
 from saga.failures import ErrorType, attempt_outcome, error_record
+from saga.limits import gates_of
 from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.outbox.writer import add_messages
@@ -31,7 +33,7 @@ from saga.outbox.writer import add_messages
 # Re-exported (``X as X``): callers written before the records had a module import them here.
 from saga.records import Claim as Claim
 from saga.records import Fenced as Fenced
-from saga.records import KeptAttempt, RunEventRecord, StepSnapshot
+from saga.records import GatedClaim, KeptAttempt, RunEventRecord, StepSnapshot
 from saga.records import OperatorError as OperatorError
 from saga.records import RunRecord as RunRecord
 from saga.records import StepRecord as StepRecord
@@ -139,6 +141,7 @@ class PostgresStore:
         timeout: float | None,
         start: Advance,
         fast_path: list[OutboxMessage] | None = None,
+        priority: int = 0,
     ) -> bool:
         """Create a run and let ``start`` schedule its first steps, in one transaction. False
         if the id exists already for the same saga and input (idempotent), RunConflictError if
@@ -158,6 +161,7 @@ class PostgresStore:
                         "timeout": timeout,
                         "queue": self._queue,
                         "key_prefix": self._key_prefix,
+                        "priority": priority,
                     },
                 ).fetchone()
                 if created:
@@ -268,6 +272,100 @@ class PostgresStore:
             # the step runs.
             cur = conn.cursor(row_factory=class_row(Claim))
             return cur.execute(q.CLAIM_STEP, params).fetchone()
+
+    def claim_gated_step(
+        self, run_id: str, step_key: str, *, owner: str, lease: float
+    ) -> GatedClaim | None:
+        """Claim a step with limits (saga.limits): take its gates in order, under its row
+        lock, then claim it; a gate that refuses puts it in line ('throttled', in Postgres:
+        the gate's hand-over dispatches it again). None if the step is not claimable or has no
+        limits (``claim_step`` decides those)."""
+        key = {"run_id": run_id, "step_key": step_key, "owner": owner}
+        with (
+            translated(f"claiming step {step_key!r} of run {run_id!r}"),
+            self._pool.connection() as conn,
+            conn.transaction(),
+        ):
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(q.LOCK_GATED_STEP, key).fetchone()
+            if row is None:
+                return None
+            waited: list[tuple[dict[str, Any], dt.datetime]] = []
+            for gate in gates_of({"gates": row["gates"]}):
+                took = cur.execute(
+                    q.TAKE_GATE,
+                    {
+                        "gate": gate["gate"],
+                        "kind": gate["kind"],
+                        "limit": gate["limit"],
+                        "period": gate.get("period"),
+                        "units": gate.get("units", 1),
+                        "run_id": run_id,
+                        "step_key": step_key,
+                        "run_level": bool(gate.get("run")),
+                        "priority": row["priority"],
+                        "fair": gate.get("fair", ""),
+                    },
+                ).fetchone()
+                assert took is not None
+                if not took["taken"]:
+                    cur.execute(q.THROTTLE_STEP, key)
+                    return GatedClaim(None, gate, waited)
+                if took["waited_since"] is not None:
+                    waited.append((gate, took["waited_since"]))
+            claim = (
+                conn.cursor(row_factory=class_row(Claim))
+                .execute(q.CLAIM_GATED_STEP, {**key, "lease": lease})
+                .fetchone()
+            )
+            return GatedClaim(claim, None, waited)
+
+    def pause_gates(self, options: Mapping[str, Any], seconds: float) -> list[str]:
+        """A provider asked everyone to wait (429, Retry-After): the step's rate gates grant
+        nothing for ``seconds``. Returns the gates paused."""
+        rates = [g for g in gates_of(options) if g["kind"] == "rate"]
+        with translated("pausing a rate limit"), self._pool.connection() as conn:
+            for gate in rates:
+                with conn.transaction():
+                    conn.execute(
+                        q.PAUSE_GATE,
+                        {
+                            "gate": gate["gate"],
+                            "kind": "rate",
+                            "limit": gate["limit"],
+                            "period": gate["period"],
+                            "seconds": seconds,
+                        },
+                    )
+        return [g["gate"] for g in rates]
+
+    def wake_gates(self, limit: int = 100) -> int:
+        """Hand the gates whose time has come to their waiters (a rate gate's budget freed;
+        a concurrency gate's periodic check, which heals a missed hand-over); the steps
+        dispatched get outbox rows in the same transaction. Returns how many."""
+        with translated("waking gates"), self._pool.connection() as conn:
+            gates = [r[0] for r in conn.execute(q.DUE_GATES, (limit,)).fetchall()]
+            woken = 0
+            for gate in gates:
+                with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                    cur.execute(q.LOCK_GATE, (gate,))
+                    rows = cur.execute(
+                        q.GRANT_GATE, {"gate": gate, "dispatch_timeout": self._dispatch_timeout}
+                    ).fetchall()
+                    add_messages(
+                        cur,
+                        [
+                            step_message(
+                                r["queue"] or self._queue,
+                                r["run_id"],
+                                r["step_key"],
+                                r["trace_context"],
+                            )
+                            for r in rows
+                        ],
+                    )
+                    woken += len(rows)
+        return woken
 
     def step_state(self, run_id: str, step_key: str) -> StepSnapshot | None:
         """The step and its run as they are, for explaining why a claim was refused."""
@@ -418,6 +516,8 @@ class PostgresStore:
                 self._journals,
                 prefetched,
             )
+            if "gates" in claim.options:  # its slots go to the next in line, in this commit
+                tx.release_gates(claim.step_key)
             body(tx, fenced["state"])
             if not fast_path:
                 add_messages(run_cur, tx.messages)

@@ -29,6 +29,7 @@ class Store(Protocol):
         timeout: float | None,
         start: Decide,
         fast_path: list[OutboxMessage] | None = None,
+        priority: int = 0,
     ) -> bool:
         """Create the run and let ``start`` schedule its first steps, in one transaction;
         False if it exists already with the same saga and input."""

@@ -52,6 +52,9 @@ class Sweeper:
                 log.warning("run %r passed its deadline; stopped", run_id)
             except SagaError as exc:  # finished meanwhile
                 log.info("run %r not stopped: %s", run_id, exc)
+        woken = self._store.wake_gates()
+        if woken:
+            log.info("handed %d steps waiting in line their limits' slots or budget", woken)
         dispatched = self._store.redispatch_due()
         if dispatched:
             log.info(

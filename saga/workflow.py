@@ -34,6 +34,7 @@ from saga.definition import (
 from saga.errors import DefinitionError, SagaError
 from saga.failures import ErrorType, exception_text
 from saga.keys import workflow_key
+from saga.limits import Concurrency
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -394,11 +395,23 @@ class Workflow(Generic[P, R]):
     """A workflow written as code. Build it with ``@workflow(...)``."""
 
     def __init__(
-        self, fn: Callable[[Any, Any], Any], *, name: str, version: str, module: str
+        self,
+        fn: Callable[[Any, Any], Any],
+        *,
+        name: str,
+        version: str,
+        module: str,
+        concurrency: Concurrency | None = None,
     ) -> None:
         if not NAME.match(name):
             raise DefinitionError(f"workflow name {name!r} must match {NAME.pattern}")
         info = function_info(fn, f"workflow {name!r}")
+        if concurrency is not None:
+            if not isinstance(concurrency, Concurrency):
+                raise DefinitionError(f"workflow {name!r}: concurrency must be a saga.Concurrency")
+            concurrency.validate(f"workflow {name!r}")
+        # At most N runs at a time (per key): a run holds a slot from its first step to its end.
+        self.concurrency = concurrency
         self.fn = fn
         self.name = name
         self.version = str(version)
@@ -438,7 +451,7 @@ class Workflow(Generic[P, R]):
 
 
 def workflow(
-    name: str | None = None, *, version: str = "1"
+    name: str | None = None, *, version: str = "1", concurrency: Concurrency | None = None
 ) -> Callable[[Callable[[Any, Any], R]], Workflow[Any, R]]:
     """Declare a workflow written as code::
 
@@ -450,6 +463,8 @@ def workflow(
     module = sys._getframe(1).f_globals.get("__name__", "__main__")
 
     def build(fn: Callable[[Any, Any], R]) -> Workflow[Any, R]:
-        return Workflow(fn, name=name or fn.__name__, version=version, module=module)
+        return Workflow(
+            fn, name=name or fn.__name__, version=version, module=module, concurrency=concurrency
+        )
 
     return build

@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 from celery import Celery
 from pydantic import ValidationError
 
-from saga import coordinator, logs, tracing
+from saga import coordinator, logs, metrics, tracing
 from saga.definition import StepContext, StepOptions, function_by_ref
 from saga.errors import RunNotFoundError, StoreError, StoreRejectedError, UnknownSagaError
 from saga.failures import ErrorRecord, ErrorType, error_record
 from saga.loader import load_definition
 from saga.messages import AdvanceMessage, StepMessage, parse
 from saga.outbox.message import OutboxMessage
-from saga.records import Claim, Fenced
+from saga.records import Claim, Fenced, StepSnapshot
 from saga.settings import Settings
 from saga.states import RunState, StepKind, StepState
 from saga.store import PostgresStore, open_pool
@@ -100,7 +100,8 @@ class StepExecutor:
             ),
         )
         if claim is None:
-            self._explain_refusal(msg, task_id, headers)
+            claim = self._claim_gated(msg, owner, task_id, headers)
+        if claim is None:
             return None
         with (
             tracing.attempt(
@@ -120,6 +121,55 @@ class StepExecutor:
         ):
             self._execute_claimed(claim)
         return trace
+
+    def _claim_gated(
+        self,
+        msg: StepMessage,
+        owner: str,
+        task_id: str | None,
+        headers: Mapping[str, Any] | None,
+    ) -> Claim | None:
+        """A claim refused: the step has limits (it takes its gates first), or there is
+        nothing to run (a duplicate, a stale message), which is explained."""
+        state = self.store.step_state(msg.run_id, msg.step_key)
+        if state is None or not state.gated:
+            self._explain_refusal(msg, task_id, headers, state)
+            return None
+        gated = self._durably(
+            "claiming",
+            lambda: self.store.claim_gated_step(
+                msg.run_id, msg.step_key, owner=owner, lease=self.settings.lease_seconds
+            ),
+        )
+        if gated is None:  # not claimable (any more): a duplicate or a stale message
+            self._explain_refusal(msg, task_id, headers, None)
+            return None
+        if gated.claim is None:
+            assert gated.throttled_by is not None
+            log.info(
+                "step %r of run %r waits in line for %s",
+                msg.step_key,
+                msg.run_id,
+                gated.throttled_by["gate"],
+            )
+            metrics.step_throttled(gated.throttled_by)
+            return None
+        for gate, since in gated.waited:
+            metrics.step_waited(gate, since)
+            tracing.record_wait(
+                gated.claim.trace_context,
+                kind=str(gate["kind"]) if gate["kind"] == "concurrency" else "rate_limit",
+                saga_name=gated.claim.saga_name,
+                run_id=gated.claim.run_id,
+                step=gated.claim.step_name,
+                attempt=gated.claim.attempt,
+                start=since,
+                attributes={
+                    tracing.SAGA_STEP_KEY: gated.claim.step_key,
+                    "saga.limit.gate": gate["gate"],
+                },
+            )
+        return gated.claim
 
     def _execute_claimed(self, claim: Claim) -> None:
         if claim.attempt > 1 and tracing.recording():
@@ -205,9 +255,26 @@ class StepExecutor:
         except Exception as exc:
             decision = options.retry.decide(claim.attempt, exc)
             retry_in = decision.delay_seconds if decision.retry else None
+            self._pause_limits(claim, exc)
             self._fail_with(claim, exc, retry_in, recorded=True)
             return
         self._complete(claim, result_json)
+
+    def _pause_limits(self, claim: Claim, exc: Exception) -> None:
+        """A provider's 429 with Retry-After (an error with ``retry_after_seconds``) pauses
+        the step's rate limits for everyone, not just this step's next attempt."""
+        seconds = getattr(exc, "retry_after_seconds", None)
+        if "gates" not in claim.options or not isinstance(seconds, int | float):
+            return
+        if not 0 < seconds <= 24 * 3600:
+            return
+        try:
+            paused = self.store.pause_gates(claim.options, float(seconds))
+        except StoreError as store_exc:  # the retry's own backoff still honours it
+            log.warning("could not pause the rate limits of step %r: %s", claim.step_key, store_exc)
+            return
+        if paused:
+            log.warning("rate limits %s paused for %.1f s (the service asked)", paused, seconds)
 
     def _complete(self, claim: Claim, result_json: str) -> None:
         try:
@@ -388,9 +455,14 @@ class StepExecutor:
         )
 
     def _explain_refusal(
-        self, msg: StepMessage, task_id: str | None, headers: Mapping[str, Any] | None
+        self,
+        msg: StepMessage,
+        task_id: str | None,
+        headers: Mapping[str, Any] | None,
+        state: StepSnapshot | None,
     ) -> None:
-        state = self.store.step_state(msg.run_id, msg.step_key)
+        if state is None:
+            state = self.store.step_state(msg.run_id, msg.step_key)
         if state is None:
             log.warning(
                 "task %s names step %r of run %r, which does not exist; dropped",

@@ -49,7 +49,16 @@ RUN_STATES = [
     "compensation_failed",
     "cancelled",
 ]
-STEP_STATES = ["pending", "dispatched", "running", "waiting", "completed", "failed", "cancelled"]
+STEP_STATES = [
+    "pending",
+    "dispatched",
+    "running",
+    "waiting",
+    "completed",
+    "failed",
+    "cancelled",
+    "throttled",
+]
 STEP_KINDS = ["action", "compensation", "timer", "event"]
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,12 +13,15 @@ from saga.failures import attempt_outcome
 from saga.migrate import available_migrations
 from saga.states import (
     ACTIVE_RUN_STATES,
+    CANCELLABLE_STEP_STATES,
     FINAL_RUN_STATES,
     INITIAL_STEP_STATE,
     OPEN_STEP_STATES,
     RUN_TRANSITIONS,
     STEP_TRANSITIONS,
     AttemptOutcome,
+    GateKind,
+    GateSlotState,
     RunState,
     StepKind,
     StepState,
@@ -30,7 +33,7 @@ from saga.states import (
 )
 
 SCHEMA = "\n".join(m.sql for m in available_migrations())
-VOCABULARY = {*RunState, *StepState, *StepKind}
+VOCABULARY = {*RunState, *StepState, *StepKind, *GateKind, *GateSlotState}
 
 
 def _quoted(text: str) -> set[str]:
@@ -59,9 +62,12 @@ def test_schema_check_lists_are_the_enums() -> None:
     # (test_check_constraints_are_the_state_enums reads pg_constraint).
     run_state = re.search(r"saga_runs \(.*?CHECK \(state IN \((.*?)\)\)", SCHEMA, re.S)
     step_state = re.search(r"saga_steps \(.*?CHECK \(state IN \((.*?)\)\)", SCHEMA, re.S)
-    assert run_state and step_state
+    # 0010 widens the steps' list (throttled): the last constraint written is the one in force.
+    widened = re.findall(r"saga_steps_state_check CHECK \(state IN \((.*?)\)\)", SCHEMA, re.S)
+    assert run_state and step_state and widened
     assert _quoted(run_state[1]) == set(RunState)
-    assert _quoted(step_state[1]) == set(StepState)
+    assert _quoted(widened[-1]) == set(StepState)
+    assert _quoted(step_state[1]) == set(StepState) - {StepState.THROTTLED}
     assert _check_list("kind") == set(StepKind)
 
 
@@ -138,9 +144,10 @@ def test_the_transitions_the_sql_makes_are_in_the_tables() -> None:
     assert "SET state = 'running'" in s["CLAIM_STEP"]
     assert all(step_may_become(old, "running") for old in ("dispatched", "pending", "running"))
     # CANCEL_OPEN_STEPS and REDISPATCH_DUE act on the open steps.
-    assert _quoted(re.findall(r"state IN \((.*?)\)", s["CANCEL_OPEN_STEPS"])[0]) == OPEN_STEP_STATES
+    cancelled = _quoted(re.findall(r"state IN \((.*?)\)", s["CANCEL_OPEN_STEPS"])[0])
+    assert cancelled == CANCELLABLE_STEP_STATES
     assert _quoted(re.findall(r"state IN \((.*?)\)", s["REDISPATCH_DUE"])[0]) == OPEN_STEP_STATES
-    assert all(step_may_become(old, "cancelled") for old in OPEN_STEP_STATES)
+    assert all(step_may_become(old, "cancelled") for old in CANCELLABLE_STEP_STATES)
     assert all(step_may_become(old, "dispatched") for old in OPEN_STEP_STATES)
     # COMPLETE_STEP, FAIL_ATTEMPT, EXPIRE_LEASE: from running only.
     for name in ("COMPLETE_STEP", "FAIL_ATTEMPT", "EXPIRE_LEASE"):
