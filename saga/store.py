@@ -516,9 +516,12 @@ class PostgresStore:
                 self._journals,
                 prefetched,
             )
-            if "gates" in claim.options:  # its slots go to the next in line, in this commit
-                tx.release_gates(claim.step_key)
             body(tx, fenced["state"])
+            # Its slots go to the next in line, in this commit. After the coordinator: rows
+            # are locked before gates in every transaction (a claim locks its step, then takes
+            # gates), so a cancel of a step being claimed cannot deadlock with this.
+            if "gates" in claim.options:
+                tx.release_gates(claim.step_key)
             if not fast_path:
                 add_messages(run_cur, tx.messages)
         tx.committed()

@@ -117,6 +117,8 @@ DECLARE
     w      saga_gate_slots;
     room   bigint;
     tried  integer := 0;
+    busy   boolean := false;
+    wake   timestamptz;
 BEGIN
     SELECT * INTO g FROM saga_gates WHERE gate = p_gate;
     IF NOT FOUND THEN
@@ -158,7 +160,8 @@ BEGIN
         IF NOT FOUND THEN
             IF EXISTS (SELECT FROM saga_steps t WHERE t.run_id = w.run_id
                        AND t.step_key = w.step_key AND t.state = 'throttled') THEN
-                EXIT;  -- locked by its run's transaction: the next hand-over or wake takes it
+                busy := true;  -- locked by its run's transaction: looked at again shortly
+                EXIT;
             END IF;
             DELETE FROM saga_gate_slots s
             WHERE s.gate = p_gate AND s.run_id = w.run_id AND s.step_key = w.step_key;
@@ -196,18 +199,33 @@ BEGIN
             WHERE o.gate = p_gate AND o.run_id = w.run_id AND o.state = 'waiting';
         END IF;
     END LOOP;
-    -- When to look again: a rate gate when its head's budget frees; a gate with waiters left
-    -- after a minute, in case a hand-over was missed; else never.
+    -- When to look again: a rate gate when the budget for its head (and for the steps already
+    -- offered budget, which take it when they claim) frees; a gate whose head was busy, shortly;
+    -- a concurrency gate with waiters left, after a minute, in case a hand-over was missed;
+    -- else never.
     IF EXISTS (SELECT FROM saga_gate_slots s WHERE s.gate = p_gate AND s.state = 'waiting') THEN
-        UPDATE saga_gates SET wake_at = CASE
-            WHEN g.kind = 'rate' THEN greatest(
-                saga_rate_free_at(p_gate, g.lim, g.period,
-                    (SELECT s.units FROM saga_gate_slots s
-                     WHERE s.gate = p_gate AND s.state = 'waiting'
-                     ORDER BY s.priority DESC, s.since LIMIT 1)),
-                clock_timestamp() + interval '5 milliseconds')
-            ELSE clock_timestamp() + interval '60 seconds' END
-        WHERE gate = p_gate;
+        IF busy THEN
+            wake := clock_timestamp() + interval '1 second';
+        ELSIF g.kind = 'rate' THEN
+            wake := saga_rate_free_at(p_gate, g.lim, g.period, least(g.lim, (
+                SELECT coalesce(sum(s.units) FILTER (WHERE s.state = 'offered'), 0)
+                       + coalesce((SELECT h.units FROM saga_gate_slots h
+                                   WHERE h.gate = p_gate AND h.state = 'waiting'
+                                   ORDER BY h.priority DESC, h.since LIMIT 1), 0)
+                FROM saga_gate_slots s WHERE s.gate = p_gate)::integer));
+            -- Offered steps normally claim within milliseconds; one whose message was lost
+            -- holds its offer until its step is dispatched again: no busy loop meanwhile.
+            wake := greatest(wake, clock_timestamp() + CASE
+                WHEN EXISTS (SELECT FROM saga_gate_slots s
+                             WHERE s.gate = p_gate AND s.state = 'offered')
+                THEN interval '100 milliseconds' ELSE interval '2 milliseconds' END);
+            IF g.paused_until > wake THEN
+                wake := g.paused_until;
+            END IF;
+        ELSE
+            wake := clock_timestamp() + interval '60 seconds';
+        END IF;
+        UPDATE saga_gates SET wake_at = wake WHERE gate = p_gate;
     ELSE
         UPDATE saga_gates SET wake_at = NULL WHERE gate = p_gate AND wake_at IS NOT NULL;
     END IF;
@@ -237,7 +255,8 @@ BEGIN
     SELECT * INTO g FROM saga_gates WHERE gate = p_gate;
     SELECT * INTO mine FROM saga_gate_slots s
     WHERE s.gate = p_gate AND s.run_id = p_run_id AND s.step_key = p_step_key;
-    waited_since := CASE WHEN mine.state IN ('waiting', 'offered') THEN mine.since END;
+    -- Its place in line, or the slot handed to it (which keeps the time it joined the line).
+    waited_since := mine.since;
     taken := true;
     IF p_kind = 'concurrency' THEN
         IF EXISTS (SELECT FROM saga_gate_slots s WHERE s.gate = p_gate AND s.run_id = p_run_id
