@@ -29,7 +29,7 @@ from pydantic_core import PydanticSerializationError
 from saga import strict_json
 from saga.errors import DefinitionError, InputError, StepResultError, UnknownSagaError
 from saga.failures import exception_text
-from saga.limits import Concurrency, RateLimit, check_priority
+from saga.limits import TOKENS, Concurrency, RateLimit, check_priority
 from saga.retry import RetryPolicy
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
@@ -74,6 +74,7 @@ class StepContext:
         "step",
         "step_key",
         "undo",
+        "usage",
     )
 
     def __init__(
@@ -99,6 +100,20 @@ class StepContext:
         self._load_results = load_results
         self.undo = undo
         self._results: Mapping[str, Any] | None = None
+        # Units of its rate limits it reported using (saga.limits), journaled with its result.
+        self.usage: dict[str, int] = {}
+
+    def used_units(self, limit: str, units: int) -> None:
+        """What this attempt really took from its rate limit ``limit`` (by name), once known:
+        it replaces the estimate the step declared (``RateLimit(units=...)``)."""
+        if not isinstance(units, int) or isinstance(units, bool) or units < 0:
+            raise DefinitionError(f"used_units: units must be a non-negative int, got {units!r}")
+        self.usage[limit] = units
+
+    def used_tokens(self, tokens: int) -> None:
+        """The model tokens this attempt used, for its rate limits declared with
+        ``tokens=True`` (``saga.agent.complete`` reports them itself)."""
+        self.used_units(TOKENS, tokens)
 
     @property
     def results(self) -> Mapping[str, Any]:

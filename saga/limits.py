@@ -112,13 +112,16 @@ class RateLimit:
     ``key`` (a provider account, a tenant). A step takes ``units`` (1 per request by default, or
     an estimate of a model call's tokens: an int, or a function of the step's input); a step that
     needs more than the window allows waits as ``throttled`` until budget frees. Steps sharing
-    ``name`` and key share the budget."""
+    ``name`` and key share the budget. A step may say what it really used once it knows
+    (``ctx.used_units(name, n)``); with ``tokens=True`` the units are model tokens, and
+    ``saga.agent.complete`` reports the provider's count itself."""
 
     name: str
     limit: int
     per: float = 60.0
     key: Key = None
     units: int | UnitsFn = 1
+    tokens: bool = False
 
     def validate(self, where: str) -> None:
         _check_name(self.name, where, "rate limit")
@@ -156,6 +159,7 @@ class RateLimit:
             "period": float(self.per),
             "units": units,
             "fair": key,
+            **({"tokens": True} if self.tokens else {}),
         }
 
 
@@ -166,6 +170,22 @@ def check_priority(priority: Any, where: str, error: type[SagaError] = Definitio
             f"got {priority!r}"
         )
     return priority
+
+
+TOKENS = "*tokens"  # what ``StepContext.used_tokens`` reports: for limits with tokens=True
+
+
+def reported_units(options: Mapping[str, Any], usage: Mapping[str, int]) -> list[tuple[str, int]]:
+    """The rate gates whose grant a step's reported usage corrects: (gate, units)."""
+    out = []
+    for gate in gates_of(options):
+        if gate["kind"] != "rate":
+            continue
+        name = str(gate["gate"]).split(":", 2)[1]
+        units = usage.get(name, usage.get(TOKENS) if gate.get("tokens") else None)
+        if units is not None:
+            out.append((str(gate["gate"]), units))
+    return out
 
 
 def gates_of(options: Mapping[str, Any]) -> list[dict[str, Any]]:

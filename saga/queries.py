@@ -138,6 +138,15 @@ SELECT run_id, step_key, queue, trace_context
 FROM saga_gate_release(%(run_id)s, %(step_key)s, %(run_ended)s, %(dispatch_timeout)s)
 """
 
+# A step's usage as it reported it (a model call's tokens): replaces the estimate its latest
+# grant took from the window.
+CORRECT_RATE_GRANT: LiteralString = """
+UPDATE saga_rate_grants SET units = %(units)s
+WHERE ctid = (SELECT ctid FROM saga_rate_grants
+              WHERE gate = %(gate)s AND run_id = %(run_id)s AND step_key = %(step_key)s
+              ORDER BY at DESC LIMIT 1)
+"""
+
 # Set once, by the run's first step with limits.
 MARK_RUN_GATED: LiteralString = """
 UPDATE saga_runs SET gated = true WHERE run_id = %s AND NOT gated

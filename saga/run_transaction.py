@@ -294,6 +294,14 @@ class RunTransaction:
         if self.run.gated:
             self.release_gates(None)
 
+    def correct_rate_grant(self, step_key: str, gate: str, units: int) -> None:
+        """The step reported what it used of a rate limit: its grant takes that instead of the
+        estimate (later steps wait for the budget it really took)."""
+        self._cur.execute(
+            q.CORRECT_RATE_GRANT,
+            {"gate": gate, "run_id": self.run.run_id, "step_key": step_key, "units": units},
+        )
+
     def release_gates(self, step_key: str | None, *, run_ended: bool = False) -> None:
         """Give back the gates (saga.limits) of ``step_key``, whose attempt ended, or (None) of
         the run's steps that no longer run or wait, and with ``run_ended`` the run's own slot.

@@ -25,7 +25,7 @@ from saga import queries as q
 from saga.coordinator import JournalRow, RunView
 from saga.errors import RunConflictError, RunNotFoundError, WaitTimeoutError
 from saga.failures import ErrorType, attempt_outcome, error_record
-from saga.limits import gates_of
+from saga.limits import gates_of, reported_units
 from saga.messages import advance_message, step_message
 from saga.outbox.message import OutboxMessage
 from saga.outbox.writer import add_messages
@@ -394,6 +394,7 @@ class PostgresStore:
         *,
         fast_path: bool,
         read_journal: bool = False,
+        usage: Mapping[str, int] | None = None,
     ) -> list[OutboxMessage]:
         """Journal the step's result and what the coordinator decides from it, in one
         transaction; returns the messages it caused. With ``fast_path`` the caller publishes
@@ -419,6 +420,8 @@ class PostgresStore:
             )
             if claim.kind == StepKind.TIMER:  # a durable sleep, over
                 tx.wait_over(Wait("sleep", claim.step_key, claim.step_name, claim.scheduled_at))
+            for gate, units in reported_units(claim.options, usage or {}):
+                tx.correct_rate_grant(claim.step_key, gate, units)
             advance(tx)
 
         return self._outcome(

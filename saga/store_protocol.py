@@ -55,6 +55,7 @@ class Store(Protocol):
         *,
         fast_path: bool,
         read_journal: bool = False,
+        usage: Mapping[str, int] | None = None,
     ) -> list[OutboxMessage]:
         """Journal the result and what ``advance`` decides, together; Fenced if the attempt
         no longer owns its step."""

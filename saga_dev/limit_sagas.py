@@ -60,3 +60,16 @@ mixed = Saga(
 def two_runs_per_tenant(ctx: Any, value: Any) -> Any:
     first = ctx.step(call_service, value)
     return ctx.step(done, first)
+
+
+def used_tokens(ctx: StepContext, value: Any) -> int:
+    """Takes an estimate of 10 tokens from the window; reports what it says it used."""
+    ctx.used_tokens(int(value))
+    return int(value)
+
+
+# 100 tokens per minute, estimated at 10 a call and corrected by what each call reports.
+tokens = Saga(
+    "tokens",
+    [step(used_tokens, rate_limit=RateLimit("tokens", 100, per=60.0, units=10, tokens=True))],
+)

@@ -258,7 +258,7 @@ class StepExecutor:
             self._pause_limits(claim, exc)
             self._fail_with(claim, exc, retry_in, recorded=True)
             return
-        self._complete(claim, result_json)
+        self._complete(claim, result_json, ctx.usage)
 
     def _pause_limits(self, claim: Claim, exc: Exception) -> None:
         """A provider's 429 with Retry-After (an error with ``retry_after_seconds``) pauses
@@ -276,7 +276,9 @@ class StepExecutor:
         if paused:
             log.warning("rate limits %s paused for %.1f s (the service asked)", paused, seconds)
 
-    def _complete(self, claim: Claim, result_json: str) -> None:
+    def _complete(
+        self, claim: Claim, result_json: str, usage: Mapping[str, int] | None = None
+    ) -> None:
         try:
             done = self._durably(
                 "journaling the result",
@@ -286,6 +288,7 @@ class StepExecutor:
                     self._advance,
                     fast_path=True,
                     read_journal=self._replays(claim),
+                    usage=usage,
                 ),
                 claim,
             )

@@ -414,13 +414,19 @@ def parse_completion(response: Any, request: ChatRequest) -> Completion:
 
 
 def complete(ctx: StepContext, request: ChatRequest) -> Completion:
-    """The journaled model call: ``ctx.step(complete, ChatRequest(...), retry=MODEL_RETRY)``."""
-    return chat(request, idempotency_key=ctx.idempotency_key)
+    """The journaled model call: ``ctx.step(complete, ChatRequest(...), retry=MODEL_RETRY)``.
+    The provider's token count goes to the step's token rate limits (``RateLimit(...,
+    tokens=True)``), replacing their estimate."""
+    completion = chat(request, idempotency_key=ctx.idempotency_key)
+    ctx.used_tokens(completion.usage.total_tokens)
+    return completion
 
 
 async def acomplete(ctx: StepContext, request: ChatRequest) -> Completion:
     """``complete`` as an async step (on the worker thread's event loop)."""
-    return await achat(request, idempotency_key=ctx.idempotency_key)
+    completion = await achat(request, idempotency_key=ctx.idempotency_key)
+    ctx.used_tokens(completion.usage.total_tokens)
+    return completion
 
 
 # -- usage per run ----------------------------------------------------------------------------

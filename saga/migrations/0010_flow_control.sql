@@ -57,11 +57,15 @@ CREATE INDEX saga_gate_slots_line ON saga_gate_slots (gate, priority DESC, since
     WHERE state = 'waiting';
 CREATE INDEX saga_gate_slots_run ON saga_gate_slots (run_id, step_key);
 
--- What a rate gate granted: units at a time. The window's sum is read from here.
+-- What a rate gate granted: units at a time, to a step (whose reported usage, e.g. a model
+-- call's tokens, replaces its estimate when its outcome is journaled). The window's sum is read
+-- from here.
 CREATE TABLE saga_rate_grants (
-    gate   text NOT NULL,
-    at     timestamptz NOT NULL,
-    units  integer NOT NULL
+    gate      text NOT NULL,
+    at        timestamptz NOT NULL,
+    units     integer NOT NULL,
+    run_id    text NOT NULL,
+    step_key  text NOT NULL
 );
 CREATE INDEX saga_rate_grants_gate ON saga_rate_grants (gate, at);
 
@@ -290,8 +294,8 @@ BEGIN
                                             AND s.step_key = p_step_key))) THEN
             DELETE FROM saga_gate_slots s WHERE s.gate = p_gate AND s.run_id = p_run_id
                 AND s.step_key = p_step_key;
-            INSERT INTO saga_rate_grants (gate, at, units)
-            VALUES (p_gate, clock_timestamp(), p_units);
+            INSERT INTO saga_rate_grants (gate, at, units, run_id, step_key)
+            VALUES (p_gate, clock_timestamp(), p_units, p_run_id, p_step_key);
             -- Grants older than the window count no more.
             DELETE FROM saga_rate_grants
             WHERE gate = p_gate AND at <= clock_timestamp() - g.period * interval '1 second';

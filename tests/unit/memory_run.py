@@ -663,6 +663,7 @@ class MemoryStore:
         timeout: float | None,
         start: Callable[[Any], None],
         fast_path: list[Any] | None = None,  # the twin keeps every message in its outbox
+        priority: int = 0,  # only gated steps read it; the twin has no gates
     ) -> bool:
         existing = self.db.runs.get(run_id)
         if existing is not None:  # INSERT_RUN ... ON CONFLICT DO NOTHING
@@ -802,6 +803,7 @@ class MemoryStore:
         *,
         fast_path: bool,
         read_journal: bool = False,
+        usage: Mapping[str, int] | None = None,
     ) -> list[OutboxMessage]:
         def update(tx: MemoryRunTx, row: StepRow) -> None:  # COMPLETE_STEP
             row.state, row.result, row.error = StepState.COMPLETED, json.loads(result_json), None
