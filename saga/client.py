@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import json
 import os
 import re
 import socket
@@ -19,7 +21,7 @@ from saga.failures import ErrorType, error_record
 from saga.limits import check_priority
 from saga.loader import Definition, load_definition
 from saga.outbox.message import OutboxMessage
-from saga.records import RunRecord, StepRecord
+from saga.records import OperatorError, RunRecord, StepRecord
 from saga.run_transaction import RunTransaction
 from saga.settings import Settings
 from saga.states import RunState
@@ -144,6 +146,12 @@ class SagaClient:
             coordinator.advance(tx, lambda _ref: definition)
 
         unsent: list[OutboxMessage] | None = [] if self._publish else None
+        limit, replaced = definition.concurrency, list[str]()
+        run_gate = None
+        if limit is not None:
+            where = f"{definition.name!r} run {run_id!r}"
+            gate = limit.gate(definition.name, json.loads(input_json), where, run_level=True)
+            run_gate = {**gate, "on_limit": limit.on_limit}
         created = self.store.create_run(
             run_id=run_id,
             saga_name=definition.name,
@@ -155,7 +163,16 @@ class SagaClient:
             start=start,
             fast_path=unsent,
             priority=priority,
+            run_gate=run_gate,
+            replaced=replaced,
         )
+        for old_run in replaced:  # Concurrency(on_limit="cancel_oldest"): the newest wins
+            with contextlib.suppress(OperatorError):  # it finished meanwhile
+                self.cancel(
+                    old_run,
+                    f"replaced by run {run_id!r} (Concurrency on_limit='cancel_oldest')",
+                    actor="saga",
+                )
         if unsent:
             self._publish_now(unsent)
         elif not created and unsent is not None:

@@ -367,7 +367,7 @@ class StepOptions:
         if self.concurrency is not None:
             if not isinstance(self.concurrency, Concurrency):
                 raise DefinitionError(f"{where}: concurrency must be a saga.Concurrency")
-            self.concurrency.validate(where)
+            self.concurrency.validate_for_step(where)
         for limit in self.rate_limits:
             if not isinstance(limit, RateLimit):
                 raise DefinitionError(f"{where}: rate_limit must be a saga.RateLimit (or a list)")

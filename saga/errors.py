@@ -34,6 +34,11 @@ class RunConflictError(SagaError):
     """A run id is already taken by a run of another saga or with another input."""
 
 
+class LimitReachedError(SagaError):
+    """A run was refused at its start: its definition's ``Concurrency(on_limit="refuse")``
+    already has as many runs for its key as the limit allows."""
+
+
 class RunFailedError(SagaError):
     """The awaited run ended in a failed state."""
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from saga.errors import DefinitionError, SagaError
 
+OnLimit = Literal["queue", "refuse", "cancel_oldest"]
+ON_LIMIT: tuple[str, ...] = ("queue", "refuse", "cancel_oldest")
 KeyFn = Callable[[Any], Any]
 Key = str | KeyFn | None
 UnitsFn = Callable[[Any], int]
@@ -75,12 +77,19 @@ class Concurrency:
     gives each tenant ``limit`` slots. ``fair`` groups the waiters of one gate for round-robin:
     when a slot frees, the group holding the fewest slots goes next (by default the key, so a
     global limit with ``fair=`` by tenant stops one tenant's 1,000 runs starving another's 3).
-    Waiters go by priority first."""
+    Waiters go by priority first.
+
+    On a ``Saga`` or ``workflow`` (runs, not steps), ``on_limit`` says what a new run does when
+    its key already has ``limit`` runs: ``"queue"`` (default) waits in line; ``"refuse"``
+    refuses it (``client.start`` raises LimitReachedError, no run is made); ``"cancel_oldest"``
+    cancels the oldest runs of the key (compensating what they did), and the new one waits for
+    their slot: with ``Concurrency(1, key=...)``, a singleton per key where the newest wins."""
 
     limit: int
     key: Key = None
     name: str | None = None
     fair: Key = None
+    on_limit: OnLimit = "queue"
 
     def validate(self, where: str) -> None:
         if not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1:
@@ -91,6 +100,18 @@ class Concurrency:
             _check_name(self.name, where, "concurrency limit")
         _check_key(self.key, where, "concurrency limit")
         _check_key(self.fair, where, "concurrency limit")
+        if self.on_limit not in ON_LIMIT:
+            raise DefinitionError(
+                f"{where}: on_limit must be one of {', '.join(ON_LIMIT)}, got {self.on_limit!r}"
+            )
+
+    def validate_for_step(self, where: str) -> None:
+        self.validate(where)
+        if self.on_limit != "queue":
+            raise DefinitionError(
+                f"{where}: on_limit={self.on_limit!r} applies to runs: put this Concurrency on "
+                f"the Saga or workflow; a step's limit always waits in line"
+            )
 
     def gate(
         self, default_name: str, run_input: Any, where: str, *, run_level: bool

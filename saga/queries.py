@@ -23,10 +23,10 @@ UNLISTEN_RUN_FINISHED: LiteralString = "UNLISTEN saga_run_finished"
 
 INSERT_RUN: LiteralString = """
 INSERT INTO saga_runs (run_id, saga_name, saga_ref, saga_version, input, trace_context,
-                       deadline_at, queue, key_prefix, priority)
+                       deadline_at, queue, key_prefix, priority, run_gate)
 VALUES (%(run_id)s, %(saga_name)s, %(saga_ref)s, %(saga_version)s, %(input)s::jsonb,
         %(trace_context)s, now() + %(timeout)s * interval '1 second', %(queue)s, %(key_prefix)s,
-        %(priority)s)
+        %(priority)s, %(run_gate)s)
 ON CONFLICT (run_id) DO NOTHING
 RETURNING run_id
 """
@@ -135,7 +135,7 @@ WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state IN ('dispatched'
 # to the next waiters, whose steps are dispatched in the same commit.
 RELEASE_GATES: LiteralString = """
 SELECT run_id, step_key, queue, trace_context
-FROM saga_gate_release(%(run_id)s, %(step_key)s, %(run_ended)s, %(dispatch_timeout)s)
+FROM saga_gate_release(%(run_id)s, %(step_key)s, %(dispatch_timeout)s)
 """
 
 # A step's usage as it reported it (a model call's tokens): replaces the estimate its latest
@@ -145,6 +145,14 @@ UPDATE saga_rate_grants SET units = %(units)s
 WHERE ctid = (SELECT ctid FROM saga_rate_grants
               WHERE gate = %(gate)s AND run_id = %(run_id)s AND step_key = %(step_key)s
               ORDER BY at DESC LIMIT 1)
+"""
+
+# The other active runs of a run-level gate, oldest first (a new run with on_limit 'refuse' or
+# 'cancel_oldest' counts them, under the gate's lock, once it is inserted).
+ACTIVE_RUNS_OF_GATE: LiteralString = """
+SELECT run_id FROM saga_runs
+WHERE run_gate = %(gate)s AND state IN ('running', 'compensating') AND run_id <> %(run_id)s
+ORDER BY created_at, run_id
 """
 
 # Set once, by the run's first step with limits.

@@ -286,7 +286,7 @@ class RunTransaction:
         self._journal = None
         self.finished = (state, error if error is not None else self.run.error)
         if self.run.gated:
-            self.release_gates(None, run_ended=True)
+            self.release_gates(None)
 
     def cancel_open_steps(self) -> None:
         self._cur.execute(q.CANCEL_OPEN_STEPS, (self.run.run_id,))
@@ -302,17 +302,16 @@ class RunTransaction:
             {"gate": gate, "run_id": self.run.run_id, "step_key": step_key, "units": units},
         )
 
-    def release_gates(self, step_key: str | None, *, run_ended: bool = False) -> None:
+    def release_gates(self, step_key: str | None) -> None:
         """Give back the gates (saga.limits) of ``step_key``, whose attempt ended, or (None) of
-        the run's steps that no longer run or wait, and with ``run_ended`` the run's own slot.
-        The waiters they go to are dispatched in this transaction; their messages go with its
-        own."""
+        the run's steps that no longer run or wait; and the run's own slot once it has ended
+        and none of its attempts still runs. The waiters they go to are dispatched in this
+        transaction; their messages go with its own."""
         rows = self._named().execute(
             q.RELEASE_GATES,
             {
                 "run_id": self.run.run_id,
                 "step_key": step_key,
-                "run_ended": run_ended,
                 "dispatch_timeout": self._dispatch_timeout,
             },
         )

@@ -23,7 +23,12 @@ from psycopg_pool import ConnectionPool
 
 from saga import queries as q
 from saga.coordinator import JournalRow, RunView
-from saga.errors import RunConflictError, RunNotFoundError, WaitTimeoutError
+from saga.errors import (
+    LimitReachedError,
+    RunConflictError,
+    RunNotFoundError,
+    WaitTimeoutError,
+)
 from saga.failures import ErrorType, attempt_outcome, error_record
 from saga.limits import gates_of, reported_units
 from saga.messages import advance_message, step_message
@@ -142,11 +147,16 @@ class PostgresStore:
         start: Advance,
         fast_path: list[OutboxMessage] | None = None,
         priority: int = 0,
+        run_gate: Mapping[str, Any] | None = None,
+        replaced: list[str] | None = None,
     ) -> bool:
         """Create a run and let ``start`` schedule its first steps, in one transaction. False
         if the id exists already for the same saga and input (idempotent), RunConflictError if
         it exists otherwise. Given ``fast_path``, the messages go in that list for the caller
-        to publish after the commit instead of outbox rows (see ``_outcome``)."""
+        to publish after the commit instead of outbox rows (see ``_outcome``). ``run_gate``:
+        its definition limits its runs (saga.limits); with on_limit 'refuse' a run over the
+        limit raises LimitReachedError and is not made, with 'cancel_oldest' the runs it
+        replaces go in ``replaced`` (the caller cancels them)."""
         with translated(f"creating run {run_id!r}"), self._pool.connection() as conn:
             with pipelined_transaction(conn) as cur:
                 created = cur.execute(
@@ -162,8 +172,23 @@ class PostgresStore:
                         "queue": self._queue,
                         "key_prefix": self._key_prefix,
                         "priority": priority,
+                        "run_gate": None if run_gate is None else run_gate["gate"],
                     },
                 ).fetchone()
+                if (
+                    created
+                    and run_gate is not None
+                    and run_gate.get("on_limit", "queue") != "queue"
+                ):
+                    over = self._runs_over_limit(cur, run_id, run_gate)
+                    if over and run_gate["on_limit"] == "refuse":
+                        raise LimitReachedError(
+                            f"run {run_id!r} refused: {run_gate['gate']!r} already has "
+                            f"{run_gate['limit']} active run(s) (Concurrency on_limit='refuse'); "
+                            f"start it again once one has finished"
+                        )
+                    if replaced is not None:
+                        replaced.extend(over)
                 if created:
                     run = RunView(
                         run_id=run_id,
@@ -197,6 +222,20 @@ class PostgresStore:
                 f"choose a new run id, or pass the same saga and input to get the existing run"
             )
         return False
+
+    @staticmethod
+    def _runs_over_limit(
+        cur: psycopg.Cursor[Any], run_id: str, run_gate: Mapping[str, Any]
+    ) -> list[str]:
+        """The oldest active runs of the gate beyond what leaves room for ``run_id``."""
+        cur.execute(q.LOCK_GATE, (run_gate["gate"],))
+        others = [
+            r[0]
+            for r in cur.execute(
+                q.ACTIVE_RUNS_OF_GATE, {"gate": run_gate["gate"], "run_id": run_id}
+            ).fetchall()
+        ]
+        return others[: max(0, len(others) - int(run_gate["limit"]) + 1)]
 
     def get_run(self, run_id: str) -> RunRecord:
         with translated(f"reading run {run_id!r}"), self._pool.connection() as conn:

@@ -30,6 +30,8 @@ class Store(Protocol):
         start: Decide,
         fast_path: list[OutboxMessage] | None = None,
         priority: int = 0,
+        run_gate: Mapping[str, Any] | None = None,
+        replaced: list[str] | None = None,
     ) -> bool:
         """Create the run and let ``start`` schedule its first steps, in one transaction;
         False if it exists already with the same saga and input."""

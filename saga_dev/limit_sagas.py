@@ -73,3 +73,15 @@ tokens = Saga(
     "tokens",
     [step(used_tokens, rate_limit=RateLimit("tokens", 100, per=60.0, units=10, tokens=True))],
 )
+
+
+# One run per tenant at a time: a second is refused while the first runs.
+@workflow("one_run_refuse", concurrency=Concurrency(1, key=_tenant, on_limit="refuse"))
+def one_run_refuse(ctx: Any, value: Any) -> Any:
+    return ctx.step(call_service, value)
+
+
+# One run per tenant: a new one cancels the one running (the newest wins).
+@workflow("newest_wins", concurrency=Concurrency(1, key=_tenant, on_limit="cancel_oldest"))
+def newest_wins(ctx: Any, value: Any) -> Any:
+    return ctx.step(call_service, value)

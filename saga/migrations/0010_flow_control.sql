@@ -24,6 +24,12 @@ ALTER TABLE saga_steps ADD CONSTRAINT saga_steps_state_check CHECK (state IN (
 -- back; a run without limits pays nothing for flow control.
 ALTER TABLE saga_runs ADD COLUMN priority integer NOT NULL DEFAULT 0;
 ALTER TABLE saga_runs ADD COLUMN gated boolean NOT NULL DEFAULT false;
+-- The run-level gate of a run whose definition limits its runs (Concurrency on a Saga or a
+-- workflow): a new run with on_limit 'refuse' or 'cancel_oldest' counts the active runs of its
+-- key here when it starts.
+ALTER TABLE saga_runs ADD COLUMN run_gate text;
+CREATE INDEX saga_runs_run_gate ON saga_runs (run_gate, created_at, run_id)
+    WHERE run_gate IS NOT NULL AND state IN ('running', 'compensating');
 
 -- One row per gate in use: its latest declared limit, when its waiters are next offered
 -- budget (rate gates) or looked at again (a missed hand-over, healed), and a provider's pause.
@@ -91,6 +97,16 @@ RETURNS timestamptz LANGUAGE sql AS $$
         clock_timestamp())
 $$;
 
+-- A run holds its run-level slot while it is active, and after its end while an attempt it
+-- started still runs (its effect is not over: a run cancelled mid-step keeps the slot until
+-- that attempt ends or its lease runs out).
+CREATE FUNCTION saga_run_holds_slot(p_run_id text) RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT EXISTS (SELECT FROM saga_runs r WHERE r.run_id = p_run_id
+                   AND r.state IN ('running', 'compensating'))
+        OR EXISTS (SELECT FROM saga_steps t WHERE t.run_id = p_run_id AND t.state = 'running')
+$$;
+
 -- The slots of a concurrency gate in use: held by a step still dispatched, running or waiting
 -- for another of its gates, or by a run still active. A slot whose holder ended without giving
 -- it back (which the transactions that end steps and runs do) is not counted.
@@ -99,8 +115,7 @@ LANGUAGE sql AS $$
     SELECT count(*) FROM saga_gate_slots s
     WHERE s.gate = p_gate AND s.state = 'held'
       AND CASE WHEN s.run_level
-               THEN EXISTS (SELECT FROM saga_runs r WHERE r.run_id = s.run_id
-                            AND r.state IN ('running', 'compensating'))
+               THEN saga_run_holds_slot(s.run_id)
                ELSE EXISTS (SELECT FROM saga_steps t WHERE t.run_id = s.run_id
                             AND t.step_key = s.step_key
                             AND t.state IN ('dispatched', 'running', 'throttled'))
@@ -328,9 +343,8 @@ $$;
 -- Give back what a run holds and hand each freed gate to its next waiters; returns the steps
 -- dispatched. With p_step_key: the slots of that step (its attempt ended). Without: the slots
 -- and places in line of the run's steps that no longer run or wait (its open steps were
--- cancelled), and with p_run_ended the run's own slots too.
-CREATE FUNCTION saga_gate_release(p_run_id text, p_step_key text, p_run_ended boolean,
-                                  p_dispatch_timeout float8)
+-- cancelled). Either way, the run's own slot once it no longer holds it (saga_run_holds_slot).
+CREATE FUNCTION saga_gate_release(p_run_id text, p_step_key text, p_dispatch_timeout float8)
 RETURNS TABLE (run_id text, step_key text, queue text, trace_context jsonb)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -341,7 +355,8 @@ BEGIN
         WITH gone AS (
             DELETE FROM saga_gate_slots s
             WHERE s.run_id = p_run_id
-              AND CASE WHEN s.run_level THEN p_run_ended
+              AND CASE WHEN s.run_level THEN s.state = 'held'
+                                             AND NOT saga_run_holds_slot(p_run_id)
                        WHEN p_step_key IS NOT NULL THEN s.step_key = p_step_key
                        ELSE NOT EXISTS (
                            SELECT FROM saga_steps t WHERE t.run_id = s.run_id

@@ -664,6 +664,8 @@ class MemoryStore:
         start: Callable[[Any], None],
         fast_path: list[Any] | None = None,  # the twin keeps every message in its outbox
         priority: int = 0,  # only gated steps read it; the twin has no gates
+        run_gate: Mapping[str, Any] | None = None,
+        replaced: list[str] | None = None,
     ) -> bool:
         existing = self.db.runs.get(run_id)
         if existing is not None:  # INSERT_RUN ... ON CONFLICT DO NOTHING
