@@ -159,6 +159,27 @@ class RateLimit:
         }
 
 
+def check_distinct(
+    run_limit: Concurrency | None,
+    run_name: str,
+    step_limit: Concurrency | None,
+    step_name: str,
+    where: str,
+) -> None:
+    """A run's limit and one of its steps' must not be one gate: the run's slot would count
+    against its own step (with limit 1, a step waiting for a slot its run holds until it ends)
+    and the gate's limit would flip between the two declared."""
+    if run_limit is None or step_limit is None:
+        return
+    name = step_limit.name or step_name
+    if name == (run_limit.name or run_name):
+        raise DefinitionError(
+            f"{where}: the step's concurrency limit and its run's are both named {name!r}: one "
+            f"limit cannot count both runs and steps; give one of them another name "
+            f"(Concurrency(..., name=...))"
+        )
+
+
 def check_priority(priority: Any, where: str, error: type[SagaError] = DefinitionError) -> int:
     if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 1_000_000:
         raise error(
