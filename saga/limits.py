@@ -43,11 +43,11 @@ def _check_name(name: Any, where: str, what: str) -> str:
     return name
 
 
-def _check_key(key: Any, where: str, what: str) -> None:
+def _check_key(key: Any, where: str, what: str, field: str = "key") -> None:
     if key is not None and not callable(key) and not isinstance(key, str):
         raise DefinitionError(
-            f"{where}: a {what}'s key must be a string or a function of the run's input, got "
-            f"{type(key).__name__}"
+            f"{where}: a {what}'s {field} must be a string or a function of the run's input, "
+            f"got {type(key).__name__}"
         )
 
 
@@ -90,7 +90,7 @@ class Concurrency:
         if self.name is not None:
             _check_name(self.name, where, "concurrency limit")
         _check_key(self.key, where, "concurrency limit")
-        _check_key(self.fair, where, "concurrency limit")
+        _check_key(self.fair, where, "concurrency limit", "fair")
 
     def gate(
         self, default_name: str, run_input: Any, where: str, *, run_level: bool
