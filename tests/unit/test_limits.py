@@ -19,6 +19,7 @@ from saga.errors import DefinitionError, InputError
 from saga.limits import check_priority, gates_of
 from saga.store_protocol import Store
 from saga.workflow import WorkflowContext, workflow
+from saga_dev.support_agent import estimated_tokens, support_agent
 from tests.unit.memory_run import MemoryStore, Sim
 
 
@@ -415,3 +416,35 @@ def test_the_memory_twin_keeps_a_runs_priority_as_the_store_does() -> None:
                 for p in signature(getattr(MemoryStore, name)).parameters.values()
             ]
             assert got == want, name
+
+
+def test_the_readmes_support_agent_limits_runs_per_tenant_and_model_calls_per_account() -> None:
+    ticket = {"tenant": "acme", "question": "How do I rotate my API key?"}
+    sim = Sim(support_agent, ticket).start()
+    [decide] = sim.step_keys()
+    request = sim.row(decide).input
+    run_gate = {"gate": "c:support_runs:acme", "kind": "concurrency", "limit": 5, "fair": "acme"}
+    rate = {"kind": "rate", "period": 60.0, "fair": "shared"}
+    assert gates(sim, decide) == [
+        {**run_gate, "run": True},
+        {"gate": "r:model_requests:shared", "limit": 500, "units": 1, **rate},
+        {
+            "gate": "r:model_tokens:shared",
+            "limit": 200_000,
+            "units": estimated_tokens(request),
+            **rate,
+        },
+    ]
+    assert (
+        estimated_tokens(request) == 800 + sum(len(m["content"]) for m in request["messages"]) // 4
+    )
+    call = {"id": "c1", "name": "search_docs", "arguments": {"query": "api key"}}
+    sim.complete(decide, {"model": "m", "tool_calls": [call]})
+    [search] = sim.step_keys("dispatched")
+    assert gates(sim, search) == [{**run_gate, "run": True}]  # the tool: only the run's slot
+    # A tenant with its own provider account has budgets of its own.
+    own = Sim(support_agent, {**ticket, "model_account": "acme-key"}).start()
+    assert [g["gate"] for g in gates(own, own.step_keys()[0])][1:] == [
+        "r:model_requests:acme-key",
+        "r:model_tokens:acme-key",
+    ]
