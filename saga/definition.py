@@ -29,7 +29,7 @@ from pydantic_core import PydanticSerializationError
 from saga import strict_json
 from saga.errors import DefinitionError, InputError, StepResultError, UnknownSagaError
 from saga.failures import exception_text
-from saga.limits import TOKENS, Concurrency, RateLimit, check_priority
+from saga.limits import TOKENS, Concurrency, RateLimit, check_distinct, check_priority
 from saga.retry import RetryPolicy
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
@@ -392,6 +392,7 @@ class StepOptions:
     ) -> list[dict[str, Any]]:
         """The step's limits with their keys worked out for this run (``saga.limits``), its
         run's own limit first: what its journal row carries as ``gates``."""
+        check_distinct(run_limit, run_name, self.concurrency, name, where)
         gates = []
         if run_limit is not None:
             gates.append(run_limit.gate(run_name, run_input, where, run_level=True))
@@ -606,13 +607,15 @@ class Saga:
                     f"{where}: depends on unknown step(s) {unknown}; add dependencies first"
                 )
         compensate = decl.args.get("compensate")
+        options = StepOptions.from_args(decl.args, where, self.default_retry)
+        check_distinct(self.concurrency, self.name, options.concurrency, name, where)
         self._steps[name] = GraphStep(
             name=name,
             function=function_info(decl.fn, where),
             after=after,
             map_over=decl.map_over,
             compensation=None if compensate is None else compensation_info(compensate, where),
-            options=StepOptions.from_args(decl.args, where, self.default_retry),
+            options=options,
         )
         return name
 

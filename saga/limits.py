@@ -45,11 +45,11 @@ def _check_name(name: Any, where: str, what: str) -> str:
     return name
 
 
-def _check_key(key: Any, where: str, what: str) -> None:
+def _check_key(key: Any, where: str, what: str, field: str = "key") -> None:
     if key is not None and not callable(key) and not isinstance(key, str):
         raise DefinitionError(
-            f"{where}: a {what}'s key must be a string or a function of the run's input, got "
-            f"{type(key).__name__}"
+            f"{where}: a {what}'s {field} must be a string or a function of the run's input, "
+            f"got {type(key).__name__}"
         )
 
 
@@ -99,7 +99,7 @@ class Concurrency:
         if self.name is not None:
             _check_name(self.name, where, "concurrency limit")
         _check_key(self.key, where, "concurrency limit")
-        _check_key(self.fair, where, "concurrency limit")
+        _check_key(self.fair, where, "concurrency limit", "fair")
         if self.on_limit not in ON_LIMIT:
             raise DefinitionError(
                 f"{where}: on_limit must be one of {', '.join(ON_LIMIT)}, got {self.on_limit!r}"
@@ -182,6 +182,27 @@ class RateLimit:
             "fair": key,
             **({"tokens": True} if self.tokens else {}),
         }
+
+
+def check_distinct(
+    run_limit: Concurrency | None,
+    run_name: str,
+    step_limit: Concurrency | None,
+    step_name: str,
+    where: str,
+) -> None:
+    """A run's limit and one of its steps' must not be one gate: the run's slot would count
+    against its own step (with limit 1, a step waiting for a slot its run holds until it ends)
+    and the gate's limit would flip between the two declared."""
+    if run_limit is None or step_limit is None:
+        return
+    name = step_limit.name or step_name
+    if name == (run_limit.name or run_name):
+        raise DefinitionError(
+            f"{where}: the step's concurrency limit and its run's are both named {name!r}: one "
+            f"limit cannot count both runs and steps; give one of them another name "
+            f"(Concurrency(..., name=...))"
+        )
 
 
 def check_priority(priority: Any, where: str, error: type[SagaError] = DefinitionError) -> int:

@@ -755,8 +755,30 @@ SELECT step_key, step_name, kind, seq, position, state, attempt, max_attempts, i
        input, result, error, lease_owner, created_at, started_at, attempt_started_at, finished_at,
        -- an open step's next dispatch; a wait without a timeout waits until 'infinity'
        CASE WHEN state IN ('pending', 'dispatched', 'waiting') THEN nullif(due_at, 'infinity')
-       END AS due_at
+       END AS due_at,
+       options->'gates' AS gates  -- its limits, as scheduled (saga.limits, 0010)
 FROM saga_steps WHERE run_id = %s ORDER BY seq
+"""
+
+# The run's places at its gates (0010): slots its steps (or the run) hold, and its throttled
+# steps' places in line. place: waiters ahead by priority, then age, plus one (the grant also
+# goes round-robin between fairness keys, so it is where the step stands, not a promise).
+# in_use: slots held (concurrency) or units granted in the window (rate). Read-only.
+SELECT_RUN_GATES: LiteralString = """
+SELECT s.step_key, s.gate, s.state, s.run_level, s.priority, s.units, s.since,
+       g.kind, g.lim, g.period,
+       CASE WHEN g.paused_until > now() THEN g.paused_until END AS paused_until,
+       CASE WHEN s.state = 'waiting' THEN 1 + (
+           SELECT count(*) FROM saga_gate_slots o
+           WHERE o.gate = s.gate AND o.state = 'waiting'
+             AND (o.priority > s.priority OR o.priority = s.priority AND o.since < s.since))
+       END AS place,
+       (SELECT count(*) FROM saga_gate_slots o
+        WHERE o.gate = s.gate AND o.state = 'waiting') AS in_line,
+       CASE WHEN g.kind = 'concurrency' THEN saga_gate_held(s.gate)
+            WHEN g.kind = 'rate' THEN saga_rate_used(s.gate, g.period) END AS in_use
+FROM saga_gate_slots s LEFT JOIN saga_gates g ON g.gate = s.gate
+WHERE s.run_id = %s ORDER BY s.step_key, s.gate
 """
 
 SELECT_ATTEMPTS: LiteralString = """

@@ -8,8 +8,8 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from saga.runs_view import AttemptView, RunDetail, RunRow, StepView
-from saga.states import StepKind
+from saga.runs_view import AttemptView, LimitView, RunDetail, RunRow, StepView
+from saga.states import FINAL_STEP_STATES, GateKind, GateSlotState, StepKind
 
 PREVIEW = 160  # characters of an input or result shown inline (--json has them whole)
 
@@ -63,7 +63,8 @@ def show_lines(d: RunDetail, *, trace_link: str | None, tracebacks: bool) -> Ite
         yield "waiting:"
         for w in d.waits:
             due = f", until {when(w.due_at)}" if w.due_at else ""
-            yield f"  {w.kind} {w.name!r} since {when(w.since)}{due}"
+            step = f" (step {w.step_key})" if w.kind == "limit" else ""
+            yield f"  {w.kind} {w.name!r}{step} since {when(w.since)}{due}"
     yield ""
     yield "events:"
     for e in d.events:
@@ -87,7 +88,35 @@ def _step_lines(s: StepView, tracebacks: bool) -> Iterator[str]:
         yield f"       input  {preview(s.input)}"
     if s.result is not None:
         yield f"       result {preview(s.result)}"
+    if s.state not in FINAL_STEP_STATES:
+        yield from (f"       limit  {limit_text(v)}" for v in s.limits)
     yield from _attempt_lines(s.attempts, tracebacks)
+
+
+def limit_text(v: LimitView) -> str:
+    """A limit of a step not yet ended, and where it stands at it: ``concurrency 'svc' key 'a':
+    3/3 in use; throttled, 2nd of 5 in line since ...``."""
+    key = f" key {v.key!r}" if v.key else ""
+    if v.kind == GateKind.RATE:
+        per = f"{v.period:g} s" if v.period is not None else "?"
+        what = f"rate limit {v.name!r}{key}: {v.units} of {v.limit} units per {per}"
+        if v.in_use is not None:
+            what += f", {v.in_use} granted in the window"
+    else:
+        what = f"concurrency {v.name!r}{key}" + (" (per run)" if v.run_level else "")
+        what += (
+            f": {v.in_use}/{v.limit} in use" if v.in_use is not None else f": {v.limit} at a time"
+        )
+    if v.status == GateSlotState.WAITING:
+        place = f"{v.place} of {v.in_line}" if v.place and v.in_line else "waiting"
+        what += f"; throttled, {place} in line since {when(v.since)}"
+    elif v.status == GateSlotState.OFFERED:
+        what += "; budget freed for it: dispatched to take it"
+    elif v.status == GateSlotState.HELD:
+        what += "; its run holds a slot" if v.run_level else "; holds a slot"
+    if v.paused_until is not None:
+        what += f"; paused until {when(v.paused_until)} (the service asked)"
+    return what
 
 
 def _attempt_lines(attempts: Sequence[AttemptView], tracebacks: bool) -> Iterator[str]:

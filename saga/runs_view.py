@@ -1,5 +1,6 @@
 """Read-only queries for operators: find runs (filters, keyset pages, counts per state) and read
-one run's whole story (steps, every attempt, compensations, run events, waits, model usage).
+one run's whole story (steps, every attempt, compensations, run events, waits, model usage, and
+the limits its steps wait for or hold).
 
 ``saga list`` / ``saga show`` and the web dashboard are built on ``RunsView``. Its connections
 are read-only sessions: nothing here can change a run. A step's attempts are the rows of
@@ -24,8 +25,9 @@ from saga import queries as q
 from saga.errors import InputError
 from saga.failures import attempt_outcome
 from saga.keys import COMPENSATION_PREFIX
+from saga.limits import gates_of
 from saga.run_transaction import translated
-from saga.states import AttemptOutcome, RunState, StepKind, StepState
+from saga.states import AttemptOutcome, GateKind, GateSlotState, RunState, StepKind, StepState
 
 COUNT_CAP = 10_000  # count_by_state stops counting a state here: that count means "or more"
 MAX_PAGE = 1_000
@@ -107,6 +109,34 @@ class AttemptView:
 
 
 @dataclass(frozen=True)
+class LimitView:
+    """A limit a step declared (``saga.limits``), as its journal row names it (its *gate*), with
+    where the step, or its run, stands at it now (``saga_gate_slots``, migration 0010).
+
+    status: ``held`` (a concurrency slot is the step's, or for a run-level limit the run's),
+    ``waiting`` (in line: the step is throttled), ``offered`` (rate budget freed for it: it was
+    dispatched to take it), or None (not taken now: the step has not been claimed yet, has given
+    its slot back, or took rate budget, which is spent rather than held). place: where it
+    stands in line (priority, then age; the grant also goes round-robin between fairness keys).
+    in_use: slots held, or units granted in the current window, by everyone."""
+
+    gate: str  # "c:<name>:<key>" (concurrency) or "r:<name>:<key>" (rate)
+    kind: str  # concurrency | rate
+    name: str
+    key: str
+    limit: int
+    period: float | None = None  # rate limits: the window, in seconds
+    units: int | None = None  # rate limits: what the step takes of the window
+    run_level: bool = False  # the run's own limit (Saga / workflow concurrency=)
+    status: str | None = None
+    since: dt.datetime | None = None  # when it took the slot, or joined the line
+    place: int | None = None
+    in_line: int | None = None
+    in_use: int | None = None
+    paused_until: dt.datetime | None = None  # a rate limit a service's 429 paused
+
+
+@dataclass(frozen=True)
 class StepView:
     step_key: str
     name: str
@@ -125,6 +155,7 @@ class StepView:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     attempts: list[AttemptView] = field(default_factory=list)
+    limits: list[LimitView] = field(default_factory=list)  # none for a step without limits
 
 
 @dataclass(frozen=True)
@@ -142,10 +173,11 @@ class RunEvent:
 
 @dataclass(frozen=True)
 class PendingWait:
-    """An event wait (due_at: its timeout, None for none), a timer (due_at: when it fires), or
-    an event sent before the run waited for it (kind "kept_event")."""
+    """An event wait (due_at: its timeout, None for none), a timer (due_at: when it fires), an
+    event sent before the run waited for it (kind "kept_event"), or a throttled step waiting
+    in line for a limit (kind "limit", name: its gate; due_at: the end of a service's pause)."""
 
-    kind: str  # event | timer | kept_event
+    kind: str  # event | timer | kept_event | limit
     step_key: str | None
     name: str
     since: dt.datetime
@@ -383,15 +415,16 @@ class RunsView:
                         q.SELECT_ATTEMPTS,
                         q.SELECT_RUN_EVENTS,
                         q.SELECT_KEPT_EVENTS,
+                        q.SELECT_RUN_GATES,
                     )
                 ]
-            run, steps, attempts, events, kept = (
+            run, steps, attempts, events, kept, gates = (
                 curs[0].fetchone(),
                 *(c.fetchall() for c in curs[1:]),
             )
         if run is None:
             return None
-        return _detail(run, steps, attempts, events, kept)
+        return _detail(run, steps, attempts, events, kept, gates)
 
 
 def _detail(
@@ -400,11 +433,13 @@ def _detail(
     attempts: Sequence[Mapping[str, Any]],
     events: Sequence[Mapping[str, Any]],
     kept: Sequence[Mapping[str, Any]],
+    slots: Sequence[Mapping[str, Any]] = (),
 ) -> RunDetail:
     by_step: dict[str, list[Mapping[str, Any]]] = {}
     for a in attempts:
         by_step.setdefault(a["step_key"], []).append(a)
-    views = [_step_view(s, by_step.get(s["step_key"], [])) for s in steps]
+    at_gates = {(r["gate"], r["step_key"]): r for r in slots}
+    views = [_step_view(s, by_step.get(s["step_key"], []), at_gates) for s in steps]
     return RunDetail(
         run_id=run["run_id"],
         saga=run["saga_name"],
@@ -427,16 +462,75 @@ def _detail(
     )
 
 
-def _step_view(s: Mapping[str, Any], recorded: Sequence[Mapping[str, Any]]) -> StepView:
+def _step_view(
+    s: Mapping[str, Any],
+    recorded: Sequence[Mapping[str, Any]],
+    slots: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+) -> StepView:
     key = s["step_key"]
     compensation = s["kind"] == StepKind.COMPENSATION and key.startswith(COMPENSATION_PREFIX)
-    names = {f.name for f in fields(StepView)}
+    names = {f.name for f in fields(StepView)} - {"limits"}
     return StepView(
         **{k: v for k, v in s.items() if k in names},
         name=s["step_name"],
         compensation_of=key[len(COMPENSATION_PREFIX) :] if compensation else None,
         attempts=merge_attempts(s, recorded),
+        limits=limit_views(key, s.get("gates"), slots or {}),
     )
+
+
+def limit_views(
+    step_key: str, gates: Any, slots: Mapping[tuple[str, str], Mapping[str, Any]]
+) -> list[LimitView]:
+    """A step's journaled gates (``options["gates"]``), in the order it takes them, each with
+    the step's (or for a run-level limit its run's) slot row, if it has one (``slots`` by
+    (gate, step key); a run's own slot is held under step key '')."""
+    if not isinstance(gates, list):
+        return []
+    views = []
+    for g in gates_of({"gates": [g for g in gates if isinstance(g, Mapping)]}):
+        gate = str(g.get("gate", ""))
+        _, _, rest = gate.partition(":")
+        name, _, key = rest.partition(":")
+        run_level = bool(g.get("run"))
+        slot = slots.get((gate, step_key))
+        if slot is None and run_level:
+            slot = slots.get((gate, ""))
+        rate = g.get("kind") == GateKind.RATE
+        views.append(
+            LimitView(
+                gate=gate,
+                kind=str(g.get("kind", "")),
+                name=name,
+                key=key,
+                limit=int(g.get("limit") or 0),
+                period=float(g["period"]) if rate and g.get("period") is not None else None,
+                units=int(g.get("units") or 1) if rate else None,
+                run_level=run_level,
+                status=None if slot is None else str(slot["state"]),
+                since=None if slot is None else slot["since"],
+                place=None if slot is None else _int(slot["place"]),
+                in_line=None if slot is None else _int(slot["in_line"]),
+                in_use=None if slot is None else _int(slot["in_use"]),
+                paused_until=None if slot is None else slot["paused_until"],
+            )
+        )
+    return views
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def throttled_by(step: StepView) -> LimitView | None:
+    """The limit a throttled step waits for: the gate whose line it is in, else (its place not
+    read yet) the first it does not hold."""
+    if step.state != StepState.THROTTLED:
+        return None
+    in_line = [v for v in step.limits if v.status in (GateSlotState.WAITING, GateSlotState.OFFERED)]
+    if in_line:
+        return in_line[0]
+    return next((v for v in step.limits if v.status != GateSlotState.HELD), None)
 
 
 def _timeline(
@@ -471,6 +565,12 @@ def _waits(steps: Sequence[StepView], kept: Sequence[Mapping[str, Any]]) -> list
         )
         if waiting_event or pending_timer:
             waits.append(PendingWait(str(s.kind), s.step_key, s.name, s.created_at, s.due_at))
+        limit = throttled_by(s)
+        if s.state == StepState.THROTTLED:
+            since = (limit.since if limit else None) or s.created_at
+            gate = limit.gate if limit else "(a limit)"
+            paused = limit.paused_until if limit else None
+            waits.append(PendingWait("limit", s.step_key, gate, since, paused))
     for e in kept:
         waits.append(PendingWait("kept_event", None, e["name"], e["created_at"], None))
     return waits
@@ -489,6 +589,7 @@ def _usage(steps: Sequence[StepView]) -> dict[str, Any] | None:
 __all__ = [
     "COUNT_CAP",
     "AttemptView",
+    "LimitView",
     "Page",
     "PendingWait",
     "RunDetail",
@@ -497,5 +598,7 @@ __all__ = [
     "RunRow",
     "RunsView",
     "StepView",
+    "limit_views",
     "merge_attempts",
+    "throttled_by",
 ]

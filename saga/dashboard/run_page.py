@@ -197,6 +197,7 @@ def _step_section(
             )
         )
     parts.append(error_block(s.get("error")))
+    parts.append(_limits(s))
     if attempts:
         parts.append(
             h(
@@ -219,6 +220,65 @@ def _step_section(
         state=s.get("state", ""),
         rb="1" if why else "0",
         body=join(parts),
+    )
+
+
+LIMIT_STATUS = {
+    "waiting": "throttled: waits in line",
+    "offered": "budget freed for it: dispatched to take it",
+    "held": "holds a slot",
+}
+
+
+def _limits(s: Mapping[str, Any]) -> Html:
+    """The limits of a step not yet ended (``saga.limits``): for a throttled one, which it waits
+    for, its place in line and since when; for a running one, the slots it holds."""
+    limits = [v for v in s.get("limits") or [] if isinstance(v, Mapping)]
+    if not limits or s.get("state") in ("completed", "failed", "cancelled"):
+        return Html("")
+    rows = []
+    for v in limits:
+        rate = v.get("kind") == "rate"
+        if rate:
+            what = h("rate limit <b>{}</b>", v.get("name"))
+            period = v.get("period")
+            per = f"{period:g} s" if isinstance(period, int | float) else "?"
+            size = f"{v.get('units')} of {v.get('limit')} units per {per}"
+        else:
+            what = h(
+                "concurrency <b>{}</b>{}", v.get("name"), " (per run)" if v.get("run_level") else ""
+            )
+            size = f"{v.get('limit')} at a time"
+        in_use = v.get("in_use")
+        status = str(v.get("status") or "")
+        text = LIMIT_STATUS.get(status, "")
+        if status == "held" and v.get("run_level"):
+            text = "its run holds a slot"
+        place = ""
+        if status == "waiting" and v.get("place") and v.get("in_line"):
+            place = f"{v['place']} of {v['in_line']}"
+        rows.append(
+            h(
+                '<tr data-gate="{gate}" data-status="{status}"><td>{what}</td><td>{key}</td>'
+                "<td>{size}</td><td>{in_use}</td><td>{text}</td><td>{place}</td><td>{since}</td>"
+                "<td>{paused}</td></tr>",
+                gate=v.get("gate", ""),
+                status=status,
+                what=what,
+                key=v.get("key") or "",
+                size=size,
+                in_use="" if in_use is None else in_use,
+                text=text,
+                place=place,
+                since=when(v.get("since")),
+                paused=when(v.get("paused_until")),
+            )
+        )
+    return h(
+        '<h4>limits</h4><table class="limits"><thead><tr><th>limit</th><th>key</th>'
+        "<th>allows</th><th>in use</th><th>this step</th><th>place in line</th><th>since</th>"
+        "<th>paused until (a service's 429)</th></tr></thead><tbody>{}</tbody></table>",
+        join(rows),
     )
 
 

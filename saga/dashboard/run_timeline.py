@@ -26,6 +26,7 @@ WAIT_KINDS = {
     "event": "event wait",
     "timer": "timer",
     "kept_event": "event sent, not yet waited for",
+    "limit": "limit (throttled step in line)",
 }
 
 
@@ -186,7 +187,7 @@ def waits(detail: Detail) -> Html:
         )
         for w in detail.get("waits") or []
     ]
-    headers = ("kind", "name", "step", "since", "due (timeout or timer)")
+    headers = ("kind", "name", "step", "since", "due (timeout, timer or end of a pause)")
     return _table("Waiting for", "waits", headers, rows)
 
 

@@ -21,6 +21,7 @@ from saga.records import Claim
 from saga.retry import RetryPolicy
 from saga.settings import Settings
 from saga.store import PostgresStore
+from saga_dev import limit_sagas
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -275,3 +276,36 @@ def test_fork_and_send_event_are_recorded_with_their_actor(
     [(event, actor, detail)] = events("e-1")
     assert (event, detail) == ("send_event", {"name": "approval", "delivered": False})
     assert actor and "@" in actor
+
+
+def test_show_names_the_limit_a_throttled_step_waits_for(
+    settings: Settings, client: SagaClient
+) -> None:
+    one = limit_sagas.one_at_a_time  # one call at a time, whoever calls
+    holder = client.start(one, {"tenant": "a"}, run_id="lim-holder")
+    waiter = client.start(one, {"tenant": "b"}, run_id="lim-waiter")
+    got = client.store.claim_gated_step(holder, "call_service", owner="host:1:boot", lease=30.0)
+    assert got is not None and got.claim is not None
+    got = client.store.claim_gated_step(waiter, "call_service", owner="host:2:boot", lease=30.0)
+    assert got is not None and got.claim is None  # in line, in Postgres
+
+    done = saga(settings, "show", waiter)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "call_service" in out and " throttled " in out, out
+    assert "limit  concurrency 'single': 1/1 in use; throttled, 1 of 1 in line since" in out
+    assert "limit 'c:single:' (step call_service) since" in out
+    shown = json.loads(saga(settings, "show", waiter, "--json").stdout)
+    [s] = shown["steps"]
+    assert s["state"] == "throttled"
+    assert [(v["gate"], v["status"], v["place"]) for v in s["limits"]] == [
+        ("c:single:", "waiting", 1)
+    ]
+    held = json.loads(saga(settings, "show", holder, "--json").stdout)["steps"][0]["limits"]
+    assert [(v["gate"], v["status"], v["in_use"]) for v in held] == [("c:single:", "held", 1)]
+    # The run list goes by run state: both runs are running.
+    rows = lines(saga(settings, "list", "--json", "--run-id-prefix", "lim-"))
+    assert {(r["run_id"], r["state"]) for r in rows} == {
+        ("lim-holder", "running"),
+        ("lim-waiter", "running"),
+    }

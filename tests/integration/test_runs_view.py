@@ -1,9 +1,11 @@
-"""saga.runs_view on a real journal: filters, keyset pages, capped counts, a run's whole story."""
+"""saga.runs_view on a real journal: filters, keyset pages, capped counts, a run's whole story,
+and the limits a throttled step waits for (taken and refused by the store's real gates)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,8 +13,16 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from saga import Settings, coordinator
+from saga.dashboard.server import DashboardServer
+from saga.definition import Saga, StepContext, step
 from saga.errors import InputError
-from saga.runs_view import Page, RunFilter, RunsView
+from saga.limits import RateLimit
+from saga.records import GatedClaim
+from saga.run_text import show_lines
+from saga.runs_view import Page, RunFilter, RunsView, StepView, throttled_by
+from saga.store import PostgresStore, open_pool
+from saga_dev import limit_sagas
 
 Conn = psycopg.Connection[tuple[object, ...]]
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -245,3 +255,172 @@ def test_a_finished_window_lists_by_finish_time_and_a_prefix_by_run_id(
     cursor = view.list_runs(by_id, limit=1).next_cursor
     with pytest.raises(InputError, match="same filters"):  # a cursor of another order
         view.list_runs(RunFilter(), cursor=cursor)
+
+
+# -- flow control: throttled steps (saga.limits, migration 0010) ---------------------------------
+
+
+def _ask(ctx: StepContext, value: Any) -> Any:
+    raise AssertionError("never called: the test claims and completes steps itself")
+
+
+# Two model calls a minute per tenant.
+llm = Saga("rv_llm", [step(_ask, rate_limit=RateLimit("llm", 2, per=60, key=lambda r: r["t"]))])
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[PostgresStore]:
+    s = PostgresStore(open_pool(database_url, size=2, name="rv"), queue="q", dispatch_timeout=30)
+    yield s
+    s.close()
+
+
+def _start(store: PostgresStore, definition: Saga, run_id: str, priority: int = 0) -> None:
+    store.create_run(
+        run_id=run_id,
+        saga_name=definition.name,
+        saga_ref=f"tests:{definition.name}",
+        saga_version=definition.version_tag,
+        input_json=json.dumps({"t": "acme", "tenant": "acme"}),
+        trace_context={},
+        timeout=None,
+        start=lambda tx: coordinator.advance(tx, lambda _ref: definition),
+        priority=priority,
+    )
+
+
+def _claim(store: PostgresStore, run_id: str, step_key: str) -> GatedClaim:
+    got = store.claim_gated_step(run_id, step_key, owner=f"h:{run_id}:b", lease=30.0)
+    assert got is not None
+    return got
+
+
+def test_a_throttled_step_shows_the_limit_it_waits_for_and_its_place_in_line(
+    view: RunsView, store: PostgresStore
+) -> None:
+    one = limit_sagas.one_at_a_time  # Concurrency(1, name="single") on its only step
+    for run_id, priority in (("first", 0), ("batch", 0), ("urgent", 5)):
+        _start(store, one, run_id, priority)
+    first = _claim(store, "first", "call_service").claim
+    assert first is not None
+    for run_id in ("batch", "urgent"):  # the slot is taken: both wait in line, in Postgres
+        refused = _claim(store, run_id, "call_service")
+        assert refused.claim is None and refused.throttled_by is not None
+
+    def step_of(run_id: str) -> StepView:
+        detail = view.run_detail(run_id)
+        assert detail is not None
+        [s] = detail.steps
+        return s
+
+    running = step_of("first")
+    assert running.state == "running"
+    [held] = running.limits
+    assert (held.gate, held.kind, held.name, held.key, held.limit) == (
+        "c:single:",
+        "concurrency",
+        "single",
+        "",
+        1,
+    )
+    assert (held.status, held.in_use, held.place) == ("held", 1, None)
+    # Priority first: the urgent run's step is next in line, though it came last.
+    for run_id, place in (("urgent", 1), ("batch", 2)):
+        s = step_of(run_id)
+        assert s.state == "throttled" and s.due_at is None
+        [limit] = s.limits
+        assert (limit.status, limit.place, limit.in_line, limit.in_use) == ("waiting", place, 2, 1)
+        assert limit.since is not None and throttled_by(s) == limit
+    detail = view.run_detail("batch")
+    assert detail is not None
+    assert [(w.kind, w.step_key, w.name) for w in detail.waits] == [
+        ("limit", "call_service", "c:single:")
+    ]
+    assert detail.waits[0].since == detail.steps[0].limits[0].since
+    plain = json.loads(json.dumps(detail.to_json()))
+    assert plain["steps"][0]["state"] == "throttled"
+    assert plain["steps"][0]["limits"][0]["status"] == "waiting"
+    text = "\n".join(show_lines(detail, trace_link=None, tracebacks=False))
+    assert "call_service" in text and " throttled " in text
+    assert "limit  concurrency 'single': 1/1 in use; throttled, 2 of 2 in line since" in text
+    assert "  limit 'c:single:' (step call_service) since" in text
+
+    # Run lists and counts go by run state: the runs are running, their steps throttled.
+    assert {r.run_id for r in view.list_runs(RunFilter(states=("running",))).runs} == {
+        "first",
+        "batch",
+        "urgent",
+    }
+    assert view.count_by_state(RunFilter())["running"] == 3
+    with pytest.raises(InputError, match="unknown run state 'throttled'"):
+        view.list_runs(RunFilter(states=("throttled",)))
+
+    # The slot given back goes to the head of the line, in the outcome's commit.
+    store.complete_step(first, "null", lambda tx: None, fast_path=False)
+    handed = step_of("urgent")
+    assert handed.state == "dispatched" and handed.limits[0].status == "held"
+    waiting = step_of("batch").limits[0]
+    assert (waiting.status, waiting.place, waiting.in_line) == ("waiting", 1, 1)
+
+
+def test_a_rate_limited_step_shows_its_units_the_window_and_a_pause(
+    view: RunsView, store: PostgresStore, db: Conn
+) -> None:
+    for run_id in ("r1", "r2", "r3"):
+        _start(store, llm, run_id)
+    for run_id in ("r1", "r2"):
+        assert _claim(store, run_id, "_ask").claim is not None
+    assert _claim(store, "r3", "_ask").claim is None  # 2 a minute: the third waits
+    # A provider's 429 with Retry-After pauses the limit for everyone (as the worker does it).
+    row = db.execute("SELECT options FROM saga_steps WHERE run_id = 'r3'").fetchone()
+    assert row is not None and isinstance(row[0], dict)
+    assert store.pause_gates(row[0], 120) == ["r:llm:acme"]
+
+    detail = view.run_detail("r3")
+    assert detail is not None
+    [limit] = detail.steps[0].limits
+    assert (limit.kind, limit.name, limit.key, limit.limit, limit.period, limit.units) == (
+        "rate",
+        "llm",
+        "acme",
+        2,
+        60.0,
+        1,
+    )
+    assert (limit.status, limit.place, limit.in_line, limit.in_use) == ("waiting", 1, 1, 2)
+    assert limit.paused_until is not None and limit.paused_until > dt.datetime.now(dt.UTC)
+    [wait] = detail.waits
+    assert (wait.kind, wait.name, wait.due_at) == ("limit", "r:llm:acme", limit.paused_until)
+    text = "\n".join(show_lines(detail, trace_link=None, tracebacks=False))
+    assert (
+        "limit  rate limit 'llm' key 'acme': 1 of 2 units per 60 s, 2 granted in the window; "
+        "throttled, 1 of 1 in line since"
+    ) in text
+    assert "(the service asked)" in text
+    # Rate budget is spent, not held: a running step has no slot at its rate limit.
+    running = view.run_detail("r1")
+    assert running is not None and running.steps[0].limits[0].status is None
+
+
+def test_the_dashboard_shows_a_throttled_step_and_its_place_in_line(
+    settings: Settings, store: PostgresStore
+) -> None:
+    one = limit_sagas.one_at_a_time
+    for run_id in ("holder", "waiter"):
+        _start(store, one, run_id)
+    assert _claim(store, "holder", "call_service").claim is not None
+    assert _claim(store, "waiter", "call_service").claim is None
+    with DashboardServer(settings, port=0, read_only=True) as server:
+        server.start()
+        with urllib.request.urlopen(f"{server.url}/runs/waiter?refresh=0", timeout=30) as r:
+            page = r.read().decode()
+        with urllib.request.urlopen(f"{server.url}/api/runs/waiter", timeout=30) as r:
+            api = json.load(r)
+        with urllib.request.urlopen(f"{server.url}/?state=running&refresh=0", timeout=30) as r:
+            listing = r.read().decode()
+    assert 'data-step="call_service" data-kind="action" data-state="throttled"' in page
+    assert '<tr data-gate="c:single:" data-status="waiting">' in page
+    assert "<td>1 of 1</td>" in page and "throttled step in line" in page
+    assert api["steps"][0]["state"] == "throttled"
+    assert api["steps"][0]["limits"][0]["place"] == 1
+    assert 'data-run-id="holder"' in listing and 'data-run-id="waiter"' in listing

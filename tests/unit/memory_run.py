@@ -10,8 +10,8 @@
   schema (a clash raises, as the INSERT would).
 - ``finish`` sets the run's state (a transition ``saga.states`` does not allow raises
   RunTransitionError, as the guarded FINISH_RUN does; the error is kept when none is given) and
-  cancels its open non-compensation steps (pending, dispatched, waiting). It does not change
-  ``tx.run``, just as the store does not.
+  cancels its open non-compensation steps (pending, dispatched, waiting, throttled). It does not
+  change ``tx.run``, just as the store does not.
 - ``begin_compensation`` moves running -> compensating with the error, cancels open steps and
   updates ``tx.run``.
 - ``consume_event`` takes the oldest unconsumed event of that name; ``record_event`` journals an
@@ -22,7 +22,10 @@
 
 ``MemoryStore`` is the twin of ``PostgresStore`` itself (``saga.store_protocol.Store``), with an
 explicit clock (``MemoryDB.clock``) for due times and leases. ``tests/contract`` runs the same
-cases against it and against Postgres, so what this module claims to mirror is checked.
+cases against it and against Postgres, so what this module claims to mirror is checked. It
+models no flow-control gates (migration 0010): a run keeps its ``priority`` and a step's
+options the ``gates`` the coordinator journaled, but ``claim_step`` claims a step with limits
+as if it held them (the Postgres store takes them first, in ``claim_gated_step``).
 
 ``Sim`` plays the workers, the sweeper and the client on one run, through a ``MemoryStore``:
 ``start`` (create_run + advance, as ``SagaClient.start``), ``claim`` (CLAIM_STEP),
@@ -66,6 +69,7 @@ from saga.records import (
     StepRecord,
 )
 from saga.states import (
+    CANCELLABLE_STEP_STATES,
     FINAL_RUN_STATES,
     INITIAL_STEP_STATE,
     OPEN_STEP_STATES,
@@ -115,6 +119,7 @@ class RunRow:
     trace_context: dict[str, str] = field(default_factory=dict)
     advance_due_at: float | None = None  # an advance task owed, due again then
     key_prefix: str = ""  # of the process that started it
+    priority: int = 0  # its steps' place in line for a limit (saga_runs.priority, 0010)
 
     @property
     def finished(self) -> bool:
@@ -215,7 +220,7 @@ class MemoryDB:
     def cancel_open_steps(self, run_id: str) -> None:
         """CANCEL_OPEN_STEPS."""
         for r in self.rows(run_id):
-            if r.kind != StepKind.COMPENSATION and r.state in OPEN_STEP_STATES:
+            if r.kind != StepKind.COMPENSATION and r.state in CANCELLABLE_STEP_STATES:
                 r.state = StepState.CANCELLED
 
     def insert_step(self, row: StepRow) -> None:
@@ -677,7 +682,7 @@ class MemoryStore:
             return False
         self.db.runs[run_id] = RunRow(
             run_id, saga_name, saga_ref, saga_version, json.loads(input_json),
-            trace_context=dict(trace_context), key_prefix=self._key_prefix,
+            trace_context=dict(trace_context), key_prefix=self._key_prefix, priority=priority,
         )  # fmt: skip
         try:
             with self._locked(run_id) as tx:

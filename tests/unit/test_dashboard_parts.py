@@ -1,11 +1,14 @@
-"""The dashboard's pure parts: escaping, sessions and CSRF tokens, cross-site checks, filters."""
+"""The dashboard's pure parts: escaping, sessions and CSRF tokens, cross-site checks, filters,
+the run page's parts (usage, waits, graphs, limits)."""
 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
+from saga.dashboard import run_page
 from saga.dashboard.app import _local
 from saga.dashboard.html import Html, esc, h, join
 from saga.dashboard.run_data import read_back, worker_process
@@ -249,3 +252,89 @@ def test_a_graph_is_drawn_in_layers_with_fan_out_branches_summed_up() -> None:
     ]
     assert "2\u00d7 <span" in layers[1] and "1\u00d7 <span" in layers[1]
     assert "not scheduled" in layers[2] and "after square" in layers[2]
+
+
+def test_a_throttled_step_shows_its_state_and_the_limit_it_waits_for() -> None:
+    from saga.dashboard.pages import Chrome
+    from saga.dashboard.run_page import render
+
+    t0 = "2026-01-01T00:00:00+00:00"
+    limit = {
+        "gate": "c:svc:acme",
+        "kind": "concurrency",
+        "name": "svc",
+        "key": "acme",
+        "limit": 3,
+        "period": None,
+        "units": None,
+        "run_level": False,
+        "status": "waiting",
+        "since": t0,
+        "place": 2,
+        "in_line": 5,
+        "in_use": 3,
+        "paused_until": None,
+    }
+    rate = {
+        **limit,
+        "gate": "r:llm:acme",
+        "kind": "rate",
+        "name": "llm",
+        "limit": 50,
+        "period": 60.0,
+        "units": 8,
+        "status": None,
+        "place": None,
+        "in_use": None,
+    }
+    step = {
+        "step_key": "call",
+        "name": "call",
+        "kind": "action",
+        "state": "throttled",
+        "input": {},
+        "result": None,
+        "error": None,
+        "max_attempts": 3,
+        "created_at": t0,
+        "started_at": None,
+        "finished_at": None,
+        "attempts": [],
+        "limits": [limit, rate],
+    }
+    detail = {
+        "run_id": "r1",
+        "saga": "per_tenant",
+        "saga_version": "1",
+        "state": "running",
+        "input": {},
+        "result": None,
+        "error": None,
+        "created_at": t0,
+        "updated_at": t0,
+        "finished_at": None,
+        "steps": [step, {**step, "step_key": "done", "state": "completed"}],
+        "events": [],
+        "waits": [
+            {"kind": "limit", "step_key": "call", "name": "c:svc:acme", "since": t0, "due_at": None}
+        ],
+        "usage": None,
+    }
+    page = render(
+        detail,
+        Chrome(read_only=True, logged_in=False, csrf=""),
+        trace_url_template=None,
+        flash=None,
+    )
+    assert 'data-state="throttled"' in page
+    assert '<span class="state state-throttled">throttled</span>' in page
+    assert (
+        '<tr data-gate="c:svc:acme" data-status="waiting"><td>concurrency <b>svc</b></td>'
+        "<td>acme</td><td>3 at a time</td><td>3</td><td>throttled: waits in line</td>"
+        "<td>2 of 5</td>"
+    ) in page
+    assert '<tr data-gate="r:llm:acme" data-status="">' in page and "8 of 50 units per 60 s" in page
+    assert page.count('class="limits"') == 1  # the completed step's limits are not shown
+    assert 'data-kind="limit (throttled step in line)" data-name="c:svc:acme"' in page
+    css = (Path(run_page.__file__).parent / "static" / "app.css").read_text()
+    assert ".state-throttled {" in css
