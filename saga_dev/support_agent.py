@@ -47,7 +47,9 @@ def estimated_tokens(request: Any) -> int:
 
 
 MODEL_REQUESTS = RateLimit("model_requests", 500, per=60, key=model_account)
-MODEL_TOKENS = RateLimit("model_tokens", 200_000, per=60, key=model_account, units=estimated_tokens)
+MODEL_TOKENS = RateLimit(
+    "model_tokens", 200_000, per=60, key=model_account, units=estimated_tokens, tokens=True
+)
 
 SEARCH = ToolSpec(
     name="search_docs",

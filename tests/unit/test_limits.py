@@ -433,6 +433,7 @@ def test_the_readmes_support_agent_limits_runs_per_tenant_and_model_calls_per_ac
             "limit": 200_000,
             "units": estimated_tokens(request),
             **rate,
+            "tokens": True,  # saga.agent.complete reports the provider's count
         },
     ]
     assert (
