@@ -15,10 +15,10 @@ from typing import Any
 from pydantic_core import PydanticSerializationError
 
 from saga import coordinator, strict_json, tracing
-from saga.definition import NAME
+from saga.definition import NAME, Saga
 from saga.errors import ConfigurationError, InputError, RunFailedError
 from saga.failures import ErrorType, error_record
-from saga.limits import check_priority
+from saga.limits import check_priority, check_run_keys
 from saga.loader import Definition, load_definition
 from saga.outbox.message import OutboxMessage
 from saga.records import OperatorError, RunRecord, StepRecord
@@ -146,6 +146,11 @@ class SagaClient:
             coordinator.advance(tx, lambda _ref: definition)
 
         unsent: list[OutboxMessage] | None = [] if self._publish else None
+        declared = list(definition.limits()) if isinstance(definition, Saga) else []
+        if definition.concurrency is not None:
+            declared.append(definition.concurrency)
+        if declared:
+            check_run_keys(declared, json.loads(input_json), f"run {run_id!r}")
         limit, replaced = definition.concurrency, list[str]()
         run_gate = None
         if limit is not None:

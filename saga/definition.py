@@ -652,6 +652,15 @@ class Saga:
                 f"saga {self.name!r} has no step {name!r}; its steps are {list(self._steps)}"
             ) from None
 
+    def limits(self) -> list[Concurrency | RateLimit]:
+        """The limits its steps declare (not its own ``concurrency``)."""
+        out: list[Concurrency | RateLimit] = []
+        for s in self._steps.values():
+            if s.options.concurrency is not None:
+                out.append(s.options.concurrency)
+            out.extend(s.options.rate_limits)
+        return out
+
     @property
     def roots(self) -> tuple[GraphStep, ...]:
         return tuple(s for s in self._steps.values() if not s.after)

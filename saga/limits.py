@@ -11,11 +11,11 @@ Postgres as ``throttled`` until the gate is handed to it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from saga.errors import DefinitionError, SagaError
+from saga.errors import DefinitionError, InputError, SagaError
 
 OnLimit = Literal["queue", "refuse", "cancel_oldest"]
 ON_LIMIT: tuple[str, ...] = ("queue", "refuse", "cancel_oldest")
@@ -203,6 +203,24 @@ def check_distinct(
             f"limit cannot count both runs and steps; give one of them another name "
             f"(Concurrency(..., name=...))"
         )
+
+
+def check_run_keys(limits: Iterable[Concurrency | RateLimit], run_input: Any, where: str) -> None:
+    """Work out every key the run's limits take from its input, when it starts: a key function
+    that fails on this input fails ``client.start`` (InputError), not a step later on."""
+    for limit in limits:
+        for key in (limit.key, getattr(limit, "fair", None)):
+            try:
+                _resolve_key(key, run_input, where)
+            except DefinitionError:
+                raise
+            except Exception as exc:
+                name = limit.name or "(unnamed)"
+                raise InputError(
+                    f"{where}: the key function of limit {name!r} fails on this input "
+                    f"({type(exc).__name__}: {exc}); the run's input must have what the limit's "
+                    f"key reads"
+                ) from exc
 
 
 def check_priority(priority: Any, where: str, error: type[SagaError] = DefinitionError) -> int:

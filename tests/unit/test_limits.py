@@ -16,7 +16,7 @@ import pytest
 from saga import Concurrency, RateLimit, coordinator
 from saga.definition import Saga, StepContext, StepOptions, check_step_args, step
 from saga.errors import DefinitionError, InputError
-from saga.limits import check_priority, gates_of
+from saga.limits import check_priority, check_run_keys, gates_of
 from saga.store_protocol import Store
 from saga.workflow import WorkflowContext, workflow
 from saga_dev.support_agent import estimated_tokens, support_agent
@@ -449,3 +449,12 @@ def test_the_readmes_support_agent_limits_runs_per_tenant_and_model_calls_per_ac
         "r:model_requests:acme-key",
         "r:model_tokens:acme-key",
     ]
+
+
+def test_a_key_function_that_fails_on_the_runs_input_fails_at_start() -> None:
+    limits = [Concurrency(3, key=lambda run: run["tenant"], name="per_tenant")]
+    check_run_keys(limits, {"tenant": "a"}, "run 'r1'")
+    with pytest.raises(InputError, match=r"key function of limit 'per_tenant' fails.*KeyError"):
+        check_run_keys(limits, {"user": "a"}, "run 'r1'")
+    with pytest.raises(DefinitionError, match="must return a string"):
+        check_run_keys([Concurrency(1, key=lambda run: [1])], {}, "run 'r1'")
