@@ -97,8 +97,9 @@ RETURNS timestamptz LANGUAGE sql AS $$
 $$;
 
 -- The slots of a concurrency gate in use: held by a step still dispatched, running or waiting
--- for another of its gates, or by a run still active. A slot whose holder ended without giving
--- it back (which the transactions that end steps and runs do) is not counted.
+-- for another of its gates, or by a run still active or with a step still running (a cancelled
+-- run's step runs on until its attempt ends). A slot whose holder ended without giving it back
+-- (which the transactions that end steps and runs do) is not counted.
 CREATE FUNCTION saga_gate_held(p_gate text) RETURNS bigint
 LANGUAGE sql AS $$
     SELECT count(*) FROM saga_gate_slots s
@@ -106,6 +107,8 @@ LANGUAGE sql AS $$
       AND CASE WHEN s.run_level
                THEN EXISTS (SELECT FROM saga_runs r WHERE r.run_id = s.run_id
                             AND r.state IN ('running', 'compensating'))
+                    OR EXISTS (SELECT FROM saga_steps t WHERE t.run_id = s.run_id
+                               AND t.state = 'running')
                ELSE EXISTS (SELECT FROM saga_steps t WHERE t.run_id = s.run_id
                             AND t.step_key = s.step_key
                             AND t.state IN ('dispatched', 'running', 'throttled'))
@@ -314,7 +317,9 @@ $$;
 -- Give back what a run holds and hand each freed gate to its next waiters; returns the steps
 -- dispatched. With p_step_key: the slots of that step (its attempt ended). Without: the slots
 -- and places in line of the run's steps that no longer run or wait (its open steps were
--- cancelled), and with p_run_ended the run's own slots too.
+-- cancelled), and with p_run_ended the run's own slots too. A run's own slot outlives the run
+-- while a step of it still runs (cancelled, it runs on): the end of that step's attempt (its
+-- lease expiring, as its outcome is refused) gives it back.
 CREATE FUNCTION saga_gate_release(p_run_id text, p_step_key text, p_run_ended boolean,
                                   p_dispatch_timeout float8)
 RETURNS TABLE (run_id text, step_key text, queue text, trace_context jsonb)
@@ -327,7 +332,12 @@ BEGIN
         WITH gone AS (
             DELETE FROM saga_gate_slots s
             WHERE s.run_id = p_run_id
-              AND CASE WHEN s.run_level THEN p_run_ended
+              AND CASE WHEN s.run_level
+                       THEN (p_run_ended OR NOT EXISTS (
+                                 SELECT FROM saga_runs r WHERE r.run_id = s.run_id
+                                 AND r.state IN ('running', 'compensating')))
+                            AND NOT EXISTS (SELECT FROM saga_steps t WHERE t.run_id = s.run_id
+                                            AND t.state = 'running')
                        WHEN p_step_key IS NOT NULL THEN s.step_key = p_step_key
                        ELSE NOT EXISTS (
                            SELECT FROM saga_steps t WHERE t.run_id = s.run_id
