@@ -420,3 +420,30 @@ def test_a_cancelled_run_keeps_its_run_slot_while_its_step_still_runs(
     assert service.max_in_flight["c"] == 2
     assert service.order.index(third) > service.order.index(holding[0])
     _no_slots_left(db)
+
+
+def test_a_rate_limit_and_a_limit_per_key_hold_together_while_workers_die(
+    settings: Settings,
+    procs: ProcessGroup,
+    service: LimitService,
+    db: Conn,
+    redis_client: redis.Redis,
+) -> None:
+    rate, window = limit_sagas.RATE, limit_sagas.RATE_WINDOW
+    procs.relay(settings)
+    workers = _workers(procs, settings, service, 5)
+    with SagaClient(settings) as client:
+        runs = {
+            tenant: [
+                client.start(limit_sagas.mixed, {"tenant": tenant, "ms": 300}) for _ in range(10)
+            ]
+            for tenant in ("a", "b", "c")
+        }
+        _kill_a_worker_mid_step(db, service, workers, "a", runs["a"])
+        redis_client.flushdb()
+        workers += _workers(procs, settings, service, 1, first=5)
+        _finish(client, [run for tenant_runs in runs.values() for run in tenant_runs])
+
+    assert max(service.max_in_flight.values()) == 3
+    assert service.max_in_window(window) <= rate
+    _no_slots_left(db)
