@@ -97,7 +97,6 @@ def test_a_limit_per_key_is_never_exceeded_and_keys_do_not_wait_for_each_other(
         _finish(client, runs)
     assert service.max_in_flight["a"] == 3  # the limit, reached and never passed
     assert service.max_in_flight["b"] == 3
-    # Steps waited in Postgres (throttled), not in the broker: their wait was journaled.
     _no_slots_left(db)
 
 
@@ -201,10 +200,10 @@ def test_round_robin_between_keys_a_small_key_does_not_wait_for_a_big_one(
     assert _max_total_in_flight(service) == 3  # the global limit, shared by both keys
     order = service.order
     assert sorted(order) == sorted(big + small)  # one call per run
-    big_before = [order.index(run) for run in small]
+    positions = [order.index(run) for run in small]
     # Round-robin: small's calls go in as slots free, between big's; first in, first out would
     # have made them wait for all of big's 60.
-    assert max(big_before) < 20, order
+    assert max(positions) < 20, positions
     last_small_done = db.execute(
         "SELECT max(finished_at) FROM saga_runs WHERE run_id = ANY(%s)", (small,)
     ).fetchone()[0]  # type: ignore[index]
