@@ -186,7 +186,7 @@ SELECT input FROM saga_steps WHERE run_id = %s AND step_key = %s
 
 SELECT_STEP_SNAPSHOT: LiteralString = """
 SELECT s.state, s.attempt, r.state AS run_state, s.step_name, s.kind, s.idempotency_key,
-       r.saga_name, r.trace_context, s.options ? 'gates' AS gated
+       r.saga_name, r.trace_context, s.options ? 'gates' AS gated, s.fn_ref
 FROM saga_steps s JOIN saga_runs r USING (run_id)
 WHERE s.run_id = %s AND s.step_key = %s
 """

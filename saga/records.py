@@ -60,6 +60,7 @@ class StepSnapshot:
     saga_name: str
     trace_context: dict[str, str]
     gated: bool = False  # it has limits: claimed by claim_gated_step
+    fn_ref: str | None = None  # its function, imported before its gates are taken
 
 
 @dataclass(frozen=True)

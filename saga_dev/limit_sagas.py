@@ -4,9 +4,10 @@ LimitService (saga_dev.limit_service), which measures what the engine lets throu
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
-from saga import Concurrency, RateLimit, Saga, StepContext, step, workflow
+from saga import Concurrency, RateLimit, RateLimited, Saga, StepContext, step, workflow
 from saga_dev.limit_service import call
 
 
@@ -14,7 +15,17 @@ def _tenant(run: Any) -> str:
     return str(run["tenant"])
 
 
+def _hold(ctx: StepContext) -> None:
+    """With ``"hold": path`` in the run's input, the step (holding its slots) waits until the
+    file exists before it calls the service: a test decides when it goes on."""
+    path = ctx.run_input.get("hold")
+    deadline = time.monotonic() + 120
+    while path and not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def call_service(ctx: StepContext, value: Any) -> dict[str, Any]:
+    _hold(ctx)
     call(str(ctx.run_input["tenant"]), float(ctx.run_input.get("ms", 100)), ctx.run_id)
     return {"tenant": ctx.run_input["tenant"]}
 
@@ -85,3 +96,39 @@ def one_run_refuse(ctx: Any, value: Any) -> Any:
 @workflow("newest_wins", concurrency=Concurrency(1, key=_tenant, on_limit="cancel_oldest"))
 def newest_wins(ctx: Any, value: Any) -> Any:
     return ctx.step(call_service, value)
+
+
+# At most 3 calls at a time in all, shared round-robin between tenants (the fairness key).
+shared_fair = Saga(
+    "shared_fair",
+    [step(call_service, concurrency=Concurrency(3, name="shared", fair=_tenant))],
+)
+
+
+def call_or_429(ctx: StepContext, value: Any) -> dict[str, Any]:
+    """Calls the service; with ``"retry_after": N`` in the run's input its first attempt then
+    fails as a provider's 429 would: RateLimited(retry_after_seconds=N)."""
+    result = call_service(ctx, value)
+    retry_after = ctx.run_input.get("retry_after")
+    if retry_after and ctx.attempt == 1:
+        raise RateLimited("429 Too Many Requests", retry_after_seconds=float(retry_after))
+    return result
+
+
+def call_service_too(ctx: StepContext, value: Any) -> dict[str, Any]:
+    return call_service(ctx, value)
+
+
+# Two different steps sharing one rate limit: a 429 in one pauses it for both.
+RATE_429 = RateLimit("svc_429", 3, per=1.0)
+rate_429 = Saga("rate_429", [step(call_or_429, rate_limit=RATE_429)])
+rate_429_other = Saga("rate_429_other", [step(call_service_too, rate_limit=RATE_429)])
+
+
+# At most 2 runs of a tenant at a time, each calling the service twice: from the service's
+# side, a run is open from its first call to its second.
+@workflow("two_runs_two_calls", concurrency=Concurrency(2, key=_tenant))
+def two_runs_two_calls(ctx: Any, value: Any) -> Any:
+    first = ctx.step(call_service, value)
+    ctx.step(done, first)
+    return ctx.step(call_service_too, first)

@@ -6,6 +6,7 @@ finds the step completed or claimed and is acked without calling anything.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -135,6 +136,12 @@ class StepExecutor:
         if state is None or not state.gated:
             self._explain_refusal(msg, task_id, headers, state)
             return None
+        if state.fn_ref is not None:
+            # Its code imported before it takes a rate limit's budget: a worker's first step
+            # of a module would spend a granted window importing it, and call late, bunched
+            # with the next window's calls. (A failure is the attempt's, after the claim.)
+            with contextlib.suppress(Exception):
+                function_by_ref(state.fn_ref)
         gated = self._durably(
             "claiming",
             lambda: self.store.claim_gated_step(
