@@ -110,7 +110,9 @@ CLAIM_GATED_STEP: LiteralString = _CLAIM + _CLAIMED
 # touches both keeps), with its gates and priority (its own, else its run's).
 LOCK_GATED_STEP: LiteralString = """
 SELECT s.options->'gates' AS gates,
-       coalesce((s.options->>'priority')::int, r.priority) AS priority
+       coalesce((s.options->>'priority')::int, r.priority) AS priority,
+       -- its place in a line: a first attempt by when it was scheduled, a retry from now
+       CASE WHEN s.attempt = 0 THEN s.created_at ELSE now() END AS ready_at
 FROM saga_steps s JOIN saga_runs r ON r.run_id = s.run_id
 WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.options ? 'gates'
   AND r.state = CASE s.kind WHEN 'compensation' THEN 'compensating' ELSE 'running' END
@@ -122,7 +124,7 @@ FOR UPDATE OF s
 TAKE_GATE: LiteralString = """
 SELECT taken, waited_since FROM saga_gate_take(
     %(gate)s, %(kind)s, %(limit)s, %(period)s, %(units)s, %(run_id)s, %(step_key)s,
-    %(run_level)s, %(priority)s, %(fair)s)
+    %(run_level)s, %(priority)s, %(fair)s, %(ready_at)s)
 """
 
 # Refused by a gate: in line, in Postgres; no message until the gate is handed to it.

@@ -344,6 +344,7 @@ class PostgresStore:
                         "run_level": bool(gate.get("run")),
                         "priority": row["priority"],
                         "fair": gate.get("fair", ""),
+                        "ready_at": row["ready_at"],
                     },
                 ).fetchone()
                 assert took is not None

@@ -267,7 +267,7 @@ $$;
 CREATE FUNCTION saga_gate_take(
     p_gate text, p_kind text, p_lim integer, p_period float8, p_units integer,
     p_run_id text, p_step_key text, p_run_level boolean, p_priority integer, p_fair_key text,
-    OUT taken boolean, OUT waited_since timestamptz)
+    p_ready_at timestamptz, OUT taken boolean, OUT waited_since timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
     holder  text := CASE WHEN p_run_level THEN '' ELSE p_step_key END;
@@ -328,11 +328,12 @@ BEGIN
         END IF;
     END IF;
     taken := false;
-    -- In line (an offered step that found no budget keeps its place).
+    -- In line (an offered step that found no budget keeps its place), by when it was ready:
+    -- steps go in the order they were scheduled, not the order workers happened to claim them.
     INSERT INTO saga_gate_slots (gate, run_id, step_key, state, run_level, priority, fair_key,
-                                 units)
+                                 units, since)
     VALUES (p_gate, p_run_id, p_step_key, 'waiting', p_run_level, p_priority, p_fair_key,
-            p_units)
+            p_units, coalesce(p_ready_at, clock_timestamp()))
     ON CONFLICT (gate, run_id, step_key) DO UPDATE SET state = 'waiting';
     wake := CASE
         WHEN p_kind = 'rate' THEN least(coalesce(g.wake_at, 'infinity'), greatest(

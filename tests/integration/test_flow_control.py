@@ -141,7 +141,6 @@ def test_a_limit_holds_while_workers_are_killed_and_the_broker_is_flushed(
     workers = _workers(procs, settings, service, 5)
     with SagaClient(settings) as client:
         a = [client.start(limit_sagas.per_tenant, {"tenant": "a", "ms": 300}) for _ in range(24)]
-        b = [client.start(limit_sagas.per_tenant, {"tenant": "b", "ms": 300}) for _ in range(12)]
 
         # A worker dies with a slot of "a": the other four carry on, and once its lease has
         # expired the slot is handed on (the service sees 3 calls of "a" at once again).
@@ -164,7 +163,9 @@ def test_a_limit_holds_while_workers_are_killed_and_the_broker_is_flushed(
             "tenant a to be at its limit of 3 again after its slot came back",
         )
 
-        # And again for "b", with a replacement worker; the broker is flushed once more.
+        # And again for "b" (started now: its runs would be over before a's recovery), with a
+        # replacement worker; the broker is flushed once more.
+        b = [client.start(limit_sagas.per_tenant, {"tenant": "b", "ms": 300}) for _ in range(12)]
         _kill_a_worker_mid_step(db, service, workers, "b", b)
         workers += _workers(procs, settings, service, 1, first=5)
         redis_client.flushdb()
