@@ -21,9 +21,13 @@ HISTOGRAMS = {"saga_step_duration_seconds", "saga_step_queue_wait_seconds"}
 ALERTS_ONLY = {"saga_steps_overdue", "saga_runs_compensation_failed", "saga_workers"}
 
 
+# Gauges the relay reads while limits (saga.limits) are in use: no series before.
+LIMITS = {"saga_limits_waiting", "saga_limits_in_use"}
+
+
 def series_names() -> set[str]:
     """Every series name a query may use: histograms as their _bucket, _count and _sum."""
-    names = (DASHBOARD | ALERTS_ONLY) - HISTOGRAMS
+    names = (DASHBOARD | ALERTS_ONLY | LIMITS) - HISTOGRAMS
     for h in HISTOGRAMS:
         names |= {f"{h}_bucket", f"{h}_count", f"{h}_sum"}
     return names
