@@ -81,15 +81,19 @@ class LimitService:
         """The most requests (of ``keys``, default all) that arrived within any ``window``
         seconds: a sliding window over the arrival times."""
         with self._lock:
-            times = sorted(
-                t for k, ts in self.arrivals.items() if keys is None or k in keys for t in ts
-            )
-        best, first = 0, 0
-        for last, t in enumerate(times):
-            while t - times[first] >= window:
-                first += 1
-            best = max(best, last - first + 1)
-        return best
+            times = [t for k, ts in self.arrivals.items() if keys is None or k in keys for t in ts]
+        return most_in_window(times, window)
+
+
+def most_in_window(times: list[float], window: float) -> int:
+    """The most of ``times`` within any ``window`` seconds (a sliding window)."""
+    times = sorted(times)
+    best, first = 0, 0
+    for last, t in enumerate(times):
+        while t - times[first] >= window:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
 
 
 def call(key: str, ms: float, tag: str = "") -> None:
