@@ -381,7 +381,7 @@ class Bench:
         ref: str | None = None,
         value: Callable[[int], Any] = lambda i: 0,
         timeout: float | None = None,
-        started: Callable[[], None] | None = None,
+        started: Callable[[], object] | None = None,
     ) -> float:
         """Start ``runs`` runs of ``steps`` no-op steps at once, from a few threads; seconds
         from the first start to the last completion. Another saga: ``ref``, run ``i`` with

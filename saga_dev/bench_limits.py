@@ -24,7 +24,17 @@ Everything is measured by the service, as a provider would see it, not from the 
   includes the next step's wait for rate budget, not only the slot's hand-over.
 * ``budget_to_next_start_ms``: for the n-th request (n > ``rate_limit``), how long after the
   earliest time the window allowed it (the (n - ``rate_limit``)-th request's arrival plus the
-  window) it arrived (p50, p99): the rate limit's wake-up delay, as the service sees it.
+  window) it arrived (p50, p99): the rate limit's wake-up delay, as the service sees it. It
+  includes ``rate_guard_ms``, the time the engine counts a grant past its window (0010).
+
+Then ``handover``: ``--handover-runs`` runs of one tenant whose steps hold the service long
+enough that its slots allow at most half the rate: the slots are the bottleneck, every slot is
+in use, and ``slot_to_next_start_ms`` there is the hand-over of a freed slot to the tenant's next
+step (its outcome's commit dispatches the next in line, which claims, takes the rate budget left
+over and calls). Its concurrency counts in ``max_concurrency_observed``.
+
+``engine`` has the same from the engine's books (``saga_rate_grants``, polled as the run goes):
+its grants, the most in any window, and the delay from budget freeing to the next grant.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ LIMIT_ENV = {
 FRACTION_TARGET = 0.9
 WARMUP_TENANT = "warmup"  # the service's key for the warm-up runs, left out of every figure
 WARMUP_RUNS_PER_WORKER = 2
+HANDOVER_TENANT = "handover"  # the hand-over phase's one tenant
 
 
 def _limits(concurrency: int, rate: int, rate_window: float) -> None:
@@ -181,8 +192,25 @@ class GrantLog:
         return sorted(at for (_, at), units in self._seen.items() for _ in range(units))
 
 
+def _rate_guard_ms(database_url: str, window: float) -> float:
+    """How long past its window the engine counts a grant (migration 0010's saga_rate_span)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT extract(epoch FROM saga_rate_span(%s))::float8 - %s", (window, window)
+        ).fetchone()
+    assert row is not None
+    return round(float(row[0]) * 1000, 1)
+
+
 def _run_input(bench_id: str, tenant: str, ms: float) -> dict[str, Any]:
     return {"bench": bench_id, "tenant": tenant, "ms": ms}
+
+
+def handover_ms(concurrency: int, rate: int, rate_window: float, step_ms: float) -> float:
+    """How long the hand-over phase's steps hold the service: long enough that one tenant's
+    slots allow at most half the rate limit, so the slots, not the budget, are what it waits
+    for."""
+    return max(step_ms, round(2 * concurrency * rate_window / rate * 1000))
 
 
 def bench_limits(
@@ -197,6 +225,7 @@ def bench_limits(
     workers: int,
     threads: int,
     seed: int,
+    handover_runs: int,
 ) -> dict[str, Any]:
     assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
     began = time.monotonic()
@@ -209,7 +238,8 @@ def bench_limits(
     bench_id = uuid.uuid4().hex[:12]
     draw = random.Random(seed)
     hold = [round(draw.uniform(*step_ms), 1) for _ in range(runs)]
-    all_started: list[float] = []
+    handover_hold = handover_ms(concurrency, rate, rate_window, step_ms[1])
+    started: dict[str, float] = {}
     expected = runs / (rate / rate_window)
     with LimitService() as service:
         env = durable.child_env()
@@ -236,25 +266,53 @@ def bench_limits(
                             ref=SAGA_REF,
                             value=lambda i: _run_input(bench_id, f"t{i % tenants:02d}", hold[i]),
                             timeout=60 + 3 * expected,
-                            started=lambda: all_started.append(time.monotonic()),
+                            started=lambda: started.setdefault("main", time.monotonic()),
                         )
                     cpu_after = bench.children.cpu_seconds()
+                    if handover_runs:  # one tenant, its slots the bottleneck (own gates)
+                        bench.saga_runs_seconds(
+                            handover_runs,
+                            1,
+                            ref=SAGA_REF,
+                            value=lambda i: _run_input(
+                                f"{bench_id}h", HANDOVER_TENANT, handover_hold
+                            ),
+                            timeout=60 + 3 * handover_runs * handover_hold / 1000 / concurrency,
+                            started=lambda: started.setdefault("handover", time.monotonic()),
+                        )
                 except SagaError as exc:
                     raise SagaError(f"{exc}\n{bench.children.logs()}") from exc
         finally:
             _cleanup_gates(durable.database_url or "", bench_id)
     # The workers have stopped: nothing calls the service any more.
-    arrivals = {k: list(v) for k, v in service.arrivals.items() if k != WARMUP_TENANT}
-    ends = [(k, t) for k, t in service.ends if k != WARMUP_TENANT]
-    max_in_flight = {k: n for k, n in service.max_in_flight.items() if k != WARMUP_TENANT}
+    main_keys = {f"t{i:02d}" for i in range(tenants)}
+    arrivals = {k: list(v) for k, v in service.arrivals.items() if k in main_keys}
+    ends = [(k, t) for k, t in service.ends if k in main_keys]
+    max_in_flight = {k: n for k, n in service.max_in_flight.items() if k in main_keys}
     every = [t for ts in arrivals.values() for t in ts]
     if len(every) != runs:
         raise SagaError(f"the service saw {len(every)} requests for {runs} runs")
     granted = grants.times()
+    guard_ms = _rate_guard_ms(durable.database_url or "", rate_window)
     fraction = rate_fraction(every, rate, rate_window)
-    since = all_started[0] if all_started else float("inf")
     max_concurrency = max(max_in_flight.values())
     max_rate = most_in_window(every, rate_window)
+    handover: dict[str, Any] | None = None
+    if handover_runs:
+        key = HANDOVER_TENANT
+        handover = {
+            "runs": handover_runs,
+            "step_ms": handover_hold,
+            "max_concurrency_observed": service.max_in_flight[key],
+            "slot_to_next_start_ms": _percentiles(
+                slot_delays_ms(
+                    {key: list(service.arrivals[key])},
+                    [(k, t) for k, t in service.ends if k == key],
+                    started.get("handover", float("inf")),
+                )
+            ),
+        }
+        max_concurrency = max(max_concurrency, handover["max_concurrency_observed"])
     cpu = {
         role: round((cpu_after[role] - cpu_before.get(role, 0.0)) * 1000 / runs, 2)
         for role in cpu_after
@@ -268,7 +326,12 @@ def bench_limits(
         "workers": workers,
         "threads_per_worker": threads,
         "concurrency_limit": concurrency,
+        # The most in flight for one tenant, in either phase.
         "max_concurrency_observed": max_concurrency,
+        "max_concurrency_by_phase": {
+            "main": max(max_in_flight.values()),
+            "handover": None if handover is None else handover["max_concurrency_observed"],
+        },
         "tenants_reaching_concurrency_limit": sum(
             1 for n in max_in_flight.values() if n >= concurrency
         ),
@@ -276,13 +339,19 @@ def bench_limits(
         "rate_window_seconds": rate_window,
         "max_rate_observed": max_rate,
         "rate_fraction": None if fraction is None else round(fraction, 3),
+        # A grant counts for its window and this guard (the claim-to-request delay varies): the
+        # most the engine lets through is rate_limit per window + guard.
+        "rate_guard_ms": guard_ms,
         "rate_fraction_definition": (
             "requests after the rate_limit-th over the seconds from its arrival to the last "
             "arrival (every run waiting meanwhile), divided by rate_limit / rate_window_seconds"
         ),
         # What the per-tenant slots alone would allow, if the rate limit did not bind.
         "concurrency_capacity_per_s": round(tenants * concurrency / mean_hold, 1),
-        "slot_to_next_start_ms": _percentiles(slot_delays_ms(arrivals, ends, since)),
+        "slot_to_next_start_ms": _percentiles(
+            slot_delays_ms(arrivals, ends, started.get("main", float("inf")))
+        ),
+        "handover": handover,
         "budget_to_next_start_ms": _percentiles(budget_delays_ms(every, rate, rate_window)),
         # The engine's own books: when it granted the budget (a step's claim), which the
         # service sees a little later, when the step's request arrives.
@@ -318,6 +387,7 @@ def print_table(report: dict[str, Any], out: IO[str]) -> None:
     busy = report["cpu_busy_before"]
     slot, budget = report["slot_to_next_start_ms"], report["budget_to_next_start_ms"]
     engine = report["engine"]
+    by_phase = report["max_concurrency_by_phase"]
     grant = engine["budget_to_next_grant_ms"]
     lines = [
         f"saga bench limits: {report['runs']} runs over {report['tenants']} tenants, steps "
@@ -331,7 +401,9 @@ def print_table(report: dict[str, Any], out: IO[str]) -> None:
         "measured by the service:",
         f"  most in flight for one tenant   {report['max_concurrency_observed']:>8}   <= "
         f"{t['max_concurrency_observed']['max']} {verdict[t['max_concurrency_observed']['pass']]}"
-        f" ({report['tenants_reaching_concurrency_limit']} tenants reached the limit)",
+        f" (main phase {by_phase['main']}, reached by "
+        f"{report['tenants_reaching_concurrency_limit']} tenants; hand-over phase "
+        f"{by_phase['handover']})",
         f"  most arrivals in any {report['rate_window_seconds']:g} s window "
         f"{report['max_rate_observed']:>6}   <= {t['max_rate_observed']['max']} "
         f"{verdict[t['max_rate_observed']['pass']]}",
@@ -341,10 +413,21 @@ def print_table(report: dict[str, Any], out: IO[str]) -> None:
         f"  slot freed -> tenant's next request, ms      p50 {slot['p50']}  p99 {slot['p99']}"
         f"  ({slot['count']} request ends; includes the wait for rate budget)",
         f"  budget freed -> next request, ms             p50 {budget['p50']}  p99 {budget['p99']}"
-        f"  (the rate limit's wake-up delay)",
+        f"  (the rate limit's wake-up delay, with its guard of {report['rate_guard_ms']:g} ms)",
         f"engine's books: {engine['grants']} grants, most in any window "
         f"{engine['max_rate_granted']}; budget freed -> next grant, ms p50 "
         f"{grant['p50']}  p99 {grant['p99']}",
+    ]
+    handover = report["handover"]
+    if handover is not None:
+        h = handover["slot_to_next_start_ms"]
+        lines.append(
+            f"hand-over: {handover['runs']} runs of one tenant holding the service "
+            f"{handover['step_ms']:g} ms (its slots the bottleneck): most in flight "
+            f"{handover['max_concurrency_observed']}; slot freed -> its next request, ms "
+            f"p50 {h['p50']}  p99 {h['p99']}"
+        )
+    lines += [
         "",
         f"elapsed {report['elapsed_s']} s (at exactly the rate limit: "
         f"{report['expected_s_at_rate_limit']} s); CPU ms per run: workers "
@@ -377,6 +460,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="worker processes (2)")
     p.add_argument("--threads", type=int, default=12, help="threads per worker (12)")
     p.add_argument("--seed", type=int, default=1, help="draws the steps' durations")
+    p.add_argument(
+        "--handover-runs",
+        type=int,
+        default=60,
+        help="then runs of one tenant whose slots, not the rate, are the bottleneck, to time "
+        "the hand-over of a freed slot (60; 0: none)",
+    )
     return p
 
 
@@ -400,6 +490,8 @@ def main(argv: Sequence[str], settings: Settings) -> int:
         raise ConfigurationError(
             "--runs, --tenants, --concurrency, --rate, --workers and --threads must be at least 1"
         )
+    if args.handover_runs < 0:
+        raise ConfigurationError("--handover-runs must be at least 0")
     if not 0 < args.rate_window <= 3600:
         raise ConfigurationError("--rate-window takes seconds, more than 0 and at most 3600")
     step_ms = _step_ms(args.step_ms)
@@ -417,6 +509,7 @@ def main(argv: Sequence[str], settings: Settings) -> int:
                 workers=args.workers,
                 threads=args.threads,
                 seed=args.seed,
+                handover_runs=args.handover_runs,
             )
 
     errors = (redis.RedisError, psycopg.Error, KombuError, OSError)
