@@ -133,9 +133,12 @@ class RateLimit:
     ``key`` (a provider account, a tenant). A step takes ``units`` (1 per request by default, or
     an estimate of a model call's tokens: an int, or a function of the step's input); a step that
     needs more than the window allows waits as ``throttled`` until budget frees. Steps sharing
-    ``name`` and key share the budget. A step may say what it really used once it knows
-    (``ctx.used_units(name, n)``); with ``tokens=True`` the units are model tokens, and
-    ``saga.agent.complete`` reports the provider's count itself."""
+    ``name`` and key share the budget. Budget is booked when a step is claimed and counts for
+    the window and a guard (5% of it, at most 250 ms): a step's request reaches the service a
+    varying few milliseconds later, and the guard keeps the service's own count within the limit.
+    A step may say what it really used once it knows (``ctx.used_units(name, n)``); with
+    ``tokens=True`` the units are model tokens, and ``saga.agent.complete`` reports the
+    provider's count itself."""
 
     name: str
     limit: int

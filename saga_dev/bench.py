@@ -373,27 +373,46 @@ class Bench:
     def saga_steps_per_s(self, runs: int) -> float:
         return runs / self.saga_runs_seconds(runs, steps=1)
 
-    def saga_runs_seconds(self, runs: int, steps: int) -> float:
+    def saga_runs_seconds(
+        self,
+        runs: int,
+        steps: int,
+        *,
+        ref: str | None = None,
+        value: Callable[[int], Any] = lambda i: 0,
+        timeout: float | None = None,
+        started: Callable[[], object] | None = None,
+    ) -> float:
         """Start ``runs`` runs of ``steps`` no-op steps at once, from a few threads; seconds
-        from the first start to the last completion."""
+        from the first start to the last completion. Another saga: ``ref``, run ``i`` with
+        input ``value(i)``, started in order of ``i`` (each thread takes every n-th);
+        ``started`` is called once every run has started."""
         ids = [uuid.uuid4().hex for _ in range(runs)]
         self.run_ids.extend(ids)
-        ref = chain_ref(steps)
+        ref = ref or chain_ref(steps)
         errors: list[BaseException] = []
 
-        def starter(client: SagaClient, part: Sequence[str]) -> None:
+        def starter(client: SagaClient, part: Sequence[int]) -> None:
             try:
-                for run_id in part:
-                    client.start(ref, 0, run_id=run_id)
+                for i in part:
+                    client.start(ref, value(i), run_id=ids[i])
             except BaseException as exc:
                 errors.append(exc)
 
         threads = [
             threading.Thread(
-                target=starter, args=(client, ids[i :: len(self.clients)]), daemon=True
+                target=starter, args=(client, range(runs)[i :: len(self.clients)]), daemon=True
             )
             for i, client in enumerate(self.clients)
         ]
+
+        def join_starters() -> None:
+            for t in threads:
+                t.join()
+            if started is not None and not errors:
+                started()
+
+        all_started = threading.Thread(target=join_starters, daemon=True)
 
         def check() -> None:
             if errors:
@@ -402,11 +421,11 @@ class Bench:
         began = time.perf_counter()
         for t in threads:
             t.start()
+        all_started.start()
         try:
-            ended = self.watcher.wait(ids, RUN_TIMEOUT + runs * steps * 0.05, check)
+            ended = self.watcher.wait(ids, timeout or RUN_TIMEOUT + runs * steps * 0.05, check)
         finally:
-            for t in threads:
-                t.join()
+            all_started.join()
         check()
         self.expect_completed(ids)
         return ended - began
@@ -551,8 +570,10 @@ def _launch(
     env: dict[str, str],
     raw_queue: str | None,
     hostname: Callable[[int], str],
+    workers: int = WORKERS,
+    pool: Sequence[str] = ("--pool", "solo"),
 ) -> None:
-    for i in range(1, WORKERS + 1):
+    for i in range(1, workers + 1):
         children.start(
             f"saga-worker-{i}",
             [
@@ -560,8 +581,7 @@ def _launch(
                 "-m",
                 "saga",
                 "worker",
-                "--pool",
-                "solo",
+                *pool,
                 "--loglevel",
                 "WARNING",
                 "--hostname",
@@ -594,10 +614,13 @@ def bench_harness(
     *,
     env: dict[str, str] | None = None,
     hostname: Callable[[int], str] = _saga_hostname,
+    workers: int = WORKERS,
+    pool: Sequence[str] = ("--pool", "solo"),
 ) -> Iterator[Bench]:
-    """A Bench on ``settings`` (from ``prepare``): WORKERS saga workers and a relay, plus as many
-    raw Celery workers on ``raw_queue`` if given, logging to a temporary directory. On exit the
-    processes are stopped and the bench's runs and Redis keys deleted."""
+    """A Bench on ``settings`` (from ``prepare``): ``workers`` saga workers (``saga worker``
+    flags ``pool``) and a relay, plus as many raw Celery workers on ``raw_queue`` if given,
+    logging to a temporary directory. On exit the processes are stopped and the bench's runs
+    and Redis keys deleted."""
     assert settings.database_url and settings.broker_url, "cli.resolve() fills both"
     # A suite without raw workers never sends on it, but a Bench holds one.
     raw = raw_app(settings, raw_queue or f"{settings.queue}-raw-unused")
@@ -608,7 +631,14 @@ def bench_harness(
     ):
         signals = redis.Redis.from_url(redis_url(settings.broker_url))
         stack.callback(signals.close)
-        _launch(children, settings.child_env() if env is None else env, raw_queue, hostname)
+        _launch(
+            children,
+            settings.child_env() if env is None else env,
+            raw_queue,
+            hostname,
+            workers,
+            pool,
+        )
         watcher = RunWatcher(settings.database_url, children.check)
         stack.callback(watcher.close)
         clients = [SagaClient(settings) for _ in range(STARTER_THREADS)]

@@ -30,7 +30,7 @@ def bench_parser() -> argparse.ArgumentParser:
     b = argparse.ArgumentParser(
         prog="saga bench",
         description="Benchmarks against raw Celery (and `saga bench chaos -h`, "
-        "`saga bench retention -h`).",
+        "`saga bench retention -h`, `saga bench limits -h`).",
     )
     b.add_argument("suite", choices=["core", "coordinator", "agent"])
     b.add_argument(
@@ -97,6 +97,10 @@ def main(command: str, argv: Sequence[str], settings: Settings) -> int:
         from saga_dev.bench_peers import main as peers_main
 
         return peers_main(argv[1:], settings)
+    if command == "bench" and list(argv[:1]) == ["limits"]:  # saga bench limits -h
+        from saga_dev.bench_limits import main as limits_main
+
+        return limits_main(argv[1:], settings)
     if command == "bench" and list(argv[:1]) == ["dashboard"]:  # saga bench dashboard -h
         from saga_dev.bench_dashboard import main as dashboard_main
 

@@ -132,3 +132,33 @@ def two_runs_two_calls(ctx: Any, value: Any) -> Any:
     first = ctx.step(call_service, value)
     ctx.step(done, first)
     return ctx.step(call_service_too, first)
+
+
+# ``saga bench limits``: per-tenant concurrency and one rate limit shared by all, sized from the
+# environment (the bench sets these for itself and its workers before importing this module).
+# The gates are keyed by the bench's id too, so each invocation has slots and budget of its own.
+BENCH_CONCURRENCY = int(os.environ.get("SAGA_LIMIT_BENCH_CONCURRENCY", "3"))
+BENCH_RATE = int(os.environ.get("SAGA_LIMIT_BENCH_RATE", "20"))
+BENCH_RATE_WINDOW = float(os.environ.get("SAGA_LIMIT_BENCH_RATE_WINDOW", "1.0"))
+
+
+def _bench_tenant(run: Any) -> str:
+    return f"{run['bench']}:{run['tenant']}"
+
+
+def _bench(run: Any) -> str:
+    return str(run["bench"])
+
+
+bench_limits = Saga(
+    "bench_limits",
+    [
+        step(
+            call_service,
+            concurrency=Concurrency(BENCH_CONCURRENCY, key=_bench_tenant, name="bench_limits"),
+            rate_limit=RateLimit(
+                "bench_limits_rate", BENCH_RATE, per=BENCH_RATE_WINDOW, key=_bench
+            ),
+        )
+    ],
+)

@@ -16,6 +16,14 @@ from typing import Any
 URL_ENV = "SAGA_LIMIT_SERVICE_URL"
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver listens with a backlog of 5: a burst of steps calling at once overflowed it,
+    # and each connection dropped was retried by its client a second later (TCP's SYN timeout),
+    # arriving a second after the engine let it go.
+    request_queue_size = 256
+
+
 class LimitService:
     """``GET /call?key=K&ms=N&tag=T``: holds the request N ms. Records, per key, the requests in
     flight (and their highest count) and each request's arrival time; per tag, the order of
@@ -51,8 +59,7 @@ class LimitService:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -81,15 +88,19 @@ class LimitService:
         """The most requests (of ``keys``, default all) that arrived within any ``window``
         seconds: a sliding window over the arrival times."""
         with self._lock:
-            times = sorted(
-                t for k, ts in self.arrivals.items() if keys is None or k in keys for t in ts
-            )
-        best, first = 0, 0
-        for last, t in enumerate(times):
-            while t - times[first] >= window:
-                first += 1
-            best = max(best, last - first + 1)
-        return best
+            times = [t for k, ts in self.arrivals.items() if keys is None or k in keys for t in ts]
+        return most_in_window(times, window)
+
+
+def most_in_window(times: list[float], window: float) -> int:
+    """The most of ``times`` within any ``window`` seconds (a sliding window)."""
+    times = sorted(times)
+    best, first = 0, 0
+    for last, t in enumerate(times):
+        while t - times[first] >= window:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
 
 
 def call(key: str, ms: float, tag: str = "") -> None:

@@ -75,20 +75,23 @@ CREATE TABLE saga_rate_grants (
 );
 CREATE INDEX saga_rate_grants_gate ON saga_rate_grants (gate, at);
 
--- A rate gate's window as its grants count: its period and a guard of 50 ms (5 % of a period
--- under a second). A step calls out a little after its claim took budget, by a delay that varies
--- (scheduling, its first connection); grants exactly one period apart would let the service see
--- one call too many in a window of its own.
-CREATE FUNCTION saga_rate_window(p_period float8) RETURNS interval
+-- How long a grant counts against a rate gate: its window and a guard. A grant is booked when
+-- the step is claimed; its request reaches the service after the claim's commit and the worker's
+-- start of the step, a delay that varies by milliseconds to tens of them, more when a window
+-- lets many steps go at once. Budget re-granted the moment the window let it go would let a
+-- step whose request left quickly land in the same window, as the service counts, as one
+-- granted a window before whose request left slowly. The guard, 5% of the window and at most
+-- 250 ms, costs at most 5% of the rate, a window of a minute 0.4%.
+CREATE FUNCTION saga_rate_span(p_period float8) RETURNS interval
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT (p_period + least(0.05, p_period * 0.05)) * interval '1 second'
+    SELECT (p_period + least(p_period * 0.05, 0.25)) * interval '1 second'
 $$;
 
--- A rate gate's units granted in the window ending now.
+-- A rate gate's units granted in the window (and guard) ending now.
 CREATE FUNCTION saga_rate_used(p_gate text, p_period float8) RETURNS bigint
 LANGUAGE sql AS $$
     SELECT coalesce(sum(units), 0) FROM saga_rate_grants
-    WHERE gate = p_gate AND at > clock_timestamp() - saga_rate_window(p_period)
+    WHERE gate = p_gate AND at > clock_timestamp() - saga_rate_span(p_period)
 $$;
 
 -- When a rate gate can next grant p_units: the earliest time the window's sum leaves room.
@@ -98,10 +101,10 @@ RETURNS timestamptz LANGUAGE sql AS $$
         SELECT at, sum(units) OVER (ORDER BY at ROWS UNBOUNDED PRECEDING) AS dropped,
                sum(units) OVER () AS total
         FROM saga_rate_grants
-        WHERE gate = p_gate AND at > clock_timestamp() - saga_rate_window(p_period)
+        WHERE gate = p_gate AND at > clock_timestamp() - saga_rate_span(p_period)
     )
     SELECT coalesce(
-        (SELECT min(at) + saga_rate_window(p_period) FROM window_grants
+        (SELECT min(at) + saga_rate_span(p_period) FROM window_grants
          WHERE total - dropped + p_units <= p_lim),
         clock_timestamp())
 $$;
@@ -323,7 +326,7 @@ BEGIN
             VALUES (p_gate, clock_timestamp(), p_units, p_run_id, p_step_key);
             -- Grants older than the window count no more.
             DELETE FROM saga_rate_grants
-            WHERE gate = p_gate AND at <= clock_timestamp() - saga_rate_window(g.period);
+            WHERE gate = p_gate AND at <= clock_timestamp() - saga_rate_span(g.period);
             RETURN;
         END IF;
     END IF;

@@ -447,3 +447,25 @@ def test_a_rate_limit_and_a_limit_per_key_hold_together_while_workers_die(
     assert max(service.max_in_flight.values()) == 3
     assert service.max_in_window(window) <= rate
     _no_slots_left(db)
+
+
+def test_a_rate_grant_counts_for_its_window_and_a_guard(db: Conn) -> None:
+    # Budget is booked at the claim and the request leaves a varying few ms later: a grant
+    # counts for its window and a guard (5% of it, at most 250 ms), so that the service, which
+    # counts requests, never sees more than the limit in a window of its own.
+    spans = db.execute(
+        "SELECT extract(epoch FROM saga_rate_span(p)) FROM unnest(%s::float8[]) p",
+        ([0.2, 1.0, 3.0, 60.0],),
+    ).fetchall()
+    assert [round(float(s), 3) for (s,) in spans] == [0.21, 1.05, 3.15, 60.25]
+    db.execute(
+        "INSERT INTO saga_rate_grants (gate, at, units, run_id, step_key)"
+        " VALUES ('r:guard:', clock_timestamp() - interval '1020 milliseconds', 1, 'r', 's')"
+    )
+    # 1.02 s old: out of a window of a second, still within its guard.
+    assert db.execute("SELECT saga_rate_used('r:guard:', 1.0)").fetchone() == (1,)
+    free = db.execute(
+        "SELECT extract(epoch FROM saga_rate_free_at('r:guard:', 1, 1.0, 1) - at)"
+        " FROM saga_rate_grants WHERE gate = 'r:guard:'"
+    ).fetchone()
+    assert free is not None and round(float(free[0]), 3) == 1.05
