@@ -200,6 +200,14 @@ WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
 RETURNING 1
 """
 
+# The attempt is over though its outcome is not journaled (its run ended meanwhile): the lease
+# ends now, and the sweeper's next pass ends the step (EXPIRE_LEASE) and gives its slots back.
+END_LEASE: LiteralString = """
+UPDATE saga_steps SET lease_expires_at = now()
+WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
+  AND attempt = %(attempt)s
+"""
+
 # lease_owner stays: the worker of the step's latest attempt, for its history (0006).
 COMPLETE_STEP: LiteralString = """
 UPDATE saga_steps

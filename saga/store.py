@@ -532,6 +532,39 @@ class PostgresStore:
         after the dispatch timeout)."""
         where = f"{action} step {claim.step_key!r} of run {claim.run_id!r}"
         key = {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt}
+        try:
+            return self._outcome_tx(
+                claim, where, key, fence_query, fence_params, body, fast_path, read_journal
+            )
+        except Fenced:
+            if "gates" in claim.options and self._run_ended(claim):
+                # The run ended while this attempt ran: its outcome is not journaled, but the
+                # attempt is over. Its lease ends now, so the sweeper ends the step and hands
+                # its slots on at its next pass, not a lease later.
+                with translated(where), self._pool.connection() as conn:
+                    conn.execute(q.END_LEASE, key)
+            raise
+
+    def _run_ended(self, claim: Claim) -> bool:
+        snapshot = self.step_state(claim.run_id, claim.step_key)
+        return (
+            snapshot is not None
+            and snapshot.state == StepState.RUNNING
+            and snapshot.attempt == claim.attempt
+            and not may_journal_outcome(claim.kind, snapshot.run_state)
+        )
+
+    def _outcome_tx(
+        self,
+        claim: Claim,
+        where: str,
+        key: dict[str, Any],
+        fence_query: LiteralString,
+        fence_params: dict[str, Any],
+        body: Callable[[RunTransaction, str], None],
+        fast_path: bool,
+        read_journal: bool,
+    ) -> list[OutboxMessage]:
         with (
             translated(where),
             self._pool.connection() as conn,

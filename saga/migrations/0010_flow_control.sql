@@ -258,6 +258,12 @@ BEGIN
             wake := clock_timestamp() + interval '60 seconds';
         END IF;
         UPDATE saga_gates SET wake_at = wake WHERE gate = p_gate;
+    ELSIF NOT EXISTS (SELECT FROM saga_gate_slots s WHERE s.gate = p_gate)
+          AND coalesce(g.paused_until, '-infinity') <= clock_timestamp()
+          AND (g.kind = 'concurrency' OR saga_rate_used(p_gate, g.period) = 0) THEN
+        -- Idle: nobody holds, waits or is offered anything. A gate per key (a tenant, a user)
+        -- would otherwise stay a row forever; the next take makes it again.
+        DELETE FROM saga_gates WHERE gate = p_gate;
     ELSE
         UPDATE saga_gates SET wake_at = NULL WHERE gate = p_gate AND wake_at IS NOT NULL;
     END IF;

@@ -4,6 +4,7 @@ limit is refused at start, or cancels the oldest run of its key (the newest wins
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -66,3 +67,29 @@ def test_the_newest_run_cancels_the_oldest_of_its_key(
             "SELECT actor, detail->>'reason' FROM saga_run_events WHERE run_id = %s", (old,)
         ).fetchall()
         assert any(actor == "saga" and new in reason for actor, reason in events), events
+
+
+def test_a_cancelled_runs_slot_goes_on_when_its_attempt_ends_not_a_lease_later(
+    settings: Settings, procs: ProcessGroup, service: LimitService, tmp_path: Path
+) -> None:
+    # A lease far longer than this test waits: only ending the attempt when its outcome is
+    # refused (the run was cancelled meanwhile) hands the slot on in time.
+    settings = settings.model_copy(update={"lease_seconds": 300.0})
+    hold = tmp_path / "go"
+    procs.relay(settings)
+    procs.worker(settings, "w1", env={URL_ENV: service.url})
+    procs.worker(settings, "w2", env={URL_ENV: service.url})
+    with SagaClient(settings) as client:
+        old = client.start(limit_sagas.newest_wins, {"tenant": "a", "ms": 10, "hold": str(hold)})
+        wait_until(
+            lambda: [s.state for s in client.steps(old)] == ["running"], 60, "the old run's step"
+        )
+        new = client.start(limit_sagas.newest_wins, {"tenant": "a", "ms": 10})
+        assert client.wait(old, timeout=60).state == "cancelled"
+        wait_until(
+            lambda: [s.state for s in client.steps(new)] == ["throttled"], 60, "the new run to wait"
+        )
+        hold.touch()  # the old run's attempt calls the service and ends
+        assert client.wait(new, timeout=90).state == "completed"
+    assert service.max_in_flight["a"] == 1
+    assert service.order[0] == old
