@@ -4,6 +4,7 @@ by the delivery whose reply was lost."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from saga import coordinator
 from saga.definition import Saga, StepContext, step
 from saga.limits import RateLimit
 from saga.store import PostgresStore, open_pool
@@ -91,3 +93,27 @@ def test_a_release_takes_gates_in_the_order_claims_do(database_url: str, db: Con
         assert not t.is_alive()
     assert not [e for e in errors if isinstance(e, psycopg.errors.DeadlockDetected)], errors
     assert not errors, errors
+
+
+def test_a_claim_retried_after_its_reply_was_lost_keeps_what_it_took(
+    store: PostgresStore, db: Conn
+) -> None:
+    """The delivery retries a claim whose commit's reply it lost (same owner): the step is
+    already its own, with its gates. It must not take the rate budget again, nor be put in
+    line while it runs (its worker would drop it, and it would wait a lease)."""
+    store.create_run(
+        run_id="r",
+        saga_name=one_a_minute.name,
+        saga_ref=f"tests:{one_a_minute.name}",
+        saga_version=one_a_minute.version_tag,
+        input_json=json.dumps({}),
+        trace_context={},
+        timeout=None,
+        start=lambda tx: coordinator.advance(tx, lambda _ref: one_a_minute),
+    )
+    first = store.claim_gated_step("r", "_ask", owner="o", lease=30.0)
+    assert first is not None and first.claim is not None
+    again = store.claim_gated_step("r", "_ask", owner="o", lease=30.0)
+    assert again is not None and again.claim is not None, again
+    assert db.execute("SELECT count(*), sum(units) FROM saga_rate_grants").fetchone() == (1, 1)
+    assert db.execute("SELECT gate, state FROM saga_gate_slots").fetchall() == []
