@@ -3,6 +3,10 @@
 -- by name (saga.limits.gates_of, as a claim takes them). 0010's saga_gate_release locked the
 -- gates it freed by name alone: the end of a run whose step gate's name sorted before its run
 -- gate's deadlocked with a claim holding the run gate and asking for the step's.
+--
+-- A step's place in line for its run's gate (a run-level 'waiting' row) goes, like any other
+-- place, once its step no longer waits: 0010 kept it (only a run-level 'held' row was looked
+-- at), a phantom waiter until a later hand-over came across it.
 
 CREATE OR REPLACE FUNCTION saga_gate_release(p_run_id text, p_step_key text, p_dispatch_timeout float8)
 RETURNS TABLE (run_id text, step_key text, queue text, trace_context jsonb)
@@ -15,8 +19,8 @@ BEGIN
         WITH gone AS (
             DELETE FROM saga_gate_slots s
             WHERE s.run_id = p_run_id
-              AND CASE WHEN s.run_level THEN s.state = 'held'
-                                             AND NOT saga_run_holds_slot(p_run_id)
+              AND CASE WHEN s.run_level AND s.state = 'held'
+                       THEN NOT saga_run_holds_slot(p_run_id)
                        WHEN p_step_key IS NOT NULL THEN s.step_key = p_step_key
                        ELSE NOT EXISTS (
                            SELECT FROM saga_steps t WHERE t.run_id = s.run_id

@@ -117,3 +117,20 @@ def test_a_claim_retried_after_its_reply_was_lost_keeps_what_it_took(
     assert again is not None and again.claim is not None, again
     assert db.execute("SELECT count(*), sum(units) FROM saga_rate_grants").fetchone() == (1, 1)
     assert db.execute("SELECT gate, state FROM saga_gate_slots").fetchall() == []
+
+
+def test_a_cancelled_run_leaves_the_line_of_its_runs_gate(db: Conn) -> None:
+    """A run waiting in line for its run-level slot is cancelled: its step's place in line goes
+    with it (not left to a later hand-over, a phantom waiter meanwhile)."""
+    _run(db, "r1", "running", "running")  # holds the slot
+    _run(db, "r2", "running", "throttled")  # waits for it
+    db.execute("INSERT INTO saga_gates (gate, kind, lim) VALUES ('c:z:', 'concurrency', 1)")
+    db.execute(
+        "INSERT INTO saga_gate_slots (gate, run_id, step_key, state, run_level) VALUES "
+        "('c:z:', 'r1', '', 'held', true), ('c:z:', 'r2', 's', 'waiting', true)"
+    )
+    # r2 cancelled: its open steps cancelled, then its slots and places given back.
+    db.execute("UPDATE saga_runs SET state = 'cancelled' WHERE run_id = 'r2'")
+    db.execute("UPDATE saga_steps SET state = 'cancelled' WHERE run_id = 'r2'")
+    db.execute("SELECT * FROM saga_gate_release('r2', NULL, 30)").fetchall()
+    assert db.execute("SELECT run_id, state FROM saga_gate_slots").fetchall() == [("r1", "held")]
