@@ -112,7 +112,9 @@ LOCK_GATED_STEP: LiteralString = """
 SELECT s.options->'gates' AS gates,
        coalesce((s.options->>'priority')::int, r.priority) AS priority,
        -- its place in a line: a first attempt by when it was scheduled, a retry from now
-       CASE WHEN s.attempt = 0 THEN s.created_at ELSE now() END AS ready_at
+       CASE WHEN s.attempt = 0 THEN s.created_at ELSE now() END AS ready_at,
+       -- running: this owner's claim committed and its reply was lost; it holds its gates
+       s.state = 'running' AS claimed
 FROM saga_steps s JOIN saga_runs r ON r.run_id = s.run_id
 WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.options ? 'gates'
   AND r.state = CASE s.kind WHEN 'compensation' THEN 'compensating' ELSE 'running' END

@@ -330,7 +330,10 @@ class PostgresStore:
             if row is None:
                 return None
             waited: list[tuple[dict[str, Any], dt.datetime]] = []
-            for gate in gates_of({"gates": row["gates"]}):
+            # A claim retried by the delivery whose reply was lost took its gates already:
+            # taken again, a rate limit's budget would be booked twice (and refused, the step
+            # put in line while it runs, left to its lease).
+            for gate in [] if row["claimed"] else gates_of({"gates": row["gates"]}):
                 took = cur.execute(
                     q.TAKE_GATE,
                     {
