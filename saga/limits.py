@@ -255,7 +255,7 @@ def gates_of(options: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The gates a journaled step's options name, in the order they are taken: its run's slot,
     then its own concurrency, then rate limits (a step holding a slot waits for budget, never
     the other way round), each by name: the order every transaction locks gates in
-    (saga_gate_release too, migration 0011), so two never deadlock."""
+    (saga_gate_release too, migration 0010), so two never deadlock."""
     gates = list(options.get("gates") or ())
     return sorted(
         gates, key=lambda g: (not g.get("run"), g.get("kind") != "concurrency", str(g["gate"]))

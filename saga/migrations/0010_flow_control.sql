@@ -364,6 +364,8 @@ $$;
 -- dispatched. With p_step_key: the slots of that step (its attempt ended). Without: the slots
 -- and places in line of the run's steps that no longer run or wait (its open steps were
 -- cancelled). Either way, the run's own slot once it no longer holds it (saga_run_holds_slot).
+-- Freed gates are locked in the order every transaction taking several keeps: a run's own gate
+-- first, then by name ('c:' before 'r:'), as a claim takes them (saga.limits.gates_of).
 CREATE FUNCTION saga_gate_release(p_run_id text, p_step_key text, p_dispatch_timeout float8)
 RETURNS TABLE (run_id text, step_key text, queue text, trace_context jsonb)
 LANGUAGE plpgsql AS $$
@@ -375,17 +377,17 @@ BEGIN
         WITH gone AS (
             DELETE FROM saga_gate_slots s
             WHERE s.run_id = p_run_id
-              AND CASE WHEN s.run_level THEN s.state = 'held'
-                                             AND NOT saga_run_holds_slot(p_run_id)
+              AND CASE WHEN s.run_level AND s.state = 'held'
+                       THEN NOT saga_run_holds_slot(p_run_id)
                        WHEN p_step_key IS NOT NULL THEN s.step_key = p_step_key
                        ELSE NOT EXISTS (
                            SELECT FROM saga_steps t WHERE t.run_id = s.run_id
                            AND t.step_key = s.step_key
                            AND t.state IN ('dispatched', 'running', 'throttled'))
                   END
-            RETURNING s.gate
+            RETURNING s.gate, s.run_level
         )
-        SELECT DISTINCT gate FROM gone ORDER BY gate
+        SELECT gate FROM gone GROUP BY gate ORDER BY bool_or(run_level) DESC, gate
     LOOP
         PERFORM pg_advisory_xact_lock(hashtextextended(freed, 0));
         RETURN QUERY SELECT * FROM saga_gate_grant(freed, p_dispatch_timeout);

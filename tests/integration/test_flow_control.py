@@ -190,7 +190,7 @@ def test_round_robin_between_keys_a_small_key_does_not_wait_for_a_big_one(
         # Every one of big's steps has reached its line (or a slot) before small starts.
         wait_until(
             lambda: _steps_in(db, "throttled", big) + _steps_in(db, "completed", big) >= 57,
-            30,
+            90,
             "the big tenant's steps to wait in line",
         )
         small = [
