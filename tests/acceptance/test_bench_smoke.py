@@ -7,16 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 REPO = Path(__file__).resolve().parents[2]
-ADMIN_URL = os.environ.get("SAGA_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BROKER_URL = os.environ.get("SAGA_TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
 
 FIGURES = (
@@ -27,23 +23,6 @@ FIGURES = (
     "saga_steps_per_s",
     "throughput_ratio",
 )
-
-
-@pytest.fixture
-def bench_database_url() -> Iterator[str]:
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Postgres is not available: {exc}")
-        pytest.skip(f"Postgres is not available: {exc}")
-    name = f"bench_smoke_{uuid.uuid4().hex[:10]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield make_conninfo(ADMIN_URL, dbname=name)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.mark.timeout(300)
