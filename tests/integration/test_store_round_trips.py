@@ -65,6 +65,14 @@ def traced(pool: ConnectionPool, call: Callable[[], T]) -> tuple[T, dict[str, in
     return result, sent
 
 
+def assert_sent(sent: dict[str, int], expected: dict[str, int], what: object = "") -> None:
+    """Syncs and statements exactly; Flushes at most: the client flushes when it needs a result
+    that has not arrived yet, and a result that came in with an earlier one needs none (on a
+    loaded machine the server's answers sometimes arrive together)."""
+    assert (sent["Sync"], sent["Bind"]) == (expected["Sync"], expected["Bind"]), (what, sent)
+    assert sent["Flush"] <= expected["Flush"], (what, sent)
+
+
 def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     store = PostgresStore(pool, queue="round-trips", dispatch_timeout=30.0)
     store.create_run(
@@ -81,18 +89,18 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     def claim(key: str) -> Claim:
         # One statement, committed synchronously (the claim must survive a crash).
         got, sent = traced(pool, lambda: store.claim_step("r1", key, owner="w", lease=30.0))
-        assert sent == {"Sync": 1, "Flush": 0, "Bind": 1}, key
+        assert_sent(sent, {"Sync": 1, "Flush": 0, "Bind": 1}, key)
         assert got is not None
         return got
 
     a = claim("a")
     # Lock and fence in one round trip; the next step, its outbox row and the commit in another.
     _, sent = traced(pool, lambda: store.complete_step(a, '"x"', advance, fast_path=False))
-    assert sent == {"Sync": 1, "Flush": 2, "Bind": 7}
+    assert_sent(sent, {"Sync": 1, "Flush": 2, "Bind": 7})
     b = claim("b")
     # A worker's fast path publishes the next step's message itself: no outbox row.
     _, sent = traced(pool, lambda: store.complete_step(b, '"x"', advance, fast_path=True))
-    assert sent == {"Sync": 1, "Flush": 2, "Bind": 6}
+    assert_sent(sent, {"Sync": 1, "Flush": 2, "Bind": 6})
     c = claim("c")
     # Failed for good: the journal is read, compensation begins (a guarded run transition,
     # whose check costs nothing), open steps are cancelled, the compensation is scheduled with
@@ -103,11 +111,11 @@ def test_claim_and_outcome_round_trips(pool: ConnectionPool) -> None:
     _, sent = traced(
         pool, lambda: store.fail_attempt(c, {"type": "E"}, retry_in=None, advance=advance)
     )
-    assert sent == {"Sync": 1, "Flush": 6, "Bind": 15}
+    assert_sent(sent, {"Sync": 1, "Flush": 6, "Bind": 15})
     undo_a = claim("compensate:a")
     # The last compensation: the run finishes (FINISH_RUN, guarded in SQL) in the same trips.
     _, sent = traced(pool, lambda: store.complete_step(undo_a, "null", advance, fast_path=False))
-    assert sent == {"Sync": 1, "Flush": 3, "Bind": 8}
+    assert_sent(sent, {"Sync": 1, "Flush": 3, "Bind": 8})
     assert store.get_run("r1").state == "compensated"
 
 
@@ -132,7 +140,7 @@ def test_a_retried_failure_keeps_its_attempt_without_a_statement_more(
     _, sent = traced(
         pool, lambda: store.fail_attempt(a, {"type": "E"}, retry_in=5.0, advance=advance)
     )
-    assert sent == {"Sync": 1, "Flush": 2, "Bind": 5}  # BEGIN, SET LOCAL, lock, fence, COMMIT
+    assert_sent(sent, {"Sync": 1, "Flush": 2, "Bind": 5})  # BEGIN, SET LOCAL, lock, fence, COMMIT
     assert [(k.step_key, k.attempt, k.outcome) for k in store.kept_attempts("r2")] == [
         ("a", 1, "failed")
     ]
