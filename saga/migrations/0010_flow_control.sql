@@ -173,13 +173,17 @@ BEGIN
         EXIT WHEN room <= 0;
         -- The head of the line: per fairness key its first waiter, then the key that holds the
         -- fewest slots (round-robin between keys), then the oldest.
+        -- The slots each key holds are counted once (at most the limit's rows), not per
+        -- waiter: a line of 20,000 is ordered in milliseconds, not seconds, under the lock.
+        WITH holding AS (
+            SELECT h.fair_key, count(*) AS slots FROM saga_gate_slots h
+            WHERE h.gate = p_gate AND h.state IN ('held', 'offered')
+            GROUP BY h.fair_key
+        )
         SELECT s.* INTO w FROM saga_gate_slots s
+        LEFT JOIN holding ON holding.fair_key = s.fair_key
         WHERE s.gate = p_gate AND s.state = 'waiting'
-        ORDER BY s.priority DESC,
-                 (SELECT count(*) FROM saga_gate_slots h
-                  WHERE h.gate = p_gate AND h.state IN ('held', 'offered')
-                    AND h.fair_key = s.fair_key) ASC,
-                 s.since, s.run_id, s.step_key
+        ORDER BY s.priority DESC, coalesce(holding.slots, 0), s.since, s.run_id, s.step_key
         LIMIT 1;
         EXIT WHEN NOT FOUND;
         IF g.kind = 'rate' AND w.units > room THEN
