@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from tests.acceptance.test_bench_smoke import ADMIN_URL, BROKER_URL, REPO
+from tests.acceptance.test_bench_smoke import BROKER_URL, REPO
+from tests.conftest import ADMIN_URL
 
 INDEXES = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'saga_steps'"
 PAGES = {"list", "list_filtered", "list_error_type", "list_prefix", "list_deep", "run"}

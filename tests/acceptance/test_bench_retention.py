@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from tests.acceptance.test_bench_smoke import ADMIN_URL, BROKER_URL, REPO
+from tests.acceptance.test_bench_smoke import BROKER_URL, REPO
+from tests.conftest import ADMIN_URL
 
 BENCH = [sys.executable, "-m", "saga", "bench", "retention"]
 
