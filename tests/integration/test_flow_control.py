@@ -57,8 +57,11 @@ def _steps_in(db: Conn, state: str, run_ids: list[str]) -> int:
 
 
 def _no_slots_left(db: Conn) -> None:
-    """Every run ended: no slot is held and no step waits in any line."""
+    """Every run ended: no slot is held and no step waits in any line, and the concurrency
+    gates, idle, are gone (a gate per key would otherwise stay a row forever)."""
     assert db.execute("SELECT gate, run_id, step_key, state FROM saga_gate_slots").fetchall() == []
+    idle = "SELECT gate FROM saga_gates WHERE kind = 'concurrency'"
+    assert db.execute(idle).fetchall() == []
 
 
 def _max_total_in_flight(service: LimitService) -> int:
