@@ -205,9 +205,11 @@ RETURNING 1
 # The attempt is over though its outcome is not journaled (its run ended meanwhile): the lease
 # ends now, and the sweeper's next pass ends the step (EXPIRE_LEASE) and gives its slots back.
 END_LEASE: LiteralString = """
-UPDATE saga_steps SET lease_expires_at = now()
-WHERE run_id = %(run_id)s AND step_key = %(step_key)s AND state = 'running'
-  AND attempt = %(attempt)s
+UPDATE saga_steps s SET lease_expires_at = now()
+FROM saga_runs r
+WHERE s.run_id = %(run_id)s AND s.step_key = %(step_key)s AND s.state = 'running'
+  AND s.attempt = %(attempt)s AND r.run_id = s.run_id
+  AND r.state NOT IN ('running', 'compensating')
 """
 
 # lease_owner stays: the worker of the step's latest attempt, for its history (0006).

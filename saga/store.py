@@ -536,75 +536,51 @@ class PostgresStore:
         where = f"{action} step {claim.step_key!r} of run {claim.run_id!r}"
         key = {"run_id": claim.run_id, "step_key": claim.step_key, "attempt": claim.attempt}
         try:
-            return self._outcome_tx(
-                claim, where, key, fence_query, fence_params, body, fast_path, read_journal
-            )
+            with (
+                translated(where),
+                self._pool.connection() as conn,
+                pipelined_transaction(conn) as run_cur,
+                conn.cursor(row_factory=dict_row) as step_cur,
+            ):
+                lock_cur = lock_run(conn, claim.run_id)
+                step_cur.execute(fence_query, {**key, **fence_params})
+                prefetched = None
+                if read_journal:  # after the lock and the fence, in the same round trip
+                    seen = self._journals.seen(claim.run_id)
+                    journal_cur = journal_cursor(conn)
+                    journal_cur.execute(q.SELECT_JOURNAL, {"run_id": claim.run_id, "seen": seen})
+                    prefetched = (seen, journal_cur)
+                run, fenced = lock_cur.fetchone(), step_cur.fetchone()
+                if run is None or fenced is None:
+                    raise Fenced
+                if not may_journal_outcome(claim.kind, run.state):
+                    raise Fenced
+                tx = RunTransaction(
+                    run_cur,
+                    run,
+                    self._queue,
+                    self._dispatch_timeout,
+                    self._journals,
+                    prefetched,
+                )
+                body(tx, fenced["state"])
+                # Its slots go to the next in line, in this commit. After the coordinator: rows
+                # are locked before gates in every transaction (a claim locks its step, then takes
+                # gates), so a cancel of a step being claimed cannot deadlock with this.
+                if "gates" in claim.options:
+                    tx.release_gates(claim.step_key)
+                if not fast_path:
+                    add_messages(run_cur, tx.messages)
+            tx.committed()
+            return tx.messages
         except Fenced:
-            if "gates" in claim.options and self._run_ended(claim):
-                # The run ended while this attempt ran: its outcome is not journaled, but the
-                # attempt is over. Its lease ends now, so the sweeper ends the step and hands
-                # its slots on at its next pass, not a lease later.
+            if "gates" in claim.options:
+                # If its run ended while it ran, the attempt is over though its outcome is not
+                # journaled: its lease ends now (END_LEASE checks the run), so the sweeper
+                # ends the step and hands its slots on at its next pass, not a lease later.
                 with translated(where), self._pool.connection() as conn:
                     conn.execute(q.END_LEASE, key)
             raise
-
-    def _run_ended(self, claim: Claim) -> bool:
-        snapshot = self.step_state(claim.run_id, claim.step_key)
-        return (
-            snapshot is not None
-            and snapshot.state == StepState.RUNNING
-            and snapshot.attempt == claim.attempt
-            and not may_journal_outcome(claim.kind, snapshot.run_state)
-        )
-
-    def _outcome_tx(
-        self,
-        claim: Claim,
-        where: str,
-        key: dict[str, Any],
-        fence_query: LiteralString,
-        fence_params: dict[str, Any],
-        body: Callable[[RunTransaction, str], None],
-        fast_path: bool,
-        read_journal: bool,
-    ) -> list[OutboxMessage]:
-        with (
-            translated(where),
-            self._pool.connection() as conn,
-            pipelined_transaction(conn) as run_cur,
-            conn.cursor(row_factory=dict_row) as step_cur,
-        ):
-            lock_cur = lock_run(conn, claim.run_id)
-            step_cur.execute(fence_query, {**key, **fence_params})
-            prefetched = None
-            if read_journal:  # after the lock and the fence, in the same round trip
-                seen = self._journals.seen(claim.run_id)
-                journal_cur = journal_cursor(conn)
-                journal_cur.execute(q.SELECT_JOURNAL, {"run_id": claim.run_id, "seen": seen})
-                prefetched = (seen, journal_cur)
-            run, fenced = lock_cur.fetchone(), step_cur.fetchone()
-            if run is None or fenced is None:
-                raise Fenced
-            if not may_journal_outcome(claim.kind, run.state):
-                raise Fenced
-            tx = RunTransaction(
-                run_cur,
-                run,
-                self._queue,
-                self._dispatch_timeout,
-                self._journals,
-                prefetched,
-            )
-            body(tx, fenced["state"])
-            # Its slots go to the next in line, in this commit. After the coordinator: rows
-            # are locked before gates in every transaction (a claim locks its step, then takes
-            # gates), so a cancel of a step being claimed cannot deadlock with this.
-            if "gates" in claim.options:
-                tx.release_gates(claim.step_key)
-            if not fast_path:
-                add_messages(run_cur, tx.messages)
-        tx.committed()
-        return tx.messages
 
     def advance_run(self, run_id: str, advance: Advance) -> None:
         """Advance a run outside any step outcome (an advance task)."""
