@@ -306,11 +306,15 @@ RETURNING payload
 
 # Steps whose lease ran out: their worker died or hung. Read without locks; each is then handled
 # in its own transaction that takes the run lock first (the same order as outcomes, so no deadlock).
+# No index names the lease (a claim and a renewal stay HOT, 0011): a running step keeps the due_at
+# it was dispatched with, at most a dispatch timeout after its claim, so an expired lease lies in
+# saga_steps_open_due up to now() plus that timeout (``horizon``, the sweeper's own).
 SELECT_EXPIRED_LEASES: LiteralString = """
 SELECT run_id, step_key, attempt FROM saga_steps
-WHERE state = 'running' AND lease_expires_at < now()
+WHERE finished_at IS NULL AND due_at <= now() + %(horizon)s * interval '1 second'
+  AND state = 'running' AND lease_expires_at < now()
 ORDER BY lease_expires_at
-LIMIT %s
+LIMIT %(limit)s
 """
 
 # Out of attempts, or an action of a run being undone (it gets no new attempt): failed. An
@@ -342,7 +346,8 @@ SELECT state FROM ended
 REDISPATCH_DUE: LiteralString = """
 WITH due AS (
     SELECT s.run_id, s.step_key FROM saga_steps s JOIN saga_runs r USING (run_id)
-    WHERE s.state IN ('pending', 'dispatched', 'waiting') AND s.due_at <= now()
+    WHERE s.finished_at IS NULL AND s.due_at <= now()
+      AND s.state IN ('pending', 'dispatched', 'waiting')
       AND r.state = CASE s.kind WHEN 'compensation' THEN 'compensating' ELSE 'running' END
     ORDER BY s.due_at
     LIMIT %(limit)s
@@ -399,7 +404,8 @@ SELECT saga_name, trace_context FROM saga_runs WHERE run_id = %s
 
 NEXT_DUE: LiteralString = """
 SELECT extract(epoch FROM least(
-    (SELECT min(due_at) FROM saga_steps WHERE state IN ('pending', 'dispatched', 'waiting')),
+    (SELECT min(due_at) FROM saga_steps
+     WHERE finished_at IS NULL AND state IN ('pending', 'dispatched', 'waiting')),
     (SELECT min(wake_at) FROM saga_gates WHERE wake_at IS NOT NULL)) - now()) AS seconds
 """
 
@@ -531,9 +537,10 @@ GROUP BY saga_name, state
 """
 
 # Dispatched steps whose message was not claimed within the dispatch timeout (their due_at has
-# passed; the sweeper sends them again): served by saga_steps_due.
+# passed; the sweeper sends them again): served by saga_steps_open_due.
 OVERDUE_STEPS: LiteralString = """
-SELECT count(*) AS steps FROM saga_steps WHERE state = 'dispatched' AND due_at <= now()
+SELECT count(*) AS steps FROM saga_steps
+WHERE finished_at IS NULL AND due_at <= now() AND state = 'dispatched'
 """
 
 # Runs stopped in compensation_failed, waiting for an operator. No index serves it (final states
@@ -638,7 +645,8 @@ RETURNING owner, queues
 RECOVER_UNCLAIMED: LiteralString = """
 UPDATE saga_steps s SET due_at = now()
 FROM saga_runs r
-WHERE r.run_id = s.run_id AND s.state = 'dispatched' AND s.due_at > now()
+WHERE r.run_id = s.run_id AND s.finished_at IS NULL AND s.due_at > now()
+  AND s.state = 'dispatched'
   AND coalesce(s.options->>'queue', r.queue, %(default_queue)s) = ANY(%(queues)s)
 """
 

@@ -690,7 +690,9 @@ class PostgresStore:
         expired: list[tuple[str, str, str]] = []
         with translated("reading expired leases"), self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            rows = cur.execute(q.SELECT_EXPIRED_LEASES, (limit,)).fetchall()
+            rows = cur.execute(
+                q.SELECT_EXPIRED_LEASES, {"limit": limit, "horizon": self._dispatch_timeout}
+            ).fetchall()
         for r in rows:
             run_id, step_key, attempt = r["run_id"], r["step_key"], r["attempt"]
             error = error_record(

@@ -73,12 +73,48 @@ def test_schema_check_lists_are_the_enums() -> None:
 
 def test_schema_partial_indexes_and_triggers_use_the_state_sets() -> None:
     active = re.search(r"saga_runs_active .*? WHERE state IN \((.*?)\)", SCHEMA)
-    due = re.search(r"saga_steps_due .*?WHERE state IN \((.*?)\)", SCHEMA, re.S)
     finished = re.search(r"WHEN \(NEW\.state IN \((.*?)\)", SCHEMA)
-    assert active and due and finished
+    assert active and finished
     assert _quoted(active[1]) == ACTIVE_RUN_STATES
-    assert _quoted(due[1]) == OPEN_STEP_STATES
     assert _quoted(finished[1]) == FINAL_RUN_STATES
+
+
+def test_the_steps_due_index_names_no_column_a_claim_changes() -> None:
+    # 0011: a claim and a lease renewal stay HOT only if no index names what they set.
+    index = re.search(r"CREATE INDEX .*?saga_steps_open_due ON saga_steps \((.*?)\) (.*?);", SCHEMA)
+    assert index, "0011's index of open steps is gone"
+    claimed = re.search(r"SET (.*?)\nFROM", _statements()["CLAIM_STEP"], re.S)
+    renewed = re.search(r"SET (.*?)\nWHERE", _statements()["RENEW_LEASE"], re.S)
+    assert claimed and renewed
+    written = set(re.findall(r"(\w+) = ", claimed[1] + renewed[1]))
+    assert {"state", "attempt", "lease_expires_at"} <= written
+    named = set(re.findall(r"\b[a-z_]+\b", f"{index[1]} {index[2]}")) - {
+        "where",
+        "is",
+        "null",
+        "not",
+    }
+    assert named == {"due_at", "finished_at"}
+    assert not written & named
+
+
+def test_a_step_in_a_final_state_is_finished() -> None:
+    # saga_steps_open_due holds the steps with no finished_at: each statement that ends a step
+    # sets it (a final step left out of it would stay in the sweeper's scans until pruned).
+    s = _statements()
+    ending = [
+        name
+        for name, sql in s.items()
+        if re.search(r"saga_steps\b", sql)
+        and re.search(
+            r"(?:state = |THEN |ELSE |VALUES \(.*?)'(?:completed|failed|cancelled)'", sql, re.S
+        )
+        and re.search(r"(?:UPDATE|INSERT INTO) saga_steps\b", sql)
+    ]
+    assert {"COMPLETE_STEP", "FAIL_ATTEMPT", "EXPIRE_LEASE", "CANCEL_OPEN_STEPS"} <= set(ending)
+    assert {"DELIVER_EVENT", "INSERT_RECEIVED_EVENT", "FORK_STEPS"} <= set(ending)
+    for name in ending:
+        assert "finished_at" in s[name], f"{name} ends a step without setting finished_at"
 
 
 @pytest.mark.parametrize("name", sorted(_statements()))
