@@ -441,6 +441,7 @@ STEP_COLUMNS = (
     "idempotency_key",
     "result",
     "error",
+    "finished",
 )
 
 
@@ -462,7 +463,7 @@ def check(
         database_url,
         "SELECT run_id, step_key, kind, state, attempt, max_attempts, started_at IS NOT NULL, "
         "compensation_ref, coalesce((options->>'pivot')::boolean, false), idempotency_key, "
-        "result, error FROM saga_steps WHERE run_id LIKE %s",
+        "result, error, finished_at IS NOT NULL FROM saga_steps WHERE run_id LIKE %s",
         (prefix + "%",),
     ):
         steps.setdefault(row[0], []).append(dict(zip(STEP_COLUMNS, row, strict=True)))
@@ -518,10 +519,13 @@ def check(
                 {"run": p.run_id, "input": p.input, "cancel": p.cancel, "state": state,
                  "run_error": error, "failed_steps": failed},
             )  # fmt: skip
-        # A finished run has no step still open.
+        # A finished run has no step still open, and a step in a final state is finished (the
+        # sweeper's index of open steps, 0011, holds the steps without a finished_at).
         for s in mine:
-            if s["state"] in ("pending", "dispatched", "running", "waiting"):
+            if s["state"] in ("pending", "dispatched", "running", "waiting", "throttled"):
                 v.add("open_step_in_finished_run", {"run": p.run_id, "state": state, **_brief(s)})
+            elif not s["finished"]:
+                v.add("final_step_not_finished", {"run": p.run_id, **_brief(s)})
         active = [b for b in trip["bookings"].values() if b["state"] == "booked"]
         if state in ("compensated", "cancelled") and active:
             v.add("booking_left_active", {"run": p.run_id, "state": state, "active": active})
