@@ -256,7 +256,7 @@ class _GraphState:
 
 
 def _advance_graph(tx: RunTx, saga: Saga) -> None:
-    if _advance_chain(tx, saga):
+    if _advance_chain(tx, saga) or _finish_at_sink(tx, saga):
         return
     rows = tx.journal()
     failed = [r for r in rows if r.kind == StepKind.ACTION and r.state == StepState.FAILED]
@@ -314,6 +314,23 @@ def _advance_chain(tx: RunTx, saga: Saga) -> bool:
             for s in following
         ]
     )
+    return True
+
+
+def _finish_at_sink(tx: RunTx, saga: Saga) -> bool:
+    """The other common case without reading the journal: the saga's only sink completed (the
+    one step of a one-step saga, the last of a chain). Every other step comes before it, and a
+    step is scheduled only once all it comes after have completed, so the run is done: it
+    completes with the sink's result, as the journal would have said. (No action of a running
+    run can have failed meanwhile: every step before the sink completed before it was
+    scheduled.)"""
+    done = tx.completed
+    if done is None or done.kind != StepKind.ACTION or done.step_key != done.step_name:
+        return False
+    sinks = saga.sinks
+    if len(sinks) != 1 or sinks[0].name != done.step_name:
+        return False
+    tx.finish(RunState.COMPLETED, result_json=done.result_json or json.dumps(done.result))
     return True
 
 

@@ -30,7 +30,7 @@ from saga import strict_json
 from saga.errors import DefinitionError, InputError, StepResultError, UnknownSagaError
 from saga.failures import exception_text
 from saga.limits import TOKENS, Concurrency, RateLimit, check_distinct, check_priority
-from saga.retry import RetryPolicy
+from saga.retry import DEFAULT_RETRY, RetryPolicy
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
 # Broker queue names a step may be routed to (Redis keys and AMQP queues both accept these).
@@ -407,7 +407,7 @@ class StepOptions:
         """What differs from the defaults (``from_json`` fills them in): the options ride in
         the step's journal row, which every claim and outcome writes again whole."""
         data: dict[str, Any] = {}
-        if self.retry != RetryPolicy():
+        if self.retry != DEFAULT_RETRY:
             data["retry"] = self.retry.changes()
         if self.timeout_seconds is not None:
             data["timeout_seconds"] = self.timeout_seconds
@@ -447,7 +447,7 @@ class StepOptions:
     def from_json(cls, data: Mapping[str, Any]) -> StepOptions:
         retry, undo = data.get("retry"), data.get("compensate_retry")
         return cls(
-            retry=RetryPolicy.from_json(retry) if retry else RetryPolicy(),
+            retry=RetryPolicy.from_json(retry) if retry else DEFAULT_RETRY,
             timeout_seconds=data.get("timeout_seconds"),
             pivot=bool(data.get("pivot", False)),
             compensate_retry=RetryPolicy.from_json(undo) if undo else None,

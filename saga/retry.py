@@ -129,4 +129,6 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-_DEFAULT_JSON: dict[str, Any] = RetryPolicy().to_json()
+# The policy of a step that sets none: one object (it is frozen), not one per step and claim.
+DEFAULT_RETRY = RetryPolicy()
+_DEFAULT_JSON: dict[str, Any] = DEFAULT_RETRY.to_json()

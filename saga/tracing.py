@@ -627,8 +627,10 @@ def run_finished(
 
     Call this exactly once per run, after the transaction that moved it to a final state."""
     RUNS_FINISHED.add(1, {SAGA_NAME: saga_name, SAGA_RUN_STATE: state})
+    if not enabled():
+        return
     root = root_span_context(carrier)
-    if root is None or not enabled():
+    if root is None:
         return
     start_ns: int | None = None
     with contextlib.suppress(TypeError, ValueError):

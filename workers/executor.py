@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -60,6 +61,7 @@ class StepExecutor:
         # host:pid, and a token of this boot: a restarted container with the same host name and
         # pid is another worker (the registry must see the old one die).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._deliveries = itertools.count(1)  # numbers this process's deliveries (see execute)
         liveness = getattr(app, "saga_liveness", None)  # set when the worker serves probes
         # The registry recovers the queues this worker reads (``-Q a,b``) when it dies.
         self.leases = LeaseKeeper(
@@ -90,7 +92,8 @@ class StepExecutor:
         received_ns = time.time_ns()
         msg = parse(StepMessage, args, kwargs)
         # A token per delivery: a claim retried after a lost reply recognises its own lease.
-        owner = f"{self.owner}:{uuid.uuid4().hex[:12]}"
+        # The owner is this process's boot; a count tells its deliveries apart.
+        owner = f"{self.owner}:{next(self._deliveries)}"
         claim = self._durably(
             "claiming",
             lambda: self.store.claim_step(
