@@ -42,18 +42,22 @@ SELECT run_id, state, saga_name, saga_ref, saga_version, input, error, trace_con
 FROM saga_runs WHERE run_id = %s FOR UPDATE
 """
 
-# A new step, numbered after the run's last. Callers hold the run's row lock, so seq is safe.
+# A new step, numbered after the run's last, unless the run has it already (a duplicate is a
+# no-op). Callers hold the run's row lock, so seq is safe and no one else can insert the same
+# step meanwhile: NOT EXISTS does what ON CONFLICT DO NOTHING would, without its speculative
+# insertion (a WAL record and a lock per step).
 INSERT_STEP: LiteralString = """
 INSERT INTO saga_steps (run_id, step_key, step_name, kind, seq, position, state, fn_ref,
                         compensation_ref, options, max_attempts, idempotency_key, input, due_at)
-VALUES (%(run_id)s, %(step_key)s, %(step_name)s, %(kind)s,
-        (SELECT coalesce(max(seq), 0) + 1 FROM saga_steps WHERE run_id = %(run_id)s),
-        %(position)s, %(state)s, %(fn_ref)s, %(compensation_ref)s, %(options)s, %(max_attempts)s,
-        %(idempotency_key)s, %(input)s::jsonb,
-        CASE WHEN %(delay)s::float8 IS NULL AND %(state)s = 'waiting' THEN 'infinity'
-             ELSE now() + coalesce(%(delay)s::float8, %(dispatch_timeout)s) * interval '1 second'
-        END)
-ON CONFLICT (run_id, step_key) DO NOTHING
+SELECT %(run_id)s::text, %(step_key)s::text, %(step_name)s::text, %(kind)s::text,
+       (SELECT coalesce(max(seq), 0) + 1 FROM saga_steps WHERE run_id = %(run_id)s),
+       %(position)s::int, %(state)s::text, %(fn_ref)s::text, %(compensation_ref)s::text,
+       %(options)s::jsonb, %(max_attempts)s::int, %(idempotency_key)s::text, %(input)s::jsonb,
+       CASE WHEN %(delay)s::float8 IS NULL AND %(state)s = 'waiting' THEN 'infinity'
+            ELSE now() + coalesce(%(delay)s::float8, %(dispatch_timeout)s) * interval '1 second'
+       END
+WHERE NOT EXISTS (
+    SELECT FROM saga_steps WHERE run_id = %(run_id)s AND step_key = %(step_key)s)
 """
 
 # An event that arrived before its wait, journaled as a completed event step.

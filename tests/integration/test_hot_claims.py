@@ -12,6 +12,7 @@ from psycopg_pool import ConnectionPool
 
 from saga import coordinator
 from saga import queries as q
+from saga.coordinator import NewStep
 from saga.definition import Saga, StepContext, step
 from saga.store import PostgresStore, open_pool
 
@@ -115,3 +116,28 @@ def test_no_finished_step_is_left_among_the_open_ones(
         "SELECT step_key, state FROM saga_steps WHERE run_id = 'r3' AND finished_at IS NULL"
     ).fetchall()
     assert open_steps == []
+
+
+def test_scheduling_a_step_the_run_has_is_a_no_op(
+    store: PostgresStore, db: psycopg.Connection[Any]
+) -> None:
+    """INSERT_STEP skips a step already journaled (NOT EXISTS under the run's lock, in place of
+    ON CONFLICT DO NOTHING): the row, its seq and its state stay as they were."""
+    start(store, "r4")
+    before = db.execute("SELECT seq, state, due_at FROM saga_steps WHERE run_id = 'r4'").fetchall()
+    again = NewStep(
+        step_key="a",
+        step_name="a",
+        kind="action",
+        fn_ref="elsewhere:other",
+        input_json='"other"',
+        options={},
+        max_attempts=1,
+        idempotency_key="r4:a",
+        state="pending",
+        delay_seconds=60.0,
+    )
+    with store._locked_run("r4", "scheduling again") as tx:
+        tx.schedule([again])
+    after = db.execute("SELECT seq, state, due_at FROM saga_steps WHERE run_id = 'r4'").fetchall()
+    assert after == before and len(after) == 1
