@@ -256,7 +256,7 @@ class _GraphState:
 
 
 def _advance_graph(tx: RunTx, saga: Saga) -> None:
-    if _advance_chain(tx, saga) or _finish_at_sink(tx, saga):
+    if _advance_chain(tx, saga) or _finish_one_step_run(tx, saga):
         return
     rows = tx.journal()
     failed = [r for r in rows if r.kind == StepKind.ACTION and r.state == StepState.FAILED]
@@ -317,18 +317,15 @@ def _advance_chain(tx: RunTx, saga: Saga) -> bool:
     return True
 
 
-def _finish_at_sink(tx: RunTx, saga: Saga) -> bool:
-    """The other common case without reading the journal: the saga's only sink completed (the
-    one step of a one-step saga, the last of a chain). Every other step comes before it, and a
-    step is scheduled only once all it comes after have completed, so the run is done: it
-    completes with the sink's result, as the journal would have said. (No action of a running
-    run can have failed meanwhile: every step before the sink completed before it was
-    scheduled.)"""
+def _finish_one_step_run(tx: RunTx, saga: Saga) -> bool:
+    """The other common case without reading the journal: the one step of a one-step saga
+    completed, so the run completes with its result, as the journal would have said. Only
+    then: a later step of a bigger graph cannot tell alone that every other step is done (a run
+    forked onto a definition of another shape may have started steps that come before it)."""
     done = tx.completed
     if done is None or done.kind != StepKind.ACTION or done.step_key != done.step_name:
         return False
-    sinks = saga.sinks
-    if len(sinks) != 1 or sinks[0].name != done.step_name:
+    if len(saga.steps) != 1 or saga.steps[0].name != done.step_name:
         return False
     tx.finish(RunState.COMPLETED, result_json=done.result_json or json.dumps(done.result))
     return True

@@ -312,10 +312,12 @@ RETURNING payload
 # in its own transaction that takes the run lock first (the same order as outcomes, so no deadlock).
 # No index names the lease (a claim and a renewal stay HOT, 0011): a running step keeps the due_at
 # it was dispatched with, at most a dispatch timeout after its claim, so an expired lease lies in
-# saga_steps_open_due up to now() plus that timeout (``horizon``, the sweeper's own).
+# saga_steps_open_due up to now() plus that timeout (``horizon``, the sweeper's own; NULL: every
+# open step with a finite due_at, for steps dispatched by a process whose timeout is longer).
 SELECT_EXPIRED_LEASES: LiteralString = """
 SELECT run_id, step_key, attempt FROM saga_steps
-WHERE finished_at IS NULL AND due_at <= now() + %(horizon)s * interval '1 second'
+WHERE finished_at IS NULL
+  AND due_at < coalesce(now() + %(horizon)s * interval '1 second', 'infinity')
   AND state = 'running' AND lease_expires_at < now()
 ORDER BY lease_expires_at
 LIMIT %(limit)s

@@ -684,14 +684,21 @@ class PostgresStore:
 
     # -- recovery -----------------------------------------------------------------------------
 
-    def expire_leases(self, limit: int = 100) -> list[tuple[str, str, str]]:
+    def expire_leases(
+        self, limit: int = 100, *, all_open: bool = False
+    ) -> list[tuple[str, str, str]]:
         """Attempts whose worker died: back to pending (retried now), or failed when out of
-        attempts, and then a worker advances the run. Returns (run_id, step_key, new state)."""
+        attempts, and then a worker advances the run. Returns (run_id, step_key, new state).
+
+        A running step is looked for among the steps dispatched within this process's dispatch
+        timeout (SELECT_EXPIRED_LEASES); ``all_open`` looks at every open step, for a step
+        dispatched by a process whose timeout is longer."""
         expired: list[tuple[str, str, str]] = []
         with translated("reading expired leases"), self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             rows = cur.execute(
-                q.SELECT_EXPIRED_LEASES, {"limit": limit, "horizon": self._dispatch_timeout}
+                q.SELECT_EXPIRED_LEASES,
+                {"limit": limit, "horizon": None if all_open else self._dispatch_timeout},
             ).fetchall()
         for r in rows:
             run_id, step_key, attempt = r["run_id"], r["step_key"], r["attempt"]

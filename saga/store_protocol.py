@@ -77,8 +77,11 @@ class Store(Protocol):
         the run advanced."""
         ...
 
-    def expire_leases(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        """Attempts whose lease ran out: (run_id, step_key, new state) of each."""
+    def expire_leases(
+        self, limit: int = 100, *, all_open: bool = False
+    ) -> list[tuple[str, str, str]]:
+        """Attempts whose lease ran out: (run_id, step_key, new state) of each. ``all_open``
+        looks beyond the steps dispatched within this process's dispatch timeout."""
         ...
 
     def redispatch_due(self, limit: int = 500) -> int:

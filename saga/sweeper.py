@@ -19,12 +19,22 @@ log = logging.getLogger("saga.sweeper")
 
 class Sweeper:
     def __init__(
-        self, store: PostgresStore, *, max_wait: float = 5.0, worker_check_every: float = 10.0
+        self,
+        store: PostgresStore,
+        *,
+        max_wait: float = 5.0,
+        worker_check_every: float = 10.0,
+        lease_check_every: float = 1.0,
+        wide_lease_check_every: float = 30.0,
     ) -> None:
         self._store = store
         self._max_wait = max_wait
         self._worker_check_every = worker_check_every
         self._next_worker_check = 0.0
+        self._lease_check_every = lease_check_every
+        self._next_lease_check = 0.0
+        self._wide_lease_check_every = wide_lease_check_every
+        self._next_wide_lease_check = 0.0
 
     def tick(self) -> float | None:
         """One pass; returns the seconds until the next step falls due (capped)."""
@@ -34,7 +44,7 @@ class Sweeper:
             self._next_worker_check = time.monotonic() + self._worker_check_every
             for owner in self._store.recover_dead_workers():
                 log.warning("worker %s stopped beating: its queues' steps go again", owner)
-        for run_id, step_key, state in self._store.expire_leases():
+        for run_id, step_key, state in self._expired_leases():
             log.warning("step %r of run %r lost its worker; now %s", step_key, run_id, state)
             try:
                 if tracing.enabled():
@@ -63,6 +73,20 @@ class Sweeper:
             )
         nxt = self._store.seconds_until_next_due()
         return self._max_wait if nxt is None else min(nxt, self._max_wait)
+
+    def _expired_leases(self) -> list[tuple[str, str, str]]:
+        # Expired leases are found among the open steps dispatched within a dispatch timeout
+        # (0011: no index of their own), a range that holds every queued step: a relay woken by
+        # every commit looks at most once a second, and at every open step now and then, for
+        # steps dispatched by a process with a longer timeout than this one's.
+        now = time.monotonic()
+        if now < self._next_lease_check:
+            return []
+        self._next_lease_check = now + self._lease_check_every
+        wide = now >= self._next_wide_lease_check
+        if wide:
+            self._next_wide_lease_check = now + self._wide_lease_check_every
+        return self._store.expire_leases(all_open=wide)
 
     def _trace_lost_attempt(self, run_id: str, step_key: str) -> None:
         found = self._store.trace_context(run_id)

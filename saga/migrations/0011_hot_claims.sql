@@ -21,9 +21,14 @@
 -- They now come last, the claim's first and the result at the end, so a claim logs about 80
 -- bytes of a 300-byte row and a renewal one timestamp.
 --
--- The rebuild copies the journal once, in the migration's transaction, and blocks writes to
--- saga_steps meanwhile: about 1 s per 100,000 steps on a small machine, more where results
--- are large. On a large journal, prune it first (saga prune) or migrate in a quiet moment.
+-- The rebuild copies the journal once, in the migration's transaction: about 1 s per 100,000
+-- steps on a small machine, more where results are large. Both tables are locked first, runs
+-- before steps as every transaction takes them: a claim or an outcome committed during the
+-- copy would otherwise be lost with the old table (DROP TABLE waits for it, then discards it),
+-- and the engine's processes wait meanwhile, readers too. On a large journal, prune it first
+-- (saga prune) or migrate in a quiet moment.
+LOCK TABLE saga_runs, saga_steps IN ACCESS EXCLUSIVE MODE;
+
 CREATE TABLE saga_steps_0011 (
     run_id              text NOT NULL REFERENCES saga_runs (run_id) ON DELETE CASCADE,
     step_key            text NOT NULL,

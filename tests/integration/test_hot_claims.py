@@ -3,6 +3,7 @@ still finds expired leases, now through the index of open steps' due times."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,6 +97,22 @@ def test_an_expired_lease_is_found_though_its_step_is_not_due(
     ).fetchone()
     assert due_in is not None and due_in[0] > 50
     assert store.expire_leases() == [("r2", "a", "pending")]
+
+
+def test_a_lease_of_a_step_dispatched_with_a_longer_timeout_is_found_by_a_wide_look(
+    store: PostgresStore, database_url: str
+) -> None:
+    # Dispatched by a process whose dispatch timeout is 10 minutes: due beyond this sweeper's
+    # horizon (its own 60 s), so only the sweeper's periodic wide look finds its lease.
+    pool: ConnectionPool = open_pool(database_url, size=1, name="saga-hot-claims-slow")
+    try:
+        start(PostgresStore(pool, queue="hot", dispatch_timeout=600.0), "r5")
+    finally:
+        pool.close()
+    assert store.claim_step("r5", "a", owner="w", lease=0.05) is not None
+    time.sleep(0.1)
+    assert store.expire_leases() == []
+    assert store.expire_leases(all_open=True) == [("r5", "a", "pending")]
 
 
 def test_no_finished_step_is_left_among_the_open_ones(

@@ -960,8 +960,11 @@ class MemoryStore:
 
     # -- recovery -------------------------------------------------------------------------------
 
-    def expire_leases(self, limit: int = 100) -> list[tuple[str, str, str]]:
-        """SELECT_EXPIRED_LEASES, then EXPIRE_LEASE for each under its run's lock."""
+    def expire_leases(
+        self, limit: int = 100, *, all_open: bool = False
+    ) -> list[tuple[str, str, str]]:
+        """SELECT_EXPIRED_LEASES, then EXPIRE_LEASE for each under its run's lock (this model
+        has no index: every open step is looked at)."""
         expired: list[tuple[str, str, str]] = []
         lost = sorted(
             (

@@ -240,8 +240,8 @@ def test_linear_saga_schedules_one_step_at_a_time_with_the_previous_result() -> 
             assert sim.row(f"step{i + 1}").input == {"n": i}
             assert sim.step_keys() == [f"step{j}" for j in range(1, i + 2)]
             assert sim.run.state == "running"
-        assert sim.transactions[-1].journal_reads == 0, "the chain fast path reads no journal"
-    assert sim.run.state == "completed"  # its last step finished it without reading the journal
+            assert sim.transactions[-1].journal_reads == 0, "the chain fast path reads no journal"
+    assert sim.run.state == "completed"
     assert sim.run.result == {"n": 10}
     assert sim.step_messages() == [f"step{i}" for i in range(1, 11)]
 
@@ -1203,22 +1203,28 @@ def test_workflow_code_mutating_a_result_does_not_change_the_journal() -> None:
     assert cache.get("r")[1]["s#1"].result == {"items": [1]}
 
 
+single = Saga("single", [step(a)])
+
+
 @pytest.mark.parametrize(
     ("definition", "run_input", "outcomes"),
     [
+        (single, 1, [("a", "A")]),
+        (sagas.ten, {"n": 0}, [(f"step{i}", {"n": i}) for i in range(1, 11)]),
         (cs.fan, 2, [("split", [0, 1]), ("square[1]", 1), ("square[0]", 0), ("total", "t")]),
         (diamond, 7, [("b", "B"), ("a", "A"), ("e", "E"), ("c", "C"), ("d", "D")]),
     ],
-    ids=["fan", "diamond"],
+    ids=["single", "chain", "fan", "diamond"],
 )
-def test_only_a_sole_sink_finishes_the_run_without_reading_the_journal(
+def test_only_a_one_step_run_finishes_without_reading_the_journal(
     definition: Saga, run_input: Any, outcomes: list[tuple[str, Any]]
 ) -> None:
-    """fan has one sink (``total``), which completes the run with its result unread; diamond
-    has two, so its last completion reads the journal to learn whether the other is done."""
+    """A one-step saga's step completes its run with its result unread; a bigger graph's last
+    completion reads the journal to learn whether every other step is done (a forked run may
+    have other steps open even behind a chain's last step)."""
     sim = Sim(definition, run_input).start()
     for key, result in outcomes:
         sim.complete(key, result)
     assert sim.run.state == "completed"
     reads = sim.transactions[-1].journal_reads
-    assert reads == (0 if len(definition.sinks) == 1 else 1), reads
+    assert reads == (0 if len(definition.steps) == 1 else 1), reads
