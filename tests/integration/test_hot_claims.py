@@ -154,7 +154,6 @@ def test_scheduling_a_step_the_run_has_is_a_no_op(
         state="pending",
         delay_seconds=60.0,
     )
-    with store._locked_run("r4", "scheduling again") as tx:
-        tx.schedule([again])
+    store.advance_run("r4", lambda tx: tx.schedule([again]))
     after = db.execute("SELECT seq, state, due_at FROM saga_steps WHERE run_id = 'r4'").fetchall()
     assert after == before and len(after) == 1
