@@ -67,13 +67,17 @@ def test_a_wait_in_line_is_a_span_and_limits_have_metrics(
     def waits() -> list[Any]:
         return [s for s in run_spans(receiver, waiter) if s.name == "wait concurrency"]
 
-    wait_until(waits, 30, "the waiter's wait span")
+    def steps() -> list[Any]:
+        return [s for s in run_spans(receiver, waiter) if s.name.startswith("step ")]
+
+    # The wait span ends before the step's span starts: a worker may export them in two batches.
+    wait_until(lambda: waits() and steps(), 30, "the waiter's wait span and step span")
     (span,) = waits()
     assert span.attributes["saga.limit.gate"] == "c:single:"
     assert span.attributes["saga.step"] == "call_service"
     assert span.end_ns > span.start_ns
     # The step's own span starts when its wait ends.
-    (step,) = [s for s in run_spans(receiver, waiter) if s.name.startswith("step ")]
+    (step,) = steps()
     assert step.start_ns >= span.end_ns - 1_000_000  # the clocks of one machine, within 1 ms
     assert not [s for s in run_spans(receiver, holder) if s.name == "wait concurrency"]
 
