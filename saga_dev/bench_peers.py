@@ -172,10 +172,16 @@ def _wal_by_record(
 
 
 def _saga_side(
-    settings: Settings, pg: PrivatePostgres, steps: int, runs: int, latency_runs: int, settle: float
+    settings: Settings,
+    pg: PrivatePostgres,
+    steps: int,
+    runs: int,
+    latency_runs: int,
+    settle: float,
+    pool: Sequence[str],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with bench_harness(settings) as bench:
+    with bench_harness(settings, pool=pool) as bench:
         bench.wait_saga_ready()
         if latency_runs:
             per_step = [bench.saga_chain_ms(steps) / steps for _ in range(latency_runs)]
@@ -385,6 +391,8 @@ def bench_peers(
     repeat: int,
     dbos_concurrency: int,
     dbos_polling: float,
+    saga_pool: str = "solo",
+    saga_concurrency: int = 1,
     settle: float = STATS_SETTLE_S,
 ) -> dict[str, Any]:
     try:
@@ -400,8 +408,10 @@ def bench_peers(
     report: dict[str, Any] = {
         "suite": "peers",
         "workers_per_side": WORKERS,
+        "saga": {"pool": saga_pool, "concurrency_per_worker": saga_concurrency},
         "dbos": {"concurrency_per_worker": dbos_concurrency, "polling_s": dbos_polling},
     }
+    pool = ("--pool", saga_pool, "--concurrency", str(saga_concurrency))
     with private_postgres() as pg:
         with psycopg.connect(pg.url, autocommit=True) as admin:
             admin.execute(f"CREATE DATABASE {SAGA_DB}")
@@ -418,7 +428,7 @@ def bench_peers(
             sides: dict[str, list[dict[str, Any]]] = {"saga": [], "dbos": []}
             latency = LATENCY_RUNS if n_steps > 1 else 0
             for _ in range(repeat):
-                saga_round = _saga_side(saga_settings, pg, n_steps, n_runs, latency, settle)
+                saga_round = _saga_side(saga_settings, pg, n_steps, n_runs, latency, settle, pool)
                 sides["saga"].append(saga_round)
                 sides["dbos"].append(
                     _dbos_side(pg, n_steps, n_runs, latency, dbos_concurrency, dbos_polling, settle)
@@ -456,7 +466,8 @@ FIGURES = [
 def print_table(report: dict[str, Any], out: IO[str]) -> None:
     lines = [
         f"saga bench peers: Postgres {report['postgres']} (private cluster), "
-        f"{report['workers_per_side']} workers per side, DBOS queue "
+        f"{report['workers_per_side']} workers per side, saga {report['saga']['pool']} pool "
+        f"{report['saga']['concurrency_per_worker']}/worker, DBOS queue "
         f"{report['dbos']['concurrency_per_worker']}/worker polling "
         f"{report['dbos']['polling_s']} s, {report['elapsed_s']} s",
     ]
@@ -512,6 +523,12 @@ def main(argv: Sequence[str], settings: Settings) -> int:
     p.add_argument("--dbos-concurrency", type=int, default=8, help="workflows per DBOS worker")
     p.add_argument("--dbos-polling", type=float, default=0.05, help="DBOS queue polling, s")
     p.add_argument(
+        "--saga-pool", default="solo", choices=["solo", "threads", "prefork"], help="worker pool"
+    )
+    p.add_argument(
+        "--saga-concurrency", type=int, default=1, help="steps in flight per saga worker (1)"
+    )
+    p.add_argument(
         "--settle-seconds",
         type=float,
         default=STATS_SETTLE_S,
@@ -519,8 +536,15 @@ def main(argv: Sequence[str], settings: Settings) -> int:
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if min(args.runs, args.repeat, args.dbos_concurrency) < 1 or args.one_step_runs < 0:
-        raise ConfigurationError("--runs, --repeat and --dbos-concurrency must be at least 1")
+    if (
+        min(args.runs, args.repeat, args.dbos_concurrency, args.saga_concurrency) < 1
+        or args.one_step_runs < 0
+    ):
+        raise ConfigurationError(
+            "--runs, --repeat, --dbos-concurrency and --saga-concurrency must be at least 1"
+        )
+    if args.saga_pool == "solo" and args.saga_concurrency != 1:
+        raise ConfigurationError("--pool solo runs one step at a time: use --saga-pool threads")
 
     def make_report() -> dict[str, Any]:
         with _sigterm_interrupts():
@@ -532,6 +556,8 @@ def main(argv: Sequence[str], settings: Settings) -> int:
                 repeat=args.repeat,
                 dbos_concurrency=args.dbos_concurrency,
                 dbos_polling=args.dbos_polling,
+                saga_pool=args.saga_pool,
+                saga_concurrency=args.saga_concurrency,
                 settle=args.settle_seconds,
             )
 
