@@ -91,7 +91,10 @@ SELECT r.run_id, 'step' || k || '#' || k, 'step' || k, 'action', k, k,
        jsonb_build_object('k', k, 'answer', 'a result of a few words'), NULL,
        'worker-' || (k %% 4) || '@bench:' || (1000 + k),
        r.created_at + k * interval '1 second', r.created_at + k * interval '1 second',
-       r.created_at + k * interval '1 second', r.created_at + k * interval '1.5 second',
+       r.created_at + k * interval '1 second',
+       -- set exactly while a step is final (migration 0011): not on the dispatched ones
+       CASE WHEN NOT (r.state = 'running' AND k > 5)
+            THEN r.created_at + k * interval '1.5 second' END,
        NULL
 FROM saga_runs r CROSS JOIN generate_series(1, %(steps)s::int) AS k
 WHERE r.run_id >= %(low)s AND r.run_id < %(high)s

@@ -17,6 +17,10 @@ from tests.acceptance.test_bench_smoke import BROKER_URL, REPO
 from tests.conftest import ADMIN_URL
 
 INDEXES = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'saga_steps'"
+MISFINISHED = """
+SELECT count(*) FROM saga_steps
+WHERE (finished_at IS NOT NULL) <> (state IN ('completed', 'failed', 'cancelled'))
+"""
 PAGES = {"list", "list_filtered", "list_error_type", "list_prefix", "list_deep", "run"}
 
 
@@ -63,6 +67,9 @@ def test_bench_dashboard_reports_every_page(
             states = dict(
                 conn.execute("SELECT state, count(*) FROM saga_runs GROUP BY state").fetchall()
             )
+            # The generated journal keeps the engine's rule: finished_at set exactly while final.
+            (inconsistent,) = conn.execute(MISFINISHED).fetchone() or (None,)
+        assert inconsistent == 0
         assert indexes == set(db.execute(INDEXES).fetchall())  # a freshly migrated journal's
         assert states["completed"] == 2700 and states["failed"] == 90
     finally:
