@@ -30,7 +30,8 @@ def bench_parser() -> argparse.ArgumentParser:
     b = argparse.ArgumentParser(
         prog="saga bench",
         description="Benchmarks against raw Celery (and `saga bench chaos -h`, "
-        "`saga bench retention -h`, `saga bench limits -h`).",
+        "`saga bench retention -h`, `saga bench limits -h`, `saga bench peers -h`, "
+        "`saga bench dashboard -h`, `saga bench journal -h`).",
     )
     b.add_argument("suite", choices=["core", "coordinator", "agent"])
     b.add_argument(
@@ -97,6 +98,10 @@ def main(command: str, argv: Sequence[str], settings: Settings) -> int:
         from saga_dev.bench_peers import main as peers_main
 
         return peers_main(argv[1:], settings)
+    if command == "bench" and list(argv[:1]) == ["journal"]:  # saga bench journal -h
+        from saga_dev.bench_journal import main as journal_main
+
+        return journal_main(argv[1:], settings)
     if command == "bench" and list(argv[:1]) == ["limits"]:  # saga bench limits -h
         from saga_dev.bench_limits import main as limits_main
 
