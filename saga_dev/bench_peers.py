@@ -419,7 +419,13 @@ def bench_peers(
             admin.execute("CREATE EXTENSION pg_stat_statements")
             report["postgres"] = admin.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         saga_settings = prepare(
-            settings.model_copy(update={"database_url": pg.database_url(SAGA_DB)}),
+            settings.model_copy(
+                # A threads-pool worker wants a connection per thread.
+                update={
+                    "database_url": pg.database_url(SAGA_DB),
+                    "pool_size": max(settings.pool_size, saga_concurrency),
+                }
+            ),
             f"{settings.queue}-peers",
         )
         for name, (n_steps, n_runs) in workloads.items():
@@ -544,7 +550,9 @@ def main(argv: Sequence[str], settings: Settings) -> int:
             "--runs, --repeat, --dbos-concurrency and --saga-concurrency must be at least 1"
         )
     if args.saga_pool == "solo" and args.saga_concurrency != 1:
-        raise ConfigurationError("--pool solo runs one step at a time: use --saga-pool threads")
+        raise ConfigurationError(
+            "--saga-pool solo runs one step at a time: use --saga-pool threads"
+        )
 
     def make_report() -> dict[str, Any]:
         with _sigterm_interrupts():

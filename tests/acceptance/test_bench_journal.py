@@ -35,7 +35,7 @@ def test_bench_journal_counts_each_shape() -> None:
     shapes = json.loads(proc.stdout)["shapes"]
     assert set(shapes) == {
         f"{shape}_{lock}"
-        for shape in ("today", "claim_inserts")
+        for shape in ("today", "claim_inserts", "claim_inserts_lean")
         for lock in ("row_lock", "advisory_lock")
     }
     # Per run: the run's insert and finish; per step, today: inserted, claimed, finished.
@@ -49,3 +49,11 @@ def test_bench_journal_counts_each_shape() -> None:
         assert figures["index_entries_per_step"] > 0
         if name.startswith("today"):
             assert figures["hot_updates_per_step"] == 1.0, (name, figures)  # every claim
+
+    def locks(name: str) -> float:
+        return float(shapes[name]["wal_by_record"].get("Heap/LOCK", {}).get("records", 0))
+
+    # The row lock logs a record the advisory lock does not (where no other lock covers it).
+    assert locks("claim_inserts_row_lock") > locks("claim_inserts_advisory_lock")
+    # Without the foreign key, nothing but the run's row lock locks the run row.
+    assert locks("claim_inserts_lean_advisory_lock") < locks("claim_inserts_advisory_lock")
