@@ -121,7 +121,11 @@ def test_one_trace_per_run_across_workers_with_retries_and_metrics(
     assert dict(root.events)["exception"]["exception.type"] == "tests.sagas.Flaky"
     assert len(by(run_spans(receiver, failed), "step ")) == 3
 
-    # Metrics, through OTLP from the workers and the relay.
+    # Metrics, through OTLP from the workers and the relay. The active-runs gauge counts only
+    # runs in flight, and the runs above may all have finished between two of the relay's
+    # readings: this one is in flight while the metrics are read (its steps sleep 3 s each).
+    client.start(sagas.two, {"sleep": 3})
+
     def metric_names() -> set[str]:
         return {p.metric for p in receiver.points()}
 
@@ -144,7 +148,13 @@ def test_one_trace_per_run_across_workers_with_retries_and_metrics(
             "saga.step.attempts", "saga.step.outcome"
         )
         states = {"completed", "failed"} ^ labels("saga.runs.finished", "saga.run.state")
-        return [*sorted(wanted - metric_names()), *sorted(outcomes), *sorted(states)]
+        in_flight = {"two"} - labels("saga.runs.active", "saga.name")
+        return [
+            *sorted(wanted - metric_names()),
+            *sorted(outcomes),
+            *sorted(states),
+            *sorted(in_flight),
+        ]
 
     # Cumulative metrics, exported every half second: wait for the last outcomes to arrive.
     try:
