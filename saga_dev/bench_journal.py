@@ -7,7 +7,7 @@ transaction, the run's finish), so the WAL and rows it counts are the statements
 
 - ``today``: a step's row is inserted by its predecessor's outcome (``dispatched``), updated by
   its claim (a HOT update since migration 0011) and by its outcome; the outcome transaction
-  takes the run's row lock (``FOR UPDATE``).
+  takes the run's row lock (``LOCK_RUN``, ``FOR UPDATE``).
 - ``claim_inserts``: the redesign, emulated here only (the engine does not do it): the claim
   inserts the step's row, and the outcome records its successor's dispatch deadline on its own
   row, in an index of its own (how a sweeper would find a lost message without a row to say so).
@@ -42,7 +42,7 @@ FN_REF = "saga_dev.bench_sagas:noop"
 LEASE_S = DISPATCH_TIMEOUT_S = 30
 
 LOCKS = {
-    "row_lock": "SELECT run_id, state FROM saga_runs WHERE run_id = %s FOR UPDATE",
+    "row_lock": q.LOCK_RUN,
     "advisory_lock": "SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
 }
 
@@ -173,14 +173,13 @@ SHAPES: dict[str, tuple[Callable[[Conn, str, int, int], None], list[str]]] = {
 }
 
 
-def _lsn(conn: Conn) -> int:
-    row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+def _lsn(conn: Conn) -> tuple[int, str]:
+    """The WAL position as a byte count and as pg_waldump takes it."""
+    row = conn.execute(
+        "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn, pg_current_wal_lsn()::text"
+    ).fetchone()
     assert row is not None
-    return int(row[0])
-
-
-def _lsn_text(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+    return int(row[0]), str(row[1])
 
 
 def _rows_and_hot(conn: Conn) -> tuple[int, int]:
@@ -192,7 +191,9 @@ def _rows_and_hot(conn: Conn) -> tuple[int, int]:
     return int(row[0] or 0), int(row[1] or 0)
 
 
-def _measure(pg: PrivatePostgres, name: str, shape: str, lock: str, runs: int, steps: int) -> Any:
+def _measure(
+    pg: PrivatePostgres, name: str, shape: str, lock: str, runs: int, steps: int
+) -> dict[str, Any]:
     replay, schema = SHAPES[shape]
     with psycopg.connect(pg.url, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
@@ -202,12 +203,12 @@ def _measure(pg: PrivatePostgres, name: str, shape: str, lock: str, runs: int, s
             conn.execute(statement)
         conn.execute("CHECKPOINT")  # no full-page images from the schema's pages
         rows0, hot0 = _rows_and_hot(conn)
-        start = _lsn(conn)
+        start, start_text = _lsn(conn)
         replay(conn, LOCKS[lock], runs, steps)
-        end = _lsn(conn)
+        end, end_text = _lsn(conn)
         rows1, hot1 = _rows_and_hot(conn)
     n = runs * steps
-    records = pg.wal_records(_lsn_text(start), _lsn_text(end))
+    records = pg.wal_records(start_text, end_text)
     leaf = records.get("Btree/INSERT_LEAF", (0, 0, 0))[0]
     return {
         "wal_bytes_per_step": round((end - start) / n, 1),
